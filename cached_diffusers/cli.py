@@ -1,0 +1,266 @@
+"""The ``cached-diffusers`` command line.
+
+``cached-diffusers generate``: load a model (local directory or Hub id) as a cached pipeline and write images.
+``cached-diffusers demo``: the embedded default model, generated with and without the cache, compared.
+
+Cache method parameters are options named after the config fields (``--rel-l1-thresh 0.3``), generated from the
+registered config classes; an option that does not belong to the chosen ``--cache`` method is an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+import typing
+from typing import Any, Sequence
+
+__all__ = ["main", "build_parser"]
+
+
+# -- cache options ---------------------------------------------------------------------------------------------------
+def _config_fields() -> dict[str, tuple[type, Any]]:
+    """``{field name: (annotated type, default)}`` over every registered cache config class."""
+    from .configs import _REGISTRY
+
+    fields: dict[str, tuple[type, Any]] = {}
+    for cls in set(_REGISTRY.values()):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            fields.setdefault(f.name, (hints[f.name], f.default))
+    return dict(sorted(fields.items()))
+
+
+def _parse_optional(kind: type):
+    def parse(text: str):
+        if text.lower() in ("none", "null"):
+            return None
+        return kind(text)
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _add_cache_arguments(parser: argparse.ArgumentParser, default_method: str) -> None:
+    from .configs import available_cache_methods
+
+    group = parser.add_argument_group("cache")
+    group.add_argument(
+        "--cache",
+        default=default_method,
+        metavar="METHOD",
+        help=f"cache method: {', '.join(available_cache_methods())} (default: {default_method})",
+    )
+    group.add_argument(
+        "--cache-config",
+        metavar="JSON_OR_FILE",
+        help="a whole cache config as JSON ({\"method\": ..., ...}) or a path to a JSON file; overrides --cache",
+    )
+    for name, (annotation, default) in _config_fields().items():
+        flag = "--" + name.replace("_", "-")
+        args = typing.get_args(annotation)
+        help_text = f"cache parameter {name} (default: {default})"
+        if annotation is bool:
+            group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif any(typing.get_origin(a) is tuple for a in (annotation, *args)):
+            group.add_argument(flag, dest=name, type=float, nargs="+", default=None, help=help_text)
+        else:
+            kind = next((a for a in (annotation, *args) if a in (int, float, str)), str)
+            group.add_argument(flag, dest=name, type=_parse_optional(kind), default=None, help=help_text)
+
+
+def cache_config_from_args(args: argparse.Namespace):
+    """The cache config the options describe (``None`` for no caching).
+
+    Raises:
+        ValueError: unknown method, a parameter that does not belong to the method, or an invalid value.
+    """
+    from .configs import cache_config_from_dict
+
+    given = {name: getattr(args, name) for name in _config_fields() if getattr(args, name) is not None}
+    if args.cache_config:
+        text = args.cache_config
+        if os.path.exists(text):
+            with open(text, encoding="utf-8") as f:
+                text = f.read()
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"--cache-config is neither a JSON object nor a readable JSON file: {error}") from None
+        data.update(given)
+        return cache_config_from_dict(data)
+    return cache_config_from_dict({"method": args.cache, **given})
+
+
+# -- shared helpers --------------------------------------------------------------------------------------------------
+def _device_and_dtype(device: str | None, dtype: str | None):
+    import torch
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if dtype is None:
+        dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"--dtype must be one of float32, bfloat16, float16, got {dtype!r}")
+    return device, getattr(torch, dtype)
+
+
+def _timed_call(pipe, **kwargs):
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    output = pipe(**kwargs)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return output, time.perf_counter() - start
+
+
+def _generator(device: str, seed: int):
+    import torch
+
+    return torch.Generator(device="cpu" if device == "mps" else device).manual_seed(seed)
+
+
+def _output_paths(output: str, count: int) -> list[str]:
+    if count == 1:
+        return [output]
+    stem, ext = os.path.splitext(output)
+    return [f"{stem}-{i}{ext or '.png'}" for i in range(count)]
+
+
+# -- generate --------------------------------------------------------------------------------------------------------
+def _pipeline_class_for(model: str):
+    from diffusers import DiffusionPipeline
+
+    from .pipelines import CachedQwenImagePipeline
+
+    known = {"QwenImagePipeline": CachedQwenImagePipeline, "CachedQwenImagePipeline": CachedQwenImagePipeline}
+    class_name = DiffusionPipeline.load_config(model).get("_class_name")
+    if class_name not in known:
+        raise ValueError(f"no cached pipeline for {class_name!r} (from {model}); supported: {', '.join(sorted(known))}")
+    return known[class_name]
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    config = cache_config_from_args(args)
+    device, dtype = _device_and_dtype(args.device, args.dtype)
+    pipeline_class = _pipeline_class_for(args.model)
+    pipe = pipeline_class.from_pretrained(args.model, dtype=dtype, cache_config=config).to(device)
+    pipe.set_progress_bar_config(disable=args.quiet)
+    kwargs = dict(
+        prompt=args.prompt,
+        negative_prompt=args.negative_prompt,
+        num_inference_steps=args.steps,
+        true_cfg_scale=args.true_cfg_scale,
+        height=args.height,
+        width=args.width,
+        generator=_generator(device, args.seed),
+    )
+    if args.guidance_scale is not None:
+        kwargs["guidance_scale"] = args.guidance_scale
+    output, seconds = _timed_call(pipe, **kwargs)
+    paths = _output_paths(args.output, len(output.images))
+    for image, path in zip(output.images, paths):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        image.save(path)
+    print(f"wrote {', '.join(paths)}")
+    print(f"wall time: {seconds:.2f} s ({args.steps} steps)")
+    print(pipe.cache_stats.summary() if config is not None else "cache: none")
+    return 0
+
+
+# -- demo ------------------------------------------------------------------------------------------------------------
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .imaging import psnr, side_by_side
+    from .pipelines import CachedQwenImagePipeline
+    from .tiny import DEFAULT_HEIGHT, DEFAULT_PROMPTS, DEFAULT_WIDTH, build_tiny_qwenimage_pipeline
+
+    config = cache_config_from_args(args)
+    if config is None:
+        raise ValueError("demo compares a cached run with an uncached one: choose a --cache method other than 'none'")
+    pipe = build_tiny_qwenimage_pipeline(seed=0, pipeline_class=CachedQwenImagePipeline)
+    pipe.set_progress_bar_config(disable=args.quiet)
+    prompts = args.prompt or list(DEFAULT_PROMPTS)
+    kwargs = dict(
+        prompt=prompts,
+        negative_prompt=[" "] * len(prompts) if args.true_cfg_scale > 1 else None,
+        true_cfg_scale=args.true_cfg_scale,
+        num_inference_steps=args.steps,
+        height=args.height or DEFAULT_HEIGHT,
+        width=args.width or DEFAULT_WIDTH,
+    )
+
+    print(f"embedded default Qwen-Image pipeline (untrained, offline), {len(prompts)} prompt(s), {args.steps} steps")
+    pipe.cache_config = None
+    _timed_call(pipe, **{**kwargs, "num_inference_steps": 2}, generator=_generator("cpu", args.seed))  # warm-up
+    uncached, uncached_seconds = _timed_call(pipe, **kwargs, generator=_generator("cpu", args.seed))
+    pipe.cache_config = config
+    cached, cached_seconds = _timed_call(pipe, **kwargs, generator=_generator("cpu", args.seed))
+    stats = pipe.cache_stats
+
+    print(f"uncached: {uncached_seconds:.2f} s")
+    print(f"cached ({config.method}): {cached_seconds:.2f} s")
+    print(f"speedup: {uncached_seconds / cached_seconds:.2f}x")
+    for branch in stats.branches.values():
+        print(f"steps skipped ({branch.branch}): {branch.num_reused} of {branch.num_reused + branch.num_computed} {branch.reused_steps}")
+    for prompt, a, b in zip(prompts, uncached.images, cached.images):
+        print(f"PSNR cached vs uncached, {prompt!r}: {psnr(a, b):.2f} dB")
+    sheet = side_by_side([list(uncached.images), list(cached.images)])
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    sheet.save(args.output)
+    print(f"wrote {args.output} (top row uncached, bottom row cached)")
+    return 0
+
+
+# -- entry point -----------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cached-diffusers", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    generate = commands.add_parser("generate", help="generate images with a cached pipeline")
+    generate.add_argument("--model", default="Qwen/Qwen-Image", help="diffusers directory or Hub id")
+    generate.add_argument("--prompt", action="append", required=True, help="text prompt (repeat for several)")
+    generate.add_argument("--negative-prompt", default=None, help="negative prompt (enables true CFG with --true-cfg-scale > 1)")
+    generate.add_argument("--steps", type=int, default=50, help="num_inference_steps (default: 50)")
+    generate.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's)")
+    generate.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's)")
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--true-cfg-scale", type=float, default=4.0, help="true CFG scale (default: 4.0)")
+    generate.add_argument("--guidance-scale", type=float, default=None, help="guidance_scale for guidance-distilled models")
+    generate.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    generate.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bfloat16 on GPU)")
+    generate.add_argument("--output", default="output.png", help="image path (numbered when several)")
+    generate.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_cache_arguments(generate, default_method="teacache")
+    generate.set_defaults(func=cmd_generate)
+
+    demo = commands.add_parser("demo", help="cached vs uncached on the embedded default model (no download)")
+    demo.add_argument("--prompt", action="append", default=None, help="text prompt (repeat for several)")
+    demo.add_argument("--steps", type=int, default=20, help="num_inference_steps (default: 20)")
+    demo.add_argument("--height", type=int, default=None)
+    demo.add_argument("--width", type=int, default=None)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--true-cfg-scale", type=float, default=4.0, help="true CFG scale (default: 4.0)")
+    demo.add_argument("--output", default="demo.png", help="side-by-side PNG (default: demo.png)")
+    demo.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_cache_arguments(demo, default_method="teacache")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as error:
+        print(f"cached-diffusers {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,215 @@
+"""The cache engine: per-branch state, the compute-or-reuse step, statistics.
+
+The engine knows no model. A cached model hands it, once per forward, a :class:`BlockStack` (how many blocks, how to
+run a span of them on a tuple of residual streams, and the decision signals it can compute) plus the streams at the
+stack's input; the engine decides for the current step and branch, runs the blocks or reuses the stored residual,
+and returns the streams at the stack's output.
+
+Where the denoising loop is comes from the model's ``cache_context(name, step_index=..., num_inference_steps=...)``
+(the branch name is the context's name) or, for the fields a pipeline's loop does not pass, from a step source that
+the cached pipeline installs for the duration of its ``__call__``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Mapping
+
+import torch
+
+from .configs import CacheConfig, resolve_cache_config
+from .policies import CachePolicy, StepContext
+from .stats import CacheStats, StepRecord
+
+__all__ = ["BlockStack", "BranchState", "CacheEngine", "DEFAULT_BRANCH"]
+
+Streams = tuple[torch.Tensor, ...]
+
+DEFAULT_BRANCH = "default"
+"""Branch name used when a call carries no cache context (a single-branch loop)."""
+
+
+@dataclass
+class BlockStack:
+    """One forward's view of a model's cacheable block stack.
+
+    Attributes:
+        num_blocks: blocks in the stack, in execution order.
+        run_blocks: ``run_blocks(start, end, streams) -> streams`` runs blocks ``start .. end - 1``. ``streams`` is a
+            tuple of tensors (e.g. ``(image_tokens (B, L_img, D), text_tokens (B, L_txt, D))``) and the returned
+            tuple has the same structure and shapes, so that ``out - in`` is each stream's residual.
+        signals: ``{kind: fn(streams) -> Tensor}``, the decision signals the model can compute cheaply at the stack's
+            input (``"modulated_input"``: block 0's modulated image input, TeaCache's indicator).
+    """
+
+    num_blocks: int
+    run_blocks: Callable[[int, int, Streams], Streams]
+    signals: Mapping[str, Callable[[Streams], torch.Tensor]] = field(default_factory=dict)
+
+
+@dataclass
+class BranchState:
+    """Cache state of one guidance branch within one generation."""
+
+    method_state: Any
+    residuals: Streams | None = None
+    residual_input_shapes: tuple[torch.Size, ...] | None = None
+    num_reused: int = 0
+    consecutive_reused: int = 0
+    last_step: int | None = None
+
+    def residuals_fit(self, streams: Streams) -> bool:
+        """Whether the stored residuals were computed for inputs of these shapes."""
+        return self.residuals is not None and self.residual_input_shapes == tuple(s.shape for s in streams)
+
+
+@dataclass(frozen=True)
+class _CallContext:
+    name: str
+    step_index: int | None
+    num_inference_steps: int | None
+
+
+class CacheEngine:
+    """Holds a model's cache config, its policy, the state per guidance branch and the statistics.
+
+    Args:
+        defaults: model-provided values the configs may need (``"model_name"``, ``"teacache_coefficients"``).
+    """
+
+    def __init__(self, defaults: Mapping[str, Any] | None = None):
+        self.defaults = dict(defaults or {})
+        self._config: CacheConfig | None = None
+        self._policy: CachePolicy | None = None
+        self._branches: dict[str, BranchState] = {}
+        self._context: _CallContext | None = None
+        self._step_source: Callable[[], tuple[int, int]] | None = None
+        self.stats = CacheStats("none")
+
+    # -- configuration -------------------------------------------------------------------------------------------
+    @property
+    def config(self) -> CacheConfig | None:
+        """The active cache config, ``None`` when caching is off."""
+        return self._config
+
+    @config.setter
+    def config(self, value: CacheConfig | Mapping[str, Any] | str | None) -> None:
+        config = resolve_cache_config(value)
+        policy = config.make_policy(self.defaults) if config is not None else None
+        self._config, self._policy = config, policy
+        self.reset()
+
+    @property
+    def active(self) -> bool:
+        return self._policy is not None
+
+    def reset(self) -> None:
+        """Forget every branch's state and start new statistics (called at the start of every pipeline call)."""
+        self._branches = {}
+        self.stats = CacheStats(self._config.method if self._config is not None else "none")
+
+    # -- where the loop is ---------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def context(
+        self, name: str, step_index: int | None = None, num_inference_steps: int | None = None
+    ) -> Iterator[None]:
+        """Mark the branch (``name``) and, optionally, the step of the transformer calls made inside."""
+        previous, self._context = self._context, _CallContext(name, step_index, num_inference_steps)
+        try:
+            yield
+        finally:
+            self._context = previous
+
+    @contextlib.contextmanager
+    def step_source(self, source: Callable[[], tuple[int, int]]) -> Iterator[None]:
+        """Install ``source() -> (step_index, num_inference_steps)`` for calls whose context lacks them."""
+        previous, self._step_source = self._step_source, source
+        try:
+            yield
+        finally:
+            self._step_source = previous
+
+    def step_context(self) -> StepContext:
+        """The current step, step count and branch.
+
+        Raises:
+            ValueError: when neither the cache context nor a step source tells the denoising step, or the step is
+                outside ``[0, num_inference_steps)``.
+        """
+        ctx = self._context
+        branch = ctx.name if ctx is not None else DEFAULT_BRANCH
+        step = ctx.step_index if ctx is not None else None
+        num_steps = ctx.num_inference_steps if ctx is not None else None
+        if (step is None or num_steps is None) and self._step_source is not None:
+            source_step, source_num_steps = self._step_source()
+            step = source_step if step is None else step
+            num_steps = source_num_steps if num_steps is None else num_steps
+        if step is None or num_steps is None:
+            raise ValueError(
+                "caching needs the denoising step: call the transformer through a cached pipeline, or wrap each call "
+                "in `transformer.cache_context(branch, step_index=i, num_inference_steps=N)`"
+            )
+        if not 0 <= step < num_steps:
+            raise ValueError(f"step_index must be in [0, num_inference_steps={num_steps}), got {step}")
+        return StepContext(int(step), int(num_steps), branch)
+
+    # -- the cached forward --------------------------------------------------------------------------------------
+    def run(self, stack: BlockStack, streams: Streams) -> Streams:
+        """Run (or skip) the block stack for the current step and branch; return the streams at its output."""
+        policy = self._policy
+        if policy is None:
+            return stack.run_blocks(0, stack.num_blocks, streams)
+        ctx = self.step_context()
+        state = self._branch_state(ctx, stack.num_blocks)
+
+        signal = None
+        if policy.signal_kind is not None:
+            if policy.signal_kind not in stack.signals:
+                raise ValueError(
+                    f"cache method {self._config.method!r} needs the {policy.signal_kind!r} signal, which "
+                    f"{self.defaults.get('model_name', 'this model')} does not provide"
+                )
+            signal = stack.signals[policy.signal_kind](streams)
+        measurement = policy.observe(state.method_state, signal)
+        gate, reason = policy.gate(
+            ctx,
+            has_residual=state.residuals_fit(streams),
+            num_reused=state.num_reused,
+            consecutive_reused=state.consecutive_reused,
+        )
+        if state.last_step == ctx.step:
+            gate, reason = type(gate).COMPUTE, "repeated-step"
+        decision = policy.decide(ctx, state.method_state, measurement, gate, reason)
+
+        if decision.reuse:
+            out = tuple(s + r for s, r in zip(streams, state.residuals))
+            state.num_reused += 1
+            state.consecutive_reused += 1
+            blocks = 0
+        else:
+            out = stack.run_blocks(0, stack.num_blocks, streams)
+            state.residuals = tuple(o - s for o, s in zip(out, streams))
+            state.residual_input_shapes = tuple(s.shape for s in streams)
+            state.consecutive_reused = 0
+            blocks = stack.num_blocks
+        state.last_step = ctx.step
+        self.stats.branch(ctx.branch).records.append(
+            StepRecord(ctx.step, decision.reuse, decision.reason, decision.signal, blocks)
+        )
+        return out
+
+    def _branch_state(self, ctx: StepContext, num_blocks: int) -> BranchState:
+        stats = self.stats
+        known = self._branches.get(ctx.branch)
+        new_generation = stats.num_steps is not None and (
+            stats.num_steps != ctx.num_steps or (ctx.step == 0 and known is not None and known.last_step is not None)
+        )
+        if new_generation:
+            # A transformer driven directly (no pipeline) starts its next generation: steps wrap to 0.
+            self.reset()
+            stats = self.stats
+        stats.num_steps, stats.num_blocks = ctx.num_steps, num_blocks
+        if ctx.branch not in self._branches:
+            self._branches[ctx.branch] = BranchState(self._policy.new_state())
+        return self._branches[ctx.branch]

@@ -1,0 +1,141 @@
+"""Cache statistics of one generation, per guidance branch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["BranchStats", "CacheStats", "StepRecord"]
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """What happened at one denoising step of one branch.
+
+    Attributes:
+        step: denoising step index.
+        reused: whether the cached blocks were skipped.
+        reason: the decision's reason (see :class:`~cached_diffusers.policies.Decision`).
+        signal: the method's decision value (TeaCache: accumulated rescaled distance), ``None`` if not tested.
+        blocks_computed: transformer blocks that actually ran at this step.
+    """
+
+    step: int
+    reused: bool
+    reason: str
+    signal: float | None
+    blocks_computed: int
+
+
+@dataclass
+class BranchStats:
+    """Per-branch record of one generation."""
+
+    branch: str
+    records: list[StepRecord] = field(default_factory=list)
+
+    @property
+    def computed_steps(self) -> list[int]:
+        """Step indices at which the cached blocks ran."""
+        return [r.step for r in self.records if not r.reused]
+
+    @property
+    def reused_steps(self) -> list[int]:
+        """Step indices at which the cached blocks were skipped."""
+        return [r.step for r in self.records if r.reused]
+
+    @property
+    def num_computed(self) -> int:
+        return len(self.computed_steps)
+
+    @property
+    def num_reused(self) -> int:
+        return len(self.reused_steps)
+
+    @property
+    def signals(self) -> dict[int, float]:
+        """The method's decision value per tested step (``{step: value}``), to tune thresholds from one run."""
+        return {r.step: r.signal for r in self.records if r.signal is not None}
+
+    @property
+    def blocks_computed(self) -> int:
+        return sum(r.blocks_computed for r in self.records)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "branch": self.branch,
+            "computed_steps": self.computed_steps,
+            "reused_steps": self.reused_steps,
+            "signals": {str(k): v for k, v in self.signals.items()},
+            "reasons": {str(r.step): r.reason for r in self.records},
+            "blocks_computed": self.blocks_computed,
+        }
+
+
+@dataclass
+class CacheStats:
+    """Statistics of one generation: one :class:`BranchStats` per guidance branch, in order of first use.
+
+    Attributes:
+        method: the cache method's name.
+        num_steps: denoising steps of the generation (``None`` before the first transformer call).
+        num_blocks: transformer blocks per full forward.
+        branches: ``{branch name: BranchStats}``.
+    """
+
+    method: str
+    num_steps: int | None = None
+    num_blocks: int | None = None
+    branches: dict[str, BranchStats] = field(default_factory=dict)
+
+    def branch(self, name: str) -> BranchStats:
+        if name not in self.branches:
+            self.branches[name] = BranchStats(name)
+        return self.branches[name]
+
+    @property
+    def num_computed(self) -> int:
+        """Transformer calls (over all branches) whose cached blocks ran."""
+        return sum(b.num_computed for b in self.branches.values())
+
+    @property
+    def num_reused(self) -> int:
+        """Transformer calls (over all branches) that reused the cache."""
+        return sum(b.num_reused for b in self.branches.values())
+
+    @property
+    def blocks_computed(self) -> int:
+        return sum(b.blocks_computed for b in self.branches.values())
+
+    @property
+    def block_fraction(self) -> float | None:
+        """Blocks that ran divided by the blocks an uncached run would have run (1.0 = no saving)."""
+        calls = self.num_computed + self.num_reused
+        if not calls or not self.num_blocks:
+            return None
+        return self.blocks_computed / (calls * self.num_blocks)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "num_steps": self.num_steps,
+            "num_blocks": self.num_blocks,
+            "num_computed": self.num_computed,
+            "num_reused": self.num_reused,
+            "block_fraction": self.block_fraction,
+            "branches": {name: b.to_dict() for name, b in self.branches.items()},
+        }
+
+    def summary(self) -> str:
+        """A few human-readable lines: per branch, computed and reused steps with their indices."""
+        lines = [f"cache: {self.method}, {self.num_steps} steps, {self.num_blocks} blocks"]
+        for b in self.branches.values():
+            lines.append(
+                f"  {b.branch}: computed {b.num_computed}, reused {b.num_reused}; reused steps {b.reused_steps}"
+            )
+        if self.block_fraction is not None:
+            lines.append(f"  transformer blocks run: {100 * self.block_fraction:.1f}% of uncached")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.summary()

@@ -1,0 +1,5 @@
+"""Cached transformer models (installed as ``cached_diffusers.models``)."""
+
+from .qwenimage import QWENIMAGE_TEACACHE_COEFFICIENTS, CachedQwenImageTransformer2DModel
+
+__all__ = ["CachedQwenImageTransformer2DModel", "QWENIMAGE_TEACACHE_COEFFICIENTS"]

@@ -1,0 +1,153 @@
+"""Cached Qwen-Image transformer: diffusers' ``QwenImageTransformer2DModel`` with step caching in ``forward``."""
+
+from __future__ import annotations
+
+from math import prod
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import QwenImageTransformer2DModel
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
+from diffusers.models.transformers.transformer_qwenimage import compute_text_seq_len_from_mask
+from diffusers.utils.peft_utils import apply_lora_scale
+
+from cached_diffusers.engine import BlockStack
+from cached_diffusers.model_mixin import CachedTransformerMixin
+
+__all__ = ["CachedQwenImageTransformer2DModel", "QWENIMAGE_TEACACHE_COEFFICIENTS"]
+
+QWENIMAGE_TEACACHE_COEFFICIENTS = (-4.5e02, 2.8e02, -4.5e01, 3.2e00, -2.0e-02)
+"""TeaCache rescaling polynomial for Qwen-Image, ``[c4, c3, c2, c1, c0]`` (highest order first).
+
+Source: vllm-project/vllm-omni ``vllm_omni/diffusion/cache/teacache/config.py`` (v0.30.0), commented there as "from
+ComfyUI-TeaCache". Provenance is unclear: welltop-cn/ComfyUI-TeaCache ``nodes.py`` has no Qwen-Image entry and the
+round values look hand-tuned. The polynomial is negative for x < 0.0069 and x > 0.426, hence ``|f|`` in the rule.
+"""
+
+
+class CachedQwenImageTransformer2DModel(CachedTransformerMixin, QwenImageTransformer2DModel):
+    """``QwenImageTransformer2DModel`` whose ``forward`` skips the block stack on steps the cache method reuses.
+
+    Same constructor, config, checkpoints and ``forward`` signature as the parent. The embeddings (``img_in``,
+    ``txt_norm``/``txt_in``, the timestep embedding, RoPE) and the output head (``norm_out``, ``proj_out``) run on
+    every call; the 60 dual-stream blocks are the cached stack, with two residual streams, image tokens
+    ``(B, L_img, inner_dim)`` and text tokens ``(B, L_txt, inner_dim)``. TeaCache's signal is block 0's modulated
+    image input ``LN(h) * (1 + scale) + shift`` (shift and scale from ``transformer_blocks[0].img_mod(temb)``), which
+    depends on the latents and the timestep only, so the conditional and unconditional branches see the same signal.
+
+    With ``cache_config=None`` ``forward`` is the parent's.
+    """
+
+    cache_defaults = {"teacache_coefficients": QWENIMAGE_TEACACHE_COEFFICIENTS}
+
+    @apply_lora_scale("attention_kwargs")
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor = None,
+        encoder_hidden_states_mask: torch.Tensor = None,
+        timestep: torch.LongTensor = None,
+        img_shapes: list[tuple[int, int, int]] | None = None,
+        guidance: torch.Tensor = None,
+        attention_kwargs: dict[str, Any] | None = None,
+        controlnet_block_samples=None,
+        additional_t_cond=None,
+        return_dict: bool = True,
+    ) -> torch.Tensor | Transformer2DModelOutput:
+        """The parent's forward, with the block stack run through the cache engine. Arguments and returns as there.
+
+        Raises:
+            ValueError: when caching is on and the denoising step is unknown (see ``cache_context``).
+        """
+        if not self.cache_engine.active:
+            return super().forward.__wrapped__(
+                self,
+                hidden_states,
+                encoder_hidden_states=encoder_hidden_states,
+                encoder_hidden_states_mask=encoder_hidden_states_mask,
+                timestep=timestep,
+                img_shapes=img_shapes,
+                guidance=guidance,
+                attention_kwargs=attention_kwargs,
+                controlnet_block_samples=controlnet_block_samples,
+                additional_t_cond=additional_t_cond,
+                return_dict=return_dict,
+            )
+
+        hidden_states = self.img_in(hidden_states)
+        timestep = timestep.to(hidden_states.dtype)
+        modulate_index = None
+        if self.zero_cond_t:
+            timestep = torch.cat([timestep, timestep * 0], dim=0)
+            modulate_index = torch.tensor(
+                [[0] * prod(sample[0]) + [1] * sum(prod(s) for s in sample[1:]) for sample in img_shapes],
+                device=timestep.device,
+                dtype=torch.int,
+            )
+        encoder_hidden_states = self.txt_in(self.txt_norm(encoder_hidden_states))
+        text_seq_len, _, encoder_hidden_states_mask = compute_text_seq_len_from_mask(
+            encoder_hidden_states, encoder_hidden_states_mask
+        )
+        if guidance is None:
+            temb = self.time_text_embed(timestep, hidden_states, additional_t_cond)
+        else:
+            guidance = guidance.to(hidden_states.dtype) * 1000
+            temb = self.time_text_embed(timestep, guidance, hidden_states, additional_t_cond)
+        image_rotary_emb = self.pos_embed(img_shapes, max_txt_seq_len=text_seq_len, device=hidden_states.device)
+
+        block_kwargs = {
+            "encoder_hidden_states_mask": encoder_hidden_states_mask,
+            "temb": temb,
+            "image_rotary_emb": image_rotary_emb,
+            "joint_attention_kwargs": attention_kwargs,
+            "modulate_index": modulate_index,
+        }
+
+        def run_blocks(start: int, end: int, streams: tuple[torch.Tensor, torch.Tensor]):
+            return self._run_blocks(start, end, streams, block_kwargs, controlnet_block_samples)
+
+        def modulated_input(streams: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+            block = self.transformer_blocks[0]
+            img_mod1 = block.img_mod(temb).chunk(2, dim=-1)[0]
+            return block._modulate(block.img_norm1(streams[0]), img_mod1, modulate_index)[0]
+
+        stack = BlockStack(len(self.transformer_blocks), run_blocks, {"modulated_input": modulated_input})
+        hidden_states, _ = self.cache_engine.run(stack, (hidden_states, encoder_hidden_states))
+
+        if self.zero_cond_t:
+            temb = temb.chunk(2, dim=0)[0]
+        output = self.proj_out(self.norm_out(hidden_states, temb))
+        if not return_dict:
+            return (output,)
+        return Transformer2DModelOutput(sample=output)
+
+    def _run_blocks(
+        self,
+        start: int,
+        end: int,
+        streams: tuple[torch.Tensor, torch.Tensor],
+        block_kwargs: dict[str, Any],
+        controlnet_block_samples,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run ``transformer_blocks[start:end]`` on ``(image tokens, text tokens)`` exactly as the parent's loop does."""
+        hidden_states, encoder_hidden_states = streams
+        for index in range(start, end):
+            block = self.transformer_blocks[index]
+            if torch.is_grad_enabled() and self.gradient_checkpointing:
+                encoder_hidden_states, hidden_states = self._gradient_checkpointing_func(
+                    block,
+                    hidden_states,
+                    encoder_hidden_states,
+                    block_kwargs["encoder_hidden_states_mask"],
+                    block_kwargs["temb"],
+                    block_kwargs["image_rotary_emb"],
+                    block_kwargs["joint_attention_kwargs"],
+                    block_kwargs["modulate_index"],
+                )
+            else:
+                encoder_hidden_states, hidden_states = block(hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states, **block_kwargs)
+            if controlnet_block_samples is not None:
+                interval = int(np.ceil(len(self.transformer_blocks) / len(controlnet_block_samples)))
+                hidden_states = hidden_states + controlnet_block_samples[index // interval]
+        return hidden_states, encoder_hidden_states

@@ -1,0 +1,5 @@
+"""Cached pipelines (installed as ``cached_diffusers.pipelines``)."""
+
+from .qwenimage import CachedQwenImagePipeline
+
+__all__ = ["CachedQwenImagePipeline"]

@@ -1,0 +1,75 @@
+"""The ``cached-diffusers`` command line."""
+
+import re
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from cached_diffusers.cli import build_parser, cache_config_from_args, main
+from cached_diffusers import TeaCacheConfig
+from cached_diffusers.tiny import save_tiny_qwenimage_pipeline
+
+
+def test_demo_runs_and_reports(tmp_path, capsys):
+    out = tmp_path / "demo.png"
+    code = main(["demo", "--steps", "8", "--height", "64", "--width", "64", "--output", str(out), "--quiet"])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert re.search(r"uncached: \d+\.\d+ s", text)
+    assert re.search(r"cached \(teacache\): \d+\.\d+ s", text)
+    assert re.search(r"speedup: \d+\.\d+x", text)
+    skipped = re.findall(r"steps skipped \((cond|uncond)\): (\d+) of 8", text)
+    assert {b for b, _ in skipped} == {"cond", "uncond"}
+    assert all(int(n) > 0 for _, n in skipped)  # the demo's default really skips transformer work
+    assert re.search(r"PSNR cached vs uncached, .*: (\d+\.\d+|inf) dB", text)
+    sheet = Image.open(out)
+    assert sheet.height == 2 * 64 + 4  # uncached row over cached row
+
+
+def test_generate_from_a_local_directory(tmp_path, capsys):
+    model = save_tiny_qwenimage_pipeline(tmp_path / "model")
+    out = tmp_path / "out.png"
+    args = ["generate", "--model", str(model), "--prompt", "a red cat", "--prompt", "a blue bird", "--steps", "6",
+            "--height", "64", "--width", "64", "--negative-prompt", " ", "--rel-l1-thresh", "1000",
+            "--max-continuous-cached-steps", "2", "--output", str(out), "--quiet"]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert (tmp_path / "out-0.png").exists() and (tmp_path / "out-1.png").exists()
+    assert "cond: computed 3, reused 3; reused steps [1, 2, 4]" in text
+    assert "uncond: computed 3, reused 3" in text
+    assert re.search(r"wall time: \d+\.\d+ s", text)
+
+
+def test_cache_options_map_to_configs():
+    parser = build_parser()
+    args = parser.parse_args(["demo", "--rel-l1-thresh", "0.4", "--no-compute-last-step", "--coefficients", "1", "2", "3", "4", "5"])
+    assert cache_config_from_args(args) == TeaCacheConfig(0.4, coefficients=(1, 2, 3, 4, 5), compute_last_step=False)
+    args = parser.parse_args(["demo", "--cache-config", '{"method": "teacache", "rel_l1_thresh": 0.3}', "--max-cached-steps", "4"])
+    assert cache_config_from_args(args) == TeaCacheConfig(0.3, max_cached_steps=4)
+    args = parser.parse_args(["demo", "--cache", "none"])
+    assert cache_config_from_args(args) is None
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["demo", "--cache", "warpcache"], r"unknown cache method 'warpcache'"),
+        (["demo", "--rel-l1-thresh", "-1"], r"rel_l1_thresh must be a finite number > 0"),
+        (["demo", "--cache", "none"], r"choose a --cache method other than 'none'"),
+        (["demo", "--cache", "none", "--rel-l1-thresh", "0.2"], r"unknown field\(s\) rel_l1_thresh for cache method 'none'"),
+    ],
+)
+def test_bad_cache_options_are_clear_errors(argv, message, capsys):
+    assert main(argv) == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_console_entry_point_is_installed():
+    result = subprocess.run(
+        [sys.executable, "-c", "from importlib.metadata import entry_points; "
+         "print([e.value for e in entry_points(group='console_scripts') if e.name == 'cached-diffusers'])"],
+        capture_output=True, text=True, check=True,
+    )
+    assert "cached_diffusers.cli:main" in result.stdout
