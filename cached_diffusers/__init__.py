@@ -4,8 +4,13 @@ __version__ = "0.1.0"
 
 from .configs import (
     CacheConfig,
+    DBCacheConfig,
+    FirstBlockCacheConfig,
+    MagCacheConfig,
     NoCacheConfig,
+    ResidualCacheConfig,
     StepCacheConfig,
+    TaylorSeerConfig,
     TeaCacheConfig,
     available_cache_methods,
     cache_config_from_dict,
@@ -13,8 +18,9 @@ from .configs import (
     register_cache_method,
 )
 from .engine import BlockStack, CacheEngine
+from .scm import steps_mask
 from .stats import BranchStats, CacheStats, StepRecord
-from .models import QWENIMAGE_TEACACHE_COEFFICIENTS, CachedQwenImageTransformer2DModel
+from .models import QWENIMAGE_MAG_RATIOS, QWENIMAGE_TEACACHE_COEFFICIENTS, CachedQwenImageTransformer2DModel
 from .pipelines import CachedQwenImagePipeline
 
 __all__ = [
@@ -25,13 +31,20 @@ __all__ = [
     "CacheStats",
     "CachedQwenImagePipeline",
     "CachedQwenImageTransformer2DModel",
+    "DBCacheConfig",
+    "FirstBlockCacheConfig",
+    "MagCacheConfig",
     "NoCacheConfig",
+    "QWENIMAGE_MAG_RATIOS",
     "QWENIMAGE_TEACACHE_COEFFICIENTS",
+    "ResidualCacheConfig",
     "StepCacheConfig",
     "StepRecord",
+    "TaylorSeerConfig",
     "TeaCacheConfig",
     "available_cache_methods",
     "cache_config_from_dict",
     "make_cache_config",
     "register_cache_method",
+    "steps_mask",
 ]

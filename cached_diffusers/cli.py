@@ -22,16 +22,23 @@ __all__ = ["main", "build_parser"]
 
 
 # -- cache options ---------------------------------------------------------------------------------------------------
-def _config_fields() -> dict[str, tuple[type, Any]]:
-    """``{field name: (annotated type, default)}`` over every registered cache config class."""
+def _config_fields() -> dict[str, tuple[type, dict[str, Any]]]:
+    """``{field name: (annotated type, {method: default})}`` over every registered cache config class."""
     from .configs import _REGISTRY
 
-    fields: dict[str, tuple[type, Any]] = {}
-    for cls in set(_REGISTRY.values()):
+    fields: dict[str, tuple[type, dict[str, Any]]] = {}
+    for cls in sorted(set(_REGISTRY.values()), key=lambda c: c.method):
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
-            fields.setdefault(f.name, (hints[f.name], f.default))
+            fields.setdefault(f.name, (hints[f.name], {}))[1][cls.method] = f.default
     return dict(sorted(fields.items()))
+
+
+def _describe_defaults(defaults: dict[str, Any]) -> str:
+    values = set(map(repr, defaults.values()))
+    if len(values) == 1:
+        return f"{', '.join(defaults)}; default {next(iter(defaults.values()))}"
+    return "; ".join(f"{method}: default {value}" for method, value in defaults.items())
 
 
 def _parse_optional(kind: type):
@@ -42,6 +49,13 @@ def _parse_optional(kind: type):
 
     parse.__name__ = kind.__name__
     return parse
+
+
+def _parse_json_or_text(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
 
 
 def _add_cache_arguments(parser: argparse.ArgumentParser, default_method: str) -> None:
@@ -59,12 +73,14 @@ def _add_cache_arguments(parser: argparse.ArgumentParser, default_method: str) -
         metavar="JSON_OR_FILE",
         help="a whole cache config as JSON ({\"method\": ..., ...}) or a path to a JSON file; overrides --cache",
     )
-    for name, (annotation, default) in _config_fields().items():
+    for name, (annotation, defaults) in _config_fields().items():
         flag = "--" + name.replace("_", "-")
         args = typing.get_args(annotation)
-        help_text = f"cache parameter {name} (default: {default})"
+        help_text = f"({_describe_defaults(defaults)})"
         if annotation is bool:
             group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif str in args:  # a name or a structure, e.g. scm_steps_mask: "fast", "[1,1,0,1]", '{"compute_bins": ...}'
+            group.add_argument(flag, dest=name, type=_parse_json_or_text, default=None, help=help_text)
         elif any(typing.get_origin(a) is tuple for a in (annotation, *args)):
             group.add_argument(flag, dest=name, type=float, nargs="+", default=None, help=help_text)
         else:

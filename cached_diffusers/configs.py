@@ -20,7 +20,12 @@ from typing import Any, ClassVar, Mapping
 __all__ = [
     "CacheConfig",
     "NoCacheConfig",
+    "DBCacheConfig",
+    "FirstBlockCacheConfig",
+    "MagCacheConfig",
+    "ResidualCacheConfig",
     "StepCacheConfig",
+    "TaylorSeerConfig",
     "TeaCacheConfig",
     "cache_config_from_dict",
     "available_cache_methods",
@@ -103,6 +108,18 @@ def resolve_cache_config(value: CacheConfig | Mapping[str, Any] | str | None) ->
         f"cache_config must be a CacheConfig, a dict with a 'method' key, a method name or None; "
         f"got {type(value).__name__}"
     )
+
+
+class FrozenDict(dict):
+    """A read-only, hashable ``dict`` for mapping-valued config fields (values must be hashable)."""
+
+    def __hash__(self) -> int:  # type: ignore[override]
+        return hash(tuple(sorted(self.items())))
+
+    def _read_only(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError("cache config values are read-only; use config.replace(...)")
+
+    __setitem__ = __delitem__ = clear = pop = popitem = setdefault = update = _read_only  # type: ignore[assignment]
 
 
 def _check_number(owner: str, name: str, value: Any, *, low: float | None = None, low_open: bool = False) -> float:
@@ -209,6 +226,15 @@ class StepCacheConfig(CacheConfig):
             At most this many reused steps in a row per branch; ``None`` means no cap.
         compute_last_step (`bool`, defaults to `True`):
             Always compute the last denoising step, which forms the finest detail (TeaCache's official rule).
+        warmup_interval (`int`, defaults to 1, range >= 1):
+            Within the warm-up, only every ``warmup_interval``-th step is forced (steps ``0, w, 2w, ...``).
+        scm_steps_mask (preset name, sequence of 0/1, ``{"compute_bins": [...], "cache_bins": [...]}`` or `None`):
+            Steps computation mask (SCM, cache-dit): ``1`` steps are always computed, ``0`` steps may be reused.
+            Presets ``"slow"``, ``"medium"``, ``"fast"``, ``"ultra"``; any mask is rescaled to the run's step count
+            by :func:`cached_diffusers.scm.steps_mask` and its last step is always computed.
+        scm_steps_policy (`str`, defaults to ``"dynamic"``):
+            ``"dynamic"``: a mask-0 step is reused only if the method's own test (and the caps) say so;
+            ``"static"``: a mask-0 step is always reused (caps and test bypassed).
 
     Names follow cache-dit's ``DBCacheConfig`` (vipshop/cache-dit), where ``-1`` means "no cap"; here that is ``None``.
     """
@@ -217,6 +243,9 @@ class StepCacheConfig(CacheConfig):
     max_cached_steps: int | None = None
     max_continuous_cached_steps: int | None = None
     compute_last_step: bool = True
+    warmup_interval: int = 1
+    scm_steps_mask: str | tuple[int, ...] | Mapping[str, Any] | None = None
+    scm_steps_policy: str = "dynamic"
 
     def validate(self) -> None:
         owner = type(self).__name__
@@ -232,11 +261,50 @@ class StepCacheConfig(CacheConfig):
             _check_int(owner, "max_continuous_cached_steps", self.max_continuous_cached_steps, low=1, allow_none=True),
         )
         _check_bool(owner, "compute_last_step", self.compute_last_step)
+        object.__setattr__(self, "warmup_interval", _check_int(owner, "warmup_interval", self.warmup_interval, low=1))
+        if self.scm_steps_mask is not None:
+            from .scm import validate_mask_spec
+
+            object.__setattr__(self, "scm_steps_mask", validate_mask_spec(f"{owner}.scm_steps_mask", self.scm_steps_mask))
+        if self.scm_steps_policy not in ("dynamic", "static"):
+            raise ValueError(f"{owner}.scm_steps_policy must be 'dynamic' or 'static', got {self.scm_steps_policy!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        if isinstance(self.scm_steps_mask, Mapping):
+            out["scm_steps_mask"] = {k: list(v) for k, v in self.scm_steps_mask.items()}
+        return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class ResidualCacheConfig(StepCacheConfig):
+    """Guards plus an optional TaylorSeer calibrator for methods that reuse a stored residual.
+
+    Args:
+        enable_taylorseer (`bool`, defaults to `False`):
+            On a reused step, add a Taylor forecast of the residual from the computed steps (finite differences up to
+            ``taylorseer_order``, factors in float32) instead of the last computed residual. TaylorSeer: Liu et al.,
+            ICCV 2025 (arXiv 2503.06923); as a calibrator on DBCache: cache-dit's ``TaylorSeerCalibratorConfig``.
+        taylorseer_order (`int`, defaults to 1, range 1 to 4):
+            Highest derivative order of the forecast; cache-dit recommends 1 or 2.
+    """
+
+    enable_taylorseer: bool = False
+    taylorseer_order: int = 1
+
+    def validate(self) -> None:
+        super().validate()
+        owner = type(self).__name__
+        _check_bool(owner, "enable_taylorseer", self.enable_taylorseer)
+        order = _check_int(owner, "taylorseer_order", self.taylorseer_order, low=1)
+        if order > 4:
+            raise ValueError(f"{owner}.taylorseer_order must be an integer in [1, 4], got {order}")
+        object.__setattr__(self, "taylorseer_order", order)
 
 
 @register_cache_method
 @dataclass(frozen=True)
-class TeaCacheConfig(StepCacheConfig):
+class TeaCacheConfig(ResidualCacheConfig):
     """TeaCache: Timestep Embedding Aware Cache (Liu et al., CVPR 2025, arXiv 2411.19108).
 
     Per guidance branch, at each denoising step ``i`` the relative L1 change of block 0's modulated input ``m``,
@@ -260,8 +328,9 @@ class TeaCacheConfig(StepCacheConfig):
             ``[c4, c3, c2, c1, c0]`` of the rescaling polynomial. ``None`` takes the model's published or calibrated
             set (e.g. :data:`cached_diffusers.models.qwenimage.QWENIMAGE_TEACACHE_COEFFICIENTS`); a model without
             one raises ``ValueError`` when the config is applied.
-        max_warmup_steps, max_cached_steps, max_continuous_cached_steps, compute_last_step:
-            Shared guards, see :class:`StepCacheConfig`.
+        max_warmup_steps, max_cached_steps, max_continuous_cached_steps, compute_last_step, warmup_interval,
+        scm_steps_mask, scm_steps_policy, enable_taylorseer, taylorseer_order:
+            Shared guards and calibrator, see :class:`StepCacheConfig` and :class:`ResidualCacheConfig`.
     """
 
     method: ClassVar[str] = "teacache"
@@ -293,3 +362,242 @@ class TeaCacheConfig(StepCacheConfig):
         from .policies import TeaCachePolicy
 
         return TeaCachePolicy(self, defaults or {})
+
+
+def _check_ratio_list(owner: str, name: str, values: Any) -> tuple[float, ...]:
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__len__"):
+        raise ValueError(f"{owner}.{name} must be a sequence of positive numbers, got {values!r}")
+    if len(values) < 2:
+        raise ValueError(f"{owner}.{name} must have at least 2 entries (one per calibration step), got {len(values)}")
+    ratios = tuple(_check_number(owner, f"{name}[{i}]", v, low=0.0, low_open=True) for i, v in enumerate(values))
+    return ratios
+
+
+@register_cache_method
+@dataclass(frozen=True)
+class MagCacheConfig(ResidualCacheConfig):
+    """MagCache: magnitude-aware cache (Ma et al., NeurIPS 2025, arXiv 2506.09045; Zehong-Ma/MagCache).
+
+    Per guidance branch: the first ``int(mag_retention_ratio * N + 0.5)`` steps are computed. After them, each step
+    multiplies a running ratio ``rho`` by the step's calibrated magnitude ratio ``gamma_i`` (``||r_i|| / ||r_{i-1}||``
+    of consecutive whole-stack residuals, mean over tokens), counts ``k += 1`` and accumulates ``err += |1 - rho|``.
+    The step reuses the residual of the last computed step while ``err <= mag_threshold`` and ``k <= mag_max_skip_steps``;
+    otherwise it computes and resets ``rho = 1, k = 0, err = 0``. The ratios were calibrated at ``len(mag_ratios)``
+    steps and are re-interpolated (nearest neighbour, ``idx_i = round(i * (L - 1) / (N - 1))``) to each call's
+    ``num_inference_steps``. The decision needs no signal from the model: it is a function of the ratios.
+
+    Args:
+        mag_threshold (`float`, defaults to 0.06, range >= 0):
+            Accumulated error under which steps are reused. 0.06 is the official Qwen-Image setting (``E006K2R02``)
+            and diffusers' default; the official FLUX.1 "fast" setting uses 0.24.
+        mag_max_skip_steps (`int`, defaults to 3, range >= 1):
+            ``K``, the most steps reused in a row (official Qwen-Image: 2, FLUX.1: 5; diffusers: 3).
+        mag_retention_ratio (`float`, defaults to 0.2, range [0, 1)):
+            Fraction of the first steps always computed (official Qwen-Image and diffusers: 0.2; FLUX.1: 0.1).
+        mag_ratios (sequence of floats, ``{branch: sequence}`` or `None`, defaults to `None`):
+            Per-step magnitude ratios, first entry 1.0 (no previous residual). A ``{branch: ratios}`` dict gives each
+            guidance branch its own list (all of one length). ``None`` takes the model's published or calibrated
+            ratios (e.g. :data:`cached_diffusers.models.qwenimage.QWENIMAGE_MAG_RATIOS`).
+        calibrate (`bool`, defaults to `False`):
+            Calibration mode: never reuse; record each branch's per-step ratios in the statistics
+            (``stats.branches[b].calibration["mag_ratios"]``), see :meth:`from_calibration`.
+        other fields: shared guards and calibrator, see :class:`StepCacheConfig` and :class:`ResidualCacheConfig`.
+    """
+
+    method: ClassVar[str] = "magcache"
+    aliases: ClassVar[tuple[str, ...]] = ("mag_cache", "mag-cache")
+    source: ClassVar[str] = "Ma et al., MagCache, NeurIPS 2025 (arXiv 2506.09045); Zehong-Ma/MagCache"
+
+    mag_threshold: float = 0.06
+    mag_max_skip_steps: int = 3
+    mag_retention_ratio: float = 0.2
+    mag_ratios: tuple[float, ...] | Mapping[str, tuple[float, ...]] | None = None
+    calibrate: bool = False
+
+    def validate(self) -> None:
+        super().validate()
+        owner = type(self).__name__
+        object.__setattr__(self, "mag_threshold", _check_number(owner, "mag_threshold", self.mag_threshold, low=0.0))
+        object.__setattr__(
+            self, "mag_max_skip_steps", _check_int(owner, "mag_max_skip_steps", self.mag_max_skip_steps, low=1)
+        )
+        retention = _check_number(owner, "mag_retention_ratio", self.mag_retention_ratio, low=0.0)
+        if retention >= 1.0:
+            raise ValueError(f"{owner}.mag_retention_ratio must be in [0, 1), got {retention!r}")
+        object.__setattr__(self, "mag_retention_ratio", retention)
+        _check_bool(owner, "calibrate", self.calibrate)
+        ratios = self.mag_ratios
+        if ratios is None:
+            return
+        if self.calibrate:
+            raise ValueError(f"{owner}.mag_ratios must be None when calibrate=True (calibration measures them)")
+        if isinstance(ratios, Mapping):
+            if not ratios:
+                raise ValueError(f"{owner}.mag_ratios must not be an empty dict")
+            checked = {str(b): _check_ratio_list(owner, f"mag_ratios[{b!r}]", v) for b, v in ratios.items()}
+            lengths = {len(v) for v in checked.values()}
+            if len(lengths) != 1:
+                raise ValueError(
+                    f"{owner}.mag_ratios lists must all have the calibration step count's length, got lengths "
+                    f"{ {b: len(v) for b, v in checked.items()} }"
+                )
+            object.__setattr__(self, "mag_ratios", FrozenDict(checked))
+        else:
+            object.__setattr__(self, "mag_ratios", _check_ratio_list(owner, "mag_ratios", ratios))
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        if isinstance(self.mag_ratios, Mapping):
+            out["mag_ratios"] = {b: list(v) for b, v in self.mag_ratios.items()}
+        return out
+
+    @classmethod
+    def from_calibration(cls, stats, **fields: Any) -> MagCacheConfig:
+        """A config using the ratios a ``calibrate=True`` run recorded (``stats``: its ``CacheStats``).
+
+        Identical branch lists are stored once; differing ones as ``{branch: ratios}``.
+
+        Raises:
+            ValueError: if ``stats`` holds no MagCache calibration.
+        """
+        recorded = {
+            name: tuple(branch.calibration["mag_ratios"])
+            for name, branch in stats.branches.items()
+            if "mag_ratios" in branch.calibration
+        }
+        if not recorded:
+            raise ValueError("these statistics hold no MagCache calibration: run once with MagCacheConfig(calibrate=True)")
+        values = list(recorded.values())
+        ratios = values[0] if all(v == values[0] for v in values) else recorded
+        return cls(mag_ratios=ratios, **fields)
+
+    def make_policy(self, defaults: Mapping[str, Any] | None = None):
+        from .policies import MagCachePolicy
+
+        return MagCachePolicy(self, defaults or {})
+
+
+@register_cache_method
+@dataclass(frozen=True)
+class DBCacheConfig(ResidualCacheConfig):
+    """DBCache: Dual Block Cache with ``Fn`` front and ``Bn`` back blocks (vipshop/cache-dit, ``DBCacheConfig``).
+
+    Per guidance branch and step: the first ``Fn`` blocks always run; their image-stream residual ``F_i`` is the
+    probe. ``diff = sum|F_i - F_ref| / sum|F_ref|`` against the probe ``F_ref`` stored at the branch's last computed
+    step. If ``diff < residual_diff_threshold`` the middle blocks are skipped and the middle-block residual stored at
+    the last computed step (both streams) is added to their input; otherwise they run, and the probe and residuals
+    are stored. The last ``Bn`` blocks always run. First-Block-Cache is ``Fn=1, Bn=0`` (:class:`FirstBlockCacheConfig`).
+
+    Args:
+        Fn (`int`, defaults to 8, range >= 1): front blocks always computed (cache-dit's ``Fn_compute_blocks``).
+        Bn (`int`, defaults to 0, range >= 0): back blocks always computed (``Bn_compute_blocks``).
+            ``Fn + Bn`` must be smaller than the model's block count (checked when the config is applied).
+        residual_diff_threshold (`float`, defaults to 0.08, range >= 0):
+            Reuse while the probe's relative L1 change is below this; 0 never reuses.
+        max_warmup_steps (`int`, defaults to 8): cache-dit's default warm-up.
+        max_accumulated_residual_diff_threshold (`float` or `None`, defaults to `None`, range > 0):
+            Once the diffs tested so far sum to this, the branch computes every remaining step.
+        other fields: shared guards and calibrator (``enable_taylorseer`` makes this cache-dit's DBCache + TaylorSeer
+            calibrator), see :class:`StepCacheConfig` and :class:`ResidualCacheConfig`.
+    """
+
+    method: ClassVar[str] = "dbcache"
+    aliases: ClassVar[tuple[str, ...]] = ("db_cache", "db-cache", "cache_dit")
+    source: ClassVar[str] = "vipshop/cache-dit DBCache (docs/papers/paper.tex); First-Block-Cache: chengzeyi/ParaAttention"
+
+    Fn: int = 8
+    Bn: int = 0
+    residual_diff_threshold: float = 0.08
+    max_accumulated_residual_diff_threshold: float | None = None
+    max_warmup_steps: int = 8
+
+    def validate(self) -> None:
+        super().validate()
+        owner = type(self).__name__
+        object.__setattr__(self, "Fn", _check_int(owner, "Fn", self.Fn, low=1))
+        object.__setattr__(self, "Bn", _check_int(owner, "Bn", self.Bn, low=0))
+        object.__setattr__(
+            self,
+            "residual_diff_threshold",
+            _check_number(owner, "residual_diff_threshold", self.residual_diff_threshold, low=0.0),
+        )
+        if self.max_accumulated_residual_diff_threshold is not None:
+            object.__setattr__(
+                self,
+                "max_accumulated_residual_diff_threshold",
+                _check_number(
+                    owner, "max_accumulated_residual_diff_threshold", self.max_accumulated_residual_diff_threshold,
+                    low=0.0, low_open=True,
+                ),
+            )
+
+    def make_policy(self, defaults: Mapping[str, Any] | None = None):
+        from .policies import DBCachePolicy
+
+        return DBCachePolicy(self, defaults or {})
+
+
+@register_cache_method
+@dataclass(frozen=True)
+class FirstBlockCacheConfig(DBCacheConfig):
+    """First-Block-Cache (chengzeyi/ParaAttention; diffusers' ``FirstBlockCacheConfig``): DBCache with ``Fn=1, Bn=0``.
+
+    Defaults: ``residual_diff_threshold=0.08`` (ParaAttention's "very good quality" FLUX.1 setting; diffusers uses
+    0.05) and no warm-up. ``Fn`` and ``Bn`` are fixed; use :class:`DBCacheConfig` for other values.
+    """
+
+    method: ClassVar[str] = "fbcache"
+    aliases: ClassVar[tuple[str, ...]] = ("first_block_cache", "first-block-cache", "fbc")
+    source: ClassVar[str] = "chengzeyi/ParaAttention First-Block-Cache; huggingface/diffusers hooks/first_block_cache.py"
+
+    Fn: int = 1
+    Bn: int = 0
+    max_warmup_steps: int = 0
+
+    def validate(self) -> None:
+        super().validate()
+        if (self.Fn, self.Bn) != (1, 0):
+            raise ValueError(
+                f"FirstBlockCacheConfig has Fn=1 and Bn=0, got Fn={self.Fn}, Bn={self.Bn}; use DBCacheConfig instead"
+            )
+
+
+@register_cache_method
+@dataclass(frozen=True)
+class TaylorSeerConfig(StepCacheConfig):
+    """TaylorSeer on its own (Liu et al., ICCV 2025, arXiv 2503.06923): fixed-interval compute, forecast in between.
+
+    The first ``max_warmup_steps`` steps are computed, then every ``interval``-th step (steps ``W - 1 + k*interval``).
+    On the other steps the whole block stack is skipped and its residual forecast by a Taylor expansion from divided
+    differences over the computed steps: ``R(s) ~ sum_k F^k (s - s_last)^k / k!`` up to ``order`` (orders become
+    available as computed steps accumulate; factors are kept in float32, unlike diffusers' bfloat16 default).
+
+    Args:
+        order (`int`, defaults to 1, range 1 to 4): highest derivative order.
+        interval (`int`, defaults to 5, range >= 1): compute every ``interval``-th step after the warm-up
+            (1 computes every step); diffusers' ``cache_interval`` default is 5.
+        max_warmup_steps (`int`, defaults to 3, range >= 0): diffusers' ``disable_cache_before_step`` default.
+        other fields: shared guards, see :class:`StepCacheConfig`.
+    """
+
+    method: ClassVar[str] = "taylorseer"
+    aliases: ClassVar[tuple[str, ...]] = ("taylor_seer", "taylor-seer")
+    source: ClassVar[str] = "Liu et al., TaylorSeer, ICCV 2025 (arXiv 2503.06923); Shenyi-Z/TaylorSeer"
+
+    order: int = 1
+    interval: int = 5
+    max_warmup_steps: int = 3
+
+    def validate(self) -> None:
+        super().validate()
+        owner = type(self).__name__
+        order = _check_int(owner, "order", self.order, low=1)
+        if order > 4:
+            raise ValueError(f"{owner}.order must be an integer in [1, 4], got {order}")
+        object.__setattr__(self, "order", order)
+        object.__setattr__(self, "interval", _check_int(owner, "interval", self.interval, low=1))
+
+    def make_policy(self, defaults: Mapping[str, Any] | None = None):
+        from .policies import TaylorSeerPolicy
+
+        return TaylorSeerPolicy(self, defaults or {})

@@ -19,7 +19,8 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 
 from .configs import CacheConfig, resolve_cache_config
-from .policies import CachePolicy, StepContext
+from .policies import CachePolicy, Gate, StepContext
+from .residuals import ResidualStore, make_store
 from .stats import CacheStats, StepRecord
 
 __all__ = ["BlockStack", "BranchState", "CacheEngine", "DEFAULT_BRANCH"]
@@ -40,7 +41,8 @@ class BlockStack:
             tuple of tensors (e.g. ``(image_tokens (B, L_img, D), text_tokens (B, L_txt, D))``) and the returned
             tuple has the same structure and shapes, so that ``out - in`` is each stream's residual.
         signals: ``{kind: fn(streams) -> Tensor}``, the decision signals the model can compute cheaply at the stack's
-            input (``"modulated_input"``: block 0's modulated image input, TeaCache's indicator).
+            input (``"modulated_input"``: block 0's modulated image input, TeaCache's indicator). The engine itself
+            provides ``"front_residual"`` (image-stream residual of the front blocks, DBCache's probe).
     """
 
     num_blocks: int
@@ -53,15 +55,10 @@ class BranchState:
     """Cache state of one guidance branch within one generation."""
 
     method_state: Any
-    residuals: Streams | None = None
-    residual_input_shapes: tuple[torch.Size, ...] | None = None
+    store: ResidualStore
     num_reused: int = 0
     consecutive_reused: int = 0
     last_step: int | None = None
-
-    def residuals_fit(self, streams: Streams) -> bool:
-        """Whether the stored residuals were computed for inputs of these shapes."""
-        return self.residuals is not None and self.residual_input_shapes == tuple(s.shape for s in streams)
 
 
 @dataclass(frozen=True)
@@ -107,7 +104,11 @@ class CacheEngine:
     def reset(self) -> None:
         """Forget every branch's state and start new statistics (called at the start of every pipeline call)."""
         self._branches = {}
-        self.stats = CacheStats(self._config.method if self._config is not None else "none")
+        policy = self._policy
+        self.stats = CacheStats(
+            self._config.method if self._config is not None else "none",
+            signal_name=policy.signal_name if policy is not None else "",
+        )
 
     # -- where the loop is ---------------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -156,48 +157,70 @@ class CacheEngine:
 
     # -- the cached forward --------------------------------------------------------------------------------------
     def run(self, stack: BlockStack, streams: Streams) -> Streams:
-        """Run (or skip) the block stack for the current step and branch; return the streams at its output."""
-        policy = self._policy
-        if policy is None:
-            return stack.run_blocks(0, stack.num_blocks, streams)
-        ctx = self.step_context()
-        state = self._branch_state(ctx, stack.num_blocks)
+        """Run (or skip) the block stack for the current step and branch; return the streams at its output.
 
-        signal = None
-        if policy.signal_kind is not None:
-            if policy.signal_kind not in stack.signals:
-                raise ValueError(
-                    f"cache method {self._config.method!r} needs the {policy.signal_kind!r} signal, which "
-                    f"{self.defaults.get('model_name', 'this model')} does not provide"
-                )
-            signal = stack.signals[policy.signal_kind](streams)
+        The stack is split into ``front`` blocks (always run), the cached span, and ``back`` blocks (always run);
+        methods without front/back blocks cache the whole stack. On a reused step the cached span's stored (or
+        forecast) residual is added to its input, once per stream.
+        """
+        policy = self._policy
+        num_blocks = stack.num_blocks
+        if policy is None:
+            return stack.run_blocks(0, num_blocks, streams)
+        ctx = self.step_context()
+        state = self._branch_state(ctx, num_blocks)
+        front, back = policy.front_blocks, policy.back_blocks
+        if front + back >= num_blocks:
+            raise ValueError(
+                f"cache method {self._config.method!r} runs {front} front and {back} back blocks, which leaves no "
+                f"block to cache in a stack of {num_blocks}"
+            )
+
+        span_in = stack.run_blocks(0, front, streams) if front else streams
+        signal = self._signal(policy.signal_kind, stack, streams, span_in)
         measurement = policy.observe(state.method_state, signal)
         gate, reason = policy.gate(
             ctx,
-            has_residual=state.residuals_fit(streams),
+            has_residual=state.store.fits(span_in),
             num_reused=state.num_reused,
             consecutive_reused=state.consecutive_reused,
         )
         if state.last_step == ctx.step:
-            gate, reason = type(gate).COMPUTE, "repeated-step"
+            gate, reason = Gate.COMPUTE, "repeated-step"
         decision = policy.decide(ctx, state.method_state, measurement, gate, reason)
 
         if decision.reuse:
-            out = tuple(s + r for s, r in zip(streams, state.residuals))
+            span_out = tuple(s + r for s, r in zip(span_in, state.store.get(ctx.step)))
             state.num_reused += 1
             state.consecutive_reused += 1
-            blocks = 0
+            blocks = front + back
         else:
-            out = stack.run_blocks(0, stack.num_blocks, streams)
-            state.residuals = tuple(o - s for o, s in zip(out, streams))
-            state.residual_input_shapes = tuple(s.shape for s in streams)
+            span_out = stack.run_blocks(front, num_blocks - back, span_in)
+            residuals = tuple(o - s for o, s in zip(span_out, span_in))
+            state.store.update(ctx.step, span_in, residuals)
+            policy.on_computed(ctx, state.method_state, signal, residuals)
             state.consecutive_reused = 0
-            blocks = stack.num_blocks
+            blocks = num_blocks
+        out = stack.run_blocks(num_blocks - back, num_blocks, span_out) if back else span_out
         state.last_step = ctx.step
-        self.stats.branch(ctx.branch).records.append(
-            StepRecord(ctx.step, decision.reuse, decision.reason, decision.signal, blocks)
-        )
+        branch_stats = self.stats.branch(ctx.branch)
+        branch_stats.records.append(StepRecord(ctx.step, decision.reuse, decision.reason, decision.signal, blocks))
+        calibration = policy.calibration(state.method_state)
+        if calibration:
+            branch_stats.calibration = calibration
         return out
+
+    def _signal(self, kind: str | None, stack: BlockStack, streams: Streams, span_in: Streams) -> torch.Tensor | None:
+        if kind is None:
+            return None
+        if kind == "front_residual":
+            return span_in[0] - streams[0]
+        if kind not in stack.signals:
+            raise ValueError(
+                f"cache method {self._config.method!r} needs the {kind!r} signal, which "
+                f"{self.defaults.get('model_name', 'this model')} does not provide"
+            )
+        return stack.signals[kind](streams)
 
     def _branch_state(self, ctx: StepContext, num_blocks: int) -> BranchState:
         stats = self.stats
@@ -211,5 +234,6 @@ class CacheEngine:
             stats = self.stats
         stats.num_steps, stats.num_blocks = ctx.num_steps, num_blocks
         if ctx.branch not in self._branches:
-            self._branches[ctx.branch] = BranchState(self._policy.new_state())
+            policy = self._policy
+            self._branches[ctx.branch] = BranchState(policy.new_state(), make_store(policy.taylorseer_order))
         return self._branches[ctx.branch]

@@ -44,11 +44,17 @@ class CachedTransformerMixin:
     cache_defaults: ClassVar[Mapping[str, Any]] = {}
 
     @property
+    def num_cache_blocks(self) -> int:
+        """Blocks of the cached stack, in execution order (what DBCache's ``Fn`` and ``Bn`` count)."""
+        raise NotImplementedError
+
+    @property
     def cache_engine(self) -> CacheEngine:
         """This model's :class:`~cached_diffusers.engine.CacheEngine` (created on first use)."""
         engine = self.__dict__.get("_cache_engine")
         if engine is None:
-            engine = CacheEngine({"model_name": type(self).__name__, **self.cache_defaults})
+            defaults = {"model_name": type(self).__name__, "num_blocks": self.num_cache_blocks, **self.cache_defaults}
+            engine = CacheEngine(defaults)
             self.__dict__["_cache_engine"] = engine
         return engine
 

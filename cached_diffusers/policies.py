@@ -1,22 +1,39 @@
 """Decision policies: given a step, the branch's state and the step's signal, compute or reuse.
 
-A policy is built from a config (``config.make_policy(defaults)``) and is stateless itself; the state it keeps per
-guidance branch is created by ``new_state`` and owned by the engine. The decision (``decide``) is a pure function of
-the step context, that state and scalar measurements, so that ranks of a multi-GPU run that gather the same scalars
-take the same decision. Turning the model's signal tensor into scalars happens in ``observe``.
+A policy is built from a config (``config.make_policy(defaults)``) and keeps no per-generation state itself: the
+state it needs per guidance branch is created by ``new_state`` and owned by the engine. ``observe`` turns the model's
+signal tensor into a scalar; ``decide`` is a pure function of the step context, that state and scalars, so that ranks
+of a multi-GPU run that gather the same scalars take the same decision.
+
+Every policy shares the guards of :meth:`CachePolicy.gate` (first step, stored residual, warm-up, last step, SCM
+mask, caps); the method's own test runs only when they leave the decision open.
 """
 
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping
 
+import numpy as np
 import torch
 
-from .configs import StepCacheConfig, TeaCacheConfig
+from .configs import DBCacheConfig, MagCacheConfig, StepCacheConfig, TaylorSeerConfig, TeaCacheConfig
+from .scm import steps_mask
 
-__all__ = ["CachePolicy", "Decision", "Gate", "StepContext", "TeaCachePolicy", "TeaCacheState", "relative_l1", "polyval"]
+__all__ = [
+    "CachePolicy",
+    "DBCachePolicy",
+    "Decision",
+    "Gate",
+    "MagCachePolicy",
+    "StepContext",
+    "TaylorSeerPolicy",
+    "TeaCachePolicy",
+    "interpolate_ratios",
+    "polyval",
+    "relative_l1",
+]
 
 
 @dataclass(frozen=True)
@@ -42,6 +59,7 @@ class Gate(enum.Enum):
     """Outcome of the guards shared by all methods, evaluated before the method's own test."""
 
     COMPUTE = "compute"  # a guard forces a compute
+    REUSE = "reuse"  # a static SCM mask forces a reuse
     TEST = "test"  # the method decides
 
 
@@ -50,11 +68,12 @@ class Decision:
     """A policy's answer for one step of one branch.
 
     Attributes:
-        reuse: ``True`` to skip the cached blocks and reuse the stored residual.
-        reason: why (``"first-step"``, ``"warmup"``, ``"last-step"``, ``"max-cached-steps"``,
-            ``"max-continuous-cached-steps"``, ``"no-residual"``, ``"below-threshold"``, ``"above-threshold"``).
-        signal: the method's decision value at this step (TeaCache: the accumulated rescaled distance), or ``None``
-            when the method did not test this step.
+        reuse: ``True`` to skip the cached blocks and reuse (or forecast) the stored residual.
+        reason: why: a guard (``"first-step"``, ``"no-residual"``, ``"warmup"``, ``"last-step"``,
+            ``"scm-compute"``, ``"scm-static"``, ``"max-cached-steps"``, ``"max-continuous-cached-steps"``) or the
+            method's test (``"below-threshold"``, ``"above-threshold"``, ``"retention"``, ``"max-skip-steps"``,
+            ``"interval"``, ``"forecast"``, ``"calibration"``, ...).
+        signal: the method's decision value at this step (see ``CachePolicy.signal_name``), or ``None``.
     """
 
     reuse: bool
@@ -85,40 +104,101 @@ def polyval(coefficients: tuple[float, ...], x: float) -> float:
     return result
 
 
+def interpolate_ratios(ratios: tuple[float, ...], num_steps: int) -> tuple[float, ...]:
+    """Nearest-neighbour resampling of per-step ratios to ``num_steps`` entries.
+
+    ``idx_i = round(i * (L - 1) / (N - 1))`` with numpy's round-half-to-even, as Zehong-Ma/MagCache and diffusers'
+    ``MagCacheConfig`` do; ``N = 1`` takes the last entry.
+    """
+    if num_steps == len(ratios):
+        return tuple(ratios)
+    if num_steps == 1:
+        return (ratios[-1],)
+    indices = np.round(np.linspace(0, len(ratios) - 1, num_steps)).astype(int)
+    return tuple(float(ratios[i]) for i in indices)
+
+
 class CachePolicy:
     """Base policy: the shared guards and the interface the engine calls.
 
     Class attributes:
-        signal_kind: what the model must provide before the decision (``"modulated_input"`` for TeaCache), or
-            ``None`` when the method needs no signal.
+        signal_kind: what the model must provide before the decision: ``"modulated_input"`` (block 0's modulated
+            input, TeaCache), ``"front_residual"`` (the image-stream residual of the first ``front_blocks`` blocks,
+            DBCache), or ``None``.
+        signal_name: what ``Decision.signal`` measures, for the statistics.
     """
 
     signal_kind: ClassVar[str | None] = None
+    signal_name: ClassVar[str] = ""
 
     def __init__(self, config: StepCacheConfig, defaults: Mapping[str, Any]):
         self.config = config
+        self._masks: dict[int, tuple[int, ...]] = {}
+
+    # -- what the engine needs to know ------------------------------------------------------------------------------
+    @property
+    def front_blocks(self) -> int:
+        """Blocks always run before the cached span (DBCache's ``Fn``)."""
+        return 0
+
+    @property
+    def back_blocks(self) -> int:
+        """Blocks always run after the cached span (DBCache's ``Bn``)."""
+        return 0
+
+    @property
+    def taylorseer_order(self) -> int | None:
+        """Order of the TaylorSeer forecast of reused residuals, ``None`` to reuse the last residual as is."""
+        return self.config.taylorseer_order if getattr(self.config, "enable_taylorseer", False) else None
 
     def new_state(self) -> Any:
         """Fresh per-branch method state."""
         return None
 
-    def gate(self, ctx: StepContext, *, has_residual: bool, num_reused: int, consecutive_reused: int) -> tuple[Gate, str]:
-        """The guards every method shares, in order: first step, stored residual, warm-up, last step, caps."""
+    # -- shared guards -----------------------------------------------------------------------------------------------
+    def scm_mask(self, num_steps: int) -> tuple[int, ...] | None:
+        spec = self.config.scm_steps_mask
+        if spec is None:
+            return None
+        if num_steps not in self._masks:
+            self._masks[num_steps] = steps_mask(spec, num_steps)
+        return self._masks[num_steps]
+
+    def warmup_steps(self, num_steps: int) -> int:
+        """Length of the warm-up window; with an SCM mask it ends with the mask's leading run of 1s (cache-dit)."""
+        warmup = self.config.max_warmup_steps
+        mask = self.scm_mask(num_steps)
+        if mask is not None:
+            leading = next((i for i, m in enumerate(mask) if m == 0), len(mask))
+            warmup = min(warmup, leading)
+        return warmup
+
+    def gate(
+        self, ctx: StepContext, *, has_residual: bool, num_reused: int, consecutive_reused: int
+    ) -> tuple[Gate, str]:
+        """The guards every method shares, in order: first step, stored residual, warm-up, last step, SCM mask, caps."""
         config = self.config
         if ctx.step == 0:
             return Gate.COMPUTE, "first-step"
         if not has_residual:
             return Gate.COMPUTE, "no-residual"
-        if ctx.step < config.max_warmup_steps:
+        if ctx.step < self.warmup_steps(ctx.num_steps) and ctx.step % config.warmup_interval == 0:
             return Gate.COMPUTE, "warmup"
         if config.compute_last_step and ctx.is_last:
             return Gate.COMPUTE, "last-step"
+        mask = self.scm_mask(ctx.num_steps)
+        if mask is not None:
+            if mask[ctx.step] == 1:
+                return Gate.COMPUTE, "scm-compute"
+            if config.scm_steps_policy == "static":
+                return Gate.REUSE, "scm-static"
         if config.max_cached_steps is not None and num_reused >= config.max_cached_steps:
             return Gate.COMPUTE, "max-cached-steps"
         if config.max_continuous_cached_steps is not None and consecutive_reused >= config.max_continuous_cached_steps:
             return Gate.COMPUTE, "max-continuous-cached-steps"
         return Gate.TEST, ""
 
+    # -- the method ---------------------------------------------------------------------------------------------------
     def observe(self, state: Any, signal: torch.Tensor | None) -> float | None:
         """Turn the step's signal tensor into the scalar the decision uses, updating tensor state. Default: none."""
         return None
@@ -126,7 +206,15 @@ class CachePolicy:
     def decide(self, ctx: StepContext, state: Any, measurement: float | None, gate: Gate, reason: str) -> Decision:
         raise NotImplementedError
 
+    def on_computed(self, ctx: StepContext, state: Any, signal: torch.Tensor | None, residuals: tuple) -> None:
+        """Called after the cached span ran, with its residuals per stream (e.g. to store a probe or calibrate)."""
 
+    def calibration(self, state: Any) -> dict[str, Any]:
+        """What a calibration run recorded for this branch (empty for methods that do not calibrate)."""
+        return {}
+
+
+# -- TeaCache ---------------------------------------------------------------------------------------------------------
 @dataclass
 class TeaCacheState:
     """Per-branch TeaCache state: the previous step's modulated input and the accumulated rescaled distance."""
@@ -139,6 +227,7 @@ class TeaCachePolicy(CachePolicy):
     """TeaCache's rule (see :class:`~cached_diffusers.TeaCacheConfig`) on block 0's modulated input."""
 
     signal_kind = "modulated_input"
+    signal_name = "accumulated rescaled relative L1 distance of block 0's modulated input"
 
     def __init__(self, config: TeaCacheConfig, defaults: Mapping[str, Any]):
         super().__init__(config, defaults)
@@ -175,8 +264,181 @@ class TeaCachePolicy(CachePolicy):
             state.accumulated = 0.0
             return Decision(False, reason or "no-previous-signal")
         accumulated = state.accumulated + self.rescale(measurement)
-        if accumulated < self.config.rel_l1_thresh:
+        if gate is Gate.REUSE or accumulated < self.config.rel_l1_thresh:
             state.accumulated = accumulated
-            return Decision(True, "below-threshold", accumulated)
+            return Decision(True, reason or "below-threshold", accumulated)
         state.accumulated = 0.0
         return Decision(False, "above-threshold", accumulated)
+
+
+# -- MagCache ---------------------------------------------------------------------------------------------------------
+@dataclass
+class MagCacheState:
+    """Per-branch MagCache state: running ratio, steps since the last compute, accumulated error; calibration."""
+
+    ratio: float = 1.0
+    skipped: int = 0
+    error: float = 0.0
+    previous_norm: torch.Tensor | None = None
+    calibrated: list[float] = field(default_factory=list)
+
+    def reset(self) -> None:
+        self.ratio, self.skipped, self.error = 1.0, 0, 0.0
+
+
+class MagCachePolicy(CachePolicy):
+    """MagCache's rule (see :class:`~cached_diffusers.MagCacheConfig`), with per-call ratio interpolation."""
+
+    signal_name = "accumulated magnitude error |1 - prod(mag_ratios)|"
+
+    def __init__(self, config: MagCacheConfig, defaults: Mapping[str, Any]):
+        super().__init__(config, defaults)
+        ratios = config.mag_ratios if config.mag_ratios is not None else defaults.get("mag_ratios")
+        if ratios is None and not config.calibrate:
+            model = defaults.get("model_name", "this model")
+            raise ValueError(
+                f"MagCacheConfig.mag_ratios is None and no MagCache ratios are known for {model}: run once with "
+                f"MagCacheConfig(calibrate=True) and build the config with MagCacheConfig.from_calibration(stats)"
+            )
+        self.ratios = ratios
+        self._interpolated: dict[tuple[str, int], tuple[float, ...]] = {}
+
+    def new_state(self) -> MagCacheState:
+        return MagCacheState()
+
+    def ratios_for(self, branch: str, num_steps: int) -> tuple[float, ...]:
+        """This branch's ratios at ``num_steps`` steps (a branch absent from a per-branch dict uses the first list)."""
+        key = (branch, num_steps)
+        if key not in self._interpolated:
+            ratios = self.ratios
+            if isinstance(ratios, Mapping):
+                ratios = ratios.get(branch, next(iter(ratios.values())))
+            self._interpolated[key] = interpolate_ratios(tuple(ratios), num_steps)
+        return self._interpolated[key]
+
+    def decide(
+        self, ctx: StepContext, state: MagCacheState, measurement: float | None, gate: Gate, reason: str
+    ) -> Decision:
+        config = self.config
+        if gate is Gate.COMPUTE:
+            state.reset()
+            return Decision(False, reason)
+        if config.calibrate:
+            return Decision(False, "calibration")
+        if ctx.step < int(config.mag_retention_ratio * ctx.num_steps + 0.5):
+            state.reset()
+            return Decision(False, "retention")
+        state.ratio *= self.ratios_for(ctx.branch, ctx.num_steps)[ctx.step]
+        state.skipped += 1
+        state.error += abs(1.0 - state.ratio)
+        if gate is Gate.REUSE:
+            return Decision(True, reason, state.error)
+        if state.error <= config.mag_threshold and state.skipped <= config.mag_max_skip_steps:
+            return Decision(True, "below-threshold", state.error)
+        error = state.error
+        why = "max-skip-steps" if error <= config.mag_threshold else "above-threshold"
+        state.reset()
+        return Decision(False, why, error)
+
+    def on_computed(self, ctx: StepContext, state: MagCacheState, signal: torch.Tensor | None, residuals: tuple) -> None:
+        if not self.config.calibrate:
+            return
+        # ||r_t|| / ||r_{t-1}|| per token (L2 over channels) of the image-stream residual, mean over tokens, float32;
+        # the first step has no previous residual and records 1.0 (Zehong-Ma/MagCache; diffusers adds 1e-8).
+        norm = residuals[0].float().norm(dim=-1)
+        if state.previous_norm is None or state.previous_norm.shape != norm.shape:
+            ratio = 1.0
+        else:
+            ratio = (norm / (state.previous_norm + 1e-8)).mean().item()
+        state.previous_norm = norm
+        state.calibrated.append(round(ratio, 5))
+
+    def calibration(self, state: MagCacheState) -> dict[str, Any]:
+        return {"mag_ratios": list(state.calibrated)} if self.config.calibrate else {}
+
+
+# -- DBCache ----------------------------------------------------------------------------------------------------------
+@dataclass
+class DBCacheState:
+    """Per-branch DBCache state: the probe of the last computed step, the pending probe, the summed diffs."""
+
+    reference: torch.Tensor | None = None
+    accumulated_diff: float = 0.0
+
+
+class DBCachePolicy(CachePolicy):
+    """DBCache's rule (see :class:`~cached_diffusers.DBCacheConfig`) on the residual of the first ``Fn`` blocks."""
+
+    signal_kind = "front_residual"
+    signal_name = "relative L1 change of the Fn blocks' residual since the last computed step"
+
+    def __init__(self, config: DBCacheConfig, defaults: Mapping[str, Any]):
+        super().__init__(config, defaults)
+        num_blocks = defaults.get("num_blocks")
+        if num_blocks is not None and config.Fn + config.Bn >= num_blocks:
+            raise ValueError(
+                f"{type(config).__name__}: Fn + Bn must be smaller than the model's {num_blocks} blocks (so that "
+                f"some middle blocks can be skipped), got Fn={config.Fn}, Bn={config.Bn}"
+            )
+
+    @property
+    def front_blocks(self) -> int:
+        return self.config.Fn
+
+    @property
+    def back_blocks(self) -> int:
+        return self.config.Bn
+
+    def new_state(self) -> DBCacheState:
+        return DBCacheState()
+
+    def observe(self, state: DBCacheState, signal: torch.Tensor | None) -> float | None:
+        reference = state.reference
+        if reference is None or reference.shape != signal.shape:
+            return None
+        return relative_l1(signal, reference)
+
+    def decide(
+        self, ctx: StepContext, state: DBCacheState, measurement: float | None, gate: Gate, reason: str
+    ) -> Decision:
+        config = self.config
+        if gate is Gate.COMPUTE:
+            return Decision(False, reason, measurement)
+        if gate is Gate.REUSE:
+            return Decision(True, reason, measurement)
+        limit = config.max_accumulated_residual_diff_threshold
+        if limit is not None and state.accumulated_diff >= limit:
+            return Decision(False, "max-accumulated-residual-diff", measurement)
+        if measurement is None:
+            return Decision(False, "no-reference")
+        state.accumulated_diff += measurement
+        if measurement < config.residual_diff_threshold:
+            return Decision(True, "below-threshold", measurement)
+        return Decision(False, "above-threshold", measurement)
+
+    def on_computed(self, ctx: StepContext, state: DBCacheState, signal: torch.Tensor | None, residuals: tuple) -> None:
+        state.reference = signal.detach()
+
+
+# -- TaylorSeer (standalone) --------------------------------------------------------------------------------------------
+class TaylorSeerPolicy(CachePolicy):
+    """Fixed-interval TaylorSeer (see :class:`~cached_diffusers.TaylorSeerConfig`)."""
+
+    signal_name = ""
+
+    def __init__(self, config: TaylorSeerConfig, defaults: Mapping[str, Any]):
+        super().__init__(config, defaults)
+
+    @property
+    def taylorseer_order(self) -> int:
+        return self.config.order
+
+    def decide(self, ctx: StepContext, state: Any, measurement: float | None, gate: Gate, reason: str) -> Decision:
+        if gate is Gate.COMPUTE:
+            return Decision(False, reason)
+        if gate is Gate.REUSE:
+            return Decision(True, reason)
+        phase = ctx.step - max(self.config.max_warmup_steps - 1, 0)
+        if phase % self.config.interval == 0:
+            return Decision(False, "interval")
+        return Decision(True, "forecast")

@@ -33,6 +33,7 @@ class BranchStats:
 
     branch: str
     records: list[StepRecord] = field(default_factory=list)
+    calibration: dict[str, Any] = field(default_factory=dict)
 
     @property
     def computed_steps(self) -> list[int]:
@@ -69,6 +70,7 @@ class BranchStats:
             "signals": {str(k): v for k, v in self.signals.items()},
             "reasons": {str(r.step): r.reason for r in self.records},
             "blocks_computed": self.blocks_computed,
+            **({"calibration": self.calibration} if self.calibration else {}),
         }
 
 
@@ -78,12 +80,14 @@ class CacheStats:
 
     Attributes:
         method: the cache method's name.
+        signal_name: what the per-step ``signals`` measure.
         num_steps: denoising steps of the generation (``None`` before the first transformer call).
         num_blocks: transformer blocks per full forward.
         branches: ``{branch name: BranchStats}``.
     """
 
     method: str
+    signal_name: str = ""
     num_steps: int | None = None
     num_blocks: int | None = None
     branches: dict[str, BranchStats] = field(default_factory=dict)
@@ -118,6 +122,7 @@ class CacheStats:
     def to_dict(self) -> dict[str, Any]:
         return {
             "method": self.method,
+            "signal_name": self.signal_name,
             "num_steps": self.num_steps,
             "num_blocks": self.num_blocks,
             "num_computed": self.num_computed,

@@ -1,5 +1,5 @@
 """Cached transformer models (installed as ``cached_diffusers.models``)."""
 
-from .qwenimage import QWENIMAGE_TEACACHE_COEFFICIENTS, CachedQwenImageTransformer2DModel
+from .qwenimage import QWENIMAGE_MAG_RATIOS, QWENIMAGE_TEACACHE_COEFFICIENTS, CachedQwenImageTransformer2DModel
 
-__all__ = ["CachedQwenImageTransformer2DModel", "QWENIMAGE_TEACACHE_COEFFICIENTS"]
+__all__ = ["CachedQwenImageTransformer2DModel", "QWENIMAGE_MAG_RATIOS", "QWENIMAGE_TEACACHE_COEFFICIENTS"]

@@ -15,7 +15,7 @@ from diffusers.utils.peft_utils import apply_lora_scale
 from cached_diffusers.engine import BlockStack
 from cached_diffusers.model_mixin import CachedTransformerMixin
 
-__all__ = ["CachedQwenImageTransformer2DModel", "QWENIMAGE_TEACACHE_COEFFICIENTS"]
+__all__ = ["CachedQwenImageTransformer2DModel", "QWENIMAGE_MAG_RATIOS", "QWENIMAGE_TEACACHE_COEFFICIENTS"]
 
 QWENIMAGE_TEACACHE_COEFFICIENTS = (-4.5e02, 2.8e02, -4.5e01, 3.2e00, -2.0e-02)
 """TeaCache rescaling polynomial for Qwen-Image, ``[c4, c3, c2, c1, c0]`` (highest order first).
@@ -23,6 +23,20 @@ QWENIMAGE_TEACACHE_COEFFICIENTS = (-4.5e02, 2.8e02, -4.5e01, 3.2e00, -2.0e-02)
 Source: vllm-project/vllm-omni ``vllm_omni/diffusion/cache/teacache/config.py`` (v0.30.0), commented there as "from
 ComfyUI-TeaCache". Provenance is unclear: welltop-cn/ComfyUI-TeaCache ``nodes.py`` has no Qwen-Image entry and the
 round values look hand-tuned. The polynomial is negative for x < 0.0069 and x > 0.426, hence ``|f|`` in the rule.
+"""
+
+QWENIMAGE_MAG_RATIOS = (
+    1.0, 1.64062, 1.45312, 1.1875, 1.17188, 1.05469, 1.21094, 1.10938, 1.11719, 1.13281,
+    1.11719, 1.07812, 1.07031, 1.08594, 1.08594, 1.07812, 1.03906, 1.04688, 1.07812, 1.07031,
+    1.03125, 1.07812, 1.04688, 1.04688, 1.04688, 1.03906, 1.01562, 1.03125, 1.02344, 1.02344,
+    1.02344, 1.03906, 1.0, 1.01562, 1.0, 0.99219, 1.00781, 0.98047, 0.95703, 0.96875,
+    0.99219, 0.92578, 0.92578, 0.90625, 0.85938, 0.80469, 0.87891, 0.75, 0.60938, 0.55078,
+)  # fmt: skip
+"""MagCache magnitude ratios for Qwen-Image, 50 steps, true CFG 4.0, 1664x928 (one per step, first is the pad).
+
+Source: Zehong-Ma/MagCache ``MagCache4QwenImage/magcache_generate.py``, which stores them per call as identical
+cond/uncond pairs; this is the per-branch list. With the official setting (threshold 0.06, K 2, retention 0.2) they
+imply 37 of 50 steps computed per branch.
 """
 
 
@@ -39,7 +53,11 @@ class CachedQwenImageTransformer2DModel(CachedTransformerMixin, QwenImageTransfo
     With ``cache_config=None`` ``forward`` is the parent's.
     """
 
-    cache_defaults = {"teacache_coefficients": QWENIMAGE_TEACACHE_COEFFICIENTS}
+    cache_defaults = {"teacache_coefficients": QWENIMAGE_TEACACHE_COEFFICIENTS, "mag_ratios": QWENIMAGE_MAG_RATIOS}
+
+    @property
+    def num_cache_blocks(self) -> int:
+        return len(self.transformer_blocks)
 
     @apply_lora_scale("attention_kwargs")
     def forward(

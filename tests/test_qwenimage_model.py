@@ -79,7 +79,7 @@ def test_reused_step_adds_the_stored_residual_through_the_head():
     cached.cache_config = TeaCacheConfig(rel_l1_thresh=1e6)
     with cached.cache_context("cond", step_index=0, num_inference_steps=4):
         cached(**inputs(0))
-    stored = cached.cache_engine._branches["cond"].residuals
+    stored = cached.cache_engine._branches["cond"].store.residuals
     first = inputs(0)
     hidden_in = base.img_in(first["hidden_states"])
     text_in = base.txt_in(base.txt_norm(first["encoder_hidden_states"]))

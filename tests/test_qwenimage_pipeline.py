@@ -8,7 +8,15 @@ import torch
 import torch.nn.functional as F
 from diffusers import DiffusionPipeline, QwenImagePipeline, QwenImageTransformer2DModel
 
-from cached_diffusers import CachedQwenImagePipeline, CachedQwenImageTransformer2DModel, TeaCacheConfig
+from cached_diffusers import (
+    CachedQwenImagePipeline,
+    CachedQwenImageTransformer2DModel,
+    DBCacheConfig,
+    FirstBlockCacheConfig,
+    MagCacheConfig,
+    TaylorSeerConfig,
+    TeaCacheConfig,
+)
 from cached_diffusers.tiny import DEFAULT_PROMPTS, build_tiny_qwenimage_pipeline, save_tiny_qwenimage_pipeline
 
 SIZE = dict(height=64, width=64)
@@ -233,3 +241,34 @@ def test_pil_output_and_stats_without_cfg(pipe):
     assert image.size == (64, 64)
     assert list(pipe.cache_stats.branches) == ["cond"]
     assert pipe.cache_stats.branches["cond"].reused_steps == [1, 2]
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        TeaCacheConfig(rel_l1_thresh=1e6, max_continuous_cached_steps=2, enable_taylorseer=True),
+        MagCacheConfig(mag_threshold=10.0, mag_retention_ratio=0.0, mag_max_skip_steps=2),
+        MagCacheConfig(calibrate=True),
+        DBCacheConfig(Fn=2, Bn=1, residual_diff_threshold=10.0, max_warmup_steps=1, max_continuous_cached_steps=2),
+        DBCacheConfig(Fn=1, Bn=0, residual_diff_threshold=10.0, max_warmup_steps=0, enable_taylorseer=True, taylorseer_order=2),
+        FirstBlockCacheConfig(residual_diff_threshold=10.0, scm_steps_mask="fast", scm_steps_policy="static"),
+        TaylorSeerConfig(order=2, interval=3, max_warmup_steps=2),
+    ],
+    ids=lambda c: c.method,
+)
+def test_every_method_runs_on_qwenimage_with_per_branch_state(pipe, config):
+    pipe.cache_config = config
+    latents = pipe(**call_kwargs(steps=8)).images
+    assert torch.isfinite(latents).all()
+    stats = pipe.cache_stats
+    assert set(stats.branches) == {"cond", "uncond"}
+    cond, uncond = stats.branches["cond"], stats.branches["uncond"]
+    assert cond.computed_steps[0] == 0 and 7 in cond.computed_steps
+    if getattr(config, "calibrate", False):
+        assert stats.num_reused == 0
+        assert len(cond.calibration["mag_ratios"]) == 8 and len(uncond.calibration["mag_ratios"]) == 8
+    else:
+        assert cond.num_reused > 0 and uncond.num_reused > 0
+        per_block = pipe.transformer.num_cache_blocks
+        front_back = getattr(config, "Fn", 0) + getattr(config, "Bn", 0)
+        assert cond.blocks_computed == per_block * cond.num_computed + front_back * cond.num_reused

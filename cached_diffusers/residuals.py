@@ -1,0 +1,75 @@
+"""Stored residuals of one guidance branch: the last computed one, or a TaylorSeer forecast from several."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["ResidualStore", "TaylorSeerStore", "make_store"]
+
+Streams = tuple[torch.Tensor, ...]
+
+
+class ResidualStore:
+    """Keeps the residuals (one per stream) of the last computed step; a reused step gets them unchanged."""
+
+    def __init__(self) -> None:
+        self.residuals: Streams | None = None
+        self.input_shapes: tuple[torch.Size, ...] | None = None
+        self.last_step: int | None = None
+
+    def fits(self, streams: Streams) -> bool:
+        """Whether residuals were stored for inputs of these shapes."""
+        return self.residuals is not None and self.input_shapes == tuple(s.shape for s in streams)
+
+    def update(self, step: int, streams: Streams, residuals: Streams) -> None:
+        """Store the residuals computed at ``step`` for inputs ``streams``."""
+        self.residuals = tuple(r.detach() for r in residuals)
+        self.input_shapes = tuple(s.shape for s in streams)
+        self.last_step = step
+
+    def get(self, step: int) -> Streams:
+        """The residuals to add at ``step``."""
+        return self.residuals
+
+
+class TaylorSeerStore(ResidualStore):
+    """TaylorSeer forecast of the residuals (Liu et al., ICCV 2025, arXiv 2503.06923).
+
+    At computed steps ``s_0 < s_1 < ...`` it keeps divided differences ``F^0 = R(s_j)``,
+    ``F^{k+1} = (F^k(s_j) - F^k(s_{j-1})) / (s_j - s_{j-1})`` up to ``order``, in float32. At a reused step ``s`` it
+    returns ``sum_k F^k (s - s_j)^k / k!`` in the residual's dtype. Order ``k`` is available after ``k + 1`` computed
+    steps.
+    """
+
+    def __init__(self, order: int) -> None:
+        super().__init__()
+        self.order = order
+        self.factors: list[Streams] = []
+
+    def update(self, step: int, streams: Streams, residuals: Streams) -> None:
+        previous_step = self.last_step
+        super().update(step, streams, residuals)
+        factors = [tuple(r.detach().float() for r in residuals)]
+        if self.factors and previous_step is not None and step > previous_step and self._same_shapes(factors[0]):
+            window = float(step - previous_step)
+            for k in range(min(self.order, len(self.factors))):
+                factors.append(tuple((new - old) / window for new, old in zip(factors[k], self.factors[k])))
+        self.factors = factors
+
+    def _same_shapes(self, values: Streams) -> bool:
+        return all(a.shape == b.shape for a, b in zip(values, self.factors[0]))
+
+    def get(self, step: int) -> Streams:
+        distance = float(step - self.last_step)
+        forecast = list(self.factors[0])
+        for k in range(1, len(self.factors)):
+            scale = distance**k / math.factorial(k)
+            forecast = [f + scale * d for f, d in zip(forecast, self.factors[k])]
+        return tuple(f.to(r.dtype) for f, r in zip(forecast, self.residuals))
+
+
+def make_store(taylorseer_order: int | None) -> ResidualStore:
+    """A plain store, or a TaylorSeer store of the given order."""
+    return ResidualStore() if taylorseer_order is None else TaylorSeerStore(taylorseer_order)
