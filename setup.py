@@ -27,6 +27,6 @@ setup(
         "pillow",
         "scikit-image>=0.22",
     ],
-    extras_require={"test": ["pytest>=8"]},
+    extras_require={"test": ["pytest>=8", "cache-dit==1.5.3"]},
     entry_points={"console_scripts": ["cached-diffusers=cached_diffusers.cli:main"]},
 )

@@ -6,7 +6,12 @@ import math
 
 import torch
 
-__all__ = ["ResidualStore", "TaylorSeerStore", "make_store"]
+__all__ = ["FIRST_DIFFERENCE_STEP", "ResidualStore", "TaylorSeerStore", "make_store"]
+
+FIRST_DIFFERENCE_STEP = 3
+"""No finite difference is formed at a computed step before this one: the first denoising steps change too fast for
+a derivative to extrapolate. As cache-dit 1.5.3's TaylorSeer calibrator (``calibrators/taylorseer.py``, whose step
+counter condition ``current_step > 1`` holds from step 3 on); see ``docs/cachedit-spec.md`` section 3.4."""
 
 Streams = tuple[torch.Tensor, ...]
 
@@ -37,10 +42,11 @@ class ResidualStore:
 class TaylorSeerStore(ResidualStore):
     """TaylorSeer forecast of the residuals (Liu et al., ICCV 2025, arXiv 2503.06923).
 
-    At computed steps ``s_0 < s_1 < ...`` it keeps divided differences ``F^0 = R(s_j)``,
-    ``F^{k+1} = (F^k(s_j) - F^k(s_{j-1})) / (s_j - s_{j-1})`` up to ``order``, in float32. At a reused step ``s`` it
-    returns ``sum_k F^k (s - s_j)^k / k!`` in the residual's dtype. Order ``k`` is available after ``k + 1`` computed
-    steps.
+    At computed steps ``s_0 < s_1 < ...`` it keeps the ladder ``F^0 = R(s_j)``,
+    ``F^{k+1} = (F^k(s_j) - F^k(s_{j-1})) / (s_j - s_{j-1})`` up to ``order``, in float32 (every order divided by the
+    last gap, as cache-dit's calibrator does). At a reused step ``s`` it returns ``sum_k F^k (s - s_j)^k / k!`` in the
+    residual's dtype. Order ``k + 1`` becomes available at a computed step ``>= FIRST_DIFFERENCE_STEP`` whose
+    previous computed step held order ``k``; a change of shape restarts the ladder.
     """
 
     def __init__(self, order: int) -> None:
@@ -52,7 +58,13 @@ class TaylorSeerStore(ResidualStore):
         previous_step = self.last_step
         super().update(step, streams, residuals)
         factors = [tuple(r.detach().float() for r in residuals)]
-        if self.factors and previous_step is not None and step > previous_step and self._same_shapes(factors[0]):
+        if (
+            self.factors
+            and previous_step is not None
+            and FIRST_DIFFERENCE_STEP <= step
+            and previous_step < step
+            and self._same_shapes(factors[0])
+        ):
             window = float(step - previous_step)
             for k in range(min(self.order, len(self.factors))):
                 factors.append(tuple((new - old) / window for new, old in zip(factors[k], self.factors[k])))

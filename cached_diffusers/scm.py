@@ -5,6 +5,13 @@ A mask has one entry per denoising step: ``1`` means the step is always computed
 (``"slow"``, ``"medium"``, ``"fast"``, ``"ultra"``), from alternating run lengths (``compute_bins``, ``cache_bins``:
 ``[4, 2, 1]`` and ``[2, 3, 4]`` give ``1111 00 11 000 1 0000``) or from an explicit 0/1 list, and are fitted to any
 step count. The first and the last step of every mask are computed.
+
+Presets follow cache-dit 1.5.3 exactly where it defines them (4, 6 and >= 8 steps: 28-step bins stretched bin by
+bin above 28 steps and truncated from the tail below, dedicated tables for 8 to 15 steps; see
+``docs/cachedit-spec.md``) and extend them to 1, 2, 3, 5 and 7 steps, where cache-dit raises. Deliberate
+differences: bins shorter than the run are resampled instead of rejected, explicit masks are resampled to the run's
+length instead of treating missing steps as 0, and every mask's last step is computed (cache-dit forces it for
+presets only).
 """
 
 from __future__ import annotations
@@ -67,12 +74,7 @@ def validate_mask_spec(owner: str, spec: Any) -> str | tuple[int, ...] | Mapping
 
 def mask_from_bins(compute_bins: Sequence[int], cache_bins: Sequence[int]) -> tuple[int, ...]:
     """Alternating runs: ``compute_bins[0]`` ones, ``cache_bins[0]`` zeros, ``compute_bins[1]`` ones, ..."""
-    mask: list[int] = []
-    for i, ones in enumerate(compute_bins):
-        mask += [1] * ones
-        if i < len(cache_bins):
-            mask += [0] * cache_bins[i]
-    return tuple(mask)
+    return _interleave(compute_bins, cache_bins)
 
 
 def _resample(mask: Sequence[int], num_steps: int) -> tuple[int, ...]:
@@ -85,9 +87,79 @@ def _resample(mask: Sequence[int], num_steps: int) -> tuple[int, ...]:
     return tuple(mask[round(i * (length - 1) / (num_steps - 1))] for i in range(num_steps))
 
 
+# cache-dit's bins for short runs (``steps_mask``): 10-15 steps truncate table A, 9 and 8 steps use B and C exactly.
+_SHORT_BINS: dict[int, dict[str, tuple[tuple[int, ...], tuple[int, ...]]]] = {
+    15: {
+        "slow": ((4, 2, 2, 2, 1), (1, 1, 1, 1)),
+        "medium": ((4, 2, 1, 1, 1), (1, 1, 2, 2)),
+        "fast": ((3, 1, 1, 1, 1), (1, 2, 2, 3)),
+        "ultra": ((2, 1, 1, 1, 1), (1, 2, 3, 3)),
+    },
+    9: {"slow": ((5, 2, 1), (1,)), "medium": ((5, 1, 1), (1, 1)), "fast": ((4, 1, 1), (1, 2)), "ultra": ((3, 1, 1), (2, 2))},
+    8: {"slow": ((5, 1, 1), (1,)), "medium": ((4, 1, 1), (1, 1)), "fast": ((3, 1, 1), (1, 2)), "ultra": ((2, 1, 1), (2, 2))},
+}
+
+
+def _stretch(compute: list[int], cache: list[int], num_steps: int) -> None:
+    """Grow 28-step bins in place until they cover ``num_steps`` (cache-dit: increments from the original bins)."""
+    factor = (num_steps / 28) * 0.5
+    compute_inc = [max(int(b * factor), 1) for b in compute]
+    cache_inc = [max(int(b * factor), 1) for b in cache]
+    pairs = min(len(compute), len(cache))
+    total = lambda: sum(compute) + sum(cache)  # noqa: E731
+    while total() < num_steps:
+        for i in range(pairs):
+            compute[i] += compute_inc[i]
+            if total() >= num_steps:
+                return
+            cache[i] += cache_inc[i]
+            if total() >= num_steps:
+                return
+        compute[-1] += 1
+
+
+def _truncate(compute: list[int], cache: list[int], num_steps: int) -> None:
+    """Shorten bins in place to cover exactly ``num_steps``: alternately the last cache bin and the last compute bin."""
+    total = lambda: sum(compute) + sum(cache)  # noqa: E731
+    while total() > num_steps:
+        if cache:
+            cache[-1] -= 1
+            if cache[-1] == 0:
+                cache.pop()
+        if total() <= num_steps:
+            break
+        if compute:
+            compute[-1] -= 1
+            if compute[-1] == 0:
+                compute.pop()
+
+
 def _preset_mask(name: str, num_steps: int) -> tuple[int, ...]:
-    compute_bins, cache_bins = PRESET_BINS[name]
-    return _resample(mask_from_bins(compute_bins, cache_bins), num_steps)
+    """cache-dit 1.5.3's preset masks for 4, 6 and >= 8 steps; for 1, 2, 3, 5 and 7 steps (where cache-dit raises
+    ``AssertionError``) the rule cache-dit uses at 4 and 6 steps, ``N // 2`` ones, zeros, a final one."""
+    if num_steps < 8:
+        ones = num_steps // 2
+        return (1,) * max(ones, 1) + (0,) * max(num_steps - ones - 1, 0) + ((1,) if num_steps > 1 else ())
+    if num_steps >= 16:
+        compute, cache = (list(b) for b in PRESET_BINS[name])
+        if num_steps > 28:
+            _stretch(compute, cache, num_steps)
+    else:
+        table = 15 if num_steps >= 10 else num_steps
+        compute, cache = (list(b) for b in _SHORT_BINS[table][name])
+    _truncate(compute, cache, num_steps)
+    return _interleave(compute, cache)[:num_steps]
+
+
+def _interleave(compute: Sequence[int], cache: Sequence[int]) -> tuple[int, ...]:
+    """Runs of ``compute[0]`` ones, ``cache[0]`` zeros, ``compute[1]`` ones, ...; surplus cache bins follow back to back."""
+    mask: list[int] = []
+    for i in range(max(len(compute), len(cache))):
+        if i < len(compute):
+            mask += [1] * compute[i]
+        if i < len(cache):
+            mask += [0] * cache[i]
+    return tuple(mask)
 
 
 def steps_mask(spec: str | Sequence[int] | Mapping[str, Sequence[int]], num_steps: int) -> tuple[int, ...]:
@@ -109,7 +181,8 @@ def steps_mask(spec: str | Sequence[int] | Mapping[str, Sequence[int]], num_step
     if isinstance(spec, str):
         mask = list(_preset_mask(spec, num_steps))
     elif isinstance(spec, Mapping):
-        mask = list(_resample(mask_from_bins(spec["compute_bins"], spec["cache_bins"]), num_steps))
+        mask = mask_from_bins(spec["compute_bins"], spec["cache_bins"])
+        mask = list(mask[:num_steps] if len(mask) >= num_steps else _resample(mask, num_steps))
     else:
         mask = list(_resample(spec, num_steps))
     mask[0] = mask[-1] = 1

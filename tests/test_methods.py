@@ -212,21 +212,28 @@ def test_taylorseer_store_follows_the_published_ladder():
     linear = TaylorSeerStore(order=1)
     linear.update(0, (x,), (x,))
     assert torch.equal(linear.get(3)[0], x)  # one computed step: order 0, plain reuse
-    linear.update(2, (x,), (3 * x,))
+    linear.update(3, (x,), (4 * x,))
     assert torch.allclose(linear.get(5)[0], 6 * x)
+    # no difference is formed at a computed step before step 3 (cache-dit's calibrator)
+    early = TaylorSeerStore(order=1)
+    early.update(0, (x,), (x,))
+    early.update(2, (x,), (3 * x,))
+    assert len(early.factors) == 1 and torch.equal(early.get(4)[0], 3 * x)
     # order 2: F0 = Y(s_j), F1 = (Y(s_j) - Y(s_j-1)) / (s_j - s_j-1), F2 = (F1(s_j) - F1(s_j-1)) / (s_j - s_j-1),
     # forecast F0 + F1 d + F2 d^2 / 2 (arXiv 2503.06923; cache-dit's TaylorSeer calibrator)
     store = TaylorSeerStore(order=2)
-    values = {0: 1.0 * x, 2: 2.0 * x, 5: 4.5 * x}
+    values = {0: 1.0 * x, 3: 2.0 * x, 5: 4.5 * x}
     for s, v in values.items():
         store.update(s, (x,), (v,))
-    f1_prev = (values[2] - values[0]) / 2
-    f1 = (values[5] - values[2]) / 3
-    f2 = (f1 - f1_prev) / 3
+    f1_prev = (values[3] - values[0]) / 3
+    f1 = (values[5] - values[3]) / 2
+    f2 = (f1 - f1_prev) / 2
     for s in (6, 8):
         d = s - 5
         assert torch.allclose(store.get(s)[0], values[5] + f1 * d + f2 * d * d / 2, atol=1e-6)
     assert store.get(6)[0].dtype == x.dtype and store.factors[2][0].dtype == torch.float32
+    store.update(7, (x[:3],), (x[:3],))  # a new shape restarts the ladder
+    assert len(store.factors) == 1
 
 
 def test_taylorseer_standalone_schedule_and_forecast():
@@ -240,11 +247,14 @@ def test_taylorseer_standalone_schedule_and_forecast():
 def test_taylorseer_calibrator_forecasts_the_reused_residual():
     engine, toy = CacheEngine({"num_blocks": 4}), ToyStack()
     engine.config = TeaCacheConfig(100.0, coefficients=IDENTITY, max_continuous_cached_steps=2, enable_taylorseer=True)
-    outputs = run_generation(engine, toy, 8)["cond"]
-    assert engine.stats.branches["cond"].computed_steps == [0, 3, 6, 7]
+    outputs = run_generation(engine, toy, 9)["cond"]
+    assert engine.stats.branches["cond"].computed_steps == [0, 3, 6, 8]
     residual = lambda s: tuple(o - i for o, i in zip(ToyStack().run_blocks(0, 4, streams_at(s)), streams_at(s)))  # noqa: E731
     r0, r3 = residual(0), residual(3)
-    for step in (4, 5):
+    for step in (1, 2):  # one computed step so far: plain reuse of R(0)
+        expected = tuple(i + r for i, r in zip(streams_at(step), r0))
+        assert all(torch.equal(o, e) for o, e in zip(outputs[step], expected))
+    for step in (4, 5):  # first order from steps 0 and 3
         forecast = tuple(b + (b - a) / 3 * (step - 3) for a, b in zip(r0, r3))
         expected = tuple(i + f for i, f in zip(streams_at(step), forecast))
         assert all(torch.allclose(o, e, atol=1e-5) for o, e in zip(outputs[step], expected))
