@@ -20,8 +20,19 @@ from .configs import (
 from .engine import BlockStack, CacheEngine
 from .scm import steps_mask
 from .stats import BranchStats, CacheStats, StepRecord
-from .models import QWENIMAGE_MAG_RATIOS, QWENIMAGE_TEACACHE_COEFFICIENTS, CachedQwenImageTransformer2DModel
-from .pipelines import CachedQwenImagePipeline
+from .models import (
+    FLUX2_CALIBRATION_HINT,
+    QWENIMAGE_MAG_RATIOS,
+    QWENIMAGE_TEACACHE_COEFFICIENTS,
+    CachedFlux2Transformer2DModel,
+    CachedQwenImageTransformer2DModel,
+)
+from .pipelines import (
+    CachedFlux2KleinKVPipeline,
+    CachedFlux2KleinPipeline,
+    CachedQwenImagePipeline,
+    recommended_klein_cache_config,
+)
 
 __all__ = [
     "BlockStack",
@@ -29,9 +40,13 @@ __all__ = [
     "CacheConfig",
     "CacheEngine",
     "CacheStats",
+    "CachedFlux2KleinKVPipeline",
+    "CachedFlux2KleinPipeline",
+    "CachedFlux2Transformer2DModel",
     "CachedQwenImagePipeline",
     "CachedQwenImageTransformer2DModel",
     "DBCacheConfig",
+    "FLUX2_CALIBRATION_HINT",
     "FirstBlockCacheConfig",
     "MagCacheConfig",
     "NoCacheConfig",
@@ -45,6 +60,7 @@ __all__ = [
     "available_cache_methods",
     "cache_config_from_dict",
     "make_cache_config",
+    "recommended_klein_cache_config",
     "register_cache_method",
     "steps_mask",
 ]

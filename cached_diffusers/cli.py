@@ -152,13 +152,30 @@ def _output_paths(output: str, count: int) -> list[str]:
 def _pipeline_class_for(model: str):
     from diffusers import DiffusionPipeline
 
-    from .pipelines import CachedQwenImagePipeline
+    from .pipelines import CachedFlux2KleinKVPipeline, CachedFlux2KleinPipeline, CachedQwenImagePipeline
 
-    known = {"QwenImagePipeline": CachedQwenImagePipeline, "CachedQwenImagePipeline": CachedQwenImagePipeline}
+    known = {
+        "QwenImagePipeline": CachedQwenImagePipeline,
+        "CachedQwenImagePipeline": CachedQwenImagePipeline,
+        "Flux2KleinPipeline": CachedFlux2KleinPipeline,
+        "CachedFlux2KleinPipeline": CachedFlux2KleinPipeline,
+        "Flux2KleinKVPipeline": CachedFlux2KleinKVPipeline,
+        "CachedFlux2KleinKVPipeline": CachedFlux2KleinKVPipeline,
+    }
     class_name = DiffusionPipeline.load_config(model).get("_class_name")
     if class_name not in known:
         raise ValueError(f"no cached pipeline for {class_name!r} (from {model}); supported: {', '.join(sorted(known))}")
     return known[class_name]
+
+
+def _call_parameters(pipe) -> set[str]:
+    """Names of the arguments the pipeline's diffusers parent ``__call__`` takes."""
+    import inspect
+
+    from .model_mixin import diffusers_parent
+    from .pipeline_mixin import CachedPipelineMixin
+
+    return set(inspect.signature(diffusers_parent(type(pipe), CachedPipelineMixin).__call__).parameters)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -167,17 +184,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
     pipeline_class = _pipeline_class_for(args.model)
     pipe = pipeline_class.from_pretrained(args.model, dtype=dtype, cache_config=config).to(device)
     pipe.set_progress_bar_config(disable=args.quiet)
-    kwargs = dict(
-        prompt=args.prompt,
-        negative_prompt=args.negative_prompt,
-        num_inference_steps=args.steps,
-        true_cfg_scale=args.true_cfg_scale,
-        height=args.height,
-        width=args.width,
-        generator=_generator(device, args.seed),
-    )
-    if args.guidance_scale is not None:
-        kwargs["guidance_scale"] = args.guidance_scale
+    kwargs = {"prompt": args.prompt, "num_inference_steps": args.steps, "generator": _generator(device, args.seed)}
+    optional = {
+        "negative_prompt": args.negative_prompt,
+        "true_cfg_scale": args.true_cfg_scale,
+        "guidance_scale": args.guidance_scale,
+        "height": args.height,
+        "width": args.width,
+    }
+    accepted = _call_parameters(pipe)
+    for name, value in optional.items():
+        if value is None:
+            continue
+        if name not in accepted:
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"{flag} is not an argument of {type(pipe).__name__} (from {args.model})")
+        kwargs[name] = value
     output, seconds = _timed_call(pipe, **kwargs)
     paths = _output_paths(args.output, len(output.images))
     for image, path in zip(output.images, paths):
@@ -245,8 +267,11 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's)")
     generate.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's)")
     generate.add_argument("--seed", type=int, default=0)
-    generate.add_argument("--true-cfg-scale", type=float, default=4.0, help="true CFG scale (default: 4.0)")
-    generate.add_argument("--guidance-scale", type=float, default=None, help="guidance_scale for guidance-distilled models")
+    generate.add_argument("--true-cfg-scale", type=float, default=None, help="true CFG scale (Qwen-Image; default: the pipeline's)")
+    generate.add_argument(
+        "--guidance-scale", type=float, default=None,
+        help="guidance_scale (Flux2 Klein's CFG scale; guidance-distilled models); default: the pipeline's",
+    )
     generate.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     generate.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bfloat16 on GPU)")
     generate.add_argument("--output", default="output.png", help="image path (numbered when several)")

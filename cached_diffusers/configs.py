@@ -142,6 +142,13 @@ def _check_int(owner: str, name: str, value: Any, *, low: int, allow_none: bool 
     return value
 
 
+def _check_order(owner: str, name: str, value: Any) -> int:
+    order = _check_int(owner, name, value, low=1)
+    if order > 4:
+        raise ValueError(f"{owner}.{name} must be an integer in [1, 4], got {order}")
+    return order
+
+
 def _check_bool(owner: str, name: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"{owner}.{name} must be True or False, got {value!r}")
@@ -296,10 +303,7 @@ class ResidualCacheConfig(StepCacheConfig):
         super().validate()
         owner = type(self).__name__
         _check_bool(owner, "enable_taylorseer", self.enable_taylorseer)
-        order = _check_int(owner, "taylorseer_order", self.taylorseer_order, low=1)
-        if order > 4:
-            raise ValueError(f"{owner}.taylorseer_order must be an integer in [1, 4], got {order}")
-        object.__setattr__(self, "taylorseer_order", order)
+        object.__setattr__(self, "taylorseer_order", _check_order(owner, "taylorseer_order", self.taylorseer_order))
 
 
 @register_cache_method
@@ -591,10 +595,7 @@ class TaylorSeerConfig(StepCacheConfig):
     def validate(self) -> None:
         super().validate()
         owner = type(self).__name__
-        order = _check_int(owner, "order", self.order, low=1)
-        if order > 4:
-            raise ValueError(f"{owner}.order must be an integer in [1, 4], got {order}")
-        object.__setattr__(self, "order", order)
+        object.__setattr__(self, "order", _check_order(owner, "order", self.order))
         object.__setattr__(self, "interval", _check_int(owner, "interval", self.interval, low=1))
 
     def make_policy(self, defaults: Mapping[str, Any] | None = None):

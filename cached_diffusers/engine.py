@@ -72,7 +72,9 @@ class CacheEngine:
     """Holds a model's cache config, its policy, the state per guidance branch and the statistics.
 
     Args:
-        defaults: model-provided values the configs may need (``"model_name"``, ``"teacache_coefficients"``).
+        defaults: model-provided values the configs may need: ``"model_name"``, ``"num_blocks"``,
+            ``"teacache_coefficients"``, ``"mag_ratios"``, and ``"calibration_hint"`` (how to calibrate the model,
+            appended to the error raised when a method lacks its model data).
     """
 
     def __init__(self, defaults: Mapping[str, Any] | None = None):

@@ -118,6 +118,12 @@ def interpolate_ratios(ratios: tuple[float, ...], num_steps: int) -> tuple[float
     return tuple(float(ratios[i]) for i in indices)
 
 
+def _hint(defaults: Mapping[str, Any]) -> str:
+    """The model's ``calibration_hint`` (how to calibrate it), appended to errors about missing model data."""
+    hint = defaults.get("calibration_hint")
+    return f". {hint}" if hint else ""
+
+
 class CachePolicy:
     """Base policy: the shared guards and the interface the engine calls.
 
@@ -239,6 +245,7 @@ class TeaCachePolicy(CachePolicy):
             raise ValueError(
                 f"TeaCacheConfig.coefficients is None and no TeaCache coefficients are known for {model}: pass "
                 f"TeaCacheConfig(coefficients=[c4, c3, c2, c1, c0]) fitted for this model"
+                + _hint(defaults)
             )
         self.coefficients = tuple(float(c) for c in coefficients)
 
@@ -299,6 +306,7 @@ class MagCachePolicy(CachePolicy):
             raise ValueError(
                 f"MagCacheConfig.mag_ratios is None and no MagCache ratios are known for {model}: run once with "
                 f"MagCacheConfig(calibrate=True) and build the config with MagCacheConfig.from_calibration(stats)"
+                + _hint(defaults)
             )
         self.ratios = ratios
         self._interpolated: dict[tuple[str, int], tuple[float, ...]] = {}
@@ -360,7 +368,7 @@ class MagCachePolicy(CachePolicy):
 # -- DBCache ----------------------------------------------------------------------------------------------------------
 @dataclass
 class DBCacheState:
-    """Per-branch DBCache state: the probe of the last computed step, the pending probe, the summed diffs."""
+    """Per-branch DBCache state: the probe of the last computed step and the sum of the diffs tested so far."""
 
     reference: torch.Tensor | None = None
     accumulated_diff: float = 0.0

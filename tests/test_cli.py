@@ -73,3 +73,21 @@ def test_console_entry_point_is_installed():
         capture_output=True, text=True, check=True,
     )
     assert "cached_diffusers.cli:main" in result.stdout
+
+
+def test_generate_on_a_flux2_klein_directory(tmp_path, capsys):
+    from cached_diffusers.tiny import save_tiny_flux2_klein_pipeline
+
+    model = save_tiny_flux2_klein_pipeline(tmp_path / "klein")
+    out = tmp_path / "klein.png"
+    args = ["generate", "--model", str(model), "--prompt", "a red cat", "--steps", "5", "--height", "64", "--width",
+            "64", "--guidance-scale", "4.0", "--cache", "fbcache", "--residual-diff-threshold", "100",
+            "--max-continuous-cached-steps", "1", "--output", str(out), "--quiet"]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert out.exists()
+    assert "cond: computed 3, reused 2; reused steps [1, 3]" in text
+    assert "uncond: computed 3, reused 2; reused steps [1, 3]" in text
+    # an option the Klein pipeline does not take is an error, not silently dropped
+    assert main(args + ["--true-cfg-scale", "4.0"]) == 2
+    assert "--true-cfg-scale is not an argument of CachedFlux2KleinPipeline" in capsys.readouterr().err

@@ -136,7 +136,11 @@ def test_save_then_load_round_trips(pipe, tmp_path):
         a, b = getattr(pipe, name).state_dict(), getattr(again, name).state_dict()
         assert all(torch.equal(a[k], b[k]) for k in a)
     again.cache_config = None
-    assert torch.equal(pipe(**call_kwargs(steps=3)).images, again(**call_kwargs(steps=3)).images)
+    # compare with a stock pipeline loaded the same way (freshly built and loaded weights may sit at different
+    # memory alignments, which can change the last bit of CPU matmuls)
+    loaded_stock = QwenImagePipeline.from_pretrained(tmp_path / "saved")
+    loaded_stock.set_progress_bar_config(disable=True)
+    assert torch.equal(loaded_stock(**call_kwargs(steps=3)).images, again(**call_kwargs(steps=3)).images)
     # the saved directory names only diffusers' classes and stays loadable by stock diffusers
     index = json.loads((tmp_path / "saved" / "model_index.json").read_text())
     assert index["_class_name"] == "QwenImagePipeline"

@@ -1,0 +1,318 @@
+"""Cached FLUX.2 transformer: diffusers' ``Flux2Transformer2DModel`` with step caching in ``forward``.
+
+Written for FLUX.2 [klein] (``Flux2KleinPipeline``, ``Flux2KleinKVPipeline``); the class is the one every FLUX.2
+checkpoint in diffusers uses, so it loads any of them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from diffusers import Flux2Transformer2DModel
+from diffusers.models.transformers.transformer_flux2 import (
+    Flux2KVCache,
+    Flux2Modulation,
+    Flux2Transformer2DModelOutput,
+    _blend_double_block_mods,
+    _blend_single_block_mods,
+)
+from diffusers.utils.peft_utils import apply_lora_scale
+
+from cached_diffusers.engine import BlockStack
+from cached_diffusers.model_mixin import CachedTransformerMixin
+
+__all__ = ["CachedFlux2Transformer2DModel", "FLUX2_CALIBRATION_HINT"]
+
+FLUX2_CALIBRATION_HINT = (
+    "No TeaCache coefficients and no MagCache ratios are published or calibrated for FLUX.2 [klein] (the FLUX.1 "
+    "TeaCache set that other libraries copy is known to be wrong for FLUX.2), so cached-diffusers ships none. "
+    "Calibrate on your checkpoint, step count and size: for MagCache run the pipeline once with "
+    "cache_config=MagCacheConfig(calibrate=True), then use MagCacheConfig.from_calibration(pipe.cache_stats); for "
+    "TeaCache fit TeaCacheConfig(coefficients=numpy.polyfit(x, y, 4)) on uncached runs, x = relative L1 change of "
+    "block 0's modulated image input and y = relative L1 change of the block stack's image output between "
+    "consecutive steps of one branch (README, 'Flux2 Klein'). DBCacheConfig and FirstBlockCacheConfig need no "
+    "calibration."
+)
+"""The model's ``calibration_hint``: the engine appends it to its error when TeaCache or MagCache is configured
+without coefficients or ratios (none exist for Klein)."""
+
+
+class CachedFlux2Transformer2DModel(CachedTransformerMixin, Flux2Transformer2DModel):
+    """``Flux2Transformer2DModel`` whose ``forward`` skips the block stack on steps the cache method reuses.
+
+    Same constructor, config, checkpoints and ``forward`` signature as the parent. The timestep embedding, the three
+    shared modulations, ``x_embedder`` / ``context_embedder``, RoPE and the output head (``norm_out``, ``proj_out``)
+    run on every call. The cached stack is the double-stream blocks followed by the single-stream blocks, in
+    execution order (``num_cache_blocks = num_layers + num_single_layers``; DBCache's ``Fn`` / ``Bn`` count in this
+    order). At every span boundary the stack carries two residual streams, image tokens ``(B, L_img, inner_dim)``
+    and text tokens ``(B, L_txt, inner_dim)``: a span of single-stream blocks concatenates ``[text; image]`` as the
+    parent does and splits the joint sequence back at its end. So the whole-stack residual is the image tokens of
+    the last single block's output minus the ``x_embedder`` output (and the same for text), and a reused step adds
+    exactly that residual before the output head: it is never a no-op.
+
+    TeaCache's signal is block 0's modulated image input ``(1 + scale_msa) * norm1(h) + shift_msa``, with
+    ``(shift_msa, scale_msa)`` from the shared ``double_stream_modulation_img(temb)``. ``temb`` depends on the
+    timestep only, so the conditional and unconditional branches see the same signal.
+
+    KV-cache mode (``Flux2KleinKVPipeline``): ``kv_cache_mode="extract"`` (reference-image tokens prepended to the
+    image stream, their K/V stored in a new ``Flux2KVCache``) must run every block and is accepted only at step 0,
+    which every cache method computes; in ``"cached"`` mode the blocks only read the KV cache, so skipping them
+    leaves it intact.
+
+    No TeaCache coefficients and no MagCache ratios are known for FLUX.2 [klein]: configuring either without
+    explicit ones raises ``ValueError`` saying how to calibrate (:data:`FLUX2_CALIBRATION_HINT`).
+
+    With ``cache_config=None`` ``forward`` is the parent's.
+    """
+
+    cache_defaults = {"calibration_hint": FLUX2_CALIBRATION_HINT}
+
+    @property
+    def num_cache_blocks(self) -> int:
+        return len(self.transformer_blocks) + len(self.single_transformer_blocks)
+
+    @apply_lora_scale("joint_attention_kwargs")
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor = None,
+        timestep: torch.LongTensor = None,
+        img_ids: torch.Tensor = None,
+        txt_ids: torch.Tensor = None,
+        guidance: torch.Tensor = None,
+        joint_attention_kwargs: dict[str, Any] | None = None,
+        return_dict: bool = True,
+        kv_cache: Flux2KVCache | None = None,
+        kv_cache_mode: str | None = None,
+        num_ref_tokens: int = 0,
+        ref_fixed_timestep: float = 0.0,
+    ) -> torch.Tensor | Flux2Transformer2DModelOutput:
+        """The parent's forward, with the block stack run through the cache engine. Arguments and returns as there.
+
+        Raises:
+            ValueError: when caching is on and the denoising step is unknown (see ``cache_context``), or
+                ``kv_cache_mode="extract"`` is used at a step other than 0.
+        """
+        if not self.cache_engine.active:
+            return super().forward.__wrapped__(
+                self,
+                hidden_states,
+                encoder_hidden_states=encoder_hidden_states,
+                timestep=timestep,
+                img_ids=img_ids,
+                txt_ids=txt_ids,
+                guidance=guidance,
+                joint_attention_kwargs=joint_attention_kwargs,
+                return_dict=return_dict,
+                kv_cache=kv_cache,
+                kv_cache_mode=kv_cache_mode,
+                num_ref_tokens=num_ref_tokens,
+                ref_fixed_timestep=ref_fixed_timestep,
+            )
+
+        extract = kv_cache_mode == "extract" and num_ref_tokens > 0
+        if extract and self.cache_engine.step_context().step != 0:
+            raise ValueError(
+                "kv_cache_mode='extract' fills the reference-image KV cache and must run every block, so with caching "
+                "on it is accepted only at denoising step 0 (which every cache method computes), as "
+                "Flux2KleinKVPipeline calls it"
+            )
+        num_txt_tokens = encoder_hidden_states.shape[1]
+
+        # 1. Timestep embedding and the shared modulations (as in the parent, same ops in the same order).
+        timestep = timestep.to(hidden_states.dtype) * 1000
+        if guidance is not None:
+            guidance = guidance.to(hidden_states.dtype) * 1000
+        temb = self.time_guidance_embed(timestep, guidance)
+
+        double_stream_mod_img = self.double_stream_modulation_img(temb)
+        double_stream_mod_txt = self.double_stream_modulation_txt(temb)
+        single_stream_mod = self.single_stream_modulation(temb)
+
+        if extract:
+            num_img_tokens = hidden_states.shape[1]  # includes the reference tokens
+            kv_cache = Flux2KVCache(
+                num_double_layers=len(self.transformer_blocks), num_single_layers=len(self.single_transformer_blocks)
+            )
+            kv_cache.num_ref_tokens = num_ref_tokens
+            ref_timestep = torch.full_like(timestep, ref_fixed_timestep * 1000)
+            ref_temb = self.time_guidance_embed(ref_timestep, guidance)
+            ref_double_mod_img = self.double_stream_modulation_img(ref_temb)
+            ref_single_mod = self.single_stream_modulation(ref_temb)
+            double_stream_mod_img = _blend_double_block_mods(
+                double_stream_mod_img, ref_double_mod_img, num_ref_tokens, num_img_tokens
+            )
+
+        # 2. Input projections.
+        hidden_states = self.x_embedder(hidden_states)
+        encoder_hidden_states = self.context_embedder(encoder_hidden_states)
+
+        # 3. RoPE for [text; image].
+        if img_ids.ndim == 3:
+            img_ids = img_ids[0]
+        if txt_ids.ndim == 3:
+            txt_ids = txt_ids[0]
+        image_rotary_emb = self.pos_embed(img_ids)
+        text_rotary_emb = self.pos_embed(txt_ids)
+        concat_rotary_emb = (
+            torch.cat([text_rotary_emb[0], image_rotary_emb[0]], dim=0),
+            torch.cat([text_rotary_emb[1], image_rotary_emb[1]], dim=0),
+        )
+
+        # 4. Attention kwargs with the KV-cache fields, as the parent builds them.
+        if kv_cache_mode == "extract":
+            kv_attn_kwargs = {
+                **(joint_attention_kwargs or {}),
+                "kv_cache": None,
+                "kv_cache_mode": "extract",
+                "num_ref_tokens": num_ref_tokens,
+            }
+        elif kv_cache_mode == "cached" and kv_cache is not None:
+            kv_attn_kwargs = {
+                **(joint_attention_kwargs or {}),
+                "kv_cache": None,
+                "kv_cache_mode": "cached",
+                "num_ref_tokens": kv_cache.num_ref_tokens,
+            }
+        else:
+            kv_attn_kwargs = joint_attention_kwargs
+        if extract:
+            # [txt_mod, ref_mod, img_mod] over the joint sequence of the single-stream blocks
+            single_stream_mod = _blend_single_block_mods(
+                single_stream_mod, ref_single_mod, num_txt_tokens, num_ref_tokens,
+                num_txt_tokens + hidden_states.shape[1],
+            )
+        if kv_cache_mode is not None:
+            kv_attn_kwargs_single = {**kv_attn_kwargs, "num_txt_tokens": num_txt_tokens}
+        else:
+            kv_attn_kwargs_single = kv_attn_kwargs
+
+        context = _StackContext(
+            num_txt_tokens=num_txt_tokens,
+            double_stream_mod_img=double_stream_mod_img,
+            double_stream_mod_txt=double_stream_mod_txt,
+            single_stream_mod=single_stream_mod,
+            rotary_emb=concat_rotary_emb,
+            kv_attn_kwargs=kv_attn_kwargs,
+            kv_attn_kwargs_single=kv_attn_kwargs_single,
+            kv_cache=kv_cache if kv_cache_mode is not None else None,
+        )
+
+        def run_blocks(start: int, end: int, streams: tuple[torch.Tensor, torch.Tensor]):
+            return self._run_blocks(start, end, streams, context)
+
+        signals = {}
+        if len(self.transformer_blocks):
+
+            def modulated_input(streams: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+                block = self.transformer_blocks[0]
+                (shift_msa, scale_msa, _), _ = Flux2Modulation.split(double_stream_mod_img, 2)
+                return (1 + scale_msa) * block.norm1(streams[0]) + shift_msa
+
+            signals["modulated_input"] = modulated_input
+
+        stack = BlockStack(self.num_cache_blocks, run_blocks, signals)
+        hidden_states, _ = self.cache_engine.run(stack, (hidden_states, encoder_hidden_states))
+
+        # The image stream still holds the reference tokens in extract mode.
+        if extract:
+            hidden_states = hidden_states[:, num_ref_tokens:, ...]
+
+        # 7. Output layers.
+        hidden_states = self.norm_out(hidden_states, temb)
+        output = self.proj_out(hidden_states)
+
+        if kv_cache_mode == "extract":
+            if not return_dict:
+                return (output, kv_cache)
+            return Flux2Transformer2DModelOutput(sample=output, kv_cache=kv_cache)
+        if not return_dict:
+            return (output,)
+        return Flux2Transformer2DModelOutput(sample=output)
+
+    def _run_blocks(
+        self, start: int, end: int, streams: tuple[torch.Tensor, torch.Tensor], context: _StackContext
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run blocks ``start .. end - 1`` of the stack (double-stream blocks first) exactly as the parent's loops do.
+
+        ``streams`` is ``(image tokens, text tokens)`` in and out; single-stream blocks run on ``[text; image]``.
+        """
+        hidden_states, encoder_hidden_states = streams
+        num_double = len(self.transformer_blocks)
+        kv_cache = context.kv_cache
+        checkpointing = torch.is_grad_enabled() and self.gradient_checkpointing
+
+        for index in range(start, min(end, num_double)):
+            block = self.transformer_blocks[index]
+            kv_attn_kwargs = context.kv_attn_kwargs
+            if kv_cache is not None:
+                kv_attn_kwargs["kv_cache"] = kv_cache.get_double(index)
+            if checkpointing:
+                encoder_hidden_states, hidden_states = self._gradient_checkpointing_func(
+                    block,
+                    hidden_states,
+                    encoder_hidden_states,
+                    context.double_stream_mod_img,
+                    context.double_stream_mod_txt,
+                    context.rotary_emb,
+                    kv_attn_kwargs,
+                )
+            else:
+                encoder_hidden_states, hidden_states = block(
+                    hidden_states=hidden_states,
+                    encoder_hidden_states=encoder_hidden_states,
+                    temb_mod_img=context.double_stream_mod_img,
+                    temb_mod_txt=context.double_stream_mod_txt,
+                    image_rotary_emb=context.rotary_emb,
+                    joint_attention_kwargs=kv_attn_kwargs,
+                )
+
+        if end <= num_double:
+            return hidden_states, encoder_hidden_states
+
+        hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+        for index in range(max(start, num_double), end):
+            single_index = index - num_double
+            block = self.single_transformer_blocks[single_index]
+            kv_attn_kwargs_single = context.kv_attn_kwargs_single
+            if kv_cache is not None:
+                kv_attn_kwargs_single["kv_cache"] = kv_cache.get_single(single_index)
+            if checkpointing:
+                hidden_states = self._gradient_checkpointing_func(
+                    block,
+                    hidden_states,
+                    None,
+                    context.single_stream_mod,
+                    context.rotary_emb,
+                    kv_attn_kwargs_single,
+                )
+            else:
+                hidden_states = block(
+                    hidden_states=hidden_states,
+                    encoder_hidden_states=None,
+                    temb_mod=context.single_stream_mod,
+                    image_rotary_emb=context.rotary_emb,
+                    joint_attention_kwargs=kv_attn_kwargs_single,
+                )
+        num_txt_tokens = context.num_txt_tokens
+        return hidden_states[:, num_txt_tokens:, ...], hidden_states[:, :num_txt_tokens, ...]
+
+
+class _StackContext:
+    """What the blocks of one forward share (modulations, RoPE, attention kwargs, the KV cache)."""
+
+    __slots__ = (
+        "num_txt_tokens",
+        "double_stream_mod_img",
+        "double_stream_mod_txt",
+        "single_stream_mod",
+        "rotary_emb",
+        "kv_attn_kwargs",
+        "kv_attn_kwargs_single",
+        "kv_cache",
+    )
+
+    def __init__(self, **values: Any) -> None:
+        for name, value in values.items():
+            setattr(self, name, value)
