@@ -178,13 +178,13 @@ def _call_parameters(pipe) -> set[str]:
     return set(inspect.signature(diffusers_parent(type(pipe), CachedPipelineMixin).__call__).parameters)
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    config = cache_config_from_args(args)
-    device, dtype = _device_and_dtype(args.device, args.dtype)
-    pipeline_class = _pipeline_class_for(args.model)
-    pipe = pipeline_class.from_pretrained(args.model, dtype=dtype, cache_config=config).to(device)
-    pipe.set_progress_bar_config(disable=args.quiet)
-    kwargs = {"prompt": args.prompt, "num_inference_steps": args.steps, "generator": _generator(device, args.seed)}
+def _sampling_kwargs(pipe, args: argparse.Namespace, seed: int) -> dict[str, Any]:
+    """``num_inference_steps``, the generator and the sampling options the user gave, checked against the pipeline.
+
+    Raises:
+        ValueError: for an option the pipeline's ``__call__`` does not take.
+    """
+    kwargs: dict[str, Any] = {"num_inference_steps": args.steps, "generator": _generator(pipe.device.type, seed)}
     optional = {
         "negative_prompt": args.negative_prompt,
         "true_cfg_scale": args.true_cfg_scale,
@@ -200,6 +200,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
             flag = "--" + name.replace("_", "-")
             raise ValueError(f"{flag} is not an argument of {type(pipe).__name__} (from {args.model})")
         kwargs[name] = value
+    return kwargs
+
+
+def _load_pipeline(args: argparse.Namespace, cache_config):
+    device, dtype = _device_and_dtype(args.device, args.dtype)
+    pipe = _pipeline_class_for(args.model).from_pretrained(args.model, dtype=dtype, cache_config=cache_config)
+    pipe = pipe.to(device)
+    pipe.set_progress_bar_config(disable=args.quiet)
+    return pipe
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    config = cache_config_from_args(args)
+    pipe = _load_pipeline(args, config)
+    kwargs = {"prompt": args.prompt, **_sampling_kwargs(pipe, args, args.seed)}
     output, seconds = _timed_call(pipe, **kwargs)
     paths = _output_paths(args.output, len(output.images))
     for image, path in zip(output.images, paths):
@@ -208,6 +223,54 @@ def cmd_generate(args: argparse.Namespace) -> int:
     print(f"wrote {', '.join(paths)}")
     print(f"wall time: {seconds:.2f} s ({args.steps} steps)")
     print(pipe.cache_stats.summary() if config is not None else "cache: none")
+    return 0
+
+
+# -- calibrate -------------------------------------------------------------------------------------------------------
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from .calibration import fit_teacache, teacache_pairs
+    from .configs import MagCacheConfig, TeaCacheConfig
+    from .tiny import DEFAULT_PROMPTS
+
+    method = args.method
+    calibration = TeaCacheConfig(calibrate=True) if method == "teacache" else MagCacheConfig(calibrate=True)
+    pipe = _load_pipeline(args, calibration)
+    pipe.cache_config = calibration  # whatever the directory held: calibration never reuses
+    prompts = args.prompt or list(DEFAULT_PROMPTS)
+    runs = []
+    for i, prompt in enumerate(prompts):
+        pipe(prompt=prompt, **_sampling_kwargs(pipe, args, args.seed + i))
+        runs.append(pipe.cache_stats)
+    branches = sorted({b for run in runs for b in run.branches})
+    print(f"calibrated {method} on {len(prompts)} prompt(s), {args.steps} steps, branches {', '.join(branches)}")
+    if method == "teacache":
+        fit = fit_teacache(teacache_pairs(runs))
+        print(fit.summary())
+        config = TeaCacheConfig(rel_l1_thresh=args.rel_l1_thresh, coefficients=fit.coefficients)
+        quality = {"num_pairs": fit.num_pairs, "rmse": fit.rmse, "r2": fit.r2, "x_range": list(fit.x_range)}
+    else:
+        config = MagCacheConfig.from_calibration(runs, mag_threshold=args.mag_threshold)
+        ratios = config.mag_ratios if isinstance(config.mag_ratios, dict) else {"all branches": config.mag_ratios}
+        for branch, values in ratios.items():
+            print(f"MagCache ratios ({branch}): {list(values)}")
+        quality = {}
+    output = args.output or (
+        os.path.join(args.model, "cache_config.json") if os.path.isdir(args.model) else "cache_config.json"
+    )
+    with open(output, "w", encoding="utf-8") as f:
+        json.dump(config.to_dict(), f, indent=2)
+        f.write("\n")
+    provenance = os.path.splitext(output)[0] + ".calibration.json"
+    with open(provenance, "w", encoding="utf-8") as f:
+        record = {
+            "model": args.model, "method": method, "prompts": prompts, "num_inference_steps": args.steps,
+            "height": args.height, "width": args.width, "seed": args.seed, "negative_prompt": args.negative_prompt,
+            "true_cfg_scale": args.true_cfg_scale, "guidance_scale": args.guidance_scale, "fit": quality,
+            "date": time.strftime("%Y-%m-%d"), "calibrated_with": "cached-diffusers calibrate",
+        }
+        json.dump(record, f, indent=2)
+        f.write("\n")
+    print(f"wrote {output} (and its provenance, {provenance})")
     return 0
 
 
@@ -278,6 +341,27 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_cache_arguments(generate, default_method="teacache")
     generate.set_defaults(func=cmd_generate)
+
+    calibrate = commands.add_parser(
+        "calibrate", help="fit TeaCache coefficients or MagCache ratios on uncached runs and save a cache config"
+    )
+    calibrate.add_argument("--model", required=True, help="diffusers directory or Hub id")
+    calibrate.add_argument("--method", choices=("teacache", "magcache"), default="teacache")
+    calibrate.add_argument("--prompt", action="append", default=None, help="calibration prompt (repeat; default: a small built-in set)")
+    calibrate.add_argument("--negative-prompt", default=None, help="negative prompt (true CFG for Qwen-Image: calibrates both branches)")
+    calibrate.add_argument("--steps", type=int, default=50, help="num_inference_steps to calibrate at (default: 50)")
+    calibrate.add_argument("--height", type=int, default=None)
+    calibrate.add_argument("--width", type=int, default=None)
+    calibrate.add_argument("--seed", type=int, default=0, help="seed of the first prompt (then +1 per prompt)")
+    calibrate.add_argument("--true-cfg-scale", type=float, default=None)
+    calibrate.add_argument("--guidance-scale", type=float, default=None)
+    calibrate.add_argument("--rel-l1-thresh", type=float, default=0.2, help="TeaCache threshold written with the fit (default: 0.2)")
+    calibrate.add_argument("--mag-threshold", type=float, default=0.06, help="MagCache threshold written with the ratios (default: 0.06)")
+    calibrate.add_argument("--device", default=None)
+    calibrate.add_argument("--dtype", default=None)
+    calibrate.add_argument("--output", default=None, help="cache config path (default: <model>/cache_config.json for a directory)")
+    calibrate.add_argument("--quiet", action="store_true", help="no progress bar")
+    calibrate.set_defaults(func=cmd_calibrate)
 
     demo = commands.add_parser("demo", help="cached vs uncached on the embedded default model (no download)")
     demo.add_argument("--prompt", action="append", default=None, help="text prompt (repeat for several)")

@@ -332,6 +332,10 @@ class TeaCacheConfig(ResidualCacheConfig):
             ``[c4, c3, c2, c1, c0]`` of the rescaling polynomial. ``None`` takes the model's published or calibrated
             set (e.g. :data:`cached_diffusers.models.qwenimage.QWENIMAGE_TEACACHE_COEFFICIENTS`); a model without
             one raises ``ValueError`` when the config is applied.
+        calibrate (`bool`, defaults to `False`):
+            Calibration mode: never reuse; record per branch the pairs ``(x, y)`` of the signal's relative L1 change
+            and the block stack output's relative L1 change between consecutive steps
+            (``stats.branches[b].calibration["teacache_pairs"]``); :meth:`from_calibration` fits the polynomial.
         max_warmup_steps, max_cached_steps, max_continuous_cached_steps, compute_last_step, warmup_interval,
         scm_steps_mask, scm_steps_policy, enable_taylorseer, taylorseer_order:
             Shared guards and calibrator, see :class:`StepCacheConfig` and :class:`ResidualCacheConfig`.
@@ -343,10 +347,12 @@ class TeaCacheConfig(ResidualCacheConfig):
 
     rel_l1_thresh: float = 0.2
     coefficients: tuple[float, ...] | None = None
+    calibrate: bool = False
 
     def validate(self) -> None:
         super().validate()
         owner = type(self).__name__
+        _check_bool(owner, "calibrate", self.calibrate)
         object.__setattr__(
             self, "rel_l1_thresh", _check_number(owner, "rel_l1_thresh", self.rel_l1_thresh, low=0.0, low_open=True)
         )
@@ -361,6 +367,21 @@ class TeaCacheConfig(ResidualCacheConfig):
                 )
             values = tuple(_check_number(owner, f"coefficients[{i}]", c) for i, c in enumerate(coefficients))
             object.__setattr__(self, "coefficients", values)
+
+    @classmethod
+    def from_calibration(cls, stats: Any, **fields: Any) -> TeaCacheConfig:
+        """A config whose coefficients are fitted on the pairs recorded by ``calibrate=True`` runs.
+
+        Args:
+            stats: one ``CacheStats`` or a list of them (e.g. one per prompt); the pairs of every branch are pooled.
+            **fields: other fields of the config (``rel_l1_thresh``, ...).
+
+        Raises:
+            ValueError: if fewer than 5 pairs were recorded (a 4th-order fit needs 5).
+        """
+        from .calibration import fit_teacache, teacache_pairs
+
+        return cls(coefficients=fit_teacache(teacache_pairs(stats)).coefficients, **fields)
 
     def make_policy(self, defaults: Mapping[str, Any] | None = None):
         from .policies import TeaCachePolicy
@@ -456,21 +477,18 @@ class MagCacheConfig(ResidualCacheConfig):
         return out
 
     @classmethod
-    def from_calibration(cls, stats, **fields: Any) -> MagCacheConfig:
-        """A config using the ratios a ``calibrate=True`` run recorded (``stats``: its ``CacheStats``).
+    def from_calibration(cls, stats: Any, **fields: Any) -> MagCacheConfig:
+        """A config using the ratios ``calibrate=True`` runs recorded (``stats``: one ``CacheStats`` or a list).
 
-        Identical branch lists are stored once; differing ones as ``{branch: ratios}``.
+        With several runs the ratios are averaged per branch and step. Identical branch lists are stored once,
+        differing ones as ``{branch: ratios}``.
 
         Raises:
-            ValueError: if ``stats`` holds no MagCache calibration.
+            ValueError: if ``stats`` holds no MagCache calibration, or the runs differ in step count.
         """
-        recorded = {
-            name: tuple(branch.calibration["mag_ratios"])
-            for name, branch in stats.branches.items()
-            if "mag_ratios" in branch.calibration
-        }
-        if not recorded:
-            raise ValueError("these statistics hold no MagCache calibration: run once with MagCacheConfig(calibrate=True)")
+        from .calibration import average_mag_ratios
+
+        recorded = average_mag_ratios(stats)
         values = list(recorded.values())
         ratios = values[0] if all(v == values[0] for v in values) else recorded
         return cls(mag_ratios=ratios, **fields)

@@ -200,7 +200,7 @@ class CacheEngine:
             span_out = stack.run_blocks(front, num_blocks - back, span_in)
             residuals = tuple(o - s for o, s in zip(span_out, span_in))
             state.store.update(ctx.step, span_in, residuals)
-            policy.on_computed(ctx, state.method_state, signal, residuals)
+            policy.on_computed(ctx, state.method_state, signal, residuals, span_out)
             state.consecutive_reused = 0
             blocks = num_blocks
         out = stack.run_blocks(num_blocks - back, num_blocks, span_out) if back else span_out

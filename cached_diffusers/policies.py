@@ -212,8 +212,10 @@ class CachePolicy:
     def decide(self, ctx: StepContext, state: Any, measurement: float | None, gate: Gate, reason: str) -> Decision:
         raise NotImplementedError
 
-    def on_computed(self, ctx: StepContext, state: Any, signal: torch.Tensor | None, residuals: tuple) -> None:
-        """Called after the cached span ran, with its residuals per stream (e.g. to store a probe or calibrate)."""
+    def on_computed(
+        self, ctx: StepContext, state: Any, signal: torch.Tensor | None, residuals: tuple, outputs: tuple
+    ) -> None:
+        """Called after the cached span ran, with its residuals and outputs per stream (to store a probe, calibrate)."""
 
     def calibration(self, state: Any) -> dict[str, Any]:
         """What a calibration run recorded for this branch (empty for methods that do not calibrate)."""
@@ -223,10 +225,14 @@ class CachePolicy:
 # -- TeaCache ---------------------------------------------------------------------------------------------------------
 @dataclass
 class TeaCacheState:
-    """Per-branch TeaCache state: the previous step's modulated input and the accumulated rescaled distance."""
+    """Per-branch TeaCache state: the previous step's modulated input and the accumulated rescaled distance; in
+    calibration mode the last distance, the previous stack output and the recorded ``(x, y)`` pairs."""
 
     previous_signal: torch.Tensor | None = None
     accumulated: float = 0.0
+    distance: float | None = None
+    previous_output: torch.Tensor | None = None
+    pairs: list[tuple[float, float]] = field(default_factory=list)
 
 
 class TeaCachePolicy(CachePolicy):
@@ -240,6 +246,8 @@ class TeaCachePolicy(CachePolicy):
         coefficients = config.coefficients
         if coefficients is None:
             coefficients = defaults.get("teacache_coefficients")
+        if coefficients is None and config.calibrate:
+            coefficients = (0.0, 0.0, 0.0, 1.0, 0.0)  # unused: calibration never reuses
         if coefficients is None:
             model = defaults.get("model_name", "this model")
             raise ValueError(
@@ -257,8 +265,10 @@ class TeaCachePolicy(CachePolicy):
             raise ValueError("TeaCache needs the model's modulated input of block 0, but the model provided none")
         previous, state.previous_signal = state.previous_signal, signal.detach()
         if previous is None or previous.shape != signal.shape:
-            return None
-        return relative_l1(signal, previous)
+            state.distance = None
+        else:
+            state.distance = relative_l1(signal, previous)
+        return state.distance
 
     def rescale(self, distance: float) -> float:
         """``|f(distance)|``, the rescaled distance added to the accumulator."""
@@ -267,6 +277,8 @@ class TeaCachePolicy(CachePolicy):
     def decide(
         self, ctx: StepContext, state: TeaCacheState, measurement: float | None, gate: Gate, reason: str
     ) -> Decision:
+        if self.config.calibrate:
+            return Decision(False, "calibration", measurement)
         if gate is Gate.COMPUTE or measurement is None:
             state.accumulated = 0.0
             return Decision(False, reason or "no-previous-signal")
@@ -276,6 +288,21 @@ class TeaCachePolicy(CachePolicy):
             return Decision(True, reason or "below-threshold", accumulated)
         state.accumulated = 0.0
         return Decision(False, "above-threshold", accumulated)
+
+    def on_computed(
+        self, ctx: StepContext, state: TeaCacheState, signal: torch.Tensor | None, residuals: tuple, outputs: tuple
+    ) -> None:
+        if not self.config.calibrate:
+            return
+        # y: relative L1 change of the block stack's image output between consecutive steps (TeaCache paper; the
+        # official and vllm-omni calibration scripts), paired with x, the signal's change at the same step.
+        output = outputs[0].detach()
+        previous, state.previous_output = state.previous_output, output
+        if state.distance is not None and previous is not None and previous.shape == output.shape:
+            state.pairs.append((state.distance, relative_l1(output, previous)))
+
+    def calibration(self, state: TeaCacheState) -> dict[str, Any]:
+        return {"teacache_pairs": [list(p) for p in state.pairs]} if self.config.calibrate else {}
 
 
 # -- MagCache ---------------------------------------------------------------------------------------------------------
@@ -348,7 +375,9 @@ class MagCachePolicy(CachePolicy):
         state.reset()
         return Decision(False, why, error)
 
-    def on_computed(self, ctx: StepContext, state: MagCacheState, signal: torch.Tensor | None, residuals: tuple) -> None:
+    def on_computed(
+        self, ctx: StepContext, state: MagCacheState, signal: torch.Tensor | None, residuals: tuple, outputs: tuple
+    ) -> None:
         if not self.config.calibrate:
             return
         # ||r_t|| / ||r_{t-1}|| per token (L2 over channels) of the image-stream residual, mean over tokens, float32;
@@ -424,7 +453,9 @@ class DBCachePolicy(CachePolicy):
             return Decision(True, "below-threshold", measurement)
         return Decision(False, "above-threshold", measurement)
 
-    def on_computed(self, ctx: StepContext, state: DBCacheState, signal: torch.Tensor | None, residuals: tuple) -> None:
+    def on_computed(
+        self, ctx: StepContext, state: DBCacheState, signal: torch.Tensor | None, residuals: tuple, outputs: tuple
+    ) -> None:
         state.reference = signal.detach()
 
 

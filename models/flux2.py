@@ -27,12 +27,10 @@ __all__ = ["CachedFlux2Transformer2DModel", "FLUX2_CALIBRATION_HINT"]
 FLUX2_CALIBRATION_HINT = (
     "No TeaCache coefficients and no MagCache ratios are published or calibrated for FLUX.2 [klein] (the FLUX.1 "
     "TeaCache set that other libraries copy is known to be wrong for FLUX.2), so cached-diffusers ships none. "
-    "Calibrate on your checkpoint, step count and size: for MagCache run the pipeline once with "
-    "cache_config=MagCacheConfig(calibrate=True), then use MagCacheConfig.from_calibration(pipe.cache_stats); for "
-    "TeaCache fit TeaCacheConfig(coefficients=numpy.polyfit(x, y, 4)) on uncached runs, x = relative L1 change of "
-    "block 0's modulated image input and y = relative L1 change of the block stack's image output between "
-    "consecutive steps of one branch (README, 'Flux2 Klein'). DBCacheConfig and FirstBlockCacheConfig need no "
-    "calibration."
+    "Calibrate on your checkpoint, step count and size: `cached-diffusers calibrate --model <dir> --method teacache` "
+    "(or `--method magcache`) writes a cache_config.json; in Python, run with TeaCacheConfig(calibrate=True) or "
+    "MagCacheConfig(calibrate=True) and build the config with TeaCacheConfig.from_calibration(pipe.cache_stats) or "
+    "MagCacheConfig.from_calibration(pipe.cache_stats). DBCacheConfig and FirstBlockCacheConfig need no calibration."
 )
 """The model's ``calibration_hint``: the engine appends it to its error when TeaCache or MagCache is configured
 without coefficients or ratios (none exist for Klein)."""

@@ -91,3 +91,30 @@ def test_generate_on_a_flux2_klein_directory(tmp_path, capsys):
     # an option the Klein pipeline does not take is an error, not silently dropped
     assert main(args + ["--true-cfg-scale", "4.0"]) == 2
     assert "--true-cfg-scale is not an argument of CachedFlux2KleinPipeline" in capsys.readouterr().err
+
+
+def test_calibrate_writes_a_loadable_cache_config(tmp_path, capsys):
+    import json
+
+    from cached_diffusers import CachedQwenImagePipeline, MagCacheConfig, TeaCacheConfig, cache_config_from_dict
+
+    model = save_tiny_qwenimage_pipeline(tmp_path / "model")
+    base = ["calibrate", "--model", str(model), "--steps", "6", "--height", "64", "--width", "64",
+            "--negative-prompt", " ", "--prompt", "a red cat", "--prompt", "a blue bird", "--quiet"]
+    assert main(base) == 0
+    text = capsys.readouterr().out
+    assert "calibrated teacache on 2 prompt(s), 6 steps, branches cond, uncond" in text
+    # 2 prompts x 2 branches x (6 - 1) consecutive pairs
+    assert re.search(r"TeaCache fit on 20 pairs, .* RMSE [0-9.e-]+, R\^2 -?[0-9.]+", text)
+    config = cache_config_from_dict(json.loads((model / "cache_config.json").read_text()))
+    assert isinstance(config, TeaCacheConfig) and len(config.coefficients) == 5 and config.rel_l1_thresh == 0.2
+    provenance = json.loads((model / "cache_config.calibration.json").read_text())
+    assert provenance["fit"]["num_pairs"] == 20 and provenance["prompts"] == ["a red cat", "a blue bird"]
+    pipe = CachedQwenImagePipeline.from_pretrained(model, cache_config=config)  # the fitted config runs
+    assert pipe.cache_config == config
+
+    out = tmp_path / "mag.json"
+    assert main(base + ["--method", "magcache", "--output", str(out)]) == 0
+    config = cache_config_from_dict(json.loads(out.read_text()))
+    assert isinstance(config, MagCacheConfig) and set(config.mag_ratios) == {"cond", "uncond"}  # branches differ
+    assert all(len(r) == 6 and r[0] == 1.0 for r in config.mag_ratios.values())

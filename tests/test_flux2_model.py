@@ -257,7 +257,8 @@ def test_no_klein_coefficients_or_ratios_is_an_error_that_says_how_to_calibrate(
     message = str(error.value)
     assert f"no {method} {'coefficients' if method == 'TeaCache' else 'ratios'} are known for CachedFlux2" in message
     assert "MagCacheConfig(calibrate=True)" in message and "MagCacheConfig.from_calibration(pipe.cache_stats)" in message
-    assert "numpy.polyfit(x, y, 4)" in message and "FLUX.1" in message
+    assert "cached-diffusers calibrate --model <dir> --method teacache" in message and "FLUX.1" in message
+    assert "TeaCacheConfig.from_calibration(pipe.cache_stats)" in message
     assert cached.cache_config == FirstBlockCacheConfig()  # unchanged
     # other errors are not rewritten
     with pytest.raises(ValueError, match=r"rel_l1_thresh must be a finite number > 0") as other:
@@ -270,6 +271,7 @@ def test_explicit_coefficients_ratios_and_calibration_are_accepted():
     cached.cache_config = TeaCacheConfig(coefficients=IDENTITY)
     cached.cache_config = MagCacheConfig(mag_ratios=[1.0, 0.9, 1.1])
     cached.cache_config = MagCacheConfig(calibrate=True)
+    cached.cache_config = TeaCacheConfig(calibrate=True)
     assert "teacache_coefficients" not in cached.cache_engine.defaults and "mag_ratios" not in cached.cache_engine.defaults
 
 

@@ -288,3 +288,48 @@ def test_scm_static_reuses_exactly_the_mask_zeros_and_dynamic_still_tests():
     assert computed(dynamic_always, 20)[1][0] == [i for i, m in enumerate(mask) if m == 1]
     tea = TeaCacheConfig(100.0, coefficients=IDENTITY, scm_steps_mask="ultra")
     assert computed(tea, 28)[1][0] == [i for i, m in enumerate(steps_mask("ultra", 28)) if m == 1]
+
+
+# -- calibration -----------------------------------------------------------------------------------------------------
+def test_teacache_calibration_records_signal_and_output_changes_per_branch():
+    from cached_diffusers.calibration import fit_teacache, teacache_pairs
+
+    engine, toy = CacheEngine({"num_blocks": 4}), ToyStack()
+    engine.config = TeaCacheConfig(calibrate=True)  # no coefficients needed, never reuses
+    run_generation(engine, toy, 6, branches=("cond", "uncond"), scales={"cond": 0.01, "uncond": 0.3})
+    assert engine.stats.num_reused == 0
+    pairs = engine.stats.branches["cond"].calibration["teacache_pairs"]
+    expected = []
+    for step in range(1, 6):
+        a, b = streams_at(step - 1, 0.01), streams_at(step, 0.01)
+        x = relative_l1(b[0] * 2.0, a[0] * 2.0)
+        y = relative_l1(ToyStack().run_blocks(0, 4, b)[0], ToyStack().run_blocks(0, 4, a)[0])
+        expected.append([x, y])
+    assert np.allclose(pairs, expected, rtol=1e-6)
+    assert len(teacache_pairs(engine.stats)) == 10  # pooled over both branches
+    fit = fit_teacache(teacache_pairs(engine.stats))
+    assert len(fit.coefficients) == 5 and fit.num_pairs == 10
+
+
+def test_polynomial_fit_recovers_a_known_polynomial_and_refuses_too_few_pairs():
+    from cached_diffusers.calibration import fit_teacache
+
+    truth = (12.0, -6.0, 1.5, 0.4, 0.01)
+    x = np.linspace(0.01, 0.3, 40)
+    fit = fit_teacache(np.stack([x, np.polyval(truth, x)], axis=1))
+    assert fit.coefficients == pytest.approx(truth, rel=1e-6, abs=1e-8)
+    assert fit.rmse < 1e-9 and fit.r2 == pytest.approx(1.0)
+    with pytest.raises(ValueError, match=r"needs at least 5 \(x, y\) pairs, got 3"):
+        fit_teacache(np.ones((3, 2)))
+
+
+def test_mag_ratios_average_over_runs():
+    engine, toy = CacheEngine({"num_blocks": 4}), ToyStack()
+    engine.config = MagCacheConfig(calibrate=True)
+    runs = []
+    for scale in (0.01, 0.2):
+        run_generation(engine, toy, 5, scales={"cond": scale})
+        runs.append(engine.stats)
+    config = MagCacheConfig.from_calibration(runs)
+    first, second = (r.branches["cond"].calibration["mag_ratios"] for r in runs)
+    assert config.mag_ratios == pytest.approx([round((a + b) / 2, 5) for a, b in zip(first, second)], abs=1e-5)
