@@ -33,7 +33,10 @@ from cached_diffusers.tiny import (
     write_tiny_qwen3_tokenizer,
 )
 
+from helpers import record_calls, teacache_reference
+
 SIZE = dict(height=64, width=64)
+
 COEFFICIENTS = (2.0, -3.0, 1.0, 1.0, 0.0)  # a test polynomial (no Klein coefficients exist); |f| is accumulated
 
 
@@ -74,22 +77,6 @@ def stock_dirs(tmp_path_factory):
     }
 
 
-def record_calls(pipe):
-    """Record, per transformer call, the branch, the step, the decision and the stack's input and output streams."""
-    engine = pipe.transformer.cache_engine
-    calls, run = [], engine.run
-
-    def recording_run(stack, streams):
-        out = run(stack, streams)
-        ctx = engine.step_context()
-        record = engine.stats.branches[ctx.branch].records[-1]
-        calls.append((ctx.branch, ctx.step, record.reused, streams, out))
-        return out
-
-    engine.run = recording_run
-    return calls
-
-
 def modulated_inputs(pipe, kwargs):
     """Block 0's modulated image input per (branch, step), recomputed from the transformer's inputs with plain ops."""
     transformer = pipe.transformer
@@ -112,25 +99,6 @@ def modulated_inputs(pipe, kwargs):
     finally:
         handle.remove()
     return seen
-
-
-def teacache_reference(signals, thresh, coefficients=COEFFICIENTS):
-    """TeaCache's rule (with |f|, first and last step computed) replayed with numpy on per-step signals."""
-    f = np.poly1d(coefficients)
-    reused, accumulated, previous, values = [], 0.0, None, []
-    for i, m in enumerate(signals):
-        if i == 0 or i == len(signals) - 1:
-            accumulated = 0.0
-        else:
-            d = np.abs(m - previous).mean() / np.abs(previous).mean()
-            values.append(abs(f(d)))
-            accumulated += abs(f(d))
-            if accumulated < thresh:
-                reused.append(i)
-            else:
-                accumulated = 0.0
-        previous = m
-    return reused, values
 
 
 def front_probes(pipe, kwargs, block=0):
@@ -245,7 +213,7 @@ def test_teacache_reuses_exactly_the_steps_its_rule_selects(pipe):
     steps = 10
     pipe.cache_config = None
     signals = modulated_inputs(pipe, call_kwargs(steps=steps, cfg=False))
-    _, values = teacache_reference([signals[("cond", i)] for i in range(steps)], thresh=1.0)
+    _, values = teacache_reference([signals[("cond", i)] for i in range(steps)], 1.0, COEFFICIENTS)
     thresh = float(np.quantile(values, 0.6)) * 2.0  # from the recorded distances: both outcomes occur
     config = TeaCacheConfig(rel_l1_thresh=thresh, coefficients=COEFFICIENTS)
 
@@ -253,7 +221,7 @@ def test_teacache_reuses_exactly_the_steps_its_rule_selects(pipe):
     signals = modulated_inputs(pipe, call_kwargs(steps=steps))
     stats = pipe.cache_stats
     for branch in ("cond", "uncond"):
-        expected, _ = teacache_reference([signals[(branch, i)] for i in range(steps)], thresh)
+        expected, _ = teacache_reference([signals[(branch, i)] for i in range(steps)], thresh, COEFFICIENTS)
         assert stats.branches[branch].reused_steps == expected
     assert 0 < stats.branches["cond"].num_reused < steps - 2
     # the indicator ignores the text: both branches measure the same distances (a state shared between the branches

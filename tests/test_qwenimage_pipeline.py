@@ -19,7 +19,10 @@ from cached_diffusers import (
 )
 from cached_diffusers.tiny import DEFAULT_PROMPTS, build_tiny_qwenimage_pipeline, save_tiny_qwenimage_pipeline
 
+from helpers import record_calls, teacache_reference
+
 SIZE = dict(height=64, width=64)
+
 COEFFICIENTS = (-4.5e02, 2.8e02, -4.5e01, 3.2e00, -2.0e-02)
 
 
@@ -49,22 +52,6 @@ def stock_dir(tmp_path_factory):
     return save_tiny_qwenimage_pipeline(tmp_path_factory.mktemp("stock") / "tiny-qwenimage")
 
 
-def record_calls(pipe):
-    """Record, per transformer call, the branch, the stack input and output streams and the decision."""
-    engine = pipe.transformer.cache_engine
-    calls, run = [], engine.run
-
-    def recording_run(stack, streams):
-        out = run(stack, streams)
-        ctx = engine.step_context()
-        record = engine.stats.branches[ctx.branch].records[-1]
-        calls.append((ctx.branch, ctx.step, record.reused, streams, out))
-        return out
-
-    engine.run = recording_run
-    return calls
-
-
 def modulated_inputs(pipe, kwargs):
     """Block 0's modulated image input per (branch, step), recomputed from the transformer's inputs with plain ops."""
     transformer = pipe.transformer
@@ -87,25 +74,6 @@ def modulated_inputs(pipe, kwargs):
     finally:
         handle.remove()
     return seen
-
-
-def teacache_reference(signals, thresh, coefficients=COEFFICIENTS, compute_last_step=True):
-    """TeaCache's rule (arXiv 2411.19108, with |f|) replayed with numpy on a list of per-step signals."""
-    f = np.poly1d(coefficients)
-    reused, accumulated, previous, values = [], 0.0, None, []
-    for i, m in enumerate(signals):
-        if i == 0 or (compute_last_step and i == len(signals) - 1):
-            accumulated = 0.0
-        else:
-            d = np.abs(m - previous).mean() / np.abs(previous).mean()
-            values.append(abs(f(d)))
-            accumulated += abs(f(d))
-            if accumulated < thresh:
-                reused.append(i)
-            else:
-                accumulated = 0.0
-        previous = m
-    return reused, values
 
 
 def test_from_pretrained_of_a_stock_directory(stock_dir):
@@ -168,14 +136,14 @@ def test_teacache_reuses_exactly_the_steps_its_rule_selects(pipe):
     steps = 12
     pipe.cache_config = None
     signals = modulated_inputs(pipe, call_kwargs(steps=steps, cfg=False))
-    _, values = teacache_reference([signals[("cond", i)] for i in range(steps)], thresh=1.0)
+    _, values = teacache_reference([signals[("cond", i)] for i in range(steps)], 1.0, COEFFICIENTS)
     thresh = float(np.quantile(values, 0.6)) * 2.0  # from the recorded distances: both outcomes occur
     config = TeaCacheConfig(rel_l1_thresh=thresh)
 
     pipe.cache_config = config
     signals = modulated_inputs(pipe, call_kwargs(steps=steps))
     for branch in ("cond", "uncond"):
-        expected, _ = teacache_reference([signals[(branch, i)] for i in range(steps)], thresh)
+        expected, _ = teacache_reference([signals[(branch, i)] for i in range(steps)], thresh, COEFFICIENTS)
         assert pipe.cache_stats.branches[branch].reused_steps == expected
     assert 0 < pipe.cache_stats.branches["cond"].num_reused < steps - 2
 
