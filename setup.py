@@ -26,7 +26,18 @@ setup(
         "numpy",
         "pillow",
         "scikit-image>=0.22",
+        "matplotlib>=3.7",
     ],
-    extras_require={"test": ["pytest>=8", "cache-dit==1.5.3"]},
+    extras_require={
+        "test": [
+            "pytest>=8",
+            "cache-dit==1.5.3",
+            "peft>=0.17",  # diffusers' load_lora_weights (tests/test_ecosystem.py)
+            "nbclient>=0.10",  # the notebooks in notebooks/ run in the tests (tests/test_notebooks.py)
+            "nbformat>=5.10",
+            "ipykernel>=6.29",
+            "matplotlib>=3.7",
+        ]
+    },
     entry_points={"console_scripts": ["cached-diffusers=cached_diffusers.cli:main"]},
 )

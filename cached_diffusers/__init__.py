@@ -18,6 +18,7 @@ from .configs import (
     register_cache_method,
 )
 from .engine import BlockStack, CacheEngine
+from .progress import summary
 from .scm import steps_mask
 from .stats import BranchStats, CacheStats, StepRecord
 from .models import (
@@ -63,4 +64,5 @@ __all__ = [
     "recommended_klein_cache_config",
     "register_cache_method",
     "steps_mask",
+    "summary",
 ]

@@ -58,7 +58,11 @@ def _parse_json_or_text(text: str):
         return text
 
 
-def _add_cache_arguments(parser: argparse.ArgumentParser, default_method: str) -> None:
+UNSET = object()
+"""``cache_config_from_args`` when no cache option was given: the model directory's ``cache_config.json`` applies."""
+
+
+def _add_cache_arguments(parser: argparse.ArgumentParser, default_method: str | None) -> None:
     from .configs import available_cache_methods
 
     group = parser.add_argument_group("cache")
@@ -66,7 +70,9 @@ def _add_cache_arguments(parser: argparse.ArgumentParser, default_method: str) -
         "--cache",
         default=default_method,
         metavar="METHOD",
-        help=f"cache method: {', '.join(available_cache_methods())} (default: {default_method})",
+        help=f"cache method: {', '.join(available_cache_methods())} (default: "
+        + (default_method or "the model directory's cache_config.json if it has one, else none")
+        + ")",
     )
     group.add_argument(
         "--cache-config",
@@ -89,14 +95,21 @@ def _add_cache_arguments(parser: argparse.ArgumentParser, default_method: str) -
 
 
 def cache_config_from_args(args: argparse.Namespace):
-    """The cache config the options describe (``None`` for no caching).
+    """The cache config the options describe (``None`` for no caching; :data:`UNSET` when no option was given and
+    the command has no default method).
 
     Raises:
-        ValueError: unknown method, a parameter that does not belong to the method, or an invalid value.
+        ValueError: unknown method, a parameter that does not belong to the method (or given without a method), or
+            an invalid value.
     """
     from .configs import cache_config_from_dict
 
     given = {name: getattr(args, name) for name in _config_fields() if getattr(args, name) is not None}
+    if args.cache is None and not args.cache_config:
+        if given:
+            flags = ", ".join("--" + name.replace("_", "-") for name in given)
+            raise ValueError(f"{flags}: choose the cache method with --cache METHOD (or --cache-config)")
+        return UNSET
     if args.cache_config:
         text = args.cache_config
         if os.path.exists(text):
@@ -205,7 +218,8 @@ def _sampling_kwargs(pipe, args: argparse.Namespace, seed: int) -> dict[str, Any
 
 def _load_pipeline(args: argparse.Namespace, cache_config):
     device, dtype = _device_and_dtype(args.device, args.dtype)
-    pipe = _pipeline_class_for(args.model).from_pretrained(args.model, dtype=dtype, cache_config=cache_config)
+    kwargs = {} if cache_config is UNSET else {"cache_config": cache_config}
+    pipe = _pipeline_class_for(args.model).from_pretrained(args.model, dtype=dtype, **kwargs)
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=args.quiet)
     return pipe
@@ -222,7 +236,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         image.save(path)
     print(f"wrote {', '.join(paths)}")
     print(f"wall time: {seconds:.2f} s ({args.steps} steps)")
-    print(pipe.cache_stats.summary() if config is not None else "cache: none")
+    print(pipe.cache_stats.summary() if pipe.cache_config is not None else "cache: none")
     return 0
 
 
@@ -317,6 +331,78 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- bench -----------------------------------------------------------------------------------------------------------
+EMBEDDED_MODEL = "embedded tiny Qwen-Image pipeline (untrained, random weights from seed 0, offline)"
+
+
+def _bench_sweep(text: str) -> list:
+    """Configs from ``--sweep``: a JSON list of cache config dicts, inline or in a file."""
+    from .configs import cache_config_from_dict
+
+    if os.path.exists(text):
+        with open(text, encoding="utf-8") as f:
+            text = f.read()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"--sweep is neither a JSON list nor a readable JSON file: {error}") from None
+    if not isinstance(data, list) or not data:
+        raise ValueError("--sweep must be a non-empty JSON list of cache configs ({\"method\": ..., ...})")
+    return [cache_config_from_dict(item) for item in data]
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import _check_methods, default_sweep, plot_pareto, run_benchmark, write_json, write_markdown
+    from .tiny import DEFAULT_PROMPTS
+
+    if args.repeats < 1:
+        raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
+    if args.sweep and args.methods:
+        raise ValueError("--sweep and --methods exclude each other: --sweep lists the configs to run")
+    configs = _bench_sweep(args.sweep) if args.sweep else None
+    methods = _check_methods(args.methods)  # before loading anything
+    if args.threads is not None:
+        import torch
+
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    device, dtype = _device_and_dtype(args.device, args.dtype)
+    args = argparse.Namespace(**vars(args))
+    if args.model is None:
+        from .pipelines import CachedQwenImagePipeline
+        from .tiny import build_tiny_qwenimage_pipeline
+
+        pipe = build_tiny_qwenimage_pipeline(seed=0, pipeline_class=CachedQwenImagePipeline).to(device)
+        if pipe.transformer.dtype != dtype:
+            pipe = pipe.to(dtype=dtype)
+        model = EMBEDDED_MODEL
+        if args.negative_prompt is None and args.true_cfg_scale is None:  # true CFG, as `demo` runs it
+            args.negative_prompt, args.true_cfg_scale = " ", 4.0
+    else:
+        # No cache_config argument: a cache_config.json saved with the model (e.g. by `calibrate`) is loaded, and
+        # the sweep takes its TeaCache coefficients / MagCache ratios.
+        pipe = _pipeline_class_for(args.model).from_pretrained(args.model, dtype=dtype).to(device)
+        model = args.model
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = _sampling_kwargs(pipe, args, args.seed)
+    kwargs.pop("generator")  # run_benchmark seeds each prompt itself
+    if configs is None:
+        configs = default_sweep(pipe, methods=methods, num_steps=args.steps)
+    prompts = args.prompt or list(DEFAULT_PROMPTS)
+    progress = None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
+    result = run_benchmark(
+        pipe, configs, prompts, kwargs, seed=args.seed, repeats=args.repeats, model=model, progress=progress
+    )
+    paths = [os.path.join(args.output_dir, name) for name in ("results.json", "results.md", "pareto.png")]
+    write_json(result, paths[0])
+    text = write_markdown(result, paths[1])
+    plot_pareto(result, paths[2])
+    print(text)
+    print(f"wrote {', '.join(paths)}")
+    return 0
+
+
 # -- entry point -----------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cached-diffusers", description=__doc__.split("\n\n")[0])
@@ -339,7 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bfloat16 on GPU)")
     generate.add_argument("--output", default="output.png", help="image path (numbered when several)")
     generate.add_argument("--quiet", action="store_true", help="no progress bar")
-    _add_cache_arguments(generate, default_method="teacache")
+    _add_cache_arguments(generate, default_method=None)
     generate.set_defaults(func=cmd_generate)
 
     calibrate = commands.add_parser(
@@ -374,6 +460,38 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_cache_arguments(demo, default_method="teacache")
     demo.set_defaults(func=cmd_demo)
+
+    bench = commands.add_parser(
+        "bench", help="sweep cache methods and thresholds against uncached: time, work, PSNR/SSIM, Pareto plot"
+    )
+    bench.add_argument("--model", default=None, help="diffusers directory or Hub id (default: the embedded tiny Qwen-Image pipeline)")
+    bench.add_argument("--prompt", action="append", default=None, help="prompt (repeat; default: the embedded model's 4 prompts)")
+    bench.add_argument("--steps", type=int, default=20, help="num_inference_steps (default: 20)")
+    bench.add_argument("--height", type=int, default=None, help="image height (default: the model's)")
+    bench.add_argument("--width", type=int, default=None, help="image width (default: the model's)")
+    bench.add_argument("--seed", type=int, default=0, help="seed of the first prompt (then +1 per prompt)")
+    bench.add_argument(
+        "--negative-prompt", default=None, help="negative prompt (default: ' ' with the embedded model, else none)"
+    )
+    bench.add_argument(
+        "--true-cfg-scale", type=float, default=None, help="true CFG scale (default: 4.0 with the embedded model, else the pipeline's)"
+    )
+    bench.add_argument("--guidance-scale", type=float, default=None, help="guidance_scale (Flux2 Klein); default: the pipeline's")
+    bench.add_argument("--repeats", type=int, default=3, help="timed repeats of every run; the median counts (default: 3)")
+    bench.add_argument(
+        "--methods", nargs="+", default=None, metavar="METHOD",
+        help="methods to sweep: teacache magcache fbcache dbcache dbcache+scm taylorseer (default: all)",
+    )
+    bench.add_argument("--sweep", default=None, metavar="JSON_OR_FILE", help="run these configs instead: a JSON list of cache configs")
+    bench.add_argument("--output-dir", default="bench", help="where results.json, results.md and pareto.png go (default: bench/)")
+    bench.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    bench.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bfloat16 on GPU)")
+    bench.add_argument(
+        "--threads", type=int, default=None,
+        help="torch CPU threads (default: torch's); 1 avoids stalls when other processes share the cores",
+    )
+    bench.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 

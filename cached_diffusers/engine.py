@@ -158,12 +158,18 @@ class CacheEngine:
         return StepContext(int(step), int(num_steps), branch)
 
     # -- the cached forward --------------------------------------------------------------------------------------
+    @torch.compiler.disable
     def run(self, stack: BlockStack, streams: Streams) -> Streams:
         """Run (or skip) the block stack for the current step and branch; return the streams at its output.
 
         The stack is split into ``front`` blocks (always run), the cached span, and ``back`` blocks (always run);
         methods without front/back blocks cache the whole stack. On a reused step the cached span's stored (or
         forecast) residual is added to its input, once per stream.
+
+        Opaque to ``torch.compile`` (``torch.compiler.disable``): the decision is data-dependent host-side Python
+        (``Tensor.item()`` of the signal, per-branch counters, the step index), which TorchDynamo would otherwise
+        break the graph on and recompile for at every step. Blocks compiled on their own
+        (``compile_repeated_blocks``) still run compiled inside it.
         """
         policy = self._policy
         num_blocks = stack.num_blocks

@@ -3,15 +3,28 @@
 A cached model is ``class CachedXModel(CachedTransformerMixin, XModel)``: it adds no parameters and no constructor
 arguments, so the diffusers class's checkpoints, configs and loading code apply unchanged, and an already loaded
 ``XModel`` can be turned into the cached class in place (:meth:`CachedTransformerMixin.from_base`).
+
+Working with the rest of the ecosystem:
+
+* ``torch.compile``: the engine's step (decision, residual store, statistics, ``CacheEngine.run``) is opaque to
+  TorchDynamo (``torch.compiler.disable``), because its decisions are data-dependent host-side Python (``Tensor.item()`` on the
+  decision signal, per-branch counters, step indices) that would otherwise break the graph and recompile on every
+  step. ``torch.compile(transformer)`` therefore compiles the embeddings and the output head, with one graph break
+  around the block stack; compile the blocks themselves with regional compilation,
+  ``transformer.compile_repeated_blocks(fullgraph=True)`` (each block is one full graph, and the engine calls the
+  compiled blocks on the steps it computes).
+* diffusers' own cache hooks (``enable_cache``) are refused: this class caches through ``cache_config``.
+* accelerate's offloading hooks (``enable_model_cpu_offload``, ``enable_sequential_cpu_offload``) and PEFT LoRA
+  layers (``load_lora_weights``) wrap the modules the cached forward calls, so they work unchanged.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-from typing import Any, ClassVar, Iterator, Mapping
+from typing import Any, ClassVar, Iterator, Mapping, TextIO
 
-from .configs import CacheConfig
+from .configs import CacheConfig, available_cache_methods
 from .engine import CacheEngine
 from .stats import CacheStats
 
@@ -81,6 +94,36 @@ class CachedTransformerMixin:
         """Forget all cached residuals and statistics; the next call starts a new generation."""
         self.cache_engine.reset()
 
+    def cache_summary(self, file: TextIO | None = None, details: bool = True) -> CacheStats:
+        """Print the last generation's per-branch cache statistics and return them (see :func:`~cached_diffusers.progress.summary`)."""
+        from .progress import summary
+
+        return summary(self, file=file, details=details)
+
+    def enable_cache(self, config: Any) -> None:
+        """Refused: this transformer caches steps itself, through :attr:`cache_config`.
+
+        diffusers' cache hooks (``FirstBlockCacheConfig``, ``MagCacheConfig``, ``TaylorSeerCacheConfig``,
+        ``FasterCacheConfig``, ``PyramidAttentionBroadcastConfig``, ...) on top of the cached forward would cache
+        twice: each cache would reuse (or forecast) residuals computed from blocks that the other one skipped, and a
+        step could be skipped by both. The refusal holds whether or not ``cache_config`` is set, so that a later
+        ``cache_config`` cannot silently stack onto a hook.
+
+        Raises:
+            ValueError: always, saying how to get the wanted method.
+        """
+        from .progress import config_repr
+
+        parent = diffusers_parent(type(self), CachedTransformerMixin).__name__
+        raise ValueError(
+            f"{type(self).__name__} caches denoising steps itself, through its cache_config (now "
+            f"{config_repr(self.cache_config)}), so diffusers' cache hooks ({type(config).__name__}) cannot be enabled "
+            f"on it, whether or not its own caching is on: two caches on one transformer "
+            f"would skip steps twice, each reusing residuals computed from blocks the other one skipped. Choose the "
+            f"method with `pipe.cache_config = ...` (or `transformer.cache_config = ...`; available: "
+            f"{', '.join(available_cache_methods())}), or use the stock diffusers class {parent} for diffusers' hooks."
+        )
+
     def to_json_string(self) -> str:
         """The config as JSON, naming the diffusers parent class so that stock diffusers can load a saved model."""
         return stock_class_name_json(super().to_json_string(), type(self), CachedTransformerMixin)
@@ -105,12 +148,18 @@ class CachedTransformerMixin:
 
         Raises:
             TypeError: if ``model``'s class is not an ancestor of ``cls`` (the swap would change its architecture).
+            ValueError: if diffusers' own cache hooks are enabled on ``model`` (see :meth:`enable_cache`).
         """
         if isinstance(model, cls):
             return model
         if type(model) not in cls.__mro__:
             parent = diffusers_parent(cls, CachedTransformerMixin)
             raise TypeError(f"{cls.__name__}.from_base expects a {parent.__name__}, got {type(model).__name__}")
+        if getattr(model, "is_cache_enabled", False):
+            raise ValueError(
+                f"{type(model).__name__} has diffusers' cache hooks enabled ({type(model._cache_config).__name__}); "
+                f"{cls.__name__} caches steps itself and would cache twice. Call `model.disable_cache()` first."
+            )
         model.__class__ = cls
         if "_old_forward" in model.__dict__:
             # accelerate's hooks (device_map, offloading) call the forward they wrapped: point it at ours.

@@ -32,7 +32,7 @@ def test_generate_from_a_local_directory(tmp_path, capsys):
     model = save_tiny_qwenimage_pipeline(tmp_path / "model")
     out = tmp_path / "out.png"
     args = ["generate", "--model", str(model), "--prompt", "a red cat", "--prompt", "a blue bird", "--steps", "6",
-            "--height", "64", "--width", "64", "--negative-prompt", " ", "--rel-l1-thresh", "1000",
+            "--height", "64", "--width", "64", "--negative-prompt", " ", "--cache", "teacache", "--rel-l1-thresh", "1000",
             "--max-continuous-cached-steps", "2", "--output", str(out), "--quiet"]
     assert main(args) == 0
     text = capsys.readouterr().out
@@ -118,3 +118,18 @@ def test_calibrate_writes_a_loadable_cache_config(tmp_path, capsys):
     config = cache_config_from_dict(json.loads(out.read_text()))
     assert isinstance(config, MagCacheConfig) and set(config.mag_ratios) == {"cond", "uncond"}  # branches differ
     assert all(len(r) == 6 and r[0] == 1.0 for r in config.mag_ratios.values())
+
+
+def test_generate_uses_the_directorys_cache_config_unless_told_otherwise(tmp_path, capsys):
+    import json
+
+    model = save_tiny_qwenimage_pipeline(tmp_path / "model")
+    (model / "cache_config.json").write_text(json.dumps({"method": "fbcache", "residual_diff_threshold": 100.0}))
+    base = ["generate", "--model", str(model), "--prompt", "a red cat", "--steps", "4", "--height", "64", "--width",
+            "64", "--output", str(tmp_path / "o.png"), "--quiet"]
+    assert main(base) == 0
+    assert "cache: fbcache, 4 steps" in capsys.readouterr().out
+    assert main(base + ["--cache", "none"]) == 0
+    assert "cache: none" in capsys.readouterr().out
+    assert main(base + ["--rel-l1-thresh", "0.3"]) == 2
+    assert "--rel-l1-thresh: choose the cache method with --cache METHOD" in capsys.readouterr().err
