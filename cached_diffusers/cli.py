@@ -111,20 +111,28 @@ def cache_config_from_args(args: argparse.Namespace):
             raise ValueError(f"{flags}: choose the cache method with --cache METHOD (or --cache-config)")
         return UNSET
     if args.cache_config:
-        text = args.cache_config
-        if os.path.exists(text):
-            with open(text, encoding="utf-8") as f:
-                text = f.read()
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"--cache-config is neither a JSON object nor a readable JSON file: {error}") from None
+        data = _json_argument("--cache-config", args.cache_config, "a JSON object")
         data.update(given)
         return cache_config_from_dict(data)
     return cache_config_from_dict({"method": args.cache, **given})
 
 
 # -- shared helpers --------------------------------------------------------------------------------------------------
+def _json_argument(flag: str, text: str, what: str):
+    """An option's value as JSON: inline, or read from the file it names.
+
+    Raises:
+        ValueError: naming ``flag``, when it is neither valid JSON nor a readable JSON file.
+    """
+    if os.path.exists(text):
+        with open(text, encoding="utf-8") as f:
+            text = f.read()
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{flag} is neither {what} nor a readable JSON file: {error}") from None
+
+
 def _device_and_dtype(device: str | None, dtype: str | None):
     import torch
 
@@ -339,13 +347,7 @@ def _bench_sweep(text: str) -> list:
     """Configs from ``--sweep``: a JSON list of cache config dicts, inline or in a file."""
     from .configs import cache_config_from_dict
 
-    if os.path.exists(text):
-        with open(text, encoding="utf-8") as f:
-            text = f.read()
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"--sweep is neither a JSON list nor a readable JSON file: {error}") from None
+    data = _json_argument("--sweep", text, "a JSON list")
     if not isinstance(data, list) or not data:
         raise ValueError("--sweep must be a non-empty JSON list of cache configs ({\"method\": ..., ...})")
     return [cache_config_from_dict(item) for item in data]
