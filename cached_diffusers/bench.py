@@ -46,7 +46,7 @@ from .configs import (
     TeaCacheConfig,
     resolve_cache_config,
 )
-from .imaging import psnr, to_uint8
+from .imaging import psnr, ssim, to_uint8
 
 __all__ = [
     "LPIPS_UNAVAILABLE_NOTE",
@@ -229,23 +229,6 @@ def _knob(config: CacheConfig) -> str:
 
 
 # -- metrics ---------------------------------------------------------------------------------------------------------
-def ssim(reference: Any, test: Any) -> float:
-    """SSIM of ``test`` against ``reference`` on uint8 RGB pixels (scikit-image ``structural_similarity``,
-    ``channel_axis=-1``, ``data_range=255``, default 7x7 window); identical images give exactly 1.0.
-
-    Raises:
-        ValueError: if the images differ in size.
-    """
-    from skimage.metrics import structural_similarity
-
-    a, b = to_uint8(reference), to_uint8(test)
-    if a.shape != b.shape:
-        raise ValueError(f"images differ in size: {a.shape} vs {b.shape}")
-    if np.array_equal(a, b):
-        return 1.0
-    return float(structural_similarity(a, b, channel_axis=-1, data_range=255))
-
-
 @contextlib.contextmanager
 def _downloads_refused() -> Iterator[None]:
     """Make ``torch.hub`` raise instead of downloading (LPIPS's backbones load through it)."""

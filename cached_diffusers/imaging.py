@@ -7,7 +7,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-__all__ = ["psnr", "side_by_side", "to_uint8"]
+__all__ = ["psnr", "side_by_side", "ssim", "to_uint8"]
 
 
 def to_uint8(image: Image.Image | np.ndarray) -> np.ndarray:
@@ -30,12 +30,32 @@ def psnr(reference: Image.Image | np.ndarray, test: Image.Image | np.ndarray) ->
     """
     from skimage.metrics import peak_signal_noise_ratio
 
-    a, b = to_uint8(reference), to_uint8(test)
-    if a.shape != b.shape:
-        raise ValueError(f"images differ in size: {a.shape} vs {b.shape}")
+    a, b = _uint8_pair(reference, test)
     if np.array_equal(a, b):
         return float("inf")
     return float(peak_signal_noise_ratio(a, b, data_range=255))
+
+
+def ssim(reference: Image.Image | np.ndarray, test: Image.Image | np.ndarray) -> float:
+    """SSIM of ``test`` against ``reference`` on uint8 RGB pixels (scikit-image ``structural_similarity``,
+    ``channel_axis=-1``, ``data_range=255``, default 7x7 window); identical images give exactly 1.0.
+
+    Raises:
+        ValueError: if the images differ in size.
+    """
+    from skimage.metrics import structural_similarity
+
+    a, b = _uint8_pair(reference, test)
+    if np.array_equal(a, b):
+        return 1.0
+    return float(structural_similarity(a, b, channel_axis=-1, data_range=255))
+
+
+def _uint8_pair(reference, test) -> tuple[np.ndarray, np.ndarray]:
+    a, b = to_uint8(reference), to_uint8(test)
+    if a.shape != b.shape:
+        raise ValueError(f"images differ in size: {a.shape} vs {b.shape}")
+    return a, b
 
 
 def side_by_side(rows: Sequence[Sequence[Image.Image]], gap: int = 4) -> Image.Image:
