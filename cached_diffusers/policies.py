@@ -382,13 +382,18 @@ class MagCachePolicy(CachePolicy):
             return
         # ||r_t|| / ||r_{t-1}|| per token (L2 over channels) of the image-stream residual, mean over tokens, float32;
         # the first step has no previous residual and records 1.0 (Zehong-Ma/MagCache; diffusers adds 1e-8).
+        # The list is indexed by denoising step and has one entry per step: a branch evaluated only at some steps
+        # (BAGEL's CFG branches outside `cfg_interval`) gets 1.0 where it did not run, where its ratios are never
+        # read, and its next ratio spans the steps since its last evaluation.
         norm = residuals[0].float().norm(dim=-1)
         if state.previous_norm is None or state.previous_norm.shape != norm.shape:
             ratio = 1.0
         else:
             ratio = (norm / (state.previous_norm + 1e-8)).mean().item()
         state.previous_norm = norm
-        state.calibrated.append(round(ratio, 5))
+        if len(state.calibrated) != ctx.num_steps:
+            state.calibrated = [1.0] * ctx.num_steps
+        state.calibrated[ctx.step] = round(ratio, 5)
 
     def calibration(self, state: MagCacheState) -> dict[str, Any]:
         return {"mag_ratios": list(state.calibrated)} if self.config.calibrate else {}

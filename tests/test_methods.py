@@ -164,6 +164,23 @@ def test_magcache_calibration_never_skips_and_records_per_branch():
         MagCacheConfig.from_calibration(computed(TeaCacheConfig(0.1, coefficients=IDENTITY), 3)[0].stats)
 
 
+def test_magcache_calibration_of_a_branch_evaluated_at_some_steps_is_indexed_by_step():
+    # BAGEL evaluates its CFG branches only inside `cfg_interval`: their lists still have one ratio per step, 1.0
+    # where the branch did not run, so that the ratio at index i is the one recorded at step i.
+    engine, toy = CacheEngine({"num_blocks": 4}), ToyStack()
+    engine.config = MagCacheConfig(calibrate=True)
+    for step in range(6):
+        for branch in ("gen", "cfg_text") if step < 4 else ("gen",):
+            with engine.context(branch, step_index=step, num_inference_steps=6):
+                engine.run(toy.as_stack(), streams_at(step, 0.01 if branch == "gen" else 0.5))
+    gen = engine.stats.branches["gen"].calibration["mag_ratios"]
+    text = engine.stats.branches["cfg_text"].calibration["mag_ratios"]
+    assert len(gen) == len(text) == 6
+    assert text[4:] == [1.0, 1.0] and text[1:4] != gen[1:4]
+    config = MagCacheConfig.from_calibration(engine.stats)
+    assert set(config.mag_ratios) == {"gen", "cfg_text"}
+
+
 # -- DBCache ---------------------------------------------------------------------------------------------------------
 def test_dbcache_runs_front_and_back_blocks_and_follows_its_rule():
     config = DBCacheConfig(Fn=1, Bn=1, residual_diff_threshold=0.05, max_warmup_steps=0, compute_last_step=False)
