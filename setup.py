@@ -15,7 +15,7 @@ setup(
         "cached_diffusers.models": "models",
         "cached_diffusers.pipelines": "pipelines",
     },
-    package_data={"cached_diffusers": ["assets/*/*"]},
+    package_data={"cached_diffusers": ["assets/*/*", "assets/*/*/*"]},
     install_requires=[
         "torch>=2.4",
         "diffusers==0.42.1",

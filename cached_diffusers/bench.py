@@ -135,7 +135,10 @@ def _check_methods(methods: Sequence[str] | None) -> tuple[str, ...]:
 
 
 def default_sweep(
-    pipe: Any = None, methods: Sequence[str] | None = None, num_steps: int | None = None
+    pipe: Any = None,
+    methods: Sequence[str] | None = None,
+    num_steps: int | None = None,
+    calibrated: Sequence[CacheConfig] = (),
 ) -> list[CacheConfig]:
     """A few configs per method, from conservative to aggressive.
 
@@ -150,8 +153,9 @@ def default_sweep(
     * ``taylorseer``: ``TaylorSeerConfig(order=1, interval=k)`` for ``k`` in :data:`TAYLORSEER_INTERVALS`.
 
     TeaCache and MagCache take the model's published coefficients / ratios; when ``pipe``'s current cache config
-    carries its own (e.g. a calibrated ``cache_config.json`` loaded with the model), those are used instead. A
-    model with neither still gets the configs: :func:`run_benchmark` records them as skipped, with the reason.
+    carries its own (e.g. a calibrated ``cache_config.json`` loaded with the model), or one of ``calibrated`` does
+    (the output of ``cached-diffusers calibrate``; the first of each method wins), those are used instead. A model
+    with neither still gets the configs: :func:`run_benchmark` records them as skipped, with the reason.
 
     Args:
         pipe: a cached pipeline (optional): gives the block count and calibrated coefficients / ratios.
@@ -165,8 +169,9 @@ def default_sweep(
     transformer = getattr(pipe, "transformer", None)
     num_blocks = getattr(transformer, "num_cache_blocks", None) if transformer is not None else None
     current = getattr(pipe, "cache_config", None) if pipe is not None else None
-    coefficients = current.coefficients if isinstance(current, TeaCacheConfig) and not current.calibrate else None
-    ratios = current.mag_ratios if isinstance(current, MagCacheConfig) and not current.calibrate else None
+    sources = [c for c in (current, *calibrated) if c is not None and not getattr(c, "calibrate", False)]
+    coefficients = next((c.coefficients for c in sources if isinstance(c, TeaCacheConfig) and c.coefficients), None)
+    ratios = next((c.mag_ratios for c in sources if isinstance(c, MagCacheConfig) and c.mag_ratios), None)
     fn = 8 if num_blocks is None else max(1, min(8, num_blocks // 6))
     warmup = 8 if num_steps is None else max(1, min(8, num_steps // 4))
 
@@ -325,6 +330,8 @@ class BenchEntry:
         blocks_computed / uncached_blocks: those two block counts; num_steps: steps per generation.
         forward_calls: transformer forward calls over all prompts (guidance branches x steps x prompts).
         reused_steps: ``{branch: [reused steps, one per prompt]}``; computed_steps likewise.
+        reuse_schedules: ``{branch: [[indices of the reused steps], one list per prompt]}``, the schedules that
+            ``scripts/gpu_benchmark_qwenimage.py`` replays at full size.
         psnr / ssim / lpips: one value per prompt against the uncached image (LPIPS: ``None`` when unavailable).
     """
 
@@ -341,6 +348,7 @@ class BenchEntry:
     forward_calls: int = 0
     reused_steps: dict[str, list[int]] = field(default_factory=dict)
     computed_steps: dict[str, list[int]] = field(default_factory=dict)
+    reuse_schedules: dict[str, list[list[int]]] = field(default_factory=dict)
     psnr: list[float] = field(default_factory=list)
     ssim: list[float] = field(default_factory=list)
     lpips: list[float] | None = None
@@ -394,6 +402,7 @@ class BenchEntry:
                 for b, v in self.reused_steps.items()
             },
             "computed_steps": {b: {"mean": float(np.mean(v)), "per_prompt": v} for b, v in self.computed_steps.items()},
+            "reuse_schedules": self.reuse_schedules,
             "psnr": {"mean": self.psnr_mean, "min": self.psnr_min, "per_prompt": self.psnr},
             "ssim": {"mean": self.ssim_mean, "min": self.ssim_min, "per_prompt": self.ssim},
             "lpips": None
@@ -744,6 +753,7 @@ def _measure(entry: BenchEntry, stats: list, reference: list[np.ndarray], images
         for name, branch in s.branches.items():
             entry.reused_steps.setdefault(name, []).append(branch.num_reused)
             entry.computed_steps.setdefault(name, []).append(branch.num_computed)
+            entry.reuse_schedules.setdefault(name, []).append(list(branch.reused_steps))
     entry.block_fraction = entry.blocks_computed / entry.uncached_blocks if entry.uncached_blocks else None
     entry.psnr = [psnr(a, b) for a, b in zip(reference, images)]
     entry.ssim = [ssim(a, b) for a, b in zip(reference, images)]

@@ -224,8 +224,32 @@ def _sampling_kwargs(pipe, args: argparse.Namespace, seed: int) -> dict[str, Any
     return kwargs
 
 
+def with_saved_calibration(config, saved):
+    """``config`` with the calibrated data of ``saved`` (the model directory's ``cache_config.json``) filled in.
+
+    ``--cache teacache --rel-l1-thresh 0.3`` on a directory calibrated with ``cached-diffusers calibrate`` uses that
+    directory's coefficients (MagCache: its ratios), not the model class's defaults; values given on the command line
+    (``--coefficients``, ``--mag-ratios``) and calibration runs are left alone.
+    """
+    import dataclasses
+
+    from .configs import MagCacheConfig, TeaCacheConfig
+
+    for cls, name in ((TeaCacheConfig, "coefficients"), (MagCacheConfig, "mag_ratios")):
+        if (
+            isinstance(config, cls) and isinstance(saved, cls) and not config.calibrate
+            and getattr(config, name) is None and getattr(saved, name) is not None
+        ):  # fmt: skip
+            return dataclasses.replace(config, **{name: getattr(saved, name)})
+    return config
+
+
 def _load_pipeline(args: argparse.Namespace, cache_config):
+    from .hub import load_cache_config
+
     device, dtype = _device_and_dtype(args.device, args.dtype)
+    if cache_config is not UNSET and os.path.isdir(args.model):
+        cache_config = with_saved_calibration(cache_config, load_cache_config(args.model)[0])
     kwargs = {} if cache_config is UNSET else {"cache_config": cache_config}
     pipe = _pipeline_class_for(args.model).from_pretrained(args.model, dtype=dtype, **kwargs)
     pipe = pipe.to(device)
@@ -299,25 +323,26 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 # -- demo ------------------------------------------------------------------------------------------------------------
 def cmd_demo(args: argparse.Namespace) -> int:
     from .imaging import psnr, side_by_side
-    from .pipelines import CachedQwenImagePipeline
-    from .tiny import DEFAULT_HEIGHT, DEFAULT_PROMPTS, DEFAULT_WIDTH, build_tiny_qwenimage_pipeline
+    from .reference_model import DEMO_PROMPTS, REFERENCE_MODEL_DIR, RESOLUTION, load_reference_pipeline
 
     config = cache_config_from_args(args)
     if config is None:
         raise ValueError("demo compares a cached run with an uncached one: choose a --cache method other than 'none'")
-    pipe = build_tiny_qwenimage_pipeline(seed=0, pipeline_class=CachedQwenImagePipeline)
+    pipe = load_reference_pipeline()
+    config = with_saved_calibration(config, pipe.cache_config)  # TeaCache with the model's calibrated coefficients
     pipe.set_progress_bar_config(disable=args.quiet)
-    prompts = args.prompt or list(DEFAULT_PROMPTS)
+    prompts = args.prompt or list(DEMO_PROMPTS)
     kwargs = dict(
         prompt=prompts,
         negative_prompt=[" "] * len(prompts) if args.true_cfg_scale > 1 else None,
         true_cfg_scale=args.true_cfg_scale,
         num_inference_steps=args.steps,
-        height=args.height or DEFAULT_HEIGHT,
-        width=args.width or DEFAULT_WIDTH,
+        height=args.height or RESOLUTION,
+        width=args.width or RESOLUTION,
     )
 
-    print(f"embedded default Qwen-Image pipeline (untrained, offline), {len(prompts)} prompt(s), {args.steps} steps")
+    print(f"reference model ({REFERENCE_MODEL_DIR.name}: Qwen-Image classes trained on emoji, offline), "
+          f"{len(prompts)} prompt(s), {args.steps} steps")
     pipe.cache_config = None
     _timed_call(pipe, **{**kwargs, "num_inference_steps": 2}, generator=_generator("cpu", args.seed))  # warm-up
     uncached, uncached_seconds = _timed_call(pipe, **kwargs, generator=_generator("cpu", args.seed))
@@ -333,6 +358,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for prompt, a, b in zip(prompts, uncached.images, cached.images):
         print(f"PSNR cached vs uncached, {prompt!r}: {psnr(a, b):.2f} dB")
     sheet = side_by_side([list(uncached.images), list(cached.images)])
+    if max(sheet.size) < 512:  # the reference model draws 32 x 32 images: enlarge the sheet for viewing
+        factor = 512 // max(sheet.size)
+        sheet = sheet.resize((sheet.width * factor, sheet.height * factor), resample=0)
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     sheet.save(args.output)
     print(f"wrote {args.output} (top row uncached, bottom row cached)")
@@ -340,7 +368,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 # -- bench -----------------------------------------------------------------------------------------------------------
-EMBEDDED_MODEL = "embedded tiny Qwen-Image pipeline (untrained, random weights from seed 0, offline)"
+EMBEDDED_MODEL = "reference model (cached_diffusers/assets/reference-qwenimage-emoji: Qwen-Image classes trained on emoji)"
+
+
+def _load_config_file(flag: str, path: str):
+    """A cache config from a JSON file; raises ``ValueError`` naming ``flag`` and the file."""
+    from .configs import cache_config_from_dict
+
+    if not os.path.isfile(path):
+        raise ValueError(f"{flag}: no such file {path!r}")
+    try:
+        return cache_config_from_dict(_json_argument(flag, path, "a JSON object"))
+    except ValueError as error:
+        raise ValueError(f"{flag} {path}: {error}") from None
 
 
 def _bench_sweep(text: str) -> list:
@@ -355,14 +395,17 @@ def _bench_sweep(text: str) -> list:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import _check_methods, default_sweep, plot_pareto, run_benchmark, write_json, write_markdown
-    from .tiny import DEFAULT_PROMPTS
+    from .reference_model import DEMO_PROMPTS
 
     if args.repeats < 1:
         raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
     if args.sweep and args.methods:
         raise ValueError("--sweep and --methods exclude each other: --sweep lists the configs to run")
+    if args.sweep and args.calibrated:
+        raise ValueError("--sweep and --calibrated exclude each other: --calibrated feeds the default sweep")
     configs = _bench_sweep(args.sweep) if args.sweep else None
     methods = _check_methods(args.methods)  # before loading anything
+    calibrated = [_load_config_file("--calibrated", path) for path in args.calibrated or ()]
     if args.threads is not None:
         import torch
 
@@ -372,13 +415,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     device, dtype = _device_and_dtype(args.device, args.dtype)
     args = argparse.Namespace(**vars(args))
     if args.model is None:
-        from .pipelines import CachedQwenImagePipeline
-        from .tiny import build_tiny_qwenimage_pipeline
+        from .reference_model import RESOLUTION, load_reference_pipeline
 
-        pipe = build_tiny_qwenimage_pipeline(seed=0, pipeline_class=CachedQwenImagePipeline).to(device)
+        pipe = load_reference_pipeline().to(device)
         if pipe.transformer.dtype != dtype:
             pipe = pipe.to(dtype=dtype)
         model = EMBEDDED_MODEL
+        args.height, args.width = args.height or RESOLUTION, args.width or RESOLUTION
         if args.negative_prompt is None and args.true_cfg_scale is None:  # true CFG, as `demo` runs it
             args.negative_prompt, args.true_cfg_scale = " ", 4.0
     else:
@@ -390,8 +433,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     kwargs = _sampling_kwargs(pipe, args, args.seed)
     kwargs.pop("generator")  # run_benchmark seeds each prompt itself
     if configs is None:
-        configs = default_sweep(pipe, methods=methods, num_steps=args.steps)
-    prompts = args.prompt or list(DEFAULT_PROMPTS)
+        configs = default_sweep(pipe, methods=methods, num_steps=args.steps, calibrated=calibrated)
+    prompts = args.prompt or list(DEMO_PROMPTS)
     progress = None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
     result = run_benchmark(
         pipe, configs, prompts, kwargs, seed=args.seed, repeats=args.repeats, model=model, progress=progress
@@ -466,8 +509,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser(
         "bench", help="sweep cache methods and thresholds against uncached: time, work, PSNR/SSIM, Pareto plot"
     )
-    bench.add_argument("--model", default=None, help="diffusers directory or Hub id (default: the embedded tiny Qwen-Image pipeline)")
-    bench.add_argument("--prompt", action="append", default=None, help="prompt (repeat; default: the embedded model's 4 prompts)")
+    bench.add_argument("--model", default=None, help="diffusers directory or Hub id (default: the embedded reference model)")
+    bench.add_argument("--prompt", action="append", default=None, help="prompt (repeat; default: 4 captions of the reference model)")
     bench.add_argument("--steps", type=int, default=20, help="num_inference_steps (default: 20)")
     bench.add_argument("--height", type=int, default=None, help="image height (default: the model's)")
     bench.add_argument("--width", type=int, default=None, help="image width (default: the model's)")
@@ -483,6 +526,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--methods", nargs="+", default=None, metavar="METHOD",
         help="methods to sweep: teacache magcache fbcache dbcache dbcache+scm taylorseer (default: all)",
+    )
+    bench.add_argument(
+        "--calibrated", action="append", default=None, metavar="FILE",
+        help="a cache config JSON written by `calibrate` (repeat): the sweep's TeaCache coefficients / MagCache ratios",
     )
     bench.add_argument("--sweep", default=None, metavar="JSON_OR_FILE", help="run these configs instead: a JSON list of cache configs")
     bench.add_argument("--output-dir", default="bench", help="where results.json, results.md and pareto.png go (default: bench/)")

@@ -428,9 +428,11 @@ FLUX2_KLEIN_DEFAULT_WIDTH = 256
 """Default image size of the tiny pipeline: (256 / 16)^2 = 256 image tokens (``Flux2KleinPipeline``: 1024 x 1024)."""
 
 
-def write_tiny_qwen3_tokenizer(output_dir: str | os.PathLike = QWEN3_TOKENIZER_DIR) -> Path:
-    """Writes the tiny Qwen3-style tokenizer: the shipped Qwen2 tokenizer plus :data:`QWEN3_EXTRA_TOKENS` and
-    :data:`QWEN3_CHAT_TEMPLATE` (in ``tokenizer_config.json``).
+def write_tiny_qwen3_tokenizer(
+    output_dir: str | os.PathLike = QWEN3_TOKENIZER_DIR, source_dir: str | os.PathLike = TOKENIZER_DIR
+) -> Path:
+    """Writes the tiny Qwen3-style tokenizer: the Qwen2 tokenizer in ``source_dir`` (the shipped one by default) plus
+    :data:`QWEN3_EXTRA_TOKENS` and :data:`QWEN3_CHAT_TEMPLATE` (in ``tokenizer_config.json``).
 
     Deterministic: writing again gives byte-identical files (the shipped copy in :data:`QWEN3_TOKENIZER_DIR` is
     this function's output).
@@ -445,12 +447,12 @@ def write_tiny_qwen3_tokenizer(output_dir: str | os.PathLike = QWEN3_TOKENIZER_D
 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = Tokenizer.from_file(str(TOKENIZER_DIR / "tokenizer.json"))
+    tokenizer = Tokenizer.from_file(str(Path(source_dir) / "tokenizer.json"))
     tokenizer.add_tokens([AddedToken(token, special=False, normalized=False) for token in QWEN3_EXTRA_TOKENS])
     tokenizer.save(str(output_dir / "tokenizer.json"), pretty=True)
     for name in ("vocab.json", "merges.txt"):
-        shutil.copyfile(TOKENIZER_DIR / name, output_dir / name)
-    config = json.loads((TOKENIZER_DIR / "tokenizer_config.json").read_text(encoding="utf-8"))
+        shutil.copyfile(Path(source_dir) / name, output_dir / name)
+    config = json.loads((Path(source_dir) / "tokenizer_config.json").read_text(encoding="utf-8"))
     for token in QWEN3_EXTRA_TOKENS:
         config["added_tokens_decoder"][str(tokenizer.token_to_id(token))] = {
             "content": token,

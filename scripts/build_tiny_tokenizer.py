@@ -26,6 +26,7 @@ import argparse
 import json
 import re
 from pathlib import Path
+from typing import Sequence
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors, trainers
 from tokenizers.models import BPE
@@ -132,20 +133,23 @@ def prompt_words() -> list[str]:
     return words
 
 
-def build_corpus() -> list[str]:
+def build_corpus(extra_words: Sequence[str] = ()) -> list[str]:
     """The fixed training corpus, one string per training "sentence".
 
     The chat template is split at its special tokens (the BPE model never sees those; they are added tokens), and
-    each prompt word appears both at the start of a sentence and after a space.
+    each prompt word (:func:`prompt_words`, then ``extra_words`` not already among them) appears both at the start of
+    a sentence and after a space.
     """
     special = "|".join(re.escape(token) for token in SPECIAL_TOKENS)
     template_pieces = [piece for piece in re.split(special, PROMPT_TEMPLATE.replace("{}", "")) if piece]
     words = prompt_words()
+    words += [word for word in dict.fromkeys(extra_words) if word not in set(words)]
     return template_pieces + words + [" " + word for word in words]
 
 
-def train_tokenizer() -> Tokenizer:
-    """Trains the byte-level BPE tokenizer on :func:`build_corpus` and adds :data:`SPECIAL_TOKENS` after its vocab."""
+def train_tokenizer(extra_words: Sequence[str] = (), max_vocab: int = MAX_BPE_VOCAB) -> Tokenizer:
+    """Trains the byte-level BPE tokenizer on :func:`build_corpus` (with ``extra_words``), at most ``max_vocab`` BPE
+    entries, and adds :data:`SPECIAL_TOKENS` after its vocab."""
     tokenizer = Tokenizer(
         BPE(unk_token=None, continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False, byte_fallback=False)
     )
@@ -160,12 +164,12 @@ def train_tokenizer() -> Tokenizer:
     tokenizer.decoder = decoders.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
 
     trainer = trainers.BpeTrainer(
-        vocab_size=MAX_BPE_VOCAB,
+        vocab_size=max_vocab,
         min_frequency=0,
         show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    tokenizer.train_from_iterator(build_corpus(), trainer=trainer)
+    tokenizer.train_from_iterator(build_corpus(extra_words), trainer=trainer)
     tokenizer.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in SPECIAL_TOKENS])
     return tokenizer
 
@@ -210,13 +214,16 @@ def check_template_prefix(tokenizer: Tokenizer) -> None:
         raise ValueError(f"The template prefix is {num_tokens} tokens, expected {PROMPT_TEMPLATE_START_IDX}.")
 
 
-def build_tokenizer(output_dir: str | Path = DEFAULT_OUTPUT_DIR) -> Path:
-    """Trains the tokenizer and writes ``tokenizer.json``, ``vocab.json``, ``merges.txt`` and
-    ``tokenizer_config.json`` to ``output_dir`` (created if missing). Returns ``output_dir`` as a ``Path``."""
+def build_tokenizer(
+    output_dir: str | Path = DEFAULT_OUTPUT_DIR, extra_words: Sequence[str] = (), max_vocab: int = MAX_BPE_VOCAB
+) -> Path:
+    """Trains the tokenizer (see :func:`train_tokenizer`) and writes ``tokenizer.json``, ``vocab.json``,
+    ``merges.txt`` and ``tokenizer_config.json`` to ``output_dir`` (created if missing). Returns ``output_dir`` as a
+    ``Path``. The defaults write the shipped tiny tokenizer."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
 
-    tokenizer = train_tokenizer()
+    tokenizer = train_tokenizer(extra_words, max_vocab)
     check_template_prefix(tokenizer)
 
     tokenizer.save(str(output_dir / "tokenizer.json"), pretty=True)

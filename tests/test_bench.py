@@ -219,11 +219,9 @@ def test_run_benchmark_rejects_bad_arguments(pipe):
         run_benchmark(pipe, [NEVER], PROMPTS, {**CALL, "generator": None})
 
 
-def test_cli_bench(pipe, tmp_path, capsys, monkeypatch):
-    # The CLI builds the same embedded pipeline; hand it the module's one to save the build time.
-    monkeypatch.setattr(tiny, "build_tiny_qwenimage_pipeline", lambda seed=0, pipeline_class=None: pipe)
-    out = tmp_path / "bench"
-    argv = ["bench", "--methods", "fbcache", "--steps", "4", "--height", "64", "--width", "64", "--prompt", "a red cat",
+def test_cli_bench(tmp_path, capsys):
+    out = tmp_path / "bench"  # the default model: the trained reference model, at its 32 x 32
+    argv = ["bench", "--methods", "fbcache", "--steps", "4", "--prompt", "red apple",
             "--repeats", "1", "--threads", "1", "--output-dir", str(out), "--quiet"]
     assert main(argv) == 0
     text = capsys.readouterr().out
@@ -231,8 +229,9 @@ def test_cli_bench(pipe, tmp_path, capsys, monkeypatch):
     assert "best speedup at PSNR >= 30 dB" in text
     assert f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'pareto.png'}" in text
     data = _strict_json(out / "results.json")
-    assert data["model"].startswith("embedded tiny Qwen-Image pipeline")
-    assert data["num_inference_steps"] == 4 and data["prompts"] == ["a red cat"]
+    assert data["model"].startswith("reference model")
+    assert data["num_inference_steps"] == 4 and data["prompts"] == ["red apple"]
+    assert data["height"] == data["width"] == 32
     assert data["environment"]["torch_threads"] == 1
     assert data["call_kwargs"]["true_cfg_scale"] == 4.0  # true CFG by default on the embedded model, as `demo`
     assert [r["label"] for r in data["results"]] == ["fbcache"] * 5
@@ -241,12 +240,11 @@ def test_cli_bench(pipe, tmp_path, capsys, monkeypatch):
     assert "unknown benchmark method 'nocache'" in capsys.readouterr().err
 
 
-def test_cli_bench_with_an_explicit_sweep(pipe, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(tiny, "build_tiny_qwenimage_pipeline", lambda seed=0, pipeline_class=None: pipe)
+def test_cli_bench_with_an_explicit_sweep(tmp_path, capsys):
     sweep = tmp_path / "sweep.json"
     sweep.write_text('[{"method": "taylorseer", "interval": 2}, {"method": "none"}]')
-    argv = ["bench", "--sweep", str(sweep), "--steps", "4", "--height", "64", "--width", "64", "--prompt", "a red cat",
-            "--repeats", "2", "--output-dir", str(tmp_path / "out"), "--quiet"]
+    argv = ["bench", "--sweep", str(sweep), "--steps", "4", "--prompt", "red apple",
+            "--repeats", "2", "--threads", "1", "--output-dir", str(tmp_path / "out"), "--quiet"]
     assert main(argv) == 0
     data = _strict_json(tmp_path / "out" / "results.json")
     assert [r["params"] for r in data["results"]] == ["interval=2"]
@@ -255,3 +253,18 @@ def test_cli_bench_with_an_explicit_sweep(pipe, tmp_path, capsys, monkeypatch):
     capsys.readouterr()
     assert main(["bench", "--sweep", str(sweep), "--methods", "fbcache"]) == 2
     assert "--sweep and --methods exclude each other" in capsys.readouterr().err
+    assert main(["bench", "--sweep", str(sweep), "--calibrated", str(sweep)]) == 2
+    assert "--sweep and --calibrated exclude each other" in capsys.readouterr().err
+
+
+def test_default_sweep_takes_calibrated_coefficients_and_ratios():
+    tea = TeaCacheConfig(coefficients=(1.0, 2.0, 3.0, 4.0, 5.0))
+    mag = MagCacheConfig(mag_ratios=[1.0, 0.9, 0.8])
+    configs = default_sweep(None, methods=["teacache", "magcache"], calibrated=[mag, tea, TeaCacheConfig(calibrate=True)])
+    assert {c.coefficients for c in configs if isinstance(c, TeaCacheConfig)} == {(1.0, 2.0, 3.0, 4.0, 5.0)}
+    assert {tuple(c.mag_ratios) for c in configs if isinstance(c, MagCacheConfig)} == {(1.0, 0.9, 0.8)}
+
+
+def test_cli_bench_rejects_a_missing_calibrated_file(tmp_path, capsys):
+    assert main(["bench", "--calibrated", str(tmp_path / "nope.json"), "--output-dir", str(tmp_path)]) == 2
+    assert "--calibrated: no such file" in capsys.readouterr().err

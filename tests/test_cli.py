@@ -14,18 +14,20 @@ from cached_diffusers.tiny import save_tiny_qwenimage_pipeline
 
 def test_demo_runs_and_reports(tmp_path, capsys):
     out = tmp_path / "demo.png"
-    code = main(["demo", "--steps", "8", "--height", "64", "--width", "64", "--output", str(out), "--quiet"])
+    code = main(["demo", "--output", str(out), "--quiet"])  # 20 steps: the default
     assert code == 0
     text = capsys.readouterr().out
     assert re.search(r"uncached: \d+\.\d+ s", text)
     assert re.search(r"cached \(teacache\): \d+\.\d+ s", text)
     assert re.search(r"speedup: \d+\.\d+x", text)
-    skipped = re.findall(r"steps skipped \((cond|uncond)\): (\d+) of 8", text)
+    skipped = re.findall(r"steps skipped \((cond|uncond)\): (\d+) of 20", text)
     assert {b for b, _ in skipped} == {"cond", "uncond"}
     assert all(int(n) > 0 for _, n in skipped)  # the demo's default really skips transformer work
     assert re.search(r"PSNR cached vs uncached, .*: (\d+\.\d+|inf) dB", text)
-    sheet = Image.open(out)
-    assert sheet.height == 2 * 64 + 4  # uncached row over cached row
+    assert "reference model" in text  # the trained model is the demo's default
+    sheet = Image.open(out)  # uncached row over cached row, 4 images of 32 x 32 each, enlarged for viewing
+    factor = 512 // (4 * 32 + 3 * 4)
+    assert sheet.size == ((4 * 32 + 3 * 4) * factor, (2 * 32 + 4) * factor)
 
 
 def test_generate_from_a_local_directory(tmp_path, capsys):
@@ -133,3 +135,19 @@ def test_generate_uses_the_directorys_cache_config_unless_told_otherwise(tmp_pat
     assert "cache: none" in capsys.readouterr().out
     assert main(base + ["--rel-l1-thresh", "0.3"]) == 2
     assert "--rel-l1-thresh: choose the cache method with --cache METHOD" in capsys.readouterr().err
+
+
+def test_a_method_given_on_the_command_line_keeps_the_directory_calibration():
+    from cached_diffusers import MagCacheConfig
+    from cached_diffusers.cli import with_saved_calibration
+
+    saved = TeaCacheConfig(rel_l1_thresh=0.2, coefficients=(1.0, 2.0, 3.0, 4.0, 5.0))
+    assert with_saved_calibration(TeaCacheConfig(rel_l1_thresh=0.4), saved) == TeaCacheConfig(
+        rel_l1_thresh=0.4, coefficients=(1.0, 2.0, 3.0, 4.0, 5.0)
+    )
+    given = TeaCacheConfig(rel_l1_thresh=0.4, coefficients=(0.0, 0.0, 0.0, 1.0, 0.0))
+    assert with_saved_calibration(given, saved) == given  # the command line wins
+    assert with_saved_calibration(TeaCacheConfig(calibrate=True), saved) == TeaCacheConfig(calibrate=True)
+    assert with_saved_calibration(MagCacheConfig(mag_threshold=0.1), saved) == MagCacheConfig(mag_threshold=0.1)
+    ratios = MagCacheConfig(mag_ratios=[1.0, 1.1, 0.9])
+    assert with_saved_calibration(MagCacheConfig(mag_threshold=0.1), ratios).mag_ratios == ratios.mag_ratios
