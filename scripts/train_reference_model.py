@@ -62,7 +62,6 @@ from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer, Qwe
 from cached_diffusers import reference_model as ref  # noqa: E402
 from cached_diffusers.tiny import (  # noqa: E402
     FLUX2_KLEIN_SCHEDULER_CONFIG,
-    FLUX2_KLEIN_TEMB_GAIN,
     SCHEDULER_CONFIG,
     _flux2_klein_text_encoder_config,
     _text_encoder_config,
@@ -118,6 +117,9 @@ KLEIN_TRANSFORMER_CONFIG = {
 }
 """``Flux2Transformer2DModel`` kwargs (hidden 128, 2 double-stream + 6 single-stream blocks)."""
 
+KLEIN_EMBEDDING_GAIN = 25.0
+"""Factor on the Klein text encoder's token embeddings after its default initialisation (std 0.02 -> 0.5)."""
+
 CAPTION_DROPOUT = 0.1
 
 
@@ -152,20 +154,10 @@ def qwenimage_recipe() -> Recipe:
     )  # fmt: skip
 
 
-def klein_transformer() -> Flux2Transformer2DModel:
-    """The Klein transformer, its timestep embedding's output layer scaled by ``FLUX2_KLEIN_TEMB_GAIN`` (20) after the
-    default initialisation: otherwise every modulation starts near 0.03, the blocks barely act and training stalls
-    (a first run without it reached a flow-matching loss of 0.33 and 9 % top-1 after 4000 steps)."""
-    model = Flux2Transformer2DModel(**KLEIN_TRANSFORMER_CONFIG)
-    with torch.no_grad():
-        model.time_guidance_embed.timestep_embedder.linear_2.weight.mul_(FLUX2_KLEIN_TEMB_GAIN)
-    return model
-
-
 def klein_recipe() -> Recipe:
     return Recipe(
         "flux2-klein", False, "", "guidance_scale", {"max_sequence_length": ref.KLEIN_MAX_SEQUENCE_LENGTH},
-        lambda: AutoencoderKLFlux2(**KLEIN_VAE_CONFIG), klein_transformer,
+        lambda: AutoencoderKLFlux2(**KLEIN_VAE_CONFIG), lambda: Flux2Transformer2DModel(**KLEIN_TRANSFORMER_CONFIG),
     )  # fmt: skip
 
 
@@ -316,6 +308,12 @@ def build_text_side(recipe: Recipe, words: list[str], work: Path, seed: int):
     torch.manual_seed(seed)
     if recipe.name == "flux2-klein":
         text_encoder = Qwen3ForCausalLM(_flux2_klein_text_encoder_config(tokenizer))
+        # Klein feeds un-normalised intermediate hidden states (layers 9, 18, 27) to its transformer, with no input
+        # norm. With the default 0.02 initialisation they are about 0.04 per element, so the prompt barely reaches
+        # the transformer and training stalls (a first run: loss 0.33, 9 % top-1). Token embeddings of std 0.5 make
+        # them O(0.5), like Qwen-Image's RMS-normalised text input.
+        with torch.no_grad():
+            text_encoder.get_input_embeddings().weight.mul_(KLEIN_EMBEDDING_GAIN)
     else:
         text_encoder = Qwen2_5_VLForConditionalGeneration(_text_encoder_config(tokenizer))
     return tokenizer, text_encoder.eval()
@@ -340,7 +338,7 @@ def main() -> None:
     parser.add_argument("--num-emoji", type=int, default=512, help="a seeded random subset of the glyphs (0: all)")
     parser.add_argument("--vae-steps", type=int, default=2500)
     parser.add_argument("--vae-batch-size", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=None, help="transformer steps (default: 6000, Klein 5000)")
+    parser.add_argument("--steps", type=int, default=None, help="transformer steps (default: 6000, Klein 4000)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
@@ -350,7 +348,7 @@ def main() -> None:
     recipe = klein_recipe() if args.architecture == "flux2-klein" else qwenimage_recipe()
     output = args.output or (ref.REFERENCE_KLEIN_DIR if recipe.name == "flux2-klein" else ref.REFERENCE_MODEL_DIR)
     if args.steps is None:
-        args.steps = 5000 if recipe.name == "flux2-klein" else 6000
+        args.steps = 4000 if recipe.name == "flux2-klein" else 6000
     torch.set_num_threads(args.threads)
     if args.evaluate_only:
         pipeline_class = Flux2KleinPipeline if recipe.name == "flux2-klein" else QwenImagePipeline
