@@ -136,27 +136,25 @@ def to_pixels(images: np.ndarray, video: bool) -> torch.Tensor:
 # -- the two architectures -------------------------------------------------------------------------------------------
 @dataclass
 class Recipe:
-    """What differs between the architectures: components, latent layout, text conditioning, the model call."""
+    """What differs between the architectures: the autoencoder's layout, the caption-dropout prompt, the models."""
 
     name: str
     video_vae: bool
     negative_prompt: str
-    cfg_kwarg: str
-    call_kwargs: dict[str, Any]
     build_vae: Callable[[], Any]
     build_transformer: Callable[[], Any]
 
 
 def qwenimage_recipe() -> Recipe:
     return Recipe(
-        "qwenimage", True, ref.NEGATIVE_PROMPT, "true_cfg_scale", {},
+        "qwenimage", True, ref.NEGATIVE_PROMPT,
         lambda: AutoencoderKLQwenImage(**VAE_CONFIG), lambda: QwenImageTransformer2DModel(**TRANSFORMER_CONFIG),
     )  # fmt: skip
 
 
 def klein_recipe() -> Recipe:
     return Recipe(
-        "flux2-klein", False, "", "guidance_scale", {"max_sequence_length": ref.KLEIN_MAX_SEQUENCE_LENGTH},
+        "flux2-klein", False, "",
         lambda: AutoencoderKLFlux2(**KLEIN_VAE_CONFIG), lambda: Flux2Transformer2DModel(**KLEIN_TRANSFORMER_CONFIG),
     )  # fmt: skip
 
@@ -356,7 +354,7 @@ def main() -> None:
         pipe.set_progress_bar_config(disable=True)
         report_path = output / "training_report.json"
         report = json.loads(report_path.read_text()) if report_path.exists() else {}
-        report.update(evaluate(recipe, pipe, ref.load_reference_dataset(args.dataset_output)))
+        report.update(evaluate(recipe, pipe, ref.load_reference_dataset(args.dataset_output), output))
         report_path.write_text(json.dumps(report, indent=2) + "\n")
         log(f"top-1 {report['nearest_image_top1']:.3f}, top-5 {report['nearest_image_top5']:.3f}")
         return
@@ -409,21 +407,25 @@ def main() -> None:
         "vae_reconstruction_psnr_db": round(vae_psnr, 2),
         "training_minutes": round((time.time() - started) / 60, 1),
         "torch_threads": args.threads,
-        **evaluate(recipe, pipe, dataset),
+        **evaluate(recipe, pipe, dataset, output),
     }
     (output / "training_report.json").write_text(json.dumps(report, indent=2) + "\n")
     log(f"top-1 {report['nearest_image_top1']:.3f}, top-5 {report['nearest_image_top5']:.3f} "
         f"(chance {report['chance']:.4f})")  # fmt: skip
 
 
-def evaluate(recipe: Recipe, pipe, dataset: ref.EmojiDataset) -> dict[str, Any]:
-    """Nearest-training-image top-1 / top-5 of uncached generations of the fixed evaluation prompts; also writes
-    ``docs/reference-model[-klein].png`` (generations over training images)."""
+def evaluate(recipe: Recipe, pipe, dataset: ref.EmojiDataset, output: Path) -> dict[str, Any]:
+    """Nearest-training-image top-1 / top-5 of uncached generations of the fixed evaluation prompts; also writes the
+    generations over the training images, as ``docs/reference-model[-klein].png`` for the shipped models and as
+    ``<output>/samples.png`` for a model written elsewhere."""
     prompts = ref.eval_prompts(dataset)
     result = ref.nearest_image_accuracy(ref.generator(pipe, **ref.EVAL_SETTINGS), dataset, prompts)
-    suffix = "-klein" if recipe.name == "flux2-klein" else ""
-    (ROOT / "docs").mkdir(exist_ok=True)
-    ref.comparison_sheet(result, dataset, prompts).save(ROOT / "docs" / f"reference-model{suffix}.png")
+    if output.resolve() in (ref.REFERENCE_MODEL_DIR, ref.REFERENCE_KLEIN_DIR):
+        suffix = "-klein" if recipe.name == "flux2-klein" else ""
+        sheet = ROOT / "docs" / f"reference-model{suffix}.png"
+    else:
+        sheet = output / "samples.png"
+    ref.comparison_sheet(result, dataset, prompts).save(sheet)
     return {
         "eval": {"prompts": len(prompts), **ref.EVAL_SETTINGS, "architecture": recipe.name},
         "nearest_image_top1": result.top1,

@@ -5,6 +5,7 @@ is checked (forced schedules, computed/reused counts, report fields), never the 
 """
 
 import json
+import os
 import subprocess
 import sys
 
@@ -38,7 +39,7 @@ def test_replays_the_benchmark_schedules(tmp_path):
     cmd = [sys.executable, str(ROOT / "scripts" / "gpu_benchmark_qwenimage.py"), "--tiny", "--device", "cpu",
            "--steps", str(STEPS), "--height", "64", "--repeats", "1", "--schedules", str(schedules),
            "--output-dir", str(out)]  # fmt: skip
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={"OMP_NUM_THREADS": "1", **_env()})
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     (report_path,) = out.glob("gpu-*-cpu-tiny.json")
     report = json.loads(report_path.read_text())
@@ -59,12 +60,7 @@ def test_refuses_schedules_of_another_step_count(tmp_path):
     path.write_text(json.dumps({"num_inference_steps": 20, "results": []}))
     cmd = [sys.executable, str(ROOT / "scripts" / "gpu_benchmark_qwenimage.py"), "--tiny", "--device", "cpu",
            "--schedules", str(path)]  # fmt: skip
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=_env())
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0
     assert "num_inference_steps=20" in done.stderr and "50" in done.stderr
 
-
-def _env():
-    import os
-
-    return {k: v for k, v in os.environ.items()}

@@ -27,6 +27,16 @@ def dataset():
     return ref.load_reference_dataset()
 
 
+def measure(pipe, dataset):
+    """Nearest-image accuracy of ``pipe`` on the fixed evaluation prompts (one torch thread: a shared CPU stalls two)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return ref.nearest_image_accuracy(ref.generator(pipe, **ref.EVAL_SETTINGS), dataset, ref.eval_prompts(dataset))
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_layout_is_an_ordinary_small_diffusers_directory():
     index = json.loads((ref.REFERENCE_MODEL_DIR / "model_index.json").read_text())
     assert index["_class_name"] == "QwenImagePipeline"
@@ -60,13 +70,7 @@ def test_dataset_matches_the_training_report(dataset):
 
 
 def test_generations_are_recognisably_their_captions(pipe, dataset):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        prompts = ref.eval_prompts(dataset)
-        result = ref.nearest_image_accuracy(ref.generator(pipe, **ref.EVAL_SETTINGS), dataset, prompts)
-    finally:
-        torch.set_num_threads(threads)
+    result = measure(pipe, dataset)
     report = json.loads((ref.REFERENCE_MODEL_DIR / "training_report.json").read_text())
     print(f"top-1 {result.top1:.3f} top-5 {result.top5:.3f} (chance {result.chance:.5f})")
     assert result.top1 >= TOP1_FLOOR
@@ -109,12 +113,7 @@ def test_klein_reference_model_loads_and_draws_its_captions(dataset):
     pipe.set_progress_bar_config(disable=True)
     report = json.loads((ref.REFERENCE_KLEIN_DIR / "training_report.json").read_text())
     assert report["architecture"] == "flux2-klein" and report["dataset_size"] == len(dataset)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        result = ref.nearest_image_accuracy(ref.generator(pipe, **ref.EVAL_SETTINGS), dataset, ref.eval_prompts(dataset))
-    finally:
-        torch.set_num_threads(threads)
+    result = measure(pipe, dataset)
     print(f"klein top-1 {result.top1:.3f} top-5 {result.top5:.3f}")
     assert result.top1 >= KLEIN_TOP1_FLOOR
     assert result.top1 == pytest.approx(report["nearest_image_top1"], abs=0.05)
