@@ -13,6 +13,7 @@ the cached pipeline installs for the duration of its ``__call__``.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping
 
@@ -23,7 +24,7 @@ from .policies import CachePolicy, Gate, StepContext
 from .residuals import ResidualStore, make_store
 from .stats import CacheStats, StepRecord
 
-__all__ = ["BlockStack", "BranchState", "CacheEngine", "DEFAULT_BRANCH"]
+__all__ = ["BlockStack", "BranchState", "CacheEngine", "DEFAULT_BRANCH", "Generation"]
 
 Streams = tuple[torch.Tensor, ...]
 
@@ -59,6 +60,7 @@ class BranchState:
     num_reused: int = 0
     consecutive_reused: int = 0
     last_step: int | None = None
+    invalidated: bool = False
 
 
 @dataclass(frozen=True)
@@ -68,8 +70,60 @@ class _CallContext:
     num_inference_steps: int | None
 
 
+@dataclass
+class Generation:
+    """The cache state of one generation: what a cached residual depends on, owned by the caller, not the model.
+
+    A cached pipeline opens one per ``__call__`` (:meth:`CacheEngine.generation`), so that concurrent generations
+    on pipelines that share a transformer (threads, or a pipeline called from another one's callback) each keep
+    their own branch states, step source and statistics. A transformer driven directly, outside any generation,
+    uses its engine's own generation, which restarts when the steps wrap to 0 or the step count changes.
+
+    Attributes:
+        config: the cache config of this generation (``None``: no caching).
+        policy: its decision policy (built once per generation; ``None`` when caching is off).
+        branches: ``{branch name: BranchState}``, the stored residuals and the method state per guidance branch.
+        stats: this generation's statistics.
+    """
+
+    config: CacheConfig | None
+    policy: CachePolicy | None
+    branches: dict[str, BranchState] = field(default_factory=dict)
+    stats: CacheStats = field(default_factory=lambda: CacheStats("none"))
+    context: _CallContext | None = None
+    step_source: Callable[[], tuple[int, int]] | None = None
+
+    def __post_init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every branch's state and start new statistics."""
+        self.branches = {}
+        policy = self.policy
+        self.stats = CacheStats(
+            self.config.method if self.config is not None else "none",
+            signal_name=policy.signal_name if policy is not None else "",
+        )
+
+    def invalidate(self) -> None:
+        """Make every branch compute at its next step and restart its residual store (see ``CacheEngine.invalidate``)."""
+        for state in self.branches.values():
+            state.invalidated = True
+
+
+_OPEN_GENERATIONS: contextvars.ContextVar[Mapping[int, Generation]] = contextvars.ContextVar(
+    "cached_diffusers_open_generations", default={}
+)
+"""``{id(engine): Generation}`` of the generations open in the current thread (or asyncio task)."""
+
+
 class CacheEngine:
-    """Holds a model's cache config, its policy, the state per guidance branch and the statistics.
+    """Holds a model's cache config and policy; the cache state itself lives in a :class:`Generation`.
+
+    Every method that reads or changes cache state (``run``, ``context``, ``step_source``, ``step_context``,
+    ``stats``, ``reset``, ``invalidate``) acts on the generation open in the calling thread for this engine
+    (:meth:`generation`, which cached pipelines open per call), or, when none is open, on the engine's own
+    generation, which a transformer driven directly uses.
 
     Args:
         defaults: model-provided values the configs may need: ``"model_name"``, ``"num_blocks"``,
@@ -79,38 +133,106 @@ class CacheEngine:
 
     def __init__(self, defaults: Mapping[str, Any] | None = None):
         self.defaults = dict(defaults or {})
-        self._config: CacheConfig | None = None
-        self._policy: CachePolicy | None = None
-        self._branches: dict[str, BranchState] = {}
-        self._context: _CallContext | None = None
-        self._step_source: Callable[[], tuple[int, int]] | None = None
-        self.stats = CacheStats("none")
+        self._own_config: CacheConfig | None = None
+        self._own_policy: CachePolicy | None = None
+        self._own = Generation(None, None)
+        self._last_stats: CacheStats = self._own.stats
 
     # -- configuration -------------------------------------------------------------------------------------------
     @property
     def config(self) -> CacheConfig | None:
-        """The active cache config, ``None`` when caching is off."""
-        return self._config
+        """The engine's cache config (what the transformer uses outside a pipeline's generation; ``None``: off)."""
+        return self._own_config
 
     @config.setter
     def config(self, value: CacheConfig | Mapping[str, Any] | str | None) -> None:
+        config, policy = self.make_policy(value)
+        self._own_config, self._own_policy = config, policy
+        self._own = Generation(config, policy)
+        self._last_stats = self._own.stats
+
+    def make_policy(self, value: CacheConfig | Mapping[str, Any] | str | None) -> tuple[CacheConfig | None, CachePolicy | None]:
+        """``(config, policy)`` for a config, dict, method name or ``None``, with this model's defaults.
+
+        Raises:
+            ValueError: for an invalid config or one this model cannot run (see ``CacheConfig.make_policy``).
+        """
         config = resolve_cache_config(value)
-        policy = config.make_policy(self.defaults) if config is not None else None
-        self._config, self._policy = config, policy
-        self.reset()
+        return config, (config.make_policy(self.defaults) if config is not None else None)
+
+    @property
+    def current(self) -> Generation:
+        """The generation open in this thread for this engine, else the engine's own."""
+        return _OPEN_GENERATIONS.get().get(id(self), self._own)
 
     @property
     def active(self) -> bool:
-        return self._policy is not None
+        """Whether the current generation caches (its config is not ``None``)."""
+        return self.current.policy is not None
+
+    @property
+    def stats(self) -> CacheStats:
+        """Statistics of the generation open in this thread, else of the last one started on this engine."""
+        open_generation = _OPEN_GENERATIONS.get().get(id(self))
+        return open_generation.stats if open_generation is not None else self._last_stats
+
+    # Read-only views of the current generation, for introspection.
+    @property
+    def _config(self) -> CacheConfig | None:
+        return self.current.config
+
+    @property
+    def _policy(self) -> CachePolicy | None:
+        return self.current.policy
+
+    @property
+    def _branches(self) -> dict[str, BranchState]:
+        return self.current.branches
+
+    @property
+    def _context(self) -> _CallContext | None:
+        return self.current.context
 
     def reset(self) -> None:
-        """Forget every branch's state and start new statistics (called at the start of every pipeline call)."""
-        self._branches = {}
-        policy = self._policy
-        self.stats = CacheStats(
-            self._config.method if self._config is not None else "none",
-            signal_name=policy.signal_name if policy is not None else "",
-        )
+        """Forget every branch's state and start new statistics (of the current generation)."""
+        generation = self.current
+        generation.reset()
+        self._last_stats = generation.stats
+
+    def invalidate(self) -> None:
+        """The inputs changed behind the cache's back (latents replaced by a callback, a changed schedule): every
+        branch of the current generation computes its next step, and its residual store restarts."""
+        self.current.invalidate()
+
+    @contextlib.contextmanager
+    def generation(
+        self, config: CacheConfig | Mapping[str, Any] | str | None | object = ..., *, policy: CachePolicy | None = None
+    ) -> Iterator[Generation]:
+        """Open a new generation for the calls made in this thread (or asyncio task) inside the block.
+
+        Args:
+            config: this generation's cache config; omitted, the engine's own (:attr:`config`).
+            policy: the policy of ``config`` if already built (else built here).
+
+        Yields:
+            The :class:`Generation`; its ``stats`` stay readable after the block, the branch states are dropped.
+
+        Raises:
+            ValueError: for an invalid ``config``.
+        """
+        if config is ...:
+            config, policy = self._own_config, self._own_policy
+        elif policy is None:
+            config, policy = self.make_policy(config)
+        # A branch marked around the generation (`with transformer.cache_context("cond"): pipe(...)`) stays marked.
+        generation = Generation(config, policy, context=self.current.context)
+        self._last_stats = generation.stats
+        token = _OPEN_GENERATIONS.set({**_OPEN_GENERATIONS.get(), id(self): generation})
+        try:
+            yield generation
+        finally:
+            _OPEN_GENERATIONS.reset(token)
+            generation.branches = {}  # free the stored residuals; the statistics stay
 
     # -- where the loop is ---------------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -118,20 +240,22 @@ class CacheEngine:
         self, name: str, step_index: int | None = None, num_inference_steps: int | None = None
     ) -> Iterator[None]:
         """Mark the branch (``name``) and, optionally, the step of the transformer calls made inside."""
-        previous, self._context = self._context, _CallContext(name, step_index, num_inference_steps)
+        generation = self.current
+        previous, generation.context = generation.context, _CallContext(name, step_index, num_inference_steps)
         try:
             yield
         finally:
-            self._context = previous
+            generation.context = previous
 
     @contextlib.contextmanager
     def step_source(self, source: Callable[[], tuple[int, int]]) -> Iterator[None]:
         """Install ``source() -> (step_index, num_inference_steps)`` for calls whose context lacks them."""
-        previous, self._step_source = self._step_source, source
+        generation = self.current
+        previous, generation.step_source = generation.step_source, source
         try:
             yield
         finally:
-            self._step_source = previous
+            generation.step_source = previous
 
     def step_context(self) -> StepContext:
         """The current step, step count and branch.
@@ -140,12 +264,13 @@ class CacheEngine:
             ValueError: when neither the cache context nor a step source tells the denoising step, or the step is
                 outside ``[0, num_inference_steps)``.
         """
-        ctx = self._context
+        generation = self.current
+        ctx = generation.context
         branch = ctx.name if ctx is not None else DEFAULT_BRANCH
         step = ctx.step_index if ctx is not None else None
         num_steps = ctx.num_inference_steps if ctx is not None else None
-        if (step is None or num_steps is None) and self._step_source is not None:
-            source_step, source_num_steps = self._step_source()
+        if (step is None or num_steps is None) and generation.step_source is not None:
+            source_step, source_num_steps = generation.step_source()
             step = source_step if step is None else step
             num_steps = source_num_steps if num_steps is None else num_steps
         if step is None or num_steps is None:
@@ -171,21 +296,22 @@ class CacheEngine:
         break the graph on and recompile for at every step. Blocks compiled on their own
         (``compile_repeated_blocks``) still run compiled inside it.
         """
-        policy = self._policy
+        generation = self.current
+        policy = generation.policy
         num_blocks = stack.num_blocks
         if policy is None:
             return stack.run_blocks(0, num_blocks, streams)
         ctx = self.step_context()
-        state = self._branch_state(ctx, num_blocks)
+        state = self._branch_state(generation, ctx, num_blocks)
         front, back = policy.front_blocks, policy.back_blocks
         if front + back >= num_blocks:
             raise ValueError(
-                f"cache method {self._config.method!r} runs {front} front and {back} back blocks, which leaves no "
-                f"block to cache in a stack of {num_blocks}"
+                f"cache method {generation.config.method!r} runs {front} front and {back} back blocks, which leaves "
+                f"no block to cache in a stack of {num_blocks}"
             )
 
         span_in = stack.run_blocks(0, front, streams) if front else streams
-        signal = self._signal(policy.signal_kind, stack, streams, span_in)
+        signal = self._signal(generation, policy.signal_kind, stack, streams, span_in)
         measurement = policy.observe(state.method_state, signal)
         gate, reason = policy.gate(
             ctx,
@@ -193,8 +319,15 @@ class CacheEngine:
             num_reused=state.num_reused,
             consecutive_reused=state.consecutive_reused,
         )
-        if state.last_step == ctx.step:
-            gate, reason = Gate.COMPUTE, "repeated-step"
+        if state.last_step is not None and ctx.step <= state.last_step:
+            # The same step again, or an earlier one: the stored residual belongs to a later point of the trajectory.
+            gate, reason = Gate.COMPUTE, "repeated-step" if ctx.step == state.last_step else "step-went-back"
+        if state.invalidated:
+            # The inputs were changed behind the cache (a callback replaced the latents, the schedule changed): the
+            # stored residual (and a TaylorSeer forecast's history) no longer describe this trajectory.
+            gate, reason = Gate.COMPUTE, "input-changed"
+            state.store = make_store(policy.taylorseer_order)
+            state.invalidated = False
         decision = policy.decide(ctx, state.method_state, measurement, gate, reason)
 
         if decision.reuse:
@@ -211,37 +344,42 @@ class CacheEngine:
             blocks = num_blocks
         out = stack.run_blocks(num_blocks - back, num_blocks, span_out) if back else span_out
         state.last_step = ctx.step
-        branch_stats = self.stats.branch(ctx.branch)
+        branch_stats = generation.stats.branch(ctx.branch)
         branch_stats.records.append(StepRecord(ctx.step, decision.reuse, decision.reason, decision.signal, blocks))
         calibration = policy.calibration(state.method_state)
         if calibration:
             branch_stats.calibration = calibration
         return out
 
-    def _signal(self, kind: str | None, stack: BlockStack, streams: Streams, span_in: Streams) -> torch.Tensor | None:
+    def _signal(
+        self, generation: Generation, kind: str | None, stack: BlockStack, streams: Streams, span_in: Streams
+    ) -> torch.Tensor | None:
         if kind is None:
             return None
         if kind == "front_residual":
             return span_in[0] - streams[0]
         if kind not in stack.signals:
             raise ValueError(
-                f"cache method {self._config.method!r} needs the {kind!r} signal, which "
+                f"cache method {generation.config.method!r} needs the {kind!r} signal, which "
                 f"{self.defaults.get('model_name', 'this model')} does not provide"
             )
         return stack.signals[kind](streams)
 
-    def _branch_state(self, ctx: StepContext, num_blocks: int) -> BranchState:
-        stats = self.stats
-        known = self._branches.get(ctx.branch)
+    def _branch_state(self, generation: Generation, ctx: StepContext, num_blocks: int) -> BranchState:
+        stats = generation.stats
+        known = generation.branches.get(ctx.branch)
         new_generation = stats.num_steps is not None and (
             stats.num_steps != ctx.num_steps or (ctx.step == 0 and known is not None and known.last_step is not None)
         )
         if new_generation:
-            # A transformer driven directly (no pipeline) starts its next generation: steps wrap to 0.
-            self.reset()
-            stats = self.stats
+            # A transformer driven directly (no pipeline) starts its next generation: steps wrap to 0 (or the step
+            # count changed, e.g. a callback changed the schedule).
+            generation.reset()
+            stats = generation.stats
+        if generation is self._own or new_generation:
+            self._last_stats = stats
         stats.num_steps, stats.num_blocks = ctx.num_steps, num_blocks
-        if ctx.branch not in self._branches:
-            policy = self._policy
-            self._branches[ctx.branch] = BranchState(policy.new_state(), make_store(policy.taylorseer_order))
-        return self._branches[ctx.branch]
+        if ctx.branch not in generation.branches:
+            policy = generation.policy
+            generation.branches[ctx.branch] = BranchState(policy.new_state(), make_store(policy.taylorseer_order))
+        return generation.branches[ctx.branch]

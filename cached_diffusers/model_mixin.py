@@ -73,7 +73,8 @@ class CachedTransformerMixin:
 
     @property
     def cache_config(self) -> CacheConfig | None:
-        """The active cache config; ``None`` means no caching. Assign a config, a dict, a method name or ``None``.
+        """The cache config of direct calls; ``None`` means no caching. Assign a config, a dict, a method name or
+        ``None``. A cached pipeline's calls use the pipeline's own ``cache_config`` (assigning that sets this too).
 
         Raises:
             ValueError: on assignment of an invalid config, or one this model cannot run (e.g. TeaCache without
@@ -87,8 +88,20 @@ class CachedTransformerMixin:
 
     @property
     def cache_stats(self) -> CacheStats:
-        """Statistics of the current (or last) generation."""
+        """Statistics of the generation running in this thread, else of the last one started on this transformer."""
         return self.cache_engine.stats
+
+    def cache_generation(self, cache_config: CacheConfig | Mapping[str, Any] | str | None | object = ...):
+        """Context manager: the transformer calls made in this thread inside it form one generation of their own.
+
+        Cached pipelines open one per call. Open one yourself to drive a shared transformer directly from several
+        threads: each thread's generation keeps its own branch states and statistics. ``cache_config`` (default:
+        :attr:`cache_config`) is this generation's. Yields the :class:`~cached_diffusers.engine.Generation`.
+
+        Raises:
+            ValueError: for an invalid ``cache_config``.
+        """
+        return self.cache_engine.generation(cache_config)
 
     def reset_cache(self) -> None:
         """Forget all cached residuals and statistics; the next call starts a new generation."""

@@ -407,11 +407,11 @@ class CachedHunyuanImage3Pipeline(CachedPipelineMixin, DiffusionPipeline):
         branch_rows = {"cond": slice(0, batch)}
         if do_cfg:
             branch_rows["uncond"] = slice(batch, 2 * batch)
-        engine = self.transformer.cache_engine
-        engine.reset()
         self._num_timesteps = len(timesteps)
 
-        with self.progress_bar(total=num_inference_steps) as progress_bar:
+        with self.cache_generation(callback_on_step_end) as callback_on_step_end, self.progress_bar(
+            total=num_inference_steps
+        ) as progress_bar:
             for i, t in enumerate(timesteps):
                 preds = self._predict(i, num_inference_steps, t, latents, sequence, kv_cache, branch_rows)
                 pred_cond = preds["cond"]
