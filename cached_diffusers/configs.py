@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from collections.abc import Sequence, Set as AbstractSet
 from typing import Any, ClassVar, Mapping
 
 __all__ = [
@@ -122,10 +123,43 @@ class FrozenDict(dict):
     __setitem__ = __delitem__ = clear = pop = popitem = setdefault = update = _read_only  # type: ignore[assignment]
 
 
+def as_scalar(value: Any) -> Any:
+    """A numpy scalar, a 0-d numpy array or a 0-d torch tensor as the Python number (or bool) it holds; any other
+    value unchanged. Config fields take these as the numbers they are."""
+    if getattr(value, "ndim", None) == 0 and callable(getattr(value, "item", None)) and type(value).__module__ in (
+        "numpy", "torch"
+    ):
+        return value.item()
+    return value
+
+
+def as_sequence(label: str, value: Any, what: str) -> tuple[Any, ...]:
+    """An ordered collection (list, tuple, 1-d numpy array or torch tensor) as a tuple of its items.
+
+    Raises:
+        ValueError: naming ``label`` (the field) and ``what`` it must hold, for a string, a mapping, a set or any other
+            unordered collection (whose order would be arbitrary), or something that is not a collection.
+    """
+    if type(value).__module__ in ("numpy", "torch") and getattr(value, "ndim", None) == 1:
+        return tuple(value.tolist())
+    if isinstance(value, (str, bytes, bytearray)) or not isinstance(value, Sequence):
+        kind = "an unordered " + type(value).__name__ if isinstance(value, (AbstractSet, Mapping)) else type(value).__name__
+        raise ValueError(
+            f"{label} must be a sequence of {what} (a list, tuple or 1-d array; sets and other unordered collections "
+            f"are refused), got {kind} {value!r}"
+        )
+    return tuple(value)
+
+
+def _kind(value: Any) -> str:
+    return "" if isinstance(value, (int, float)) else f" ({type(value).__name__})"
+
+
 def _check_number(owner: str, name: str, value: Any, *, low: float | None = None, low_open: bool = False) -> float:
     bound = "" if low is None else (f" > {low}" if low_open else f" >= {low}")
+    value = as_scalar(value)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{owner}.{name} must be a finite number{bound}, got {value!r}")
+        raise ValueError(f"{owner}.{name} must be a finite number{bound}, got {value!r}{_kind(value)}")
     if low is not None and (value <= low if low_open else value < low):
         raise ValueError(f"{owner}.{name} must be a finite number{bound}, got {value!r}")
     return float(value)
@@ -134,11 +168,12 @@ def _check_number(owner: str, name: str, value: Any, *, low: float | None = None
 def _check_int(owner: str, name: str, value: Any, *, low: int, allow_none: bool = False) -> int | None:
     if value is None and allow_none:
         return None
+    value = as_scalar(value)
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         extra = " or None (no limit)" if allow_none else ""
-        raise ValueError(f"{owner}.{name} must be an integer >= {low}{extra}, got {value!r}")
+        raise ValueError(f"{owner}.{name} must be an integer >= {low}{extra}, got {value!r}{_kind(value)}")
     return value
 
 
@@ -150,9 +185,14 @@ def _check_order(owner: str, name: str, value: Any) -> int:
 
 
 def _check_bool(owner: str, name: str, value: Any) -> bool:
+    value = as_scalar(value)
     if not isinstance(value, bool):
-        raise ValueError(f"{owner}.{name} must be True or False, got {value!r}")
+        raise ValueError(f"{owner}.{name} must be True or False, got {value!r}{_kind(value)}")
     return value
+
+
+def _set_bool(config: CacheConfig, name: str) -> None:
+    object.__setattr__(config, name, _check_bool(type(config).__name__, name, getattr(config, name)))
 
 
 @dataclass(frozen=True)
@@ -267,7 +307,7 @@ class StepCacheConfig(CacheConfig):
             "max_continuous_cached_steps",
             _check_int(owner, "max_continuous_cached_steps", self.max_continuous_cached_steps, low=1, allow_none=True),
         )
-        _check_bool(owner, "compute_last_step", self.compute_last_step)
+        _set_bool(self, "compute_last_step")
         object.__setattr__(self, "warmup_interval", _check_int(owner, "warmup_interval", self.warmup_interval, low=1))
         if self.scm_steps_mask is not None:
             from .scm import validate_mask_spec
@@ -302,7 +342,7 @@ class ResidualCacheConfig(StepCacheConfig):
     def validate(self) -> None:
         super().validate()
         owner = type(self).__name__
-        _check_bool(owner, "enable_taylorseer", self.enable_taylorseer)
+        _set_bool(self, "enable_taylorseer")
         object.__setattr__(self, "taylorseer_order", _check_order(owner, "taylorseer_order", self.taylorseer_order))
 
 
@@ -352,14 +392,12 @@ class TeaCacheConfig(ResidualCacheConfig):
     def validate(self) -> None:
         super().validate()
         owner = type(self).__name__
-        _check_bool(owner, "calibrate", self.calibrate)
+        _set_bool(self, "calibrate")
         object.__setattr__(
             self, "rel_l1_thresh", _check_number(owner, "rel_l1_thresh", self.rel_l1_thresh, low=0.0, low_open=True)
         )
         if self.coefficients is not None:
-            coefficients = self.coefficients
-            if isinstance(coefficients, (str, bytes)) or not hasattr(coefficients, "__len__"):
-                raise ValueError(f"{owner}.coefficients must be a sequence of 5 numbers or None, got {coefficients!r}")
+            coefficients = as_sequence(f"{owner}.coefficients", self.coefficients, "5 numbers [c4, c3, c2, c1, c0] or None")
             if len(coefficients) != 5:
                 raise ValueError(
                     f"{owner}.coefficients must have exactly 5 numbers [c4, c3, c2, c1, c0] (a 4th-order polynomial, "
@@ -390,8 +428,7 @@ class TeaCacheConfig(ResidualCacheConfig):
 
 
 def _check_ratio_list(owner: str, name: str, values: Any) -> tuple[float, ...]:
-    if isinstance(values, (str, bytes)) or not hasattr(values, "__len__"):
-        raise ValueError(f"{owner}.{name} must be a sequence of positive numbers, got {values!r}")
+    values = as_sequence(f"{owner}.{name}", values, "positive numbers, one per calibration step")
     if len(values) < 2:
         raise ValueError(f"{owner}.{name} must have at least 2 entries (one per calibration step), got {len(values)}")
     ratios = tuple(_check_number(owner, f"{name}[{i}]", v, low=0.0, low_open=True) for i, v in enumerate(values))
@@ -450,7 +487,7 @@ class MagCacheConfig(ResidualCacheConfig):
         if retention >= 1.0:
             raise ValueError(f"{owner}.mag_retention_ratio must be in [0, 1), got {retention!r}")
         object.__setattr__(self, "mag_retention_ratio", retention)
-        _check_bool(owner, "calibrate", self.calibrate)
+        _set_bool(self, "calibrate")
         ratios = self.mag_ratios
         if ratios is None:
             return

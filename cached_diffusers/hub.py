@@ -68,13 +68,20 @@ def read_cache_config(path: str | os.PathLike) -> CacheConfig | None:
     """Read and validate one ``cache_config.json`` file (see :func:`parse_cache_config`).
 
     Raises:
-        ValueError: naming the file, when it is not valid JSON or not a valid config.
+        ValueError: naming the file, when it cannot be read (missing, a directory, no permission), is not UTF-8 text,
+            is not valid JSON (nested too deeply, numbers too long) or not a valid config.
     """
     path = os.fspath(path)
     try:
         with open(path, encoding="utf-8") as handle:
-            data = json.load(handle)
-    except json.JSONDecodeError as error:
+            text = handle.read()
+    except UnicodeDecodeError as error:
+        raise ValueError(f"invalid cache config in {path}: not UTF-8 text ({error})") from None
+    except OSError as error:
+        raise ValueError(f"cannot read the cache config {path}: {error.strerror or error}") from None
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError) as error:  # JSONDecodeError, too many digits, too deeply nested
         raise ValueError(f"invalid cache config in {path}: not valid JSON ({error})") from None
     return parse_cache_config(data, path)
 

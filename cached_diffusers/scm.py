@@ -30,10 +30,14 @@ PRESET_BINS: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
 
 
 def _positive_ints(owner: str, name: str, values: Any) -> tuple[int, ...]:
-    if isinstance(values, (str, bytes)) or not hasattr(values, "__len__") or len(values) == 0:
+    from .configs import as_scalar, as_sequence
+
+    values = as_sequence(f"{owner}['{name}']", values, "integers >= 1")
+    if not values:
         raise ValueError(f"{owner}['{name}'] must be a non-empty sequence of integers >= 1, got {values!r}")
     out = []
     for v in values:
+        v = as_scalar(v)
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{owner}['{name}'] must be a non-empty sequence of integers >= 1, got {values!r}")
         out.append(v)
@@ -64,9 +68,15 @@ def validate_mask_spec(owner: str, spec: Any) -> str | tuple[int, ...] | Mapping
         if len(cache) > len(compute):
             raise ValueError(f"{owner}: cache_bins ({len(cache)}) must not be longer than compute_bins ({len(compute)})")
         return FrozenDict(compute_bins=compute, cache_bins=cache)
-    if isinstance(spec, Sequence) and not isinstance(spec, (bytes, bytearray)):
-        values = tuple(spec)
-        if not values or any(isinstance(v, bool) or v not in (0, 1) for v in values):
+    if (
+        (isinstance(spec, Sequence) and not isinstance(spec, (bytes, bytearray)))
+        or getattr(spec, "ndim", None) == 1
+        or isinstance(spec, (set, frozenset))
+    ):
+        from .configs import as_scalar, as_sequence
+
+        values = tuple(as_scalar(v) for v in as_sequence(owner, spec, "0 and 1"))
+        if not values or any(isinstance(v, bool) or not isinstance(v, (int, float)) or v not in (0, 1) for v in values):
             raise ValueError(f"{owner} as a list must be a non-empty sequence of 0 and 1, got {spec!r}")
         return tuple(int(v) for v in values)
     raise ValueError(f"{owner} must be a preset name, a 0/1 list or a compute_bins/cache_bins dict, got {spec!r}")
