@@ -14,6 +14,7 @@ import dataclasses
 import json
 import os
 import sys
+import tempfile
 import time
 import typing
 from typing import Any, Sequence
@@ -112,8 +113,11 @@ def cache_config_from_args(args: argparse.Namespace):
         return UNSET
     if args.cache_config:
         data = _json_argument("--cache-config", args.cache_config, "a JSON object")
-        data.update(given)
-        return cache_config_from_dict(data)
+        if not isinstance(data, dict):
+            raise ValueError(
+                f"--cache-config must be a JSON object ({{\"method\": ..., ...}}), got {type(data).__name__} {data!r}"
+            )
+        return cache_config_from_dict({**data, **given})
     return cache_config_from_dict({"method": args.cache, **given})
 
 
@@ -124,24 +128,123 @@ def _json_argument(flag: str, text: str, what: str):
     Raises:
         ValueError: naming ``flag``, when it is neither valid JSON nor a readable JSON file.
     """
+    source = ""
+    if os.path.isdir(text):
+        raise ValueError(f"{flag} {text!r} is a directory; give {what} or the path of a JSON file")
     if os.path.exists(text):
-        with open(text, encoding="utf-8") as f:
-            text = f.read()
+        source = f" (the file {text})"
+        try:
+            with open(text, encoding="utf-8") as f:
+                text = f.read()
+        except UnicodeDecodeError as error:
+            raise ValueError(f"{flag}: the file {text!r} is not UTF-8 text ({error})") from None
+        except OSError as error:
+            raise ValueError(f"{flag}: cannot read the file {text!r}: {error.strerror or error}") from None
     try:
         return json.loads(text)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{flag} is neither {what} nor a readable JSON file: {error}") from None
+    except (ValueError, RecursionError) as error:  # JSONDecodeError, too many digits, nested too deeply
+        raise ValueError(f"{flag}{source} is neither {what} nor a readable JSON file: {error}") from None
 
 
 def _device_and_dtype(device: str | None, dtype: str | None):
     import torch
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    _check_device(device)
     if dtype is None:
         dtype = "bfloat16" if device.startswith("cuda") else "float32"
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"--dtype must be one of float32, bfloat16, float16, got {dtype!r}")
     return device, getattr(torch, dtype)
+
+
+def _check_device(device: str) -> None:
+    """Raises ``ValueError`` naming ``--device`` for a device string torch does not parse or a device not present."""
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError, TypeError) as error:
+        raise ValueError(f"--device {device!r} is not a device (cpu, cuda, cuda:N, mps): {error}") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: no CUDA GPU is available here (torch sees none); use --device cpu")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) are available")
+    elif parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {device}: MPS is not available here; use --device cpu")
+    elif parsed.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device {device}: unsupported device type {parsed.type!r} (cpu, cuda, cuda:N, mps)")
+
+
+def check_output_file(flag: str, path: str, image: bool = False) -> None:
+    """Check, before any work, that ``path`` can be written: not a directory, its folder exists or can be created,
+    is writable, and (``image=True``) its extension is an image format PIL writes.
+
+    Raises:
+        ValueError: naming ``flag`` and the path.
+    """
+    if os.path.isdir(path):
+        raise ValueError(f"{flag} {path!r} is a directory; give a file path")
+    check_output_dir(flag, os.path.dirname(os.path.abspath(path)), describe=path)
+    if os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        existed = os.path.exists(path)
+        try:
+            with open(path, "ab"):
+                pass
+        except OSError as error:
+            raise ValueError(f"{flag} {path!r} cannot be written: {error.strerror or error}") from None
+        if not existed:
+            os.remove(path)
+    if image:
+        from PIL import Image
+
+        ext = os.path.splitext(path)[1].lower()
+        if ext not in Image.registered_extensions():
+            raise ValueError(f"{flag} {path!r}: unknown image file extension {ext or '(none)'!r}; use e.g. .png or .jpg")
+
+
+def check_output_dir(flag: str, directory: str, describe: str | None = None) -> None:
+    """Check that ``directory`` is a writable folder or can be created; ``ValueError`` naming ``flag`` otherwise."""
+    what = describe or directory
+    existing = os.path.abspath(directory)
+    while not os.path.exists(existing):
+        parent = os.path.dirname(existing)
+        if parent == existing:
+            break
+        existing = parent
+    if not os.path.isdir(existing):
+        raise ValueError(f"{flag} {what!r}: {existing!r} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise ValueError(f"{flag} {what!r}: the folder {existing!r} is not writable ({error.strerror or error})") from None
+
+
+def _check_sampling_args(args: argparse.Namespace) -> None:
+    """The numeric sampling options, checked before anything is loaded; ``ValueError`` naming the option."""
+    if getattr(args, "steps", None) is not None and args.steps < 1:
+        raise ValueError(f"--steps must be an integer >= 1, got {args.steps}")
+    for name in ("height", "width"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name} must be a positive number of pixels, got {value}")
+
+
+def _check_size_for(pipe, args: argparse.Namespace) -> None:
+    """``--height`` / ``--width`` against the pipeline's size granularity (twice the VAE scale factor)."""
+    scale = getattr(pipe, "vae_scale_factor", None)
+    if not isinstance(scale, int) or scale < 1:
+        return
+    multiple = 2 * scale
+    for name in ("height", "width"):
+        value = getattr(args, name, None)
+        if value is not None and value < multiple:
+            raise ValueError(
+                f"--{name} must be at least {multiple} pixels for {type(pipe).__name__} (sizes are multiples of "
+                f"{multiple}), got {value}"
+            )
 
 
 def _timed_call(pipe, **kwargs):
@@ -205,6 +308,7 @@ def _sampling_kwargs(pipe, args: argparse.Namespace, seed: int) -> dict[str, Any
     Raises:
         ValueError: for an option the pipeline's ``__call__`` does not take.
     """
+    _check_size_for(pipe, args)
     kwargs: dict[str, Any] = {"num_inference_steps": args.steps, "generator": _generator(pipe.device.type, seed)}
     optional = {
         "negative_prompt": args.negative_prompt,
@@ -258,6 +362,9 @@ def _load_pipeline(args: argparse.Namespace, cache_config):
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    _check_sampling_args(args)
+    check_output_file("--output", args.output, image=True)
+    _device_and_dtype(args.device, args.dtype)
     config = cache_config_from_args(args)
     pipe = _load_pipeline(args, config)
     kwargs = {"prompt": args.prompt, **_sampling_kwargs(pipe, args, args.seed)}
@@ -279,6 +386,13 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from .tiny import DEFAULT_PROMPTS
 
     method = args.method
+    _check_sampling_args(args)
+    output = args.output or (
+        os.path.join(args.model, "cache_config.json") if os.path.isdir(args.model) else "cache_config.json"
+    )
+    check_output_file("--output", output)
+    check_output_file("--output", os.path.splitext(output)[0] + ".calibration.json")
+    _device_and_dtype(args.device, args.dtype)
     calibration = TeaCacheConfig(calibrate=True) if method == "teacache" else MagCacheConfig(calibrate=True)
     pipe = _load_pipeline(args, calibration)
     pipe.cache_config = calibration  # whatever the directory held: calibration never reuses
@@ -325,6 +439,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .imaging import psnr, side_by_side
     from .reference_model import DEMO_PROMPTS, REFERENCE_MODEL_DIR, RESOLUTION, load_reference_pipeline
 
+    _check_sampling_args(args)
+    check_output_file("--output", args.output, image=True)
     config = cache_config_from_args(args)
     if config is None:
         raise ValueError("demo compares a cached run with an uncached one: choose a --cache method other than 'none'")
@@ -397,8 +513,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import _check_methods, default_sweep, plot_pareto, run_benchmark, write_json, write_markdown
     from .reference_model import DEMO_PROMPTS
 
+    _check_sampling_args(args)
     if args.repeats < 1:
         raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
+    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        raise ValueError(f"--output-dir {args.output_dir!r} is a file, not a folder")
+    check_output_dir("--output-dir", args.output_dir)
+    for name in ("results.json", "results.md", "pareto.png"):
+        check_output_file("--output-dir", os.path.join(args.output_dir, name))
     if args.sweep and args.methods:
         raise ValueError("--sweep and --methods exclude each other: --sweep lists the configs to run")
     if args.sweep and args.calibrated:
@@ -541,17 +663,38 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     bench.set_defaults(func=cmd_bench)
+    for command in (generate, calibrate, demo, bench):
+        command.add_argument("--debug", action="store_true", help="on an error, show the Python traceback")
     return parser
 
 
+EXIT_FAILED = 1
+"""Exit status of a run that failed (a model that does not load, an error while generating)."""
+EXIT_USAGE = 2
+"""Exit status of a usage error (an invalid option, option value or input file), as argparse uses."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status (0, :data:`EXIT_USAGE` or :data:`EXIT_FAILED`).
+
+    Errors are one line on stderr naming the option or file: ``ValueError`` (bad input) exits with 2, any other
+    exception (the run failed: a model directory that does not load, an error while generating) with 1. ``--debug``
+    raises instead, with the traceback.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except ValueError as error:
-        print(f"cached-diffusers {args.command}: error: {error}", file=sys.stderr)
-        return 2
+    except Exception as error:  # noqa: BLE001 -- every error becomes one line unless --debug
+        if getattr(args, "debug", False):
+            raise
+        usage = isinstance(error, ValueError)
+        text = " ".join(str(error).split()) or type(error).__name__
+        if not usage:
+            text = f"{type(error).__name__}: {text}"
+        hint = "" if usage else " (--debug shows the traceback)"
+        print(f"cached-diffusers {args.command}: error: {text}{hint}", file=sys.stderr)
+        return EXIT_USAGE if usage else EXIT_FAILED
 
 
 if __name__ == "__main__":
