@@ -634,21 +634,20 @@ def load_official_transformer(
     """
     from accelerate import init_empty_weights
     from accelerate.utils import set_module_tensor_to_device
-    from safetensors import safe_open
+    from cached_diffusers.checkpoints import get_shape, get_tensor, open_safetensors, read_json_object
 
     path = os.fspath(path)
     for name in ("llm_config.json", "ema.safetensors"):
         if not os.path.isfile(os.path.join(path, name)):
             raise FileNotFoundError(f"{name} not found in {path}: not an official BAGEL checkpoint directory")
-    with open(os.path.join(path, "llm_config.json"), encoding="utf-8") as handle:
-        llm_config = json.load(handle)
+    llm_config = read_json_object(os.path.join(path, "llm_config.json"), "BAGEL language-model config")
     dtype = torch_dtype or torch.float32
     weights = os.path.join(path, "ema.safetensors")
-    with safe_open(weights, framework="pt", device="cpu") as handle:
+    with open_safetensors(weights, device="cpu") as handle:
         keys = list(handle.keys())
         if "latent_pos_embed.pos_embed" not in keys:
             raise ValueError(f"{weights} has no latent_pos_embed.pos_embed, which max_latent_size is inferred from")
-        rows = handle.get_slice("latent_pos_embed.pos_embed").get_shape()[0]
+        rows = get_shape(handle, "latent_pos_embed.pos_embed", weights)[0]
         config = bagel_config_from_official(
             llm_config,
             rows,
@@ -668,10 +667,12 @@ def load_official_transformer(
             if ours not in expected:
                 unexpected.append(key)
                 continue
-            shape = tuple(handle.get_slice(key).get_shape())
+            shape = tuple(get_shape(handle, key, weights))
             if shape != tuple(expected[ours].shape):
-                raise ValueError(f"{key}: shape {shape} in the file, {tuple(expected[ours].shape)} in the model")
-            set_module_tensor_to_device(model, ours, device, value=handle.get_tensor(key), dtype=dtype)
+                raise ValueError(
+                    f"{weights}: tensor {key!r} has shape {shape} in the file, {tuple(expected[ours].shape)} in the model"
+                )
+            set_module_tensor_to_device(model, ours, device, value=get_tensor(handle, key, weights), dtype=dtype)
             seen.add(ours)
     missing = [diffusers_to_official_key(k) for k in expected if k not in seen]
     if missing or unexpected:

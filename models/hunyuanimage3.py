@@ -866,13 +866,13 @@ def load_official_component(
     """
     from accelerate import dispatch_model, infer_auto_device_map, init_empty_weights
     from accelerate.utils import set_module_tensor_to_device
-    from safetensors import safe_open
+    from cached_diffusers.checkpoints import get_tensor, open_safetensors, read_json_object
 
     directory = Path(directory)
     config_path = directory / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path} not found: expected a HunyuanImage-3.0 release directory")
-    config = json.loads(config_path.read_text())
+    config = read_json_object(config_path, "HunyuanImage-3.0 config")
     dtype = _resolve_dtype(torch_dtype, config)
     kwargs = official_transformer_config(config) if component == "transformer" else _vae_config(config)
     kwargs.update(config_overrides or {})
@@ -889,9 +889,12 @@ def load_official_component(
 
     index_path = directory / "model.safetensors.index.json"
     if index_path.is_file():
-        weight_map = json.loads(index_path.read_text())["weight_map"]
+        index = read_json_object(index_path, "safetensors index")
+        weight_map = index.get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ValueError(f"{index_path}: 'weight_map' must be an object mapping tensor names to file names")
     elif (directory / "model.safetensors").is_file():
-        with safe_open(directory / "model.safetensors", framework="pt") as f:
+        with open_safetensors(directory / "model.safetensors") as f:
             weight_map = {k: "model.safetensors" for k in f.keys()}
     else:
         raise FileNotFoundError(f"no model.safetensors.index.json or model.safetensors in {directory}")
@@ -945,9 +948,13 @@ def load_official_component(
             f"{len(unexpected)} unexpected checkpoint key(s) for {cls.__name__}: {sorted(unexpected)[:20]}"
         )
     for filename in sorted(by_file):
-        with safe_open(directory / filename, framework="pt", device="cpu") as f:
+        shard = directory / filename
+        with open_safetensors(shard, device="cpu") as f:
+            present = set(f.keys())
             for key, name in by_file[filename]:
-                tensor = f.get_tensor(key)
+                if key not in present:
+                    raise ValueError(f"{shard}: tensor {key!r}, listed for this file in {index_path.name}, is not in it")
+                tensor = get_tensor(f, key, shard)
                 if tuple(tensor.shape) != tuple(expected[name].shape):
                     mismatched.append((key, tuple(tensor.shape), tuple(expected[name].shape)))
                     continue

@@ -131,7 +131,7 @@ def load_official_vae(
             channels in and out), or weights that do not load with zero missing and zero unexpected keys.
     """
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
-    from safetensors.torch import load_file
+    from cached_diffusers.checkpoints import load_safetensors, read_json_object
 
     path = os.fspath(path)
     weights = os.path.join(path, "ae.safetensors")
@@ -140,8 +140,7 @@ def load_official_vae(
     params = dict(BAGEL_AE_DEFAULTS)
     params_file = os.path.join(path, "ae_params.json")
     if os.path.isfile(params_file):
-        with open(params_file, encoding="utf-8") as handle:
-            extra = json.load(handle)
+        extra = read_json_object(params_file, "BAGEL autoencoder parameters")
         unknown = sorted(set(extra) - set(params))
         if unknown:
             raise ValueError(f"{params_file}: unknown field(s) {', '.join(unknown)}; known: {', '.join(params)}")
@@ -152,7 +151,7 @@ def load_official_vae(
             f"{2 ** (len(params['ch_mult']) - 1)}"
         )
     vae = make_bagel_vae(params)
-    state = load_file(weights)
+    state = load_safetensors(weights)
     converted = convert_ldm_vae_checkpoint(state, vae.config)
     missing, unexpected = vae.load_state_dict(converted, strict=False)
     if missing or unexpected:

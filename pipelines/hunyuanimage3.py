@@ -22,6 +22,7 @@ from diffusers.utils import logging
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import PreTrainedTokenizerFast
 
+from cached_diffusers.checkpoints import read_json_object
 from cached_diffusers.configs import CacheConfig
 from cached_diffusers.engine import BlockStack
 from cached_diffusers.hub import CACHE_CONFIG_NAME, read_cache_config
@@ -230,6 +231,8 @@ class CachedHunyuanImage3Pipeline(CachedPipelineMixin, DiffusionPipeline):
         if kwargs:
             raise ValueError(f"unsupported from_pretrained argument(s) {sorted(kwargs)}")
         directory = Path(pretrained_model_name_or_path)
+        if (directory / "config.json").is_file():
+            read_json_object(directory / "config.json", "HunyuanImage-3.0 config")  # names the file if unreadable
         if not is_official_checkpoint(directory):
             raise ValueError(
                 f"{directory} is not a HunyuanImage-3.0 release directory (config.json with architectures "
@@ -515,7 +518,7 @@ def _generation_defaults(directory: Path) -> dict[str, Any]:
     """``diff_infer_steps``, ``diff_guidance_scale``, ``flow_shift`` of ``generation_config.json`` (release defaults
     50 / 5.0 / 3.0 when the file is absent), after checking that it describes the implemented template."""
     path = directory / "generation_config.json"
-    data = json.loads(path.read_text()) if path.is_file() else {}
+    data = read_json_object(path, "generation config") if path.is_file() else {}
     expected = {"bot_task": "image", "sequence_template": "pretrain", "use_system_prompt": "None"}
     for name, value in expected.items():
         if name in data and data[name] != value:
