@@ -49,6 +49,8 @@ def _stats_and_config(obj: Any) -> tuple[CacheStats, CacheConfig | None, str]:
     transformer = getattr(obj, "transformer", None)
     if transformer is not None and hasattr(transformer, "cache_stats"):
         owner = f"{type(obj).__name__}.transformer ({type(transformer).__name__})"
+        if hasattr(obj, "cache_stats") and hasattr(obj, "cache_config"):  # a cached pipeline: its own last call
+            return obj.cache_stats, obj.cache_config, owner
         return transformer.cache_stats, transformer.cache_config, owner
     if hasattr(obj, "cache_stats") and hasattr(obj, "cache_config"):
         return obj.cache_stats, obj.cache_config, type(obj).__name__
