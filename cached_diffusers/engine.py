@@ -90,7 +90,6 @@ class Generation:
     policy: CachePolicy | None
     branches: dict[str, BranchState] = field(default_factory=dict)
     stats: CacheStats = field(default_factory=lambda: CacheStats("none"))
-    context: _CallContext | None = None
     step_source: Callable[[], tuple[int, int]] | None = None
 
     def __post_init__(self) -> None:
@@ -115,6 +114,11 @@ _OPEN_GENERATIONS: contextvars.ContextVar[Mapping[int, Generation]] = contextvar
     "cached_diffusers_open_generations", default={}
 )
 """``{id(engine): Generation}`` of the generations open in the current thread (or asyncio task)."""
+
+_CALL_CONTEXTS: contextvars.ContextVar[Mapping[int, _CallContext]] = contextvars.ContextVar(
+    "cached_diffusers_call_contexts", default={}
+)
+"""``{id(engine): _CallContext}``: the branch (and step) marked by ``cache_context`` in the current thread."""
 
 
 class CacheEngine:
@@ -191,7 +195,7 @@ class CacheEngine:
 
     @property
     def _context(self) -> _CallContext | None:
-        return self.current.context
+        return _CALL_CONTEXTS.get().get(id(self))
 
     def reset(self) -> None:
         """Forget every branch's state and start new statistics (of the current generation)."""
@@ -224,8 +228,7 @@ class CacheEngine:
             config, policy = self._own_config, self._own_policy
         elif policy is None:
             config, policy = self.make_policy(config)
-        # A branch marked around the generation (`with transformer.cache_context("cond"): pipe(...)`) stays marked.
-        generation = Generation(config, policy, context=self.current.context)
+        generation = Generation(config, policy)
         self._last_stats = generation.stats
         token = _OPEN_GENERATIONS.set({**_OPEN_GENERATIONS.get(), id(self): generation})
         try:
@@ -239,13 +242,13 @@ class CacheEngine:
     def context(
         self, name: str, step_index: int | None = None, num_inference_steps: int | None = None
     ) -> Iterator[None]:
-        """Mark the branch (``name``) and, optionally, the step of the transformer calls made inside."""
-        generation = self.current
-        previous, generation.context = generation.context, _CallContext(name, step_index, num_inference_steps)
+        """Mark the branch (``name``) and, optionally, the step of the transformer calls made inside (in this thread;
+        a generation opened inside, e.g. by a pipeline called within, sees the mark too)."""
+        token = _CALL_CONTEXTS.set({**_CALL_CONTEXTS.get(), id(self): _CallContext(name, step_index, num_inference_steps)})
         try:
             yield
         finally:
-            generation.context = previous
+            _CALL_CONTEXTS.reset(token)
 
     @contextlib.contextmanager
     def step_source(self, source: Callable[[], tuple[int, int]]) -> Iterator[None]:
@@ -265,7 +268,7 @@ class CacheEngine:
                 outside ``[0, num_inference_steps)``.
         """
         generation = self.current
-        ctx = generation.context
+        ctx = self._context
         branch = ctx.name if ctx is not None else DEFAULT_BRANCH
         step = ctx.step_index if ctx is not None else None
         num_steps = ctx.num_inference_steps if ctx is not None else None
