@@ -37,6 +37,7 @@ setup(
             "nbformat>=5.10",
             "ipykernel>=6.29",
             "matplotlib>=3.7",
+            "hypothesis>=6.100",  # property-based and fuzz tests (tests/test_generation_properties.py, test_fuzz.py)
         ]
     },
     entry_points={"console_scripts": ["cached-diffusers=cached_diffusers.cli:main"]},
