@@ -236,14 +236,16 @@ def held_by_engine(*roots) -> tuple[int, int]:
 @given(sequence=st.lists(generations(), min_size=SEQUENCE_LENGTH, max_size=SEQUENCE_LENGTH))
 def test_every_generation_of_a_sequence_is_what_a_fresh_pipeline_gives(components, sequence):
     pipes = {model: [new_pipeline(model, components[model]) for _ in range(2)] for model in MODELS}
-    held = []
+    held, configs = [], {(model, i): None for model in MODELS for i in range(2)}
     for index, g in enumerate(sequence):
         model = g["model"]
         pipe = pipes[model][g["pipeline"]]
-        pipe.cache_config = g["config"]  # config switches between calls
+        pipe.cache_config = configs[model, g["pipeline"]] = g["config"]  # config switches between calls
         got = call(pipe, model, g)
         expected = call(new_pipeline(model, components[model], g["config"]), model, g)
         assert same(got, expected), f"generation {index} differs from a fresh pipeline's: {g}"
+        # building pipelines around the shared models changed no other pipeline's config
+        assert all(pipes[m][i].cache_config == config for (m, i), config in configs.items())
         assert not _OPEN_GENERATIONS.get() and not _BUSY  # nothing left open or busy, also after a raising callback
         roots = [p.transformer.cache_engine for ps in pipes.values() for p in ps]
         roots += [p.__dict__.get("_cache_generation") for ps in pipes.values() for p in ps]
