@@ -17,7 +17,6 @@ It also makes the cache config travel with the model (``save_pretrained`` / ``pu
 from __future__ import annotations
 
 import contextlib
-import copy  # noqa: F401  (named in the message of a busy pipeline)
 import functools
 import inspect
 import os
