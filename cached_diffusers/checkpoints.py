@@ -12,7 +12,15 @@ import json
 import os
 from typing import Any, Iterator
 
-__all__ = ["get_shape", "get_tensor", "load_safetensors", "open_safetensors", "read_json", "read_json_object"]
+__all__ = [
+    "check_tokenizer_files",
+    "get_shape",
+    "get_tensor",
+    "load_safetensors",
+    "open_safetensors",
+    "read_json",
+    "read_json_object",
+]
 
 
 def read_json(path: str | os.PathLike, what: str = "JSON") -> Any:
@@ -96,3 +104,20 @@ def load_safetensors(path: str | os.PathLike) -> dict[str, Any]:
     """``safetensors.torch.load_file(path)``; errors name the file (and the key, where one fails)."""
     with open_safetensors(path, device="cpu") as handle:
         return {key: get_tensor(handle, key, path) for key in handle.keys()}
+
+
+TOKENIZER_JSON_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json")
+"""JSON files a ``transformers`` tokenizer directory may hold (read by ``AutoTokenizer``, whose errors name none)."""
+
+
+def check_tokenizer_files(directory: str | os.PathLike) -> None:
+    """Check that the tokenizer JSON files present in ``directory`` are readable JSON objects, before ``transformers``
+    reads them.
+
+    Raises:
+        ValueError: naming the first file that is not UTF-8 text or not valid JSON (truncated, corrupt).
+    """
+    for name in TOKENIZER_JSON_FILES:
+        path = os.path.join(os.fspath(directory), name)
+        if os.path.isfile(path):
+            read_json_object(path, "tokenizer")

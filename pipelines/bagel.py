@@ -276,6 +276,8 @@ class BagelPipeline(DiffusionPipeline):
         """
         from transformers import AutoTokenizer
 
+        from cached_diffusers.checkpoints import check_tokenizer_files
+
         accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "transformer", "vae", "tokenizer", "scheduler"}
         unknown = sorted(set(kwargs) - accepted)
         if unknown:
@@ -286,6 +288,7 @@ class BagelPipeline(DiffusionPipeline):
         if isinstance(device_map, dict):
             raise ValueError("device_map must be one device (e.g. 'cuda') for an official BAGEL directory")
         device = device_map if device_map is not None else "cpu"
+        check_tokenizer_files(path)
         tokenizer = AutoTokenizer.from_pretrained(os.fspath(path))
         vae = load_official_vae(path, torch_dtype=torch_dtype, device=device)
         markers = tokenizer.convert_tokens_to_ids(["<|vision_start|>", "<|vision_end|>"])

@@ -22,7 +22,7 @@ from diffusers.utils import logging
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import PreTrainedTokenizerFast
 
-from cached_diffusers.checkpoints import read_json_object
+from cached_diffusers.checkpoints import check_tokenizer_files, read_json_object
 from cached_diffusers.configs import CacheConfig
 from cached_diffusers.engine import BlockStack
 from cached_diffusers.hub import CACHE_CONFIG_NAME, read_cache_config
@@ -252,6 +252,7 @@ class CachedHunyuanImage3Pipeline(CachedPipelineMixin, DiffusionPipeline):
             vae_device = next((d for d in transformer.hf_device_map.values() if str(d) != "cpu"), "cpu")
             vae_device = f"cuda:{vae_device}" if isinstance(vae_device, int) else vae_device
         vae = AutoencoderKLHunyuanImage3.from_official_checkpoint(directory, torch_dtype=torch_dtype, device=vae_device)
+        check_tokenizer_files(directory)
         tokenizer = PreTrainedTokenizerFast.from_pretrained(directory)
         scheduler = FlowMatchEulerDiscreteScheduler(shift=generation["flow_shift"])
         return cls(

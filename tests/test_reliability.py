@@ -365,7 +365,9 @@ def damaged_copy(tmp_path, name, filename, damage):
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage"])
-@pytest.mark.parametrize("filename", ["ema.safetensors", "ae.safetensors", "llm_config.json", "ae_params.json"])
+@pytest.mark.parametrize(
+    "filename", ["ema.safetensors", "ae.safetensors", "llm_config.json", "ae_params.json", "tokenizer.json", "vocab.json"]
+)
 def test_a_broken_bagel_checkpoint_names_the_file(tmp_path, filename, damage):
     from cached_diffusers.pipelines import CachedBagelPipeline
 
@@ -376,7 +378,11 @@ def test_a_broken_bagel_checkpoint_names_the_file(tmp_path, filename, damage):
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage"])
 @pytest.mark.parametrize(
-    "filename", ["model-0001-of-0002.safetensors", "model.safetensors.index.json", "config.json", "generation_config.json"]
+    "filename",
+    [
+        "model-0001-of-0002.safetensors", "model.safetensors.index.json", "config.json", "generation_config.json",
+        "tokenizer.json", "tokenizer_config.json",
+    ],
 )
 def test_a_broken_hunyuanimage3_checkpoint_names_the_file(tmp_path, filename, damage):
     from cached_diffusers.pipelines import CachedHunyuanImage3Pipeline
