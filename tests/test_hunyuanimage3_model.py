@@ -1,7 +1,7 @@
 """HunyuanImage-3.0 model pieces against the official implementation's tiny reference case, loading, key lists.
 
-Reference vectors: ``shared/reference/hunyuanimage3-tiny`` (its README describes every tensor); full-size key list:
-``shared/reference/keys/hunyuan3_keys.json``. Tolerances are the README's suggestions for float32.
+Reference vectors: ``tests/data/reference/hunyuanimage3-tiny`` (its README describes every tensor); full-size key list:
+``tests/data/reference/keys/hunyuan3_keys.json``. Tolerances are the README's suggestions for float32.
 """
 
 import json
