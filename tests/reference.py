@@ -9,7 +9,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-REFERENCE_ROOT = Path(__file__).resolve().parent / "data" / "reference"
+ROOT = Path(__file__).resolve().parents[1]
+"""The repository root."""
+
+REFERENCE_ROOT = ROOT / "tests" / "data" / "reference"
 
 
 def reference_dir(name: str = "") -> Path:
