@@ -170,6 +170,15 @@ def _output_paths(output: str, count: int) -> list[str]:
 
 
 # -- generate --------------------------------------------------------------------------------------------------------
+def _quiet_loading() -> None:
+    """No loading progress bars (diffusers' components, transformers' weights): ``--quiet``."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def _check_model(model: str) -> None:
     """Raises ``ValueError`` naming ``--model`` for a local-looking path that does not exist (no Hub lookup)."""
     from .hub import check_local_path
@@ -199,14 +208,14 @@ def _pipeline_class_for(model: str):
     return known[class_name]
 
 
-def _call_parameters(pipe) -> set[str]:
-    """Names of the arguments the pipeline's diffusers parent ``__call__`` takes."""
+def _call_parameters(pipeline_class: type) -> set[str]:
+    """Names of the arguments the pipeline class's diffusers parent ``__call__`` takes."""
     import inspect
 
     from .model_mixin import diffusers_parent
     from .pipeline_mixin import CachedPipelineMixin
 
-    return set(inspect.signature(diffusers_parent(type(pipe), CachedPipelineMixin).__call__).parameters)
+    return set(inspect.signature(diffusers_parent(pipeline_class, CachedPipelineMixin).__call__).parameters)
 
 
 SAMPLING_OPTIONS = {
@@ -224,6 +233,26 @@ NOT_DEFAULTS = ("prompt", "generator", "latents", "callback_on_step_end", "outpu
 """Call arguments a ``generation_defaults.json`` may not set (per-call values, or what the command line decides)."""
 
 
+def _generation_defaults(pipeline_class: type, model: str | None) -> dict[str, Any]:
+    """The model directory's ``generation_defaults.json`` (``{}`` without one), checked against ``pipeline_class``.
+
+    Raises:
+        ValueError: naming the file, when it is not a JSON object or sets an argument the pipeline's ``__call__``
+            does not take (or one of :data:`NOT_DEFAULTS`).
+    """
+    from .hub import load_generation_defaults
+
+    defaults, source = load_generation_defaults(model) if model is not None else ({}, None)
+    accepted = _call_parameters(pipeline_class) - set(NOT_DEFAULTS) - {"self"}
+    for name in defaults:
+        if name not in accepted:
+            raise ValueError(
+                f"{source}: {name!r} is not a default call argument of {pipeline_class.__name__} "
+                f"(it takes {', '.join(sorted(accepted))})"
+            )
+    return defaults
+
+
 def _sampling_kwargs(pipe, args: argparse.Namespace, seed: int, num_prompts: int = 1) -> dict[str, Any]:
     """The sampling arguments of one call: the model directory's ``generation_defaults.json`` (when it has one),
     overridden by the options the user gave, plus the seeded generator; checked against the pipeline. A single
@@ -232,18 +261,8 @@ def _sampling_kwargs(pipe, args: argparse.Namespace, seed: int, num_prompts: int
     Raises:
         ValueError: for an option (or, naming the file, a default) the pipeline's ``__call__`` does not take.
     """
-    from .hub import load_generation_defaults
-
-    accepted = _call_parameters(pipe)
-    defaults, source = load_generation_defaults(args.model) if args.model is not None else ({}, None)
-    kwargs: dict[str, Any] = {}
-    for name, value in defaults.items():
-        if name not in accepted or name in NOT_DEFAULTS:
-            raise ValueError(
-                f"{source}: {name!r} is not a default call argument of {type(pipe).__name__} "
-                f"(it takes {', '.join(sorted(accepted - set(NOT_DEFAULTS) - {'self'}))})"
-            )
-        kwargs[name] = value
+    accepted = _call_parameters(type(pipe))
+    kwargs = dict(_generation_defaults(type(pipe), args.model))
     for dest, name in SAMPLING_OPTIONS.items():
         value = getattr(args, dest, None)
         if value is None:
@@ -296,10 +315,14 @@ def _load_pipeline(args: argparse.Namespace, cache_config):
 
     _check_model(args.model)
     device, dtype = _device_and_dtype(args.device, args.dtype)
+    pipeline_class = _pipeline_class_for(args.model)
+    _generation_defaults(pipeline_class, args.model)  # a bad file fails before any weight is loaded
     if cache_config is not UNSET and os.path.isdir(args.model):
         cache_config = with_saved_calibration(cache_config, load_cache_config(args.model)[0])
     kwargs = {} if cache_config is UNSET else {"cache_config": cache_config}
-    pipe = _pipeline_class_for(args.model).from_pretrained(args.model, dtype=dtype, **kwargs)
+    if args.quiet:
+        _quiet_loading()
+    pipe = pipeline_class.from_pretrained(args.model, dtype=dtype, **kwargs)
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=args.quiet)
     return pipe
@@ -377,9 +400,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     import torch
 
-    from .imaging import psnr, side_by_side
+    from .imaging import psnr, require_extra, side_by_side
     from .reference_model import DEMO_PROMPTS, REFERENCE_MODEL_DIR, load_reference_pipeline
 
+    require_extra("skimage.metrics", "scikit-image")  # the PSNR, before any work
     config = cache_config_from_args(args)
     if config is None:
         raise ValueError("demo compares a cached run with an uncached one: choose a --cache method other than 'none'")
@@ -388,6 +412,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
     torch.set_num_threads(args.threads)
+    if args.quiet:
+        _quiet_loading()
     pipe = load_reference_pipeline()
     config = with_saved_calibration(config, pipe.cache_config)  # TeaCache with the model's calibrated coefficients
     pipe.set_progress_bar_config(disable=args.quiet)
@@ -469,8 +495,10 @@ def _bench_sweep(text: str) -> list:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import _check_methods, default_sweep, plot_pareto, run_benchmark, write_json, write_markdown
+    from .imaging import require_extra
     from .reference_model import DEMO_PROMPTS
 
+    require_extra("skimage.metrics", "scikit-image"), require_extra("matplotlib", "matplotlib")  # before any work
     if args.repeats < 1:
         raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
     if args.sweep and args.methods:
@@ -488,6 +516,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     device, dtype = _device_and_dtype(args.device, args.dtype)
     args = argparse.Namespace(**vars(args))
+    if args.quiet:
+        _quiet_loading()
     if args.model is None:
         from .reference_model import REFERENCE_MODEL_DIR, load_reference_pipeline
 
@@ -500,7 +530,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         # No cache_config argument: a cache_config.json saved with the model (e.g. by `calibrate`) is loaded, and
         # the sweep takes its TeaCache coefficients / MagCache ratios.
         _check_model(args.model)
-        pipe = _pipeline_class_for(args.model).from_pretrained(args.model, dtype=dtype).to(device)
+        pipeline_class = _pipeline_class_for(args.model)
+        _generation_defaults(pipeline_class, args.model)  # a bad file fails before any weight is loaded
+        pipe = pipeline_class.from_pretrained(args.model, dtype=dtype).to(device)
         model = args.model
     pipe.set_progress_bar_config(disable=True)
     kwargs = _sampling_kwargs(pipe, args, args.seed)
@@ -633,6 +665,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as error:
         print(f"cached-diffusers {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except ImportError as error:  # an optional extra (bench: scikit-image, matplotlib) is missing
+        print(f"cached-diffusers {args.command}: error: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
