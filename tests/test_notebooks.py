@@ -1,4 +1,5 @@
-"""The notebooks in notebooks/ run offline on the shipped reference model, without errors, and show their key results."""
+"""The notebooks in notebooks/ run offline on the shipped reference models, without errors, and show their key
+results."""
 
 import json
 import re
@@ -101,7 +102,9 @@ def test_tuning(kernel_path, tmp_path, monkeypatch):
         assert min(points[-1][1:3]) > STEPS // 2, method  # most steps of each branch reused
         blocks = [b for *_, b in points]
         assert blocks == sorted(blocks, reverse=True), method
-    front = re.findall(r"^  (teacache [\d.]+|fbcache [\d.]+|uncached): speedup ([\d.]+)x, PSNR ([\d.]+) dB", text, flags=re.M)
+    front = re.findall(
+        r"^  (teacache [\d.]+|fbcache [\d.]+|uncached): speedup ([\d.]+)x, PSNR ([\d.]+) dB", text, flags=re.M
+    )
     assert "Pareto front (fastest first):" in text and front
     speeds, psnrs = [float(s) for _, s, _ in front], [float(p) for _, _, p in front]
     assert speeds == sorted(speeds, reverse=True) and psnrs == sorted(psnrs) and len(set(psnrs)) == len(psnrs)
@@ -115,8 +118,9 @@ def test_calibration(kernel_path, tmp_path, monkeypatch):
         assert ratios and len(ratios.group(1).split(",")) == STEPS - 1
         assert re.search(rf"^{branch}: 76 pairs, coefficients \[", text, flags=re.M)  # 4 prompts x (20 steps - 1)
     assert re.search(r"TeaCache fit on 152 pairs, .*RMSE [\d.e+-]+, R\^2", text)
-    for name in ("calibrated MagCache", "calibrated TeaCache", "shipped TeaCache"):
-        found = re.search(rf"{name} reuses cond (\d+)/(\d+), uncond (\d+)/(\d+); PSNR vs uncached per prompt: ([\d., ]+) dB", text)
+    for name in ("calibrated MagCache", "calibrated TeaCache", "shipped TeaCache", "Klein calibrated MagCache"):
+        pattern = rf"^{name} reuses cond (\d+)/(\d+), uncond (\d+)/(\d+); PSNR vs uncached per prompt: ([\d., ]+) dB"
+        found = re.search(pattern, text, flags=re.M)
         assert found, name
         cond, n, uncond, n_u = map(int, found.groups()[:4])
         assert n == n_u == STEPS and 0 < cond <= STEPS and 0 < uncond <= STEPS, name  # it reuses something
