@@ -18,17 +18,18 @@ setup(
     package_data={"cached_diffusers": ["assets/*/*", "assets/*/*/*"]},
     install_requires=[
         "torch>=2.4",
-        "diffusers==0.42.1",
-        "transformers==5.23.0",
+        # The cached Qwen-Image and FLUX.2 forwards mirror diffusers 0.42's (identical in 0.42.0 and 0.42.1; checked by
+        # tests/test_first_hour.py, and a warning at run time on any other source). Tested with transformers 5.23 and 5.24.
+        "diffusers>=0.42.0,<0.43",
+        "transformers>=5.23,<6",
         "accelerate>=1.0",
         "safetensors>=0.4",
         "tokenizers>=0.20",
         "numpy",
         "pillow",
-        "scikit-image>=0.22",
-        "matplotlib>=3.7",
     ],
     extras_require={
+        "bench": ["scikit-image>=0.22", "matplotlib>=3.7"],  # fidelity metrics and plots: `bench` and `demo`
         "test": [
             "pytest>=8",
             "cache-dit==1.5.3",
@@ -36,6 +37,8 @@ setup(
             "nbclient>=0.10",  # the notebooks in notebooks/ run in the tests (tests/test_notebooks.py)
             "nbformat>=5.10",
             "ipykernel>=6.29",
+            "hypothesis>=6.100",  # property-based and fuzz tests
+            "scikit-image>=0.22",  # the bench extra: the suite tests bench and demo
             "matplotlib>=3.7",
             "hypothesis>=6.100",  # property-based and fuzz tests (tests/test_generation_properties.py, test_fuzz.py)
         ]

@@ -46,7 +46,7 @@ from .configs import (
     TeaCacheConfig,
     resolve_cache_config,
 )
-from .imaging import psnr, ssim, to_uint8
+from .imaging import psnr, require_extra, ssim, to_uint8
 
 __all__ = [
     "LPIPS_UNAVAILABLE_NOTE",
@@ -883,8 +883,11 @@ def plot_pareto(result: BenchResult, path: str | os.PathLike) -> str:
     dashed. Identical images (infinite PSNR) are drawn at the panel's right edge, marked "inf". Returns the path.
 
     Uses matplotlib's Agg canvas directly (no pyplot, no global backend change).
+
+    Raises:
+        MissingExtraError: without matplotlib (the ``bench`` extra).
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    FigureCanvasAgg = require_extra("matplotlib.backends.backend_agg", "matplotlib").FigureCanvasAgg
     from matplotlib.figure import Figure
 
     finite = [e.psnr_mean for e in result.entries if math.isfinite(e.psnr_mean)]

@@ -273,6 +273,25 @@ def _output_paths(output: str, count: int) -> list[str]:
 
 
 # -- generate --------------------------------------------------------------------------------------------------------
+def _quiet_loading() -> None:
+    """No loading progress bars (diffusers' components, transformers' weights): ``--quiet``."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def _check_model(model: str) -> None:
+    """Raises ``ValueError`` naming ``--model`` for a local-looking path that does not exist (no Hub lookup)."""
+    from .hub import check_local_path
+
+    try:
+        check_local_path(model)
+    except FileNotFoundError as error:
+        raise ValueError(f"--model: {error}") from None
+
+
 def _pipeline_class_for(model: str):
     from diffusers import DiffusionPipeline
 
@@ -292,40 +311,87 @@ def _pipeline_class_for(model: str):
     return known[class_name]
 
 
-def _call_parameters(pipe) -> set[str]:
-    """Names of the arguments the pipeline's diffusers parent ``__call__`` takes."""
+def _call_parameters(pipeline_class: type) -> set[str]:
+    """Names of the arguments the pipeline class's diffusers parent ``__call__`` takes."""
     import inspect
 
     from .model_mixin import diffusers_parent
     from .pipeline_mixin import CachedPipelineMixin
 
-    return set(inspect.signature(diffusers_parent(type(pipe), CachedPipelineMixin).__call__).parameters)
+    return set(inspect.signature(diffusers_parent(pipeline_class, CachedPipelineMixin).__call__).parameters)
 
 
-def _sampling_kwargs(pipe, args: argparse.Namespace, seed: int) -> dict[str, Any]:
-    """``num_inference_steps``, the generator and the sampling options the user gave, checked against the pipeline.
+SAMPLING_OPTIONS = {
+    "steps": "num_inference_steps",
+    "negative_prompt": "negative_prompt",
+    "true_cfg_scale": "true_cfg_scale",
+    "guidance_scale": "guidance_scale",
+    "height": "height",
+    "width": "width",
+    "max_sequence_length": "max_sequence_length",
+}
+"""Command-line option (``argparse`` dest) -> the pipeline ``__call__`` argument it sets."""
+
+NOT_DEFAULTS = ("prompt", "generator", "latents", "callback_on_step_end", "output_type", "return_dict")
+"""Call arguments a ``generation_defaults.json`` may not set (per-call values, or what the command line decides)."""
+
+
+def _generation_defaults(pipeline_class: type, model: str | None) -> dict[str, Any]:
+    """The model directory's ``generation_defaults.json`` (``{}`` without one), checked against ``pipeline_class``.
 
     Raises:
-        ValueError: for an option the pipeline's ``__call__`` does not take.
+        ValueError: naming the file, when it is not a JSON object or sets an argument the pipeline's ``__call__``
+            does not take (or one of :data:`NOT_DEFAULTS`).
+    """
+    from .hub import load_generation_defaults
+
+    defaults, source = load_generation_defaults(model) if model is not None else ({}, None)
+    accepted = _call_parameters(pipeline_class) - set(NOT_DEFAULTS) - {"self"}
+    for name in defaults:
+        if name not in accepted:
+            raise ValueError(
+                f"{source}: {name!r} is not a default call argument of {pipeline_class.__name__} "
+                f"(it takes {', '.join(sorted(accepted))})"
+            )
+    return defaults
+
+
+def _sampling_kwargs(pipe, args: argparse.Namespace, seed: int, num_prompts: int = 1) -> dict[str, Any]:
+    """The sampling arguments of one call: the model directory's ``generation_defaults.json`` (when it has one),
+    overridden by the options the user gave, plus the seeded generator; checked against the pipeline. A single
+    negative prompt is repeated for ``num_prompts`` prompts (the pipelines want one per prompt).
+
+    Raises:
+        ValueError: for an option (or, naming the file, a default) the pipeline's ``__call__`` does not take.
     """
     _check_size_for(pipe, args)
-    kwargs: dict[str, Any] = {"num_inference_steps": args.steps, "generator": _generator(pipe.device.type, seed)}
-    optional = {
-        "negative_prompt": args.negative_prompt,
-        "true_cfg_scale": args.true_cfg_scale,
-        "guidance_scale": args.guidance_scale,
-        "height": args.height,
-        "width": args.width,
-    }
-    accepted = _call_parameters(pipe)
-    for name, value in optional.items():
+    accepted = _call_parameters(type(pipe))
+    kwargs = dict(_generation_defaults(type(pipe), args.model))
+    for dest, name in SAMPLING_OPTIONS.items():
+        value = getattr(args, dest, None)
         if value is None:
             continue
         if name not in accepted:
-            flag = "--" + name.replace("_", "-")
+            flag = "--" + dest.replace("_", "-")
             raise ValueError(f"{flag} is not an argument of {type(pipe).__name__} (from {args.model})")
         kwargs[name] = value
+    if isinstance(kwargs.get("negative_prompt"), str) and num_prompts > 1:
+        kwargs["negative_prompt"] = [kwargs["negative_prompt"]] * num_prompts
+    kwargs["generator"] = _generator(pipe.device.type, seed)
     return kwargs
+
+
+def _call_value(pipe, kwargs: dict[str, Any], name: str) -> Any:
+    """``kwargs[name]``, else the default of the pipeline's ``__call__`` for it (``None`` when it has none)."""
+    import inspect
+
+    if name in kwargs:
+        return kwargs[name]
+    from .model_mixin import diffusers_parent
+    from .pipeline_mixin import CachedPipelineMixin
+
+    parameter = inspect.signature(diffusers_parent(type(pipe), CachedPipelineMixin).__call__).parameters.get(name)
+    return None if parameter is None or parameter.default is inspect.Parameter.empty else parameter.default
 
 
 def with_saved_calibration(config, saved):
@@ -351,11 +417,16 @@ def with_saved_calibration(config, saved):
 def _load_pipeline(args: argparse.Namespace, cache_config):
     from .hub import load_cache_config
 
+    _check_model(args.model)
     device, dtype = _device_and_dtype(args.device, args.dtype)
+    pipeline_class = _pipeline_class_for(args.model)
+    _generation_defaults(pipeline_class, args.model)  # a bad file fails before any weight is loaded
     if cache_config is not UNSET and os.path.isdir(args.model):
         cache_config = with_saved_calibration(cache_config, load_cache_config(args.model)[0])
     kwargs = {} if cache_config is UNSET else {"cache_config": cache_config}
-    pipe = _pipeline_class_for(args.model).from_pretrained(args.model, dtype=dtype, **kwargs)
+    if args.quiet:
+        _quiet_loading()
+    pipe = pipeline_class.from_pretrained(args.model, dtype=dtype, **kwargs)
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=args.quiet)
     return pipe
@@ -367,14 +438,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     _device_and_dtype(args.device, args.dtype)
     config = cache_config_from_args(args)
     pipe = _load_pipeline(args, config)
-    kwargs = {"prompt": args.prompt, **_sampling_kwargs(pipe, args, args.seed)}
+    kwargs = {"prompt": args.prompt, **_sampling_kwargs(pipe, args, args.seed, num_prompts=len(args.prompt))}
     output, seconds = _timed_call(pipe, **kwargs)
     paths = _output_paths(args.output, len(output.images))
     for image, path in zip(output.images, paths):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         image.save(path)
     print(f"wrote {', '.join(paths)}")
-    print(f"wall time: {seconds:.2f} s ({args.steps} steps)")
+    print(f"wall time: {seconds:.2f} s ({_call_value(pipe, kwargs, 'num_inference_steps')} steps)")
     print(pipe.cache_stats.summary() if pipe.cache_config is not None else "cache: none")
     return 0
 
@@ -399,10 +470,15 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     prompts = args.prompt or list(DEFAULT_PROMPTS)
     runs = []
     for i, prompt in enumerate(prompts):
-        pipe(prompt=prompt, **_sampling_kwargs(pipe, args, args.seed + i))
+        kwargs = _sampling_kwargs(pipe, args, args.seed + i)
+        pipe(prompt=prompt, **kwargs)
         runs.append(pipe.cache_stats)
     branches = sorted({b for run in runs for b in run.branches})
-    print(f"calibrated {method} on {len(prompts)} prompt(s), {args.steps} steps, branches {', '.join(branches)}")
+    settings = {name: _call_value(pipe, kwargs, name) for name in SAMPLING_OPTIONS.values()}
+    print(
+        f"calibrated {method} on {len(prompts)} prompt(s), {settings['num_inference_steps']} steps, "
+        f"branches {', '.join(branches)}"
+    )
     if method == "teacache":
         fit = fit_teacache(teacache_pairs(runs))
         print(fit.summary())
@@ -423,10 +499,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     provenance = os.path.splitext(output)[0] + ".calibration.json"
     with open(provenance, "w", encoding="utf-8") as f:
         record = {
-            "model": args.model, "method": method, "prompts": prompts, "num_inference_steps": args.steps,
-            "height": args.height, "width": args.width, "seed": args.seed, "negative_prompt": args.negative_prompt,
-            "true_cfg_scale": args.true_cfg_scale, "guidance_scale": args.guidance_scale, "fit": quality,
-            "date": time.strftime("%Y-%m-%d"), "calibrated_with": "cached-diffusers calibrate",
+            "model": args.model, "method": method, "prompts": prompts, **settings, "seed": args.seed,
+            "fit": quality, "date": time.strftime("%Y-%m-%d"), "calibrated_with": "cached-diffusers calibrate",
         }
         json.dump(record, f, indent=2)
         f.write("\n")
@@ -436,40 +510,67 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 # -- demo ------------------------------------------------------------------------------------------------------------
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .imaging import psnr, side_by_side
-    from .reference_model import DEMO_PROMPTS, REFERENCE_MODEL_DIR, RESOLUTION, load_reference_pipeline
+    import statistics
+
+    import torch
+
+    from .imaging import psnr, require_extra, side_by_side
+    from .reference_model import DEMO_PROMPTS, REFERENCE_MODEL_DIR, load_reference_pipeline
+
+    require_extra("skimage.metrics", "scikit-image")  # the PSNR, before any work
 
     _check_sampling_args(args)
     check_output_file("--output", args.output, image=True)
     config = cache_config_from_args(args)
     if config is None:
         raise ValueError("demo compares a cached run with an uncached one: choose a --cache method other than 'none'")
+    if args.repeats < 1:
+        raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
+    if args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    torch.set_num_threads(args.threads)
+    if args.quiet:
+        _quiet_loading()
     pipe = load_reference_pipeline()
     config = with_saved_calibration(config, pipe.cache_config)  # TeaCache with the model's calibrated coefficients
     pipe.set_progress_bar_config(disable=args.quiet)
     prompts = args.prompt or list(DEMO_PROMPTS)
-    kwargs = dict(
-        prompt=prompts,
-        negative_prompt=[" "] * len(prompts) if args.true_cfg_scale > 1 else None,
-        true_cfg_scale=args.true_cfg_scale,
-        num_inference_steps=args.steps,
-        height=args.height or RESOLUTION,
-        width=args.width or RESOLUTION,
-    )
+    args = argparse.Namespace(**vars(args), model=os.fspath(REFERENCE_MODEL_DIR))
+    kwargs = _sampling_kwargs(pipe, args, args.seed, num_prompts=len(prompts))
+    kwargs.pop("generator")
+    steps = _call_value(pipe, kwargs, "num_inference_steps")
+
+    def run(cache_config):
+        pipe.cache_config = cache_config
+        output, seconds = _timed_call(pipe, prompt=prompts, **kwargs, generator=_generator("cpu", args.seed))
+        return output, seconds, pipe.cache_stats
 
     print(f"reference model ({REFERENCE_MODEL_DIR.name}: Qwen-Image classes trained on emoji, offline), "
-          f"{len(prompts)} prompt(s), {args.steps} steps")
-    pipe.cache_config = None
-    _timed_call(pipe, **{**kwargs, "num_inference_steps": 2}, generator=_generator("cpu", args.seed))  # warm-up
-    uncached, uncached_seconds = _timed_call(pipe, **kwargs, generator=_generator("cpu", args.seed))
-    pipe.cache_config = config
-    cached, cached_seconds = _timed_call(pipe, **kwargs, generator=_generator("cpu", args.seed))
-    stats = pipe.cache_stats
+          f"{len(prompts)} prompt(s), {steps} steps, {torch.get_num_threads()} torch thread(s)")  # fmt: skip
+    run(None), run(config)  # warm-up: first-call allocations and lazy initialisation, not timed
+    times: dict[str, list[float]] = {"uncached": [], "cached": []}
+    first: dict[str, tuple] = {}  # name -> (output, stats) of the first round
+    for round_index in range(args.repeats):
+        # interleaved, the order alternating per round, so that a slow phase of the machine hits both alike
+        order = ("uncached", "cached") if round_index % 2 == 0 else ("cached", "uncached")
+        for name in order:
+            output, seconds, stats = run(None if name == "uncached" else config)
+            times[name].append(seconds)
+            first.setdefault(name, (output, stats))
+    (uncached, _), (cached, cached_stats) = first["uncached"], first["cached"]
+    ratios = sorted(u / c for u, c in zip(times["uncached"], times["cached"]))
+    median = {name: statistics.median(values) for name, values in times.items()}
 
-    print(f"uncached: {uncached_seconds:.2f} s")
-    print(f"cached ({config.method}): {cached_seconds:.2f} s")
-    print(f"speedup: {uncached_seconds / cached_seconds:.2f}x")
-    for branch in stats.branches.values():
+    def spread(values):
+        return f"median of {len(values)}, range {min(values):.3f}-{max(values):.3f} s"
+
+    print(f"uncached: {median['uncached']:.3f} s ({spread(times['uncached'])})")
+    print(f"cached ({config.method}): {median['cached']:.3f} s ({spread(times['cached'])})")
+    print(
+        f"speedup: {median['uncached'] / median['cached']:.2f}x "
+        f"(per-round ratios {ratios[0]:.2f}x-{ratios[-1]:.2f}x over {len(ratios)} interleaved rounds)"
+    )
+    for branch in cached_stats.branches.values():
         print(f"steps skipped ({branch.branch}): {branch.num_reused} of {branch.num_reused + branch.num_computed} {branch.reused_steps}")
     for prompt, a, b in zip(prompts, uncached.images, cached.images):
         print(f"PSNR cached vs uncached, {prompt!r}: {psnr(a, b):.2f} dB")
@@ -511,8 +612,10 @@ def _bench_sweep(text: str) -> list:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import _check_methods, default_sweep, plot_pareto, run_benchmark, write_json, write_markdown
+    from .imaging import require_extra
     from .reference_model import DEMO_PROMPTS
 
+    require_extra("skimage.metrics", "scikit-image"), require_extra("matplotlib", "matplotlib")  # before any work
     _check_sampling_args(args)
     if args.repeats < 1:
         raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
@@ -536,26 +639,30 @@ def cmd_bench(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     device, dtype = _device_and_dtype(args.device, args.dtype)
     args = argparse.Namespace(**vars(args))
+    if args.quiet:
+        _quiet_loading()
     if args.model is None:
-        from .reference_model import RESOLUTION, load_reference_pipeline
+        from .reference_model import REFERENCE_MODEL_DIR, load_reference_pipeline
 
         pipe = load_reference_pipeline().to(device)
         if pipe.transformer.dtype != dtype:
             pipe = pipe.to(dtype=dtype)
         model = EMBEDDED_MODEL
-        args.height, args.width = args.height or RESOLUTION, args.width or RESOLUTION
-        if args.negative_prompt is None and args.true_cfg_scale is None:  # true CFG, as `demo` runs it
-            args.negative_prompt, args.true_cfg_scale = " ", 4.0
+        args.model = os.fspath(REFERENCE_MODEL_DIR)  # its generation_defaults.json: 32 x 32, true CFG 4, 20 steps
     else:
         # No cache_config argument: a cache_config.json saved with the model (e.g. by `calibrate`) is loaded, and
         # the sweep takes its TeaCache coefficients / MagCache ratios.
-        pipe = _pipeline_class_for(args.model).from_pretrained(args.model, dtype=dtype).to(device)
+        _check_model(args.model)
+        pipeline_class = _pipeline_class_for(args.model)
+        _generation_defaults(pipeline_class, args.model)  # a bad file fails before any weight is loaded
+        pipe = pipeline_class.from_pretrained(args.model, dtype=dtype).to(device)
         model = args.model
     pipe.set_progress_bar_config(disable=True)
     kwargs = _sampling_kwargs(pipe, args, args.seed)
     kwargs.pop("generator")  # run_benchmark seeds each prompt itself
     if configs is None:
-        configs = default_sweep(pipe, methods=methods, num_steps=args.steps, calibrated=calibrated)
+        steps = _call_value(pipe, kwargs, "num_inference_steps")
+        configs = default_sweep(pipe, methods=methods, num_steps=steps, calibrated=calibrated)
     prompts = args.prompt or list(DEMO_PROMPTS)
     progress = None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
     result = run_benchmark(
@@ -571,23 +678,40 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 # -- entry point -----------------------------------------------------------------------------------------------------
+DEFAULTS_HELP = "(default: the model directory's generation_defaults.json, else the pipeline's)"
+
+
+def _add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options that set the pipeline's sampling arguments (see :data:`SAMPLING_OPTIONS`); unset ones come from
+    the model directory's ``generation_defaults.json``, else the pipeline's own defaults."""
+    parser.add_argument("--steps", type=int, default=None, help=f"num_inference_steps {DEFAULTS_HELP}")
+    parser.add_argument("--height", type=int, default=None, help=f"image height in pixels {DEFAULTS_HELP}")
+    parser.add_argument("--width", type=int, default=None, help=f"image width in pixels {DEFAULTS_HELP}")
+    parser.add_argument("--true-cfg-scale", type=float, default=None, help=f"true CFG scale (Qwen-Image) {DEFAULTS_HELP}")
+    parser.add_argument(
+        "--guidance-scale", type=float, default=None,
+        help=f"guidance_scale (FLUX.2 [klein]'s CFG scale; guidance-distilled models) {DEFAULTS_HELP}",
+    )
+    parser.add_argument(
+        "--max-sequence-length", type=int, default=None,
+        help=f"max_sequence_length: prompt tokens (FLUX.2 [klein] pads to it) {DEFAULTS_HELP}",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cached-diffusers", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
     generate = commands.add_parser("generate", help="generate images with a cached pipeline")
-    generate.add_argument("--model", default="Qwen/Qwen-Image", help="diffusers directory or Hub id")
+    generate.add_argument(
+        "--model", required=True,
+        help="diffusers pipeline directory or Hub id (e.g. Qwen/Qwen-Image, or a shipped reference model: "
+        "cached_diffusers/assets/reference-qwenimage-emoji)",
+    )
     generate.add_argument("--prompt", action="append", required=True, help="text prompt (repeat for several)")
     generate.add_argument("--negative-prompt", default=None, help="negative prompt (enables true CFG with --true-cfg-scale > 1)")
-    generate.add_argument("--steps", type=int, default=50, help="num_inference_steps (default: 50)")
-    generate.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's)")
-    generate.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's)")
+    _add_sampling_arguments(generate)
     generate.add_argument("--seed", type=int, default=0)
-    generate.add_argument("--true-cfg-scale", type=float, default=None, help="true CFG scale (Qwen-Image; default: the pipeline's)")
-    generate.add_argument(
-        "--guidance-scale", type=float, default=None,
-        help="guidance_scale (Flux2 Klein's CFG scale; guidance-distilled models); default: the pipeline's",
-    )
     generate.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     generate.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bfloat16 on GPU)")
     generate.add_argument("--output", default="output.png", help="image path (numbered when several)")
@@ -602,12 +726,8 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--method", choices=("teacache", "magcache"), default="teacache")
     calibrate.add_argument("--prompt", action="append", default=None, help="calibration prompt (repeat; default: a small built-in set)")
     calibrate.add_argument("--negative-prompt", default=None, help="negative prompt (true CFG for Qwen-Image: calibrates both branches)")
-    calibrate.add_argument("--steps", type=int, default=50, help="num_inference_steps to calibrate at (default: 50)")
-    calibrate.add_argument("--height", type=int, default=None)
-    calibrate.add_argument("--width", type=int, default=None)
+    _add_sampling_arguments(calibrate)
     calibrate.add_argument("--seed", type=int, default=0, help="seed of the first prompt (then +1 per prompt)")
-    calibrate.add_argument("--true-cfg-scale", type=float, default=None)
-    calibrate.add_argument("--guidance-scale", type=float, default=None)
     calibrate.add_argument("--rel-l1-thresh", type=float, default=0.2, help="TeaCache threshold written with the fit (default: 0.2)")
     calibrate.add_argument("--mag-threshold", type=float, default=0.06, help="MagCache threshold written with the ratios (default: 0.06)")
     calibrate.add_argument("--device", default=None)
@@ -618,11 +738,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="cached vs uncached on the embedded default model (no download)")
     demo.add_argument("--prompt", action="append", default=None, help="text prompt (repeat for several)")
-    demo.add_argument("--steps", type=int, default=20, help="num_inference_steps (default: 20)")
-    demo.add_argument("--height", type=int, default=None)
-    demo.add_argument("--width", type=int, default=None)
+    demo.add_argument("--steps", type=int, default=None, help="num_inference_steps (default: 20, the model's)")
+    demo.add_argument("--height", type=int, default=None, help="image height in pixels (default: 32, the model's)")
+    demo.add_argument("--width", type=int, default=None, help="image width in pixels (default: 32, the model's)")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--true-cfg-scale", type=float, default=4.0, help="true CFG scale (default: 4.0)")
+    demo.add_argument("--true-cfg-scale", type=float, default=None, help="true CFG scale (default: 4.0, the model's)")
+    demo.add_argument("--repeats", type=int, default=5, help="timed rounds, uncached and cached interleaved; the median counts (default: 5)")
+    demo.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1, stable timings on a shared CPU)")
     demo.add_argument("--output", default="demo.png", help="side-by-side PNG (default: demo.png)")
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_cache_arguments(demo, default_method="teacache")
@@ -633,17 +755,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--model", default=None, help="diffusers directory or Hub id (default: the embedded reference model)")
     bench.add_argument("--prompt", action="append", default=None, help="prompt (repeat; default: 4 captions of the reference model)")
-    bench.add_argument("--steps", type=int, default=20, help="num_inference_steps (default: 20)")
-    bench.add_argument("--height", type=int, default=None, help="image height (default: the model's)")
-    bench.add_argument("--width", type=int, default=None, help="image width (default: the model's)")
+    _add_sampling_arguments(bench)
     bench.add_argument("--seed", type=int, default=0, help="seed of the first prompt (then +1 per prompt)")
-    bench.add_argument(
-        "--negative-prompt", default=None, help="negative prompt (default: ' ' with the embedded model, else none)"
-    )
-    bench.add_argument(
-        "--true-cfg-scale", type=float, default=None, help="true CFG scale (default: 4.0 with the embedded model, else the pipeline's)"
-    )
-    bench.add_argument("--guidance-scale", type=float, default=None, help="guidance_scale (Flux2 Klein); default: the pipeline's")
+    bench.add_argument("--negative-prompt", default=None, help=f"negative prompt {DEFAULTS_HELP}")
     bench.add_argument("--repeats", type=int, default=3, help="timed repeats of every run; the median counts (default: 3)")
     bench.add_argument(
         "--methods", nargs="+", default=None, metavar="METHOD",
@@ -688,11 +802,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as error:  # noqa: BLE001 -- every error becomes one line unless --debug
         if getattr(args, "debug", False):
             raise
-        usage = isinstance(error, ValueError)
+        # bad input (an option, a value, a file or a local path that does not exist) is a usage error
+        usage = isinstance(error, (ValueError, FileNotFoundError))
         text = " ".join(str(error).split()) or type(error).__name__
-        if not usage:
-            text = f"{type(error).__name__}: {text}"
-        hint = "" if usage else " (--debug shows the traceback)"
+        hint = ""
+        if not usage and not isinstance(error, ImportError):  # ImportError: an optional extra is missing, said so
+            text, hint = f"{type(error).__name__}: {text}", " (--debug shows the traceback)"
         print(f"cached-diffusers {args.command}: error: {text}{hint}", file=sys.stderr)
         return EXIT_USAGE if usage else EXIT_FAILED
 

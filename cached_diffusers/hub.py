@@ -1,10 +1,15 @@
-"""Cache configs that travel with models: ``cache_config.json`` beside a pipeline's ``model_index.json``.
+"""Files that travel with models: ``cache_config.json`` and ``generation_defaults.json`` beside ``model_index.json``.
 
 A cached pipeline's ``save_pretrained`` writes its active cache config to ``<directory>/cache_config.json`` (and
 ``push_to_hub`` uploads it with the weights); its ``from_pretrained`` reads the file back from a local directory or a
 Hub repository unless the caller passes ``cache_config``. The file is the config's ``to_dict()`` (``{"method": ...,
 <field>: <value>}``) plus keys starting with ``_`` (metadata, ignored when loading). Stock diffusers ignores the file,
 so a directory that has one stays an ordinary diffusers directory.
+
+``generation_defaults.json`` (optional, local directories) holds the call arguments a model is meant to be run with
+(``{"height": 32, "width": 32, "num_inference_steps": 20, "true_cfg_scale": 4.0, ...}``): the command line's
+``generate``, ``calibrate`` and ``bench`` use them for every option the user does not give. The shipped reference
+models have one; stock diffusers ignores it.
 """
 
 from __future__ import annotations
@@ -15,10 +20,24 @@ from typing import Any, Mapping
 
 from .configs import CacheConfig, cache_config_from_dict
 
-__all__ = ["CACHE_CONFIG_NAME", "load_cache_config", "parse_cache_config", "read_cache_config", "save_cache_config"]
+__all__ = [
+    "CACHE_CONFIG_NAME",
+    "GENERATION_DEFAULTS_NAME",
+    "check_local_path",
+    "load_cache_config",
+    "load_generation_defaults",
+    "parse_cache_config",
+    "read_cache_config",
+    "read_json_file",
+    "resolve_dtype",
+    "save_cache_config",
+]
 
 CACHE_CONFIG_NAME = "cache_config.json"
 """File name of a saved cache config, at the root of a pipeline directory or Hub repository."""
+
+GENERATION_DEFAULTS_NAME = "generation_defaults.json"
+"""File name of a model directory's default call arguments (see the module docstring)."""
 
 HUB_KWARGS = ("cache_dir", "revision", "token", "local_files_only", "force_download")
 """``from_pretrained`` keyword arguments that are also used to fetch ``cache_config.json`` from the Hub."""
@@ -64,26 +83,71 @@ def parse_cache_config(data: Any, source: str) -> CacheConfig | None:
         raise ValueError(f"invalid cache config in {source}: {error}") from None
 
 
-def read_cache_config(path: str | os.PathLike) -> CacheConfig | None:
-    """Read and validate one ``cache_config.json`` file (see :func:`parse_cache_config`).
+def read_json_file(path: str | os.PathLike, what: str) -> Any:
+    """The JSON value in the file ``path``; ``what`` names its role in error messages (``"cache config"``).
 
     Raises:
-        ValueError: naming the file, when it cannot be read (missing, a directory, no permission), is not UTF-8 text,
-            is not valid JSON (nested too deeply, numbers too long) or not a valid config.
+        ValueError: naming the file, when it is not UTF-8 text or not valid JSON (also: nested too deeply, an
+            integer with too many digits).
+        FileNotFoundError, IsADirectoryError, PermissionError: as ``open`` raises them (they name the file).
     """
     path = os.fspath(path)
     try:
         with open(path, encoding="utf-8") as handle:
             text = handle.read()
     except UnicodeDecodeError as error:
-        raise ValueError(f"invalid cache config in {path}: not UTF-8 text ({error})") from None
-    except OSError as error:
-        raise ValueError(f"cannot read the cache config {path}: {error.strerror or error}") from None
+        raise ValueError(f"invalid {what} in {path}: not UTF-8 text ({error})") from None
     try:
-        data = json.loads(text)
-    except (ValueError, RecursionError) as error:  # JSONDecodeError, too many digits, too deeply nested
-        raise ValueError(f"invalid cache config in {path}: not valid JSON ({error})") from None
-    return parse_cache_config(data, path)
+        return json.loads(text)
+    except (ValueError, RecursionError) as error:  # JSONDecodeError, too many digits, nested too deeply
+        raise ValueError(f"invalid {what} in {path}: not valid JSON ({error})") from None
+
+
+def read_cache_config(path: str | os.PathLike) -> CacheConfig | None:
+    """Read and validate one ``cache_config.json`` file (see :func:`parse_cache_config`).
+
+    Raises:
+        ValueError: naming the file, when it is not UTF-8 JSON or not a valid config.
+    """
+    return parse_cache_config(read_json_file(path, "cache config"), os.fspath(path))
+
+
+def load_generation_defaults(model: str | os.PathLike) -> tuple[dict[str, Any], str | None]:
+    """The default call arguments saved in a local model directory's ``generation_defaults.json``.
+
+    Returns:
+        ``(defaults, path)``: the JSON object (argument name -> value) and the file it came from, or ``({}, None)``
+        when ``model`` is not a local directory or has no such file. Keys starting with ``_`` are comments, dropped.
+
+    Raises:
+        ValueError: naming the file, when it is not a UTF-8 JSON object.
+    """
+    path = os.path.join(os.fspath(model), GENERATION_DEFAULTS_NAME)
+    if not os.path.isfile(path):
+        return {}, None
+    data = read_json_file(path, "generation defaults")
+    if not isinstance(data, Mapping):
+        raise ValueError(f"invalid generation defaults in {path}: expected a JSON object, got {type(data).__name__}")
+    return {str(k): v for k, v in data.items() if not str(k).startswith("_")}, path
+
+
+def check_local_path(pretrained_model_name_or_path: str | os.PathLike) -> None:
+    """Refuse, in one line, a path that looks local but does not exist (instead of a long Hub connection error).
+
+    A string looks like a Hub repo id when it is ``"namespace/name"``: exactly one ``/``, no backslash, not starting
+    with ``.``, ``/`` or ``~``. Anything else that is not an existing file or directory is taken as a local path.
+
+    Raises:
+        FileNotFoundError: naming the path, when it looks local and does not exist.
+    """
+    location = os.fspath(pretrained_model_name_or_path)
+    if os.path.exists(location):
+        return
+    hub_like = location.count("/") == 1 and "\\" not in location and not location.startswith((".", "/", "~"))
+    if not hub_like:
+        raise FileNotFoundError(
+            f"no such model directory: {location!r} (a local path; Hub repository ids look like 'namespace/name')"
+        )
 
 
 def _hf_hub_download(*args: Any, **kwargs: Any) -> str:
@@ -127,3 +191,21 @@ def load_cache_config(
         return None, None
     config = read_cache_config(path)
     return config, f"{location}/{CACHE_CONFIG_NAME} ({path})"
+
+
+def resolve_dtype(dtype: Any = None, torch_dtype: Any = None) -> Any:
+    """The weights' dtype from ``dtype=`` or the deprecated ``torch_dtype=``, as diffusers 0.42's loaders take them.
+
+    ``torch_dtype`` still works and emits diffusers' deprecation warning (``diffusers.utils.deprecate``).
+
+    Raises:
+        ValueError: when both are given.
+    """
+    if torch_dtype is None:
+        return dtype
+    if dtype is not None:
+        raise ValueError("pass dtype= only: torch_dtype= is its deprecated name, and both were given")
+    from diffusers.utils import deprecate
+
+    deprecate("torch_dtype", "1.0.0", "`torch_dtype` is deprecated and will be removed in version 1.0.0; use `dtype`.")
+    return torch_dtype

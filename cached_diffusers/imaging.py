@@ -1,13 +1,38 @@
-"""Image helpers for the command line and benchmarks: fidelity metrics and side-by-side sheets."""
+"""Image helpers for the command line and benchmarks: fidelity metrics and side-by-side sheets.
+
+The metrics use scikit-image and the plots matplotlib, which the ``bench`` extra installs
+(``pip install "cached-diffusers[bench]"``); without them these helpers raise :class:`MissingExtraError`.
+"""
 
 from __future__ import annotations
 
+import importlib
+from types import ModuleType
 from typing import Sequence
 
 import numpy as np
 from PIL import Image
 
-__all__ = ["psnr", "side_by_side", "ssim", "to_uint8"]
+__all__ = ["MissingExtraError", "psnr", "require_extra", "side_by_side", "ssim", "to_uint8"]
+
+
+class MissingExtraError(ImportError):
+    """A package of an optional extra (``bench``: scikit-image, matplotlib) is not installed."""
+
+
+def require_extra(module: str, package: str, extra: str = "bench") -> ModuleType:
+    """``importlib.import_module(module)``, or a :class:`MissingExtraError` saying how to install it.
+
+    Raises:
+        MissingExtraError: naming ``package`` and the ``pip install "cached-diffusers[<extra>]"`` that brings it.
+    """
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise MissingExtraError(
+            f"{package} is not installed: fidelity metrics and plots need the {extra!r} extra, "
+            f'pip install "cached-diffusers[{extra}]"'
+        ) from None
 
 
 def to_uint8(image: Image.Image | np.ndarray) -> np.ndarray:
@@ -27,13 +52,13 @@ def psnr(reference: Image.Image | np.ndarray, test: Image.Image | np.ndarray) ->
 
     Raises:
         ValueError: if the images differ in size.
+        MissingExtraError: without scikit-image (the ``bench`` extra).
     """
-    from skimage.metrics import peak_signal_noise_ratio
-
+    metrics = require_extra("skimage.metrics", "scikit-image")
     a, b = _uint8_pair(reference, test)
     if np.array_equal(a, b):
         return float("inf")
-    return float(peak_signal_noise_ratio(a, b, data_range=255))
+    return float(metrics.peak_signal_noise_ratio(a, b, data_range=255))
 
 
 def ssim(reference: Image.Image | np.ndarray, test: Image.Image | np.ndarray) -> float:
@@ -42,13 +67,13 @@ def ssim(reference: Image.Image | np.ndarray, test: Image.Image | np.ndarray) ->
 
     Raises:
         ValueError: if the images differ in size.
+        MissingExtraError: without scikit-image (the ``bench`` extra).
     """
-    from skimage.metrics import structural_similarity
-
+    metrics = require_extra("skimage.metrics", "scikit-image")
     a, b = _uint8_pair(reference, test)
     if np.array_equal(a, b):
         return 1.0
-    return float(structural_similarity(a, b, channel_axis=-1, data_range=255))
+    return float(metrics.structural_similarity(a, b, channel_axis=-1, data_range=255))
 
 
 def _uint8_pair(reference, test) -> tuple[np.ndarray, np.ndarray]:

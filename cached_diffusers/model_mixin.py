@@ -21,14 +21,18 @@ Working with the rest of the ecosystem:
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import inspect
 import json
+import warnings
+from dataclasses import dataclass
 from typing import Any, ClassVar, Iterator, Mapping, TextIO
 
 from .configs import CacheConfig, available_cache_methods
 from .engine import CacheEngine
 from .stats import CacheStats
 
-__all__ = ["CachedTransformerMixin", "diffusers_parent"]
+__all__ = ["CachedTransformerMixin", "MirroredForward", "diffusers_parent", "mirrored_forward_mismatch"]
 
 
 def diffusers_parent(cls: type, mixin: type) -> type:
@@ -47,14 +51,63 @@ def stock_class_name_json(text: str, cls: type, mixin: type) -> str:
     return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
 
+@dataclass(frozen=True)
+class MirroredForward:
+    """The diffusers ``forward`` that a cached model's own ``forward`` mirrors with caching on.
+
+    Attributes:
+        sha256: hex SHA-256 of ``inspect.getsource(parent.forward)`` (decorators included) as it was mirrored.
+        diffusers_version: the diffusers release it was taken from.
+        file: the repository file holding the mirror, to re-sync when the parent's ``forward`` changes.
+    """
+
+    sha256: str
+    diffusers_version: str
+    file: str
+
+
+def forward_source_sha256(cls: type) -> str:
+    """Hex SHA-256 of the source of ``cls.forward`` (decorators included)."""
+    return hashlib.sha256(inspect.getsource(cls.forward).encode("utf-8")).hexdigest()
+
+
+def mirrored_forward_mismatch(cls: type) -> str | None:
+    """Why ``cls``'s mirrored forward may be stale, or ``None`` when the installed parent's source is the mirrored one.
+
+    ``cls`` is a cached model class with a :class:`MirroredForward` in ``cls.mirrored_forward`` (``None``: nothing
+    mirrored, nothing to check).
+    """
+    mirrored = getattr(cls, "mirrored_forward", None)
+    if mirrored is None:
+        return None
+    import diffusers
+
+    parent = diffusers_parent(cls, CachedTransformerMixin)
+    if forward_source_sha256(parent) == mirrored.sha256:
+        return None
+    return (
+        f"{parent.__name__}.forward of the installed diffusers {diffusers.__version__} differs from the one "
+        f"{cls.__name__} mirrors (diffusers {mirrored.diffusers_version}, in {mirrored.file}): with caching on, "
+        f"{cls.__name__} may compute differently from the parent. Install diffusers=={mirrored.diffusers_version}, "
+        f"or re-sync {mirrored.file} with the installed forward and update its MirroredForward"
+    )
+
+
+_WARNED_MIRRORS: set[type] = set()
+
+
 class CachedTransformerMixin:
     """Mixin for a diffusers ``ModelMixin`` subclass whose overridden ``forward`` calls :attr:`cache_engine`.
 
     Class attributes:
         cache_defaults: model-provided values for the configs, e.g. ``{"teacache_coefficients": (...)}``.
+        mirrored_forward: for a model whose cached ``forward`` re-implements its diffusers parent's, which parent
+            source it follows (:class:`MirroredForward`); when the installed diffusers' differs, turning caching on
+            warns once per class (``UserWarning``), and ``tests/test_first_hour.py`` fails naming the file.
     """
 
     cache_defaults: ClassVar[Mapping[str, Any]] = {}
+    mirrored_forward: ClassVar[MirroredForward | None] = None
 
     @property
     def num_cache_blocks(self) -> int:
@@ -85,6 +138,12 @@ class CachedTransformerMixin:
     @cache_config.setter
     def cache_config(self, value: CacheConfig | Mapping[str, Any] | str | None) -> None:
         self.cache_engine.config = value
+        cls = type(self)
+        if self.cache_engine.active and cls not in _WARNED_MIRRORS:
+            _WARNED_MIRRORS.add(cls)
+            problem = mirrored_forward_mismatch(cls)
+            if problem is not None:
+                warnings.warn(problem, UserWarning, stacklevel=2)
 
     @property
     def cache_stats(self) -> CacheStats:

@@ -26,7 +26,7 @@ from typing import Any, Callable, ClassVar, Iterator, Mapping, TextIO
 import torch
 
 from .configs import CacheConfig
-from .hub import load_cache_config
+from .hub import check_local_path, load_cache_config
 from .hub import save_cache_config as save_cache_config_file
 from .engine import Generation
 from .model_mixin import diffusers_parent, stock_class_name_json
@@ -56,11 +56,13 @@ class CachedPipelineMixin:
         before. The file is read and validated before any weights are loaded.
 
         Raises:
+            FileNotFoundError: naming the path, when it looks local (not ``namespace/name``) and does not exist.
             ValueError: for an invalid ``cache_config`` argument; naming the file, for a ``cache_config.json`` that is
                 not a valid config (unknown method or field, coefficients of the wrong length, ...) or that the model
                 cannot run (e.g. TeaCache without coefficients on a model that has none, DBCache with more ``Fn + Bn``
                 blocks than the model has).
         """
+        check_local_path(pretrained_model_name_or_path)
         if "cache_config" in kwargs:
             return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         saved, source = load_cache_config(pretrained_model_name_or_path, **kwargs)

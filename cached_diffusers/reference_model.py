@@ -32,6 +32,7 @@ __all__ = [
     "DEMO_PROMPTS",
     "EVAL_PROMPT_COUNT",
     "EVAL_SETTINGS",
+    "GENERATION_DEFAULTS",
     "KLEIN_MAX_SEQUENCE_LENGTH",
     "NEGATIVE_PROMPT",
     "REFERENCE_KLEIN_DIR",
@@ -79,6 +80,21 @@ EMOJI_FONT_PATH = "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"
 RESOLUTION = 32
 """Image size of the reference model, pixels (square): the VAE compresses 4x, so latents are 8 x 8 and the
 transformer sees (8 / 2)^2 = 16 image tokens."""
+
+GENERATION_DEFAULTS = {
+    "qwenimage": {
+        "height": RESOLUTION, "width": RESOLUTION, "num_inference_steps": EVAL_SETTINGS["num_inference_steps"],
+        "true_cfg_scale": EVAL_SETTINGS["cfg_scale"], "negative_prompt": NEGATIVE_PROMPT,
+    },
+    "flux2-klein": {
+        "height": RESOLUTION, "width": RESOLUTION, "num_inference_steps": EVAL_SETTINGS["num_inference_steps"],
+        "guidance_scale": EVAL_SETTINGS["cfg_scale"], "max_sequence_length": KLEIN_MAX_SEQUENCE_LENGTH,
+    },
+}  # fmt: skip
+"""Per architecture, the call arguments the reference model is meant to be run with (its training size, prompt
+length and the evaluation's steps and CFG). ``scripts/train_reference_model.py`` writes them to the model directory's
+``generation_defaults.json`` (:data:`cached_diffusers.hub.GENERATION_DEFAULTS_NAME`), where the command line finds
+them."""
 
 DEMO_PROMPTS = ["red apple", "dog face", "rocket", "sun with face"]
 """Captions of the reference model that ``cached-diffusers demo`` and ``bench`` use by default."""

@@ -604,7 +604,7 @@ def bagel_config_from_official(
 
 def load_official_transformer(
     path: str | os.PathLike,
-    torch_dtype: torch.dtype | None = None,
+    dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
     model_class: type[BagelTransformer2DModel] = BagelTransformer2DModel,
     latent_channels: int = 16,
@@ -614,11 +614,11 @@ def load_official_transformer(
     """Build the model from an official BAGEL directory (``llm_config.json`` + ``ema.safetensors``).
 
     The model is created on the meta device and every tensor is copied from the file straight to ``device`` in
-    ``torch_dtype`` (default float32), one tensor at a time, so no second copy of the weights is held.
+    ``dtype`` (default float32), one tensor at a time, so no second copy of the weights is held.
 
     Args:
         path: the checkpoint directory.
-        torch_dtype: dtype of the weights (the file is bfloat16; ``None`` -> float32, as diffusers loads).
+        dtype: dtype of the weights (the file is bfloat16; ``None`` -> float32, as diffusers loads).
         device: where the weights go.
         model_class: the class to build (e.g. :class:`CachedBagelTransformer2DModel`).
         latent_channels, vision_start_token_id, vision_end_token_id: see :func:`bagel_config_from_official`.
@@ -641,7 +641,7 @@ def load_official_transformer(
         if not os.path.isfile(os.path.join(path, name)):
             raise FileNotFoundError(f"{name} not found in {path}: not an official BAGEL checkpoint directory")
     llm_config = read_json_object(os.path.join(path, "llm_config.json"), "BAGEL language-model config")
-    dtype = torch_dtype or torch.float32
+    dtype = dtype or torch.float32
     weights = os.path.join(path, "ema.safetensors")
     with open_safetensors(weights, device="cpu") as handle:
         keys = list(handle.keys())

@@ -20,7 +20,7 @@ from diffusers.models.transformers.transformer_flux2 import (
 from diffusers.utils.peft_utils import apply_lora_scale
 
 from cached_diffusers.engine import BlockStack
-from cached_diffusers.model_mixin import CachedTransformerMixin
+from cached_diffusers.model_mixin import CachedTransformerMixin, MirroredForward
 
 __all__ = ["CachedFlux2Transformer2DModel", "FLUX2_CALIBRATION_HINT"]
 
@@ -65,6 +65,11 @@ class CachedFlux2Transformer2DModel(CachedTransformerMixin, Flux2Transformer2DMo
     """
 
     cache_defaults = {"calibration_hint": FLUX2_CALIBRATION_HINT}
+    mirrored_forward = MirroredForward(
+        sha256="d141ddb68f537de00c25bf7833a6acb4c5614a73166c1a1cfda5ef0c08338751",
+        diffusers_version="0.42.1",
+        file="models/flux2.py",
+    )
 
     @property
     def num_cache_blocks(self) -> int:

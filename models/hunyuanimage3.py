@@ -41,6 +41,7 @@ from torch import nn
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb, repeat_kv
 
 from cached_diffusers.configs import CacheConfig, DBCacheConfig, resolve_cache_config
+from cached_diffusers.hub import resolve_dtype
 from cached_diffusers.model_mixin import CachedTransformerMixin
 
 __all__ = [
@@ -729,28 +730,30 @@ class HunyuanImage3Transformer2DModel(ModelMixin, ConfigMixin):
     def from_official_checkpoint(
         cls,
         directory: str | os.PathLike,
-        torch_dtype: torch.dtype | str | None = None,
+        dtype: torch.dtype | str | None = None,
         device_map: str | Mapping[str, Any] | None = None,
         max_memory: Mapping[Any, Any] | None = None,
         device: torch.device | str | None = None,
         output_loading_info: bool = False,
         config_overrides: Mapping[str, Any] | None = None,
+        torch_dtype: torch.dtype | str | None = None,
     ):
         """Build from a release directory (``config.json``) and load its weights shard by shard.
 
         See :func:`load_official_component`; ``config_overrides`` changes config fields before building (e.g.
         ``{"num_hidden_layers": 2}`` for a reduced-depth model: the layers beyond are then skipped, not loaded).
+        ``torch_dtype`` is the deprecated name of ``dtype`` (warns, as diffusers 0.42 does).
         """
         return load_official_component(
-            cls, directory, component="transformer", torch_dtype=torch_dtype, device_map=device_map,
+            cls, directory, component="transformer", dtype=dtype, device_map=device_map,
             max_memory=max_memory, device=device, output_loading_info=output_loading_info,
-            config_overrides=config_overrides,
+            config_overrides=config_overrides, torch_dtype=torch_dtype,
         )
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         """A release directory (``config.json`` naming ``HunyuanImage3ForCausalMM`` + sharded safetensors) loads
-        through :meth:`from_official_checkpoint` (keyword arguments ``torch_dtype``, ``device_map``, ``max_memory``,
+        through :meth:`from_official_checkpoint` (keyword arguments ``dtype``, ``device_map``, ``max_memory``,
         ``device``, ``output_loading_info``, ``config_overrides``); any other path through diffusers'
         ``ModelMixin.from_pretrained`` (a directory written by ``save_pretrained``)."""
         if is_official_checkpoint(pretrained_model_name_or_path):
@@ -810,13 +813,13 @@ def _vae_config(config: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in vae.items() if k in known}
 
 
-def _resolve_dtype(torch_dtype: Any, config: Mapping[str, Any]) -> torch.dtype:
-    value = torch_dtype if torch_dtype is not None else config.get("torch_dtype", "float32")
+def _resolve_dtype(dtype: Any, config: Mapping[str, Any]) -> torch.dtype:
+    value = dtype if dtype is not None else config.get("torch_dtype", "float32")
     if isinstance(value, str):
         value = "bfloat16" if value == "auto" else value
         value = getattr(torch, value.replace("torch.", ""), None)
     if not isinstance(value, torch.dtype) or not value.is_floating_point:
-        raise ValueError(f"torch_dtype must be a floating torch.dtype (or its name), got {torch_dtype!r}")
+        raise ValueError(f"dtype must be a floating torch.dtype (or its name, e.g. 'bfloat16'), got {dtype!r}")
     return value
 
 
@@ -831,12 +834,13 @@ def load_official_component(
     cls,
     directory: str | os.PathLike,
     component: str,
-    torch_dtype: torch.dtype | str | None = None,
+    dtype: torch.dtype | str | None = None,
     device_map: str | Mapping[str, Any] | None = None,
     max_memory: Mapping[Any, Any] | None = None,
     device: torch.device | str | None = None,
     output_loading_info: bool = False,
     config_overrides: Mapping[str, Any] | None = None,
+    torch_dtype: torch.dtype | str | None = None,
 ):
     """Build ``cls`` (the transformer or the VAE decoder) on the meta device and load it from a release directory.
 
@@ -848,7 +852,7 @@ def load_official_component(
     Args:
         component: ``"transformer"`` (every key except ``vae.*`` and the skipped prefixes) or ``"vae"``
             (``vae.decoder.*``).
-        torch_dtype: weights' dtype; default the checkpoint's ``torch_dtype`` (``bfloat16`` for the release).
+        dtype: weights' dtype; default the checkpoint's ``torch_dtype`` field (``bfloat16`` for the release).
         device_map: accelerate device map for a model that does not fit one device: ``"auto"``, ``"balanced"``,
             ``"balanced_low_0"``, ``"sequential"`` (computed with ``infer_auto_device_map``, decoder layers never
             split, ``max_memory`` honoured) or an explicit ``{module_name: device}`` dict. Entries may be GPUs or
@@ -858,6 +862,7 @@ def load_official_component(
         output_loading_info: also return ``{"missing_keys", "unexpected_keys", "mismatched_keys", "skipped_keys"}``
             (``skipped_keys``: ``{prefix: [keys]}`` of the deliberately unused groups and the other component's keys).
         config_overrides: config fields to change before building.
+        torch_dtype: deprecated name of ``dtype`` (warns, as diffusers 0.42 does).
 
     Raises:
         FileNotFoundError: if ``config.json`` or the weights are missing.
@@ -873,7 +878,7 @@ def load_official_component(
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path} not found: expected a HunyuanImage-3.0 release directory")
     config = read_json_object(config_path, "HunyuanImage-3.0 config")
-    dtype = _resolve_dtype(torch_dtype, config)
+    dtype = _resolve_dtype(resolve_dtype(dtype, torch_dtype), config)
     kwargs = official_transformer_config(config) if component == "transformer" else _vae_config(config)
     kwargs.update(config_overrides or {})
     if component == "transformer":

@@ -234,19 +234,20 @@ class AutoencoderKLHunyuanImage3(ModelMixin, ConfigMixin):
     def from_official_checkpoint(
         cls,
         directory,
-        torch_dtype: torch.dtype | str | None = None,
+        dtype: torch.dtype | str | None = None,
         device: torch.device | str | None = None,
         output_loading_info: bool = False,
+        torch_dtype: torch.dtype | str | None = None,
     ):
         """Build from the release's ``config.json`` (its ``vae`` dict) and load ``vae.decoder.*`` shard by shard.
 
         ``vae.encoder.*`` and every non-VAE key are skipped (listed in the loading info). Raises ``ValueError`` for
-        missing, unexpected or mis-shaped decoder keys. ``torch_dtype`` defaults to the checkpoint's
-        ``torch_dtype``.
+        missing, unexpected or mis-shaped decoder keys. ``dtype`` defaults to the checkpoint's
+        ``torch_dtype`` field; ``torch_dtype`` is its deprecated name (warns, as diffusers 0.42 does).
         """
         from cached_diffusers.models.hunyuanimage3 import load_official_component
 
         return load_official_component(
-            cls, directory, component="vae", torch_dtype=torch_dtype, device=device,
-            output_loading_info=output_loading_info,
+            cls, directory, component="vae", dtype=dtype, device=device,
+            output_loading_info=output_loading_info, torch_dtype=torch_dtype,
         )

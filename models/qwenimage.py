@@ -13,7 +13,7 @@ from diffusers.models.transformers.transformer_qwenimage import compute_text_seq
 from diffusers.utils.peft_utils import apply_lora_scale
 
 from cached_diffusers.engine import BlockStack
-from cached_diffusers.model_mixin import CachedTransformerMixin
+from cached_diffusers.model_mixin import CachedTransformerMixin, MirroredForward
 
 __all__ = ["CachedQwenImageTransformer2DModel", "QWENIMAGE_MAG_RATIOS", "QWENIMAGE_TEACACHE_COEFFICIENTS"]
 
@@ -54,6 +54,11 @@ class CachedQwenImageTransformer2DModel(CachedTransformerMixin, QwenImageTransfo
     """
 
     cache_defaults = {"teacache_coefficients": QWENIMAGE_TEACACHE_COEFFICIENTS, "mag_ratios": QWENIMAGE_MAG_RATIOS}
+    mirrored_forward = MirroredForward(
+        sha256="a80c88db6acadbebc3ac929b2ff511994fe2fc9b5f122713a5d0440e00a73501",
+        diffusers_version="0.42.1",
+        file="models/qwenimage.py",
+    )
 
     @property
     def num_cache_blocks(self) -> int:

@@ -47,6 +47,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from transformers import PreTrainedTokenizerBase
 
 from cached_diffusers.configs import CacheConfig
+from cached_diffusers.hub import check_local_path, resolve_dtype
 from cached_diffusers.models.bagel import (
     BagelKVCache,
     BagelTransformer2DModel,
@@ -114,7 +115,7 @@ def unpack_latents(tokens: torch.Tensor, grid: tuple[int, int], patch_size: int 
 
 
 def load_official_vae(
-    path: str | os.PathLike, torch_dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
+    path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
 ) -> AutoencoderKL:
     """The FLUX.1 autoencoder of an official BAGEL directory (``ae.safetensors``, BFL/LDM key names) as diffusers'
     ``AutoencoderKL``.
@@ -157,8 +158,8 @@ def load_official_vae(
     if missing or unexpected:
         raise ValueError(f"{weights} does not load into AutoencoderKL: missing {missing}, unexpected {unexpected}")
     vae = vae.to(device)
-    if torch_dtype is not None and torch_dtype != torch.float32:
-        vae = vae.to(torch_dtype)
+    if dtype is not None and dtype != torch.float32:
+        vae = vae.to(dtype)
     return vae.eval()
 
 
@@ -241,7 +242,12 @@ class BagelPipeline(DiffusionPipeline):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any):
         """An official BAGEL directory (``llm_config.json`` and no ``model_index.json``) goes to
-        :meth:`from_official`; anything else loads as a diffusers pipeline (``DiffusionPipeline.from_pretrained``)."""
+        :meth:`from_official`; anything else loads as a diffusers pipeline (``DiffusionPipeline.from_pretrained``).
+
+        Raises:
+            FileNotFoundError: naming the path, when it looks local (not ``namespace/name``) and does not exist.
+        """
+        check_local_path(pretrained_model_name_or_path)
         if _is_official_dir(pretrained_model_name_or_path):
             return cls.from_official(pretrained_model_name_or_path, **kwargs)
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
@@ -250,9 +256,10 @@ class BagelPipeline(DiffusionPipeline):
     def from_official(
         cls,
         path: str | os.PathLike,
-        torch_dtype: torch.dtype | None = None,
+        dtype: torch.dtype | None = None,
         device_map: str | torch.device | None = None,
         timestep_shift: float = 3.0,
+        torch_dtype: torch.dtype | None = None,
         **kwargs: Any,
     ):
         """Load an official BAGEL checkpoint directory (the layout of ``ByteDance-Seed/BAGEL-7B-MoT``).
@@ -266,13 +273,15 @@ class BagelPipeline(DiffusionPipeline):
 
         Args:
             path: the directory.
-            torch_dtype: dtype of the transformer and the autoencoder (default float32; ``torch.bfloat16`` on a GPU).
+            dtype: dtype of the transformer and the autoencoder (default float32; ``torch.bfloat16`` on a GPU).
             device_map: one device for every weight (e.g. ``"cuda"``), default the CPU.
             timestep_shift: the scheduler's shift (official 3.0), the default of ``__call__``'s ``timestep_shift``.
+            torch_dtype: deprecated name of ``dtype`` (warns, as diffusers 0.42 does).
             **kwargs: passed to the pipeline's constructor (``cache_config`` for :class:`CachedBagelPipeline`).
 
         Raises:
-            FileNotFoundError: for a missing file; ValueError: for weights that do not match, or an unknown keyword.
+            FileNotFoundError: for a missing directory or file; ValueError: for weights that do not match, an unknown
+            keyword, or both ``dtype`` and ``torch_dtype``.
         """
         from transformers import AutoTokenizer
 
@@ -282,19 +291,20 @@ class BagelPipeline(DiffusionPipeline):
         unknown = sorted(set(kwargs) - accepted)
         if unknown:
             raise ValueError(
-                f"{cls.__name__}.from_pretrained of an official BAGEL directory takes torch_dtype, device_map, "
+                f"{cls.__name__}.from_pretrained of an official BAGEL directory takes dtype, device_map, "
                 f"timestep_shift{''.join(', ' + a for a in sorted(accepted))}; got unknown {', '.join(unknown)}"
             )
+        dtype = resolve_dtype(dtype, torch_dtype)
         if isinstance(device_map, dict):
             raise ValueError("device_map must be one device (e.g. 'cuda') for an official BAGEL directory")
         device = device_map if device_map is not None else "cpu"
         check_tokenizer_files(path)
         tokenizer = AutoTokenizer.from_pretrained(os.fspath(path))
-        vae = load_official_vae(path, torch_dtype=torch_dtype, device=device)
+        vae = load_official_vae(path, dtype=dtype, device=device)
         markers = tokenizer.convert_tokens_to_ids(["<|vision_start|>", "<|vision_end|>"])
         transformer, info = load_official_transformer(
             path,
-            torch_dtype=torch_dtype,
+            dtype=dtype,
             device=device,
             latent_channels=vae.config.latent_channels,
             vision_start_token_id=markers[0],

@@ -25,7 +25,7 @@ from transformers import PreTrainedTokenizerFast
 from cached_diffusers.checkpoints import check_tokenizer_files, read_json_object
 from cached_diffusers.configs import CacheConfig
 from cached_diffusers.engine import BlockStack
-from cached_diffusers.hub import CACHE_CONFIG_NAME, read_cache_config
+from cached_diffusers.hub import CACHE_CONFIG_NAME, read_cache_config, resolve_dtype
 from cached_diffusers.models.hunyuanimage3 import (
     CachedHunyuanImage3Transformer2DModel,
     HunyuanImage3KVCache,
@@ -195,11 +195,12 @@ class CachedHunyuanImage3Pipeline(CachedPipelineMixin, DiffusionPipeline):
         cls,
         pretrained_model_name_or_path: str | os.PathLike,
         cache_config: Any = _UNSET,
-        torch_dtype: torch.dtype | str | None = None,
+        dtype: torch.dtype | str | None = None,
         device_map: str | Mapping[str, Any] | None = None,
         max_memory: Mapping[Any, Any] | None = None,
         device: torch.device | str | None = None,
         config_overrides: Mapping[str, Any] | None = None,
+        torch_dtype: torch.dtype | str | None = None,
         **kwargs: Any,
     ) -> CachedHunyuanImage3Pipeline:
         """Load a local HunyuanImage-3.0 release directory (base text-to-image checkpoint).
@@ -214,23 +215,31 @@ class CachedHunyuanImage3Pipeline(CachedPipelineMixin, DiffusionPipeline):
         Args:
             cache_config: the cache method; when not passed, ``cache_config.json`` in the directory (if any) is used.
                 Checked before any weight is loaded.
-            torch_dtype: weights' dtype (default the checkpoint's ``torch_dtype``, bfloat16 for the release;
+            dtype: weights' dtype (default the checkpoint's ``torch_dtype`` field, bfloat16 for the release;
                 routers stay float32).
             device_map: accelerate device map for the transformer (``"auto"``, ``"balanced"``, ... or a dict; GPUs
                 and ``"cpu"`` offload), with ``max_memory``; the VAE goes to the first GPU of the map.
             device: without ``device_map``, where to load everything (default CPU).
             config_overrides: transformer config changes (e.g. ``{"num_hidden_layers": 2}`` for a reduced-depth
                 smoke test; the other layers are not loaded).
+            torch_dtype: deprecated name of ``dtype`` (warns, as diffusers 0.42 does).
 
         Raises:
+            FileNotFoundError: naming the path, when it does not exist.
             ValueError: for a path that is not a release directory, an unsupported generation config (only
                 ``bot_task="image"``, ``sequence_template="pretrain"`` without system prompt is implemented), an
                 invalid cache config (or ``cache_config.json``), DBCache / First-Block-Cache, or unknown keyword
                 arguments.
         """
         if kwargs:
-            raise ValueError(f"unsupported from_pretrained argument(s) {sorted(kwargs)}")
+            raise ValueError(
+                f"unsupported from_pretrained argument(s) {sorted(kwargs)}; supported: cache_config, dtype, "
+                "device_map, max_memory, device, config_overrides"
+            )
+        dtype = resolve_dtype(dtype, torch_dtype)
         directory = Path(pretrained_model_name_or_path)
+        if not directory.exists():
+            raise FileNotFoundError(f"no such HunyuanImage-3.0 release directory: {os.fspath(directory)!r}")
         if (directory / "config.json").is_file():
             read_json_object(directory / "config.json", "HunyuanImage-3.0 config")  # names the file if unreadable
         if not is_official_checkpoint(directory):
@@ -244,14 +253,14 @@ class CachedHunyuanImage3Pipeline(CachedPipelineMixin, DiffusionPipeline):
         cache_config = check_hunyuanimage3_cache_config(cache_config)
         generation = _generation_defaults(directory)
         transformer = HunyuanImage3Transformer2DModel.from_official_checkpoint(
-            directory, torch_dtype=torch_dtype, device_map=device_map, max_memory=max_memory, device=device,
+            directory, dtype=dtype, device_map=device_map, max_memory=max_memory, device=device,
             config_overrides=config_overrides,
         )
         vae_device = device
         if device_map is not None:
             vae_device = next((d for d in transformer.hf_device_map.values() if str(d) != "cpu"), "cpu")
             vae_device = f"cuda:{vae_device}" if isinstance(vae_device, int) else vae_device
-        vae = AutoencoderKLHunyuanImage3.from_official_checkpoint(directory, torch_dtype=torch_dtype, device=vae_device)
+        vae = AutoencoderKLHunyuanImage3.from_official_checkpoint(directory, dtype=dtype, device=vae_device)
         check_tokenizer_files(directory)
         tokenizer = PreTrainedTokenizerFast.from_pretrained(directory)
         scheduler = FlowMatchEulerDiscreteScheduler(shift=generation["flow_shift"])

@@ -60,6 +60,7 @@ from diffusers import (  # noqa: E402
 from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer, Qwen3ForCausalLM  # noqa: E402
 
 from cached_diffusers import reference_model as ref  # noqa: E402
+from cached_diffusers.hub import GENERATION_DEFAULTS_NAME  # noqa: E402
 from cached_diffusers.tiny import (  # noqa: E402
     FLUX2_KLEIN_SCHEDULER_CONFIG,
     SCHEDULER_CONFIG,
@@ -392,6 +393,7 @@ def main() -> None:
     pipe = make_pipeline(recipe, vae, text_encoder, tokenizer, transformer)
     pipe.set_progress_bar_config(disable=True)
     pipe.save_pretrained(output, safe_serialization=True)
+    write_generation_defaults(recipe, output)
     ref.save_reference_dataset(dataset, args.dataset_output)
     log(f"saved the pipeline to {output} and the dataset to {args.dataset_output}")
 
@@ -412,6 +414,19 @@ def main() -> None:
     (output / "training_report.json").write_text(json.dumps(report, indent=2) + "\n")
     log(f"top-1 {report['nearest_image_top1']:.3f}, top-5 {report['nearest_image_top5']:.3f} "
         f"(chance {report['chance']:.4f})")  # fmt: skip
+
+
+def write_generation_defaults(recipe: Recipe, output: Path) -> None:
+    """``<output>/generation_defaults.json``: the call arguments the model is meant to be run with, for the CLI."""
+    data = {"_comment": GENERATION_DEFAULTS_COMMENT, **ref.GENERATION_DEFAULTS[recipe.name]}
+    (output / GENERATION_DEFAULTS_NAME).write_text(json.dumps(data, indent=2) + "\n")
+
+
+GENERATION_DEFAULTS_COMMENT = (
+    "Call arguments this model is meant to be run with (its training size and prompt length, the evaluation's steps "
+    "and CFG); cached-diffusers generate/calibrate/bench use them for every option not given. Stock diffusers "
+    "ignores this file."
+)
 
 
 def evaluate(recipe: Recipe, pipe, dataset: ref.EmojiDataset, output: Path) -> dict[str, Any]:

@@ -1,5 +1,5 @@
 """BagelTransformer2DModel / CachedBagelTransformer2DModel: the official layout, full-size key lists, step-0 parity
-taps against the official implementation's vectors (shared/reference/bagel-tiny), and the cached forward."""
+taps against the official implementation's vectors (tests/data/reference/bagel-tiny), and the cached forward."""
 
 import json
 

@@ -1,4 +1,4 @@
-"""CachedBagelPipeline end to end: parity with the official implementation's vectors (shared/reference/bagel-tiny),
+"""CachedBagelPipeline end to end: parity with the official implementation's vectors (tests/data/reference/bagel-tiny),
 loading (official layout and diffusers format), and per-branch caching (gen / cfg_text / cfg_img)."""
 
 import json

@@ -14,12 +14,13 @@ from cached_diffusers.tiny import save_tiny_qwenimage_pipeline
 
 def test_demo_runs_and_reports(tmp_path, capsys):
     out = tmp_path / "demo.png"
-    code = main(["demo", "--output", str(out), "--quiet"])  # 20 steps: the default
+    code = main(["demo", "--output", str(out), "--quiet", "--repeats", "3"])  # 20 steps: the model's default
     assert code == 0
     text = capsys.readouterr().out
-    assert re.search(r"uncached: \d+\.\d+ s", text)
-    assert re.search(r"cached \(teacache\): \d+\.\d+ s", text)
-    assert re.search(r"speedup: \d+\.\d+x", text)
+    assert "4 prompt(s), 20 steps, 1 torch thread(s)" in text  # the thread count is set (default 1) and printed
+    assert re.search(r"uncached: \d+\.\d+ s \(median of 3, range \d+\.\d+-\d+\.\d+ s\)", text)
+    assert re.search(r"cached \(teacache\): \d+\.\d+ s \(median of 3, range \d+\.\d+-\d+\.\d+ s\)", text)
+    assert re.search(r"speedup: \d+\.\d+x \(per-round ratios \d+\.\d+x-\d+\.\d+x over 3 interleaved rounds\)", text)
     skipped = re.findall(r"steps skipped \((cond|uncond)\): (\d+) of 20", text)
     assert {b for b, _ in skipped} == {"cond", "uncond"}
     assert all(int(n) > 0 for _, n in skipped)  # the demo's default really skips transformer work
@@ -61,6 +62,8 @@ def test_cache_options_map_to_configs():
         (["demo", "--rel-l1-thresh", "-1"], r"rel_l1_thresh must be a finite number > 0"),
         (["demo", "--cache", "none"], r"choose a --cache method other than 'none'"),
         (["demo", "--cache", "none", "--rel-l1-thresh", "0.2"], r"unknown field\(s\) rel_l1_thresh for cache method 'none'"),
+        (["demo", "--repeats", "0"], r"--repeats must be >= 1, got 0"),
+        (["demo", "--threads", "0"], r"--threads must be >= 1, got 0"),
     ],
 )
 def test_bad_cache_options_are_clear_errors(argv, message, capsys):

@@ -1,7 +1,7 @@
 """HunyuanImage-3.0 model pieces against the official implementation's tiny reference case, loading, key lists.
 
-Reference vectors: ``shared/reference/hunyuanimage3-tiny`` (its README describes every tensor); full-size key list:
-``shared/reference/keys/hunyuan3_keys.json``. Tolerances are the README's suggestions for float32.
+Reference vectors: ``tests/data/reference/hunyuanimage3-tiny`` (its README describes every tensor); full-size key list:
+``tests/data/reference/keys/hunyuan3_keys.json``. Tolerances are the README's suggestions for float32.
 """
 
 import json
@@ -49,7 +49,7 @@ def inputs():
 
 @pytest.fixture(scope="module")
 def transformer():
-    return HunyuanImage3Transformer2DModel.from_pretrained(CKPT, torch_dtype=torch.float32)
+    return HunyuanImage3Transformer2DModel.from_pretrained(CKPT, dtype=torch.float32)
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +134,7 @@ def test_kv_cache_needs_step0_and_rows_are_views(transformer, sequence):
 
 
 def test_vae_decoder(expected):
-    vae = AutoencoderKLHunyuanImage3.from_official_checkpoint(CKPT, torch_dtype=torch.float32)
+    vae = AutoencoderKLHunyuanImage3.from_official_checkpoint(CKPT, dtype=torch.float32)
     frames = vae.decode(expected["vae_decode_input"], return_all_frames=True).sample
     assert report("decoder_output_all_frames", frames, expected["decoder_output_all_frames"]) <= ATOL
     decoded = vae.decode(expected["vae_decode_input"]).sample[:, :, -1]
@@ -144,7 +144,7 @@ def test_vae_decoder(expected):
 
 
 def test_loading_zero_missing_unexpected_and_skipped_list():
-    model, info = HunyuanImage3Transformer2DModel.from_pretrained(CKPT, torch_dtype=torch.bfloat16, output_loading_info=True)
+    model, info = HunyuanImage3Transformer2DModel.from_pretrained(CKPT, dtype=torch.bfloat16, output_loading_info=True)
     vae, vae_info = AutoencoderKLHunyuanImage3.from_official_checkpoint(CKPT, output_loading_info=True)
     index = json.loads((CKPT / "model.safetensors.index.json").read_text())["weight_map"]
     for i in (info, vae_info):
@@ -198,7 +198,7 @@ def test_loading_is_shard_by_shard(monkeypatch):
     monkeypatch.setattr(safetensors, "safe_open", RecordingOpen)
     monkeypatch.setattr(accelerate.utils, "set_module_tensor_to_device", recording_set)
     monkeypatch.setattr(safetensors.torch, "load_file", lambda *a, **k: pytest.fail("whole-shard load"))
-    model = HunyuanImage3Transformer2DModel.from_pretrained(CKPT, torch_dtype=torch.float32)
+    model = HunyuanImage3Transformer2DModel.from_pretrained(CKPT, dtype=torch.float32)
     reads = [k for kind, k in events if kind == "read"]
     assert len(reads) == len(set(reads)) == len(model.state_dict())
     assert not any(k.startswith(tuple(HUNYUANIMAGE3_SKIPPED_KEY_PREFIXES)) or k.startswith("vae.") for k in reads)
@@ -208,14 +208,14 @@ def test_loading_is_shard_by_shard(monkeypatch):
 
 def test_device_map_and_bad_inputs(tmp_path, transformer, sequence):
     mapped = HunyuanImage3Transformer2DModel.from_pretrained(
-        CKPT, torch_dtype=torch.float32, device_map="auto", max_memory={"cpu": "1GiB"}
+        CKPT, dtype=torch.float32, device_map="auto", max_memory={"cpu": "1GiB"}
     )
     assert set(map(str, mapped.hf_device_map.values())) == {"cpu"}
     latents = torch.randn(2, 16, *sequence.grid)
     assert torch.equal(mapped(latents, torch.tensor(800.0), sequence).sample, transformer(latents, torch.tensor(800.0), sequence).sample)
     explicit = {"model": "cpu", "timestep_emb": "cpu", "time_embed": "cpu", "time_embed_2": "cpu", "patch_embed": "cpu",
                 "final_layer": "cpu"}
-    HunyuanImage3Transformer2DModel.from_pretrained(CKPT, torch_dtype=torch.float32, device_map=explicit)
+    HunyuanImage3Transformer2DModel.from_pretrained(CKPT, dtype=torch.float32, device_map=explicit)
     with pytest.raises(ValueError, match="disk"):
         HunyuanImage3Transformer2DModel.from_pretrained(CKPT, device_map={**explicit, "final_layer": "disk"})
     with pytest.raises(ValueError, match="device_map must be"):

@@ -31,7 +31,7 @@ ALL = ["latents", "noise_pred", "pred_cond", "pred_uncond"]
 
 @pytest.fixture(scope="module")
 def pipe():
-    pipe = CachedHunyuanImage3Pipeline.from_pretrained(CKPT, torch_dtype=torch.float32)
+    pipe = CachedHunyuanImage3Pipeline.from_pretrained(CKPT, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -241,7 +241,7 @@ def test_dbcache_refused_at_configuration_time(pipe, tmp_path):
     for f in CKPT.iterdir():
         (directory / f.name).symlink_to(f)
     save_cache_config(TeaCacheConfig(rel_l1_thresh=0.3), directory)
-    loaded = CachedHunyuanImage3Pipeline.from_pretrained(directory, torch_dtype=torch.float32)
+    loaded = CachedHunyuanImage3Pipeline.from_pretrained(directory, dtype=torch.float32)
     assert loaded.cache_config == TeaCacheConfig(rel_l1_thresh=0.3)
     assert CachedHunyuanImage3Pipeline.from_pretrained(directory, cache_config=None).cache_config is None
     save_cache_config(FirstBlockCacheConfig(), directory)

@@ -389,7 +389,7 @@ def test_a_broken_hunyuanimage3_checkpoint_names_the_file(tmp_path, filename, da
 
     directory, path = damaged_copy(tmp_path, "hunyuanimage3-tiny", filename, damage)
     with pytest.raises(ValueError, match=re.escape(str(path))) as raised:
-        CachedHunyuanImage3Pipeline.from_pretrained(directory, torch_dtype=torch.float32)
+        CachedHunyuanImage3Pipeline.from_pretrained(directory, dtype=torch.float32)
     assert "not a HunyuanImage-3.0 release directory" not in str(raised.value)
 
 
@@ -406,4 +406,4 @@ def test_a_tensor_missing_from_its_shard_names_the_file_and_the_key(tmp_path):
     del tensors[dropped]
     save_file(tensors, shard, metadata={"format": "pt"})
     with pytest.raises(ValueError, match=re.escape(str(shard)) + r".*" + re.escape(repr(dropped))):
-        CachedHunyuanImage3Pipeline.from_pretrained(directory, torch_dtype=torch.float32)
+        CachedHunyuanImage3Pipeline.from_pretrained(directory, dtype=torch.float32)
