@@ -44,6 +44,20 @@ from .pipelines import (
     CachedQwenImagePipeline,
     recommended_klein_cache_config,
 )
+from .pipelines import (
+    CachedFlux2KleinInpaintPipeline,
+    CachedFlux2Pipeline,
+    CachedQwenImageControlNetInpaintPipeline,
+    CachedQwenImageControlNetPipeline,
+    CachedQwenImageEditInpaintPipeline,
+    CachedQwenImageEditPipeline,
+    CachedQwenImageEditPlusPipeline,
+    CachedQwenImageImg2ImgPipeline,
+    CachedQwenImageInpaintPipeline,
+    CachedQwenImageLayeredPipeline,
+)
+from .auto import CachedDiffusionPipeline, cached_pipeline_class, cached_pipeline_class_for, supported_pipelines
+from .pipeline_mixin import CachedPipelineMixin
 
 __all__ = [
     "AutoencoderKLHunyuanImage3",
@@ -57,11 +71,23 @@ __all__ = [
     "CacheStats",
     "CachedBagelPipeline",
     "CachedBagelTransformer2DModel",
+    "CachedDiffusionPipeline",
+    "CachedFlux2KleinInpaintPipeline",
     "CachedFlux2KleinKVPipeline",
     "CachedFlux2KleinPipeline",
+    "CachedFlux2Pipeline",
     "CachedFlux2Transformer2DModel",
     "CachedHunyuanImage3Pipeline",
     "CachedHunyuanImage3Transformer2DModel",
+    "CachedPipelineMixin",
+    "CachedQwenImageControlNetInpaintPipeline",
+    "CachedQwenImageControlNetPipeline",
+    "CachedQwenImageEditInpaintPipeline",
+    "CachedQwenImageEditPipeline",
+    "CachedQwenImageEditPlusPipeline",
+    "CachedQwenImageImg2ImgPipeline",
+    "CachedQwenImageInpaintPipeline",
+    "CachedQwenImageLayeredPipeline",
     "CachedQwenImagePipeline",
     "CachedQwenImageTransformer2DModel",
     "DBCacheConfig",
@@ -80,9 +106,12 @@ __all__ = [
     "TeaCacheConfig",
     "available_cache_methods",
     "cache_config_from_dict",
+    "cached_pipeline_class",
+    "cached_pipeline_class_for",
     "make_cache_config",
     "recommended_klein_cache_config",
     "register_cache_method",
     "steps_mask",
     "summary",
+    "supported_pipelines",
 ]

@@ -13,6 +13,7 @@ the cached pipeline installs for the duration of its ``__call__``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping
 
@@ -177,6 +178,7 @@ class CacheEngine:
             return stack.run_blocks(0, num_blocks, streams)
         ctx = self.step_context()
         state = self._branch_state(ctx, num_blocks)
+        ctx = dataclasses.replace(ctx, first_step=self.stats.first_step)
         front, back = policy.front_blocks, policy.back_blocks
         if front + back >= num_blocks:
             raise ValueError(
@@ -234,14 +236,21 @@ class CacheEngine:
         stats = self.stats
         known = self._branches.get(ctx.branch)
         new_generation = stats.num_steps is not None and (
-            stats.num_steps != ctx.num_steps or (ctx.step == 0 and known is not None and known.last_step is not None)
+            stats.num_steps != ctx.num_steps
+            or (ctx.step == 0 and known is not None and known.last_step is not None)
+            or (known is not None and known.last_step is not None and ctx.step < known.last_step)
         )
         if new_generation:
             # A transformer driven directly (no pipeline) starts its next generation: steps wrap to 0.
             self.reset()
             stats = self.stats
+        if stats.first_step is None:
+            # The generation's first transformer call is at its first executed step (0, or the strength-dependent
+            # begin index of img2img / inpaint): guards and TaylorSeer count executed steps from it.
+            stats.first_step = ctx.step
         stats.num_steps, stats.num_blocks = ctx.num_steps, num_blocks
         if ctx.branch not in self._branches:
             policy = self._policy
-            self._branches[ctx.branch] = BranchState(policy.new_state(), make_store(policy.taylorseer_order))
+            store = make_store(policy.taylorseer_order, stats.first_step)
+            self._branches[ctx.branch] = BranchState(policy.new_state(), store)
         return self._branches[ctx.branch]

@@ -13,17 +13,25 @@ It also makes the cache config travel with the model (``save_pretrained`` / ``pu
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import functools
+import inspect
+import json
 import os
-from typing import Any, ClassVar, Mapping, TextIO
+from typing import Any, Callable, ClassVar, Mapping, TextIO
 
 from .configs import CacheConfig
 from .hub import load_cache_config
 from .hub import save_cache_config as save_cache_config_file
-from .model_mixin import stock_class_name_json
+from .model_mixin import CachedTransformerMixin, diffusers_parent
 from .progress import progress_postfix, summary
 from .stats import CacheStats
 
 __all__ = ["CachedPipelineMixin"]
+
+_REGISTRY: dict[str, type] = {}
+"""Diffusers parent pipeline class name -> the cached pipeline class built on it (first definition wins)."""
 
 
 class CachedPipelineMixin:
@@ -34,6 +42,22 @@ class CachedPipelineMixin:
     """
 
     cached_transformer_class: ClassVar[type]
+    cache_branch: ClassVar[str | None] = None
+    """Branch name for a parent whose loop calls the transformer outside any ``cache_context`` (e.g.
+    ``Flux2Pipeline``, one guidance-distilled branch); ``None`` when the parent's loop names its branches."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # Every cached pipeline gets its parent's exact constructor (plus `cache_config`) and `__call__` signatures
+        # and docstrings, without per-class code: diffusers reads `inspect.signature(cls.__init__)` to know the
+        # components, and users (and diffusers' tests) read `inspect.signature(cls.__call__)`.
+        super().__init_subclass__(**kwargs)
+        parent = diffusers_parent(cls, CachedPipelineMixin)
+        if parent.__name__ != "DiffusionPipeline":
+            _REGISTRY.setdefault(parent.__name__, cls)  # what `cached_diffusers.auto` looks up in model_index.json
+        if "__init__" not in cls.__dict__:
+            cls.__init__ = _cached_init(parent)
+        if "__call__" not in cls.__dict__:
+            cls.__call__ = _cached_call(parent)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any):
@@ -43,7 +67,8 @@ class CachedPipelineMixin:
         ``"none"`` for no caching) it wins; when it is not passed, the ``cache_config.json`` saved beside
         ``model_index.json`` is used (for a Hub id it is fetched with the same ``cache_dir``, ``revision``, ``token``,
         ``local_files_only`` and ``force_download``); without that file the pipeline loads with caching off, as
-        before. The file is read and validated before any weights are loaded.
+        before. The file is read and validated before any weights are loaded. With ``transformer=None`` (e.g. to
+        encode prompts only) the saved config is ignored, as the parent ignores the transformer's weights.
 
         Raises:
             ValueError: for an invalid ``cache_config`` argument; naming the file, for a ``cache_config.json`` that is
@@ -55,7 +80,7 @@ class CachedPipelineMixin:
             return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         saved, source = load_cache_config(pretrained_model_name_or_path, **kwargs)
         pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-        if source is not None:
+        if source is not None and pipe.transformer is not None:
             try:
                 pipe.cache_config = saved
             except ValueError as error:
@@ -77,6 +102,22 @@ class CachedPipelineMixin:
             save_cache_config_file(config, save_directory)
         return super().save_pretrained(save_directory, *args, **kwargs)
 
+    @classmethod
+    def from_pipe(cls, pipeline, **kwargs: Any):
+        """The parent's ``from_pipe``: a new pipeline of this class sharing ``pipeline``'s components.
+
+        ``pipeline`` is left as it was: when its transformer is a stock diffusers model, the new pipeline gets a
+        cached view of it (the same parameters, buffers and submodules, no copy) instead of converting it in place.
+        When ``pipeline`` is itself a cached pipeline, the new one shares its transformer and hence its cache config
+        unless ``cache_config`` is passed. The other direction, ``XPipeline.from_pipe(cached_pipe)``, is diffusers'
+        own and shares the cached transformer: it runs stock with caching off (``cached_pipe.cache_config = None``);
+        with caching on, the stock loop cannot tell the transformer its step and the call raises ``ValueError``.
+        """
+        transformer = kwargs.get("transformer", getattr(pipeline, "transformer", None))
+        if transformer is not None and not isinstance(transformer, CachedTransformerMixin):
+            kwargs["transformer"] = _cached_view(transformer, cls.cached_transformer_class)
+        return super().from_pipe(pipeline, **kwargs)
+
     def _init_cache(self, cache_config: CacheConfig | Mapping[str, Any] | str | None) -> None:
         if self.transformer is not None:
             self.cached_transformer_class.from_base(self.transformer)
@@ -96,8 +137,21 @@ class CachedPipelineMixin:
         self.transformer.cache_config = value
 
     def to_json_string(self) -> str:
-        """``model_index.json`` naming the diffusers parent pipeline, so that a saved directory stays stock."""
-        return stock_class_name_json(super().to_json_string(), type(self), CachedPipelineMixin)
+        """``model_index.json`` naming only diffusers classes, so that a saved directory stays stock.
+
+        The pipeline is named by its diffusers parent, and a component that is a cached model (e.g. a transformer
+        that was already cached when the pipeline was constructed) by its model's diffusers parent.
+        """
+        from diffusers.pipelines.pipeline_loading_utils import _fetch_class_library_tuple
+
+        data = json.loads(super().to_json_string())
+        data["_class_name"] = diffusers_parent(type(self), CachedPipelineMixin).__name__
+        for name, value in data.items():
+            component = getattr(self, name, None) if isinstance(value, list) and len(value) == 2 else None
+            if isinstance(component, CachedTransformerMixin):
+                stock = diffusers_parent(type(component), CachedTransformerMixin)
+                data[name] = list(_fetch_class_library_tuple(stock))
+        return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
     @property
     def cache_stats(self) -> CacheStats:
@@ -153,10 +207,63 @@ class CachedPipelineMixin:
             step = getattr(scheduler, "begin_index", None) or 0
         return step, len(scheduler.timesteps)
 
-    def __call__(self, *args: Any, **kwargs: Any):
-        if self.transformer is None:
-            return super().__call__(*args, **kwargs)
-        engine = self.transformer.cache_engine
+    def _cached_call(self, parent_call: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        """Run the parent's ``__call__`` with a clean cache state and the scheduler as step source."""
+        transformer = self.transformer
+        if transformer is None:
+            return parent_call(self, *args, **kwargs)
+        engine = transformer.cache_engine
         engine.reset()
-        with engine.step_source(self._denoising_step):
-            return super().__call__(*args, **kwargs)
+        branch = transformer.cache_context(self.cache_branch) if self.cache_branch else contextlib.nullcontext()
+        with engine.step_source(self._denoising_step), branch:
+            return parent_call(self, *args, **kwargs)
+
+
+def _cached_init(parent: type) -> Callable[..., None]:
+    """``__init__(self, <parent's parameters>, cache_config=None)``: the parent's constructor, then the cache."""
+    parent_init = parent.__init__
+    signature = inspect.signature(parent_init)
+    cache_param = inspect.Parameter(
+        "cache_config", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None,
+        annotation="CacheConfig | Mapping[str, Any] | str | None",
+    )
+    full = signature.replace(parameters=[*signature.parameters.values(), cache_param])
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        bound = full.bind(self, *args, **kwargs)
+        cache_config = bound.arguments.pop("cache_config", None)
+        bound.arguments.pop(next(iter(signature.parameters)))
+        parent_init(self, **bound.arguments)
+        self._init_cache(cache_config)
+
+    __init__.__signature__ = full
+    __init__.__doc__ = parent_init.__doc__
+    __init__.__qualname__ = f"{parent.__name__}.__init__"
+    return __init__
+
+
+def _cached_call(parent: type) -> Callable[..., Any]:
+    """``__call__`` with the parent's signature and docstring (``functools.wraps``) and the cache lifecycle."""
+    parent_call = parent.__call__
+
+    @functools.wraps(parent_call)
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._cached_call(parent_call, args, kwargs)
+
+    return __call__
+
+
+def _cached_view(model, cached_class: type):
+    """A ``cached_class`` instance sharing ``model``'s parameters, buffers, submodules and hooks; ``model`` unchanged.
+
+    A model wrapped by accelerate's hooks (device map, offloading) cannot be viewed (the hooks call the wrapped
+    instance's forward): it is converted in place, as :meth:`CachedTransformerMixin.from_base` does.
+    """
+    if "_hf_hook" in model.__dict__ or "_old_forward" in model.__dict__:
+        return cached_class.from_base(model)
+    if type(model) not in cached_class.__mro__:
+        return cached_class.from_base(model)  # raises the TypeError naming the expected class
+    view = copy.copy(model)
+    view.__dict__.pop("_cache_engine", None)
+    view.__class__ = cached_class
+    return view
