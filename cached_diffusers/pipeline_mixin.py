@@ -19,6 +19,7 @@ import functools
 import inspect
 import json
 import os
+import typing
 from typing import Any, Callable, ClassVar, Mapping, TextIO
 
 from .configs import CacheConfig
@@ -223,10 +224,14 @@ def _cached_init(parent: type) -> Callable[..., None]:
     """``__init__(self, <parent's parameters>, cache_config=None)``: the parent's constructor, then the cache."""
     parent_init = parent.__init__
     signature = inspect.signature(parent_init)
+    cache_annotation = CacheConfig | Mapping[str, Any] | str | None
     cache_param = inspect.Parameter(
-        "cache_config", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None,
-        annotation="CacheConfig | Mapping[str, Any] | str | None",
+        "cache_config", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None, annotation=cache_annotation
     )
+    try:  # resolved, so that diffusers' `get_type_hints(cls.__init__)` (from_pipe's component types) works
+        annotations = typing.get_type_hints(parent_init)
+    except Exception:
+        annotations = {k: p.annotation for k, p in signature.parameters.items() if p.annotation is not p.empty}
     full = signature.replace(parameters=[*signature.parameters.values(), cache_param])
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -237,6 +242,7 @@ def _cached_init(parent: type) -> Callable[..., None]:
         self._init_cache(cache_config)
 
     __init__.__signature__ = full
+    __init__.__annotations__ = {**annotations, "cache_config": cache_annotation}
     __init__.__doc__ = parent_init.__doc__
     __init__.__qualname__ = f"{parent.__name__}.__init__"
     return __init__

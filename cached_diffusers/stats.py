@@ -138,7 +138,8 @@ class CacheStats:
 
     def summary(self) -> str:
         """A few human-readable lines: per branch, computed and reused steps with their indices."""
-        lines = [f"cache: {self.method}, {self.num_steps} steps, {self.num_blocks} blocks"]
+        start = f" (from step {self.first_step}: a partial schedule)" if self.first_step else ""
+        lines = [f"cache: {self.method}, {self.num_steps} steps{start}, {self.num_blocks} blocks"]
         for b in self.branches.values():
             lines.append(
                 f"  {b.branch}: computed {b.num_computed}, reused {b.num_reused}; reused steps {b.reused_steps}"
