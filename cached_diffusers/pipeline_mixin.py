@@ -107,15 +107,22 @@ class CachedPipelineMixin:
     def from_pipe(cls, pipeline, **kwargs: Any):
         """The parent's ``from_pipe``: a new pipeline of this class sharing ``pipeline``'s components.
 
-        ``pipeline`` is left as it was: when its transformer is a stock diffusers model, the new pipeline gets a
-        cached view of it (the same parameters, buffers and submodules, no copy) instead of converting it in place.
-        When ``pipeline`` is itself a cached pipeline, the new one shares its transformer and hence its cache config
-        unless ``cache_config`` is passed. The other direction, ``XPipeline.from_pipe(cached_pipe)``, is diffusers'
-        own and shares the cached transformer: it runs stock with caching off (``cached_pipe.cache_config = None``);
-        with caching on, the stock loop cannot tell the transformer its step and the call raises ``ValueError``.
+        ``pipeline`` is left as it was, cache config included: the new pipeline gets a cached view of its transformer
+        (the same parameters, buffers and submodules, no copy, and a cache of its own) instead of converting it in
+        place. When ``pipeline`` is itself a cached pipeline, the new one starts with its cache config unless
+        ``cache_config`` is passed. A transformer wrapped by accelerate's offloading hooks is shared as it is
+        (converted in place when stock). The other direction, ``XPipeline.from_pipe(cached_pipe)``, is diffusers'
+        own: it carries over only components of exactly the annotated classes, so pass the transformer as a stock view,
+        ``XPipeline.from_pipe(cached_pipe, transformer=cached_pipe.transformer.stock_view())`` (same weights, no
+        cache; the source keeps its cache config).
         """
-        transformer = kwargs.get("transformer", getattr(pipeline, "transformer", None))
-        if transformer is not None and not isinstance(transformer, CachedTransformerMixin):
+        if "transformer" in kwargs:
+            return super().from_pipe(pipeline, **kwargs)
+        transformer = getattr(pipeline, "transformer", None)
+        if transformer is not None:
+            if isinstance(transformer, CachedTransformerMixin):
+                kwargs.setdefault("cache_config", transformer.cache_config)
+            # passed explicitly: diffusers' from_pipe carries over only components of exactly the annotated class
             kwargs["transformer"] = _cached_view(transformer, cls.cached_transformer_class)
         return super().from_pipe(pipeline, **kwargs)
 
@@ -126,8 +133,9 @@ class CachedPipelineMixin:
 
     @property
     def cache_config(self) -> CacheConfig | None:
-        """The transformer's cache config (``None``: no caching); replace it between calls."""
-        return self.transformer.cache_config
+        """The transformer's cache config (``None``: no caching, or no transformer); replace it between calls."""
+        transformer = self.transformer
+        return transformer.cache_config if transformer is not None else None
 
     @cache_config.setter
     def cache_config(self, value: CacheConfig | Mapping[str, Any] | str | None) -> None:
@@ -260,16 +268,17 @@ def _cached_call(parent: type) -> Callable[..., Any]:
 
 
 def _cached_view(model, cached_class: type):
-    """A ``cached_class`` instance sharing ``model``'s parameters, buffers, submodules and hooks; ``model`` unchanged.
+    """A ``cached_class`` instance sharing ``model``'s parameters, buffers, submodules and hooks, with a cache of its
+    own (caching off); ``model`` unchanged.
 
     A model wrapped by accelerate's hooks (device map, offloading) cannot be viewed (the hooks call the wrapped
     instance's forward): it is converted in place, as :meth:`CachedTransformerMixin.from_base` does.
     """
     if "_hf_hook" in model.__dict__ or "_old_forward" in model.__dict__:
         return cached_class.from_base(model)
-    if type(model) not in cached_class.__mro__:
+    if not isinstance(model, cached_class) and type(model) not in cached_class.__mro__:
         return cached_class.from_base(model)  # raises the TypeError naming the expected class
     view = copy.copy(model)
-    view.__dict__.pop("_cache_engine", None)
-    view.__class__ = cached_class
+    view.__dict__.pop("_cache_engine", None)  # a cache of its own
+    view.__class__ = cached_class if not isinstance(model, cached_class) else type(model)
     return view
