@@ -2,7 +2,7 @@
 
 A cached pipeline is ``class CachedXPipeline(CachedPipelineMixin, XPipeline)``. Its parent's denoising loop already
 wraps each transformer call in ``transformer.cache_context("cond" | "uncond")``, which names the guidance branch;
-this mixin adds, per ``__call__``, a clean cache state and a step source that tells the transformer which denoising
+this mixin adds (around the parent's ``__call__``, whose signature and docstring it keeps), per call, a clean cache state and a step source that tells the transformer which denoising
 step the loop is at (the scheduler's step index), and leaves the statistics readable afterwards.
 
 It also makes the cache config travel with the model (``save_pretrained`` / ``push_to_hub`` write
@@ -40,6 +40,12 @@ class CachedPipelineMixin:
 
     Class attributes:
         cached_transformer_class: the cached model class the loaded transformer is turned into.
+        cache_branch: the branch name for a parent loop without ``cache_context`` (see below).
+
+    A subclass ``CachedX(CachedPipelineMixin, X)`` needs no ``__init__`` or ``__call__``: it gets
+    ``__init__(<X's parameters>, cache_config=None)`` and ``__call__`` with exactly ``X.__call__``'s signature and
+    docstring (``inspect.signature(CachedX.__call__) == inspect.signature(X.__call__)``), and registers itself as the
+    cached counterpart of ``X`` for :class:`~cached_diffusers.CachedDiffusionPipeline`.
     """
 
     cached_transformer_class: ClassVar[type]
@@ -55,9 +61,11 @@ class CachedPipelineMixin:
         parent = diffusers_parent(cls, CachedPipelineMixin)
         if parent.__name__ != "DiffusionPipeline":
             _REGISTRY.setdefault(parent.__name__, cls)  # what `cached_diffusers.auto` looks up in model_index.json
-        if "__init__" not in cls.__dict__:
+        # Only where the nearest definition is still the parent's: a subclass of a cached pipeline, or a cached
+        # pipeline that writes its own, keeps the one it inherits or defines.
+        if _nearest_definer(cls, "__init__") in parent.__mro__:
             cls.__init__ = _cached_init(parent)
-        if "__call__" not in cls.__dict__:
+        if _nearest_definer(cls, "__call__") in parent.__mro__:
             cls.__call__ = _cached_call(parent)
 
     @classmethod
@@ -226,6 +234,10 @@ class CachedPipelineMixin:
         branch = transformer.cache_context(self.cache_branch) if self.cache_branch else contextlib.nullcontext()
         with engine.step_source(self._denoising_step), branch:
             return parent_call(self, *args, **kwargs)
+
+
+def _nearest_definer(cls: type, name: str) -> type:
+    return next(c for c in cls.__mro__ if name in c.__dict__)
 
 
 def _cached_init(parent: type) -> Callable[..., None]:
