@@ -37,6 +37,7 @@ setup(
             "nbformat>=5.10",
             "ipykernel>=6.29",
             "matplotlib>=3.7",
+            "parameterized>=0.9",  # diffusers' own LoRA test files (scripts/run_upstream_diffusers_tests.py)
         ]
     },
     entry_points={"console_scripts": ["cached-diffusers=cached_diffusers.cli:main"]},
