@@ -14,7 +14,7 @@ test files are run in place with pytest, once per mode, with ``scripts/upstream_
 It prints, per mode, the tests that pass on stock but not on the cached classes, leaving out those refused by design
 (diffusers' own cache hooks, ``enable_cache``; fullgraph compilation with caching on), and writes the outcomes as
 JSON with ``--report``. Tests that need the Hub (tiny checkpoints of hf-internal-testing) fail in every mode without
-network access and are therefore not counted. Exit status 1 when a test regresses.
+network access (the script sets ``HF_HUB_OFFLINE=1`` unless ``--online``) and are therefore not counted. Exit status 1 when a test regresses.
 """
 
 from __future__ import annotations
@@ -55,13 +55,17 @@ def outcomes(junit: Path) -> dict[str, str]:
     return result
 
 
-def run_mode(checkout: Path, mode: str, files: list[str], keyword: str | None, extra: list[str]) -> dict[str, str]:
+def run_mode(
+    checkout: Path, mode: str, files: list[str], keyword: str | None, extra: list[str], online: bool
+) -> dict[str, str]:
     if mode == "on":
         files = [f for f in files if not f.startswith(MODEL_TESTS)]
     files = [f for f in files if (checkout / f).exists()]
     with tempfile.TemporaryDirectory() as tmp:
         junit = Path(tmp) / "junit.xml"
         env = dict(os.environ, CACHED_DIFFUSERS_UPSTREAM_MODE=mode)
+        if not online:
+            env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")  # fail fast instead of retrying the Hub
         env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), env.get("PYTHONPATH", "")])
         command = [sys.executable, "-m", "pytest", *files, "-p", "upstream_diffusers_plugin", "-q", "-p", "no:cacheprovider",
                    f"--junitxml={junit}", *(["-k", keyword] if keyword else []), *extra]
@@ -82,12 +86,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--files", nargs="+", default=DEFAULT_FILES, help="test files or folders, relative to it")
     parser.add_argument("-k", dest="keyword", help="pytest -k expression")
     parser.add_argument("--report", type=Path, help="write all outcomes as JSON here")
+    parser.add_argument("--online", action="store_true", help="let the tests download hf-internal-testing checkpoints")
     parser.add_argument("pytest_args", nargs="*", help="further pytest arguments (after --)")
     args = parser.parse_args(argv)
     if not (args.checkout / "tests" / "testing_utils.py").exists():
         parser.error(f"{args.checkout} is not a diffusers checkout (no tests/testing_utils.py)")
     modes = ["stock", *[m for m in args.modes if m != "stock"]]
-    results = {mode: run_mode(args.checkout, mode, args.files, args.keyword, args.pytest_args) for mode in modes}
+    results = {mode: run_mode(args.checkout, mode, args.files, args.keyword, args.pytest_args, args.online) for mode in modes}
     regressions = {}
     stock = results["stock"]
     for mode in modes[1:]:

@@ -40,9 +40,11 @@ def pytest_configure(config):
             init_cache(self, default if cache_config is None else cache_config)
 
         CachedPipelineMixin._init_cache = init_cache_on
-    config.stash_cached_diffusers = replaced  # noqa: attribute for the report
+    config.cached_diffusers_replaced = replaced
 
 
 def pytest_report_header(config):
     mode = os.environ.get("CACHED_DIFFUSERS_UPSTREAM_MODE", "stock")
-    return f"cached-diffusers upstream run: mode={mode}"
+    replaced = getattr(config, "cached_diffusers_replaced", {})
+    names = ", ".join(f"{name} -> {cls.__name__}" for name, cls in sorted(replaced.items())) or "nothing"
+    return f"cached-diffusers upstream run: mode={mode}; replaced in diffusers: {names}"
