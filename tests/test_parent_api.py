@@ -3,6 +3,7 @@ call options (num_images_per_prompt, CFG, step callbacks and their tensor inputs
 with caching off, from_pipe in both directions, saving and loading (model_index.json, transformer=None), and the
 registry that maps diffusers pipelines to cached classes."""
 
+import inspect
 import json
 
 import diffusers
@@ -200,3 +201,32 @@ def test_a_stock_img2img_directory_opens_as_the_cached_img2img_pipeline(tmp_path
     assert type(pipe) is cd.CachedQwenImageImg2ImgPipeline and isinstance(pipe.cache_config, TaylorSeerConfig)
     pipe.cache_config = None
     assert torch.equal(images(pipe, case), images(stock, case))
+
+
+@pytest.mark.parametrize(
+    "name, targets, config",
+    [
+        ("qwen-edit", ("to_q", "to_k", "to_v", "add_q_proj", "add_v_proj"), REUSING),
+        ("flux2-klein-inpaint", ("to_q", "to_k", "to_v", "to_qkv_mlp_proj"), REUSING),
+    ],
+)
+def test_lora_loading_on_new_pipeline_families(tmp_path, name, targets, config):
+    """diffusers' LoRA tests find the LoRA-scale argument in the call signature; then load_lora_weights works as on
+    the stock pipeline, uncached and cached (the checks of tests/test_ecosystem.py, on an edit and an inpaint
+    pipeline)."""
+    from test_ecosystem import check_lora, write_lora
+
+    case = CASES_BY_NAME[name]
+    parameters = inspect.signature(case.cached.__call__).parameters
+    assert "attention_kwargs" in parameters
+    cached, stock = case.cached(**case.components()), case.stock(**case.components())
+    for pipe in (cached, stock):
+        pipe.set_progress_bar_config(disable=True)
+    lora = write_lora(cached.transformer, tmp_path / "lora", targets=targets)
+
+    def kwargs(**extra):
+        torch.manual_seed(1234)
+        return case.inputs(steps=5, **extra)
+
+    with small_working_sizes():
+        check_lora(cached, stock, case.cached, config, lora, kwargs)
