@@ -111,3 +111,60 @@ def test_a_partial_schedule_reuses_what_the_full_one_would_from_its_first_step(c
     full_pattern = [r.reused for r in full.branches["cond"].records][: n - 1]
     part_pattern = [r.reused for r in part.branches["cond"].records][: n - 1]
     assert part_pattern == full_pattern and any(part_pattern)
+
+
+# -- the engine alone, on a model-free block stack ---------------------------------------------------------------------
+def drive(engine, first, num_steps):
+    """Steps ``first .. num_steps - 1`` of one branch through the engine, as a partial schedule's loop calls it."""
+    from test_engine import ToyStack, streams_at
+
+    toy = ToyStack()
+    for step in range(first, num_steps):
+        with engine.context("cond", step_index=step, num_inference_steps=num_steps):
+            engine.run(toy.as_stack(), streams_at(step))
+    return engine.stats.branches["cond"].records
+
+
+def test_magcache_ratios_are_read_at_the_absolute_steps_that_run():
+    from cached_diffusers import CacheEngine
+
+    ratios = tuple(1.0 + 0.01 * i for i in range(N))  # distinct per step: a shifted index would change the sums
+    engine = CacheEngine()
+    engine.config = MagCacheConfig(
+        mag_threshold=100.0, mag_max_skip_steps=100, mag_retention_ratio=0.0, mag_ratios=ratios
+    )
+    first = 6
+    records = drive(engine, first, N)
+    assert [r.step for r in records] == list(range(first, N)) and engine.stats.first_step == first
+    product, error = 1.0, 0.0
+    for record in records[1:-1]:  # the first executed step computes, the last by compute_last_step
+        product *= ratios[record.step]
+        error += abs(1.0 - product)
+        assert record.reused and record.signal == pytest.approx(error)
+
+
+def test_taylorseer_forms_its_first_difference_counting_executed_steps():
+    from cached_diffusers.residuals import FIRST_DIFFERENCE_STEP, TaylorSeerStore
+
+    def update(store, step):
+        store.update(step, (torch.zeros(2),), (torch.full((2,), float(step)),))
+        return len(store.factors)
+
+    first = 5
+    partial, full = TaylorSeerStore(order=1, first_step=first), TaylorSeerStore(order=1)
+    orders = [update(partial, first + e) for e in range(FIRST_DIFFERENCE_STEP + 1)]
+    assert orders == [update(full, e) for e in range(FIRST_DIFFERENCE_STEP + 1)]
+    assert orders[FIRST_DIFFERENCE_STEP - 1] == 1 and orders[FIRST_DIFFERENCE_STEP] == 2
+    # the forecast extrapolates over absolute step distances: residual(step) = step here
+    assert torch.allclose(partial.get(first + FIRST_DIFFERENCE_STEP + 2)[0], torch.full((2,), first + 5.0))
+
+
+def test_a_directly_driven_transformer_starts_a_new_generation_when_steps_go_back():
+    from cached_diffusers import CacheEngine
+
+    engine = CacheEngine()
+    engine.config = DBCacheConfig(Fn=1, Bn=0, residual_diff_threshold=100.0, max_warmup_steps=2)
+    drive(engine, 6, N)
+    records = drive(engine, 6, N)  # the same partial schedule again, without reset
+    assert [r.step for r in records] == list(range(6, N))
+    assert [r.reason for r in records[:2]] == ["first-step", "warmup"]
