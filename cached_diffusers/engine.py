@@ -159,7 +159,14 @@ class CacheEngine:
         return StepContext(int(step), int(num_steps), branch)
 
     # -- the cached forward --------------------------------------------------------------------------------------
-    @torch.compiler.disable
+    @torch.compiler.disable(
+        reason=(
+            "cached-diffusers: the cache engine decides each step in host-side Python, so with caching on the "
+            "transformer cannot be compiled with fullgraph=True; compile it without fullgraph (one graph break "
+            "around the block stack), or its blocks with transformer.compile_repeated_blocks(fullgraph=True), or set "
+            "cache_config=None"
+        )
+    )
     def run(self, stack: BlockStack, streams: Streams) -> Streams:
         """Run (or skip) the block stack for the current step and branch; return the streams at its output.
 

@@ -230,3 +230,15 @@ def test_lora_loading_on_new_pipeline_families(tmp_path, name, targets, config):
 
     with small_working_sizes():
         check_lora(cached, stock, case.cached, config, lora, kwargs)
+
+
+def test_fullgraph_compile_with_caching_on_is_refused_with_the_reason():
+    case = CASES_BY_NAME["flux2-klein"]
+    pipe = case.cached(**case.components(), cache_config=REUSING)
+    torch._dynamo.reset()
+    try:
+        pipe.transformer = torch.compile(pipe.transformer, fullgraph=True)
+        with pytest.raises(Exception, match=r"with caching on the transformer cannot be compiled with fullgraph=True"):
+            images(pipe, case, steps=2)
+    finally:
+        torch._dynamo.reset()
