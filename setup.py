@@ -37,10 +37,10 @@ setup(
             "nbclient>=0.10",  # the notebooks in notebooks/ run in the tests (tests/test_notebooks.py)
             "nbformat>=5.10",
             "ipykernel>=6.29",
-            "hypothesis>=6.100",  # property-based and fuzz tests
+            "hypothesis>=6.100",  # property-based and fuzz tests (tests/test_generation_properties.py, test_fuzz.py)
             "scikit-image>=0.22",  # the bench extra: the suite tests bench and demo
             "matplotlib>=3.7",
-            "hypothesis>=6.100",  # property-based and fuzz tests (tests/test_generation_properties.py, test_fuzz.py)
+            "parameterized>=0.9",  # diffusers' own LoRA test files (scripts/run_upstream_diffusers_tests.py)
         ]
     },
     entry_points={"console_scripts": ["cached-diffusers=cached_diffusers.cli:main"]},

@@ -47,12 +47,24 @@ _import_structure = {
     "pipelines": [
         "BagelPipeline",
         "CachedBagelPipeline",
+        "CachedFlux2KleinInpaintPipeline",
         "CachedFlux2KleinKVPipeline",
         "CachedFlux2KleinPipeline",
+        "CachedFlux2Pipeline",
         "CachedHunyuanImage3Pipeline",
+        "CachedQwenImageControlNetInpaintPipeline",
+        "CachedQwenImageControlNetPipeline",
+        "CachedQwenImageEditInpaintPipeline",
+        "CachedQwenImageEditPipeline",
+        "CachedQwenImageEditPlusPipeline",
+        "CachedQwenImageImg2ImgPipeline",
+        "CachedQwenImageInpaintPipeline",
+        "CachedQwenImageLayeredPipeline",
         "CachedQwenImagePipeline",
         "recommended_klein_cache_config",
     ],
+    "auto": ["CachedDiffusionPipeline", "cached_pipeline_class", "cached_pipeline_class_for", "supported_pipelines"],
+    "pipeline_mixin": ["CachedPipelineMixin"],
 }
 
 __getattr__, __dir__, __all__ = lazy_attributes(__name__, _import_structure)
@@ -73,8 +85,10 @@ if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
         make_cache_config,
         register_cache_method,
     )
+    from .auto import CachedDiffusionPipeline, cached_pipeline_class, cached_pipeline_class_for, supported_pipelines
     from .engine import BlockStack, CacheEngine
     from .models import *  # noqa: F403
+    from .pipeline_mixin import CachedPipelineMixin
     from .pipelines import *  # noqa: F403
     from .progress import summary
     from .scm import steps_mask

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping
 
@@ -286,7 +287,14 @@ class CacheEngine:
         return StepContext(int(step), int(num_steps), branch)
 
     # -- the cached forward --------------------------------------------------------------------------------------
-    @torch.compiler.disable
+    @torch.compiler.disable(
+        reason=(
+            "cached-diffusers: the cache engine decides each step in host-side Python, so with caching on the "
+            "transformer cannot be compiled with fullgraph=True; compile it without fullgraph (one graph break "
+            "around the block stack), or its blocks with transformer.compile_repeated_blocks(fullgraph=True), or set "
+            "cache_config=None"
+        )
+    )
     def run(self, stack: BlockStack, streams: Streams) -> Streams:
         """Run (or skip) the block stack for the current step and branch; return the streams at its output.
 
@@ -306,6 +314,7 @@ class CacheEngine:
             return stack.run_blocks(0, num_blocks, streams)
         ctx = self.step_context()
         state = self._branch_state(generation, ctx, num_blocks)
+        ctx = dataclasses.replace(ctx, first_step=generation.stats.first_step)
         front, back = policy.front_blocks, policy.back_blocks
         if front + back >= num_blocks:
             raise ValueError(
@@ -372,17 +381,24 @@ class CacheEngine:
         stats = generation.stats
         known = generation.branches.get(ctx.branch)
         new_generation = stats.num_steps is not None and (
-            stats.num_steps != ctx.num_steps or (ctx.step == 0 and known is not None and known.last_step is not None)
+            stats.num_steps != ctx.num_steps
+            or (ctx.step == 0 and known is not None and known.last_step is not None)
+            or (known is not None and known.last_step is not None and ctx.step < known.last_step)
         )
         if new_generation:
-            # A transformer driven directly (no pipeline) starts its next generation: steps wrap to 0 (or the step
-            # count changed, e.g. a callback changed the schedule).
+            # A transformer driven directly (no pipeline) starts its next generation: steps wrap to 0 or go back (or the
+            # step count changed, e.g. a callback changed the schedule).
             generation.reset()
             stats = generation.stats
         if generation is self._own or new_generation:
             self._last_stats = stats
+        if stats.first_step is None:
+            # The generation's first transformer call is at its first executed step (0, or the strength-dependent
+            # begin index of img2img / inpaint): guards and TaylorSeer count executed steps from it.
+            stats.first_step = ctx.step
         stats.num_steps, stats.num_blocks = ctx.num_steps, num_blocks
         if ctx.branch not in generation.branches:
             policy = generation.policy
-            generation.branches[ctx.branch] = BranchState(policy.new_state(), make_store(policy.taylorseer_order))
+            store = make_store(policy.taylorseer_order, stats.first_step)
+            generation.branches[ctx.branch] = BranchState(policy.new_state(), store)
         return generation.branches[ctx.branch]

@@ -212,6 +212,20 @@ class CachedTransformerMixin:
             with super().cache_context(name, **kwargs):
                 yield
 
+    def stock_view(self):
+        """This model as an instance of its diffusers parent class, sharing its parameters, buffers and submodules
+        (no copy) but not its cache: e.g. ``QwenImagePipeline.from_pipe(cached_pipe,
+        transformer=cached_pipe.transformer.stock_view())`` (diffusers' ``from_pipe`` carries over only components of
+        exactly the annotated class). A module replaced later in one of the two (e.g. by LoRA loading) is seen by
+        both, as for any shared component; accelerate's offloading hooks are not carried over to the view.
+        """
+        import copy
+
+        view = copy.copy(self)
+        view.__dict__.pop("_cache_engine", None)
+        view.__class__ = diffusers_parent(type(self), CachedTransformerMixin)
+        return view
+
     @classmethod
     def from_base(cls, model):
         """Turn a loaded instance of the diffusers parent class into this cached class, in place, and return it.

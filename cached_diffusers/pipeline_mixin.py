@@ -2,11 +2,12 @@
 
 A cached pipeline is ``class CachedXPipeline(CachedPipelineMixin, XPipeline)``. Its parent's denoising loop already
 wraps each transformer call in ``transformer.cache_context("cond" | "uncond")``, which names the guidance branch;
-this mixin adds, per ``__call__``, a generation of its own (:meth:`CachedPipelineMixin.cache_generation`: branch
-states, statistics, and a step source that tells the transformer which denoising step the loop is at, the
-scheduler's step index), so that pipelines sharing a transformer can run concurrently, and leaves the statistics
-readable afterwards. A ``callback_on_step_end`` that changes the latents (or other tensors it receives, or the
-schedule) makes the next step compute, whatever the method.
+this mixin adds, around the parent's ``__call__`` (whose signature and docstring it keeps), a generation of its own
+per call (:meth:`CachedPipelineMixin.cache_generation`: branch states, statistics, and a step source that tells
+the transformer which denoising step the loop is at, the scheduler's step index), so that pipelines sharing a
+transformer can run concurrently, and leaves the statistics readable afterwards. A ``callback_on_step_end`` that
+changes the latents (or other tensors it receives, or the schedule) makes the next step compute, whatever the
+method.
 
 It also makes the cache config travel with the model (``save_pretrained`` / ``push_to_hub`` write
 ``cache_config.json`` beside ``model_index.json``, ``from_pretrained`` reads it back; see
@@ -17,10 +18,13 @@ It also makes the cache config travel with the model (``save_pretrained`` / ``pu
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import inspect
+import json
 import os
 import threading
+import typing
 from typing import Any, Callable, ClassVar, Iterator, Mapping, TextIO
 
 import torch
@@ -29,11 +33,14 @@ from .configs import CacheConfig
 from .hub import check_local_path, load_cache_config
 from .hub import save_cache_config as save_cache_config_file
 from .engine import Generation
-from .model_mixin import diffusers_parent, stock_class_name_json
+from .model_mixin import CachedTransformerMixin, diffusers_parent
 from .progress import progress_postfix, summary
 from .stats import CacheStats
 
 __all__ = ["CachedPipelineMixin"]
+
+_REGISTRY: dict[str, type] = {}
+"""Diffusers parent pipeline class name -> the cached pipeline class built on it (first definition wins)."""
 
 
 class CachedPipelineMixin:
@@ -41,9 +48,33 @@ class CachedPipelineMixin:
 
     Class attributes:
         cached_transformer_class: the cached model class the loaded transformer is turned into.
+        cache_branch: the branch name for a parent loop without ``cache_context`` (see below).
+
+    A subclass ``CachedX(CachedPipelineMixin, X)`` needs no ``__init__`` or ``__call__``: it gets
+    ``__init__(<X's parameters>, cache_config=None)`` and ``__call__`` with exactly ``X.__call__``'s signature and
+    docstring (``inspect.signature(CachedX.__call__) == inspect.signature(X.__call__)``), and registers itself as the
+    cached counterpart of ``X`` for :class:`~cached_diffusers.CachedDiffusionPipeline`.
     """
 
     cached_transformer_class: ClassVar[type]
+    cache_branch: ClassVar[str | None] = None
+    """Branch name for a parent whose loop calls the transformer outside any ``cache_context`` (e.g.
+    ``Flux2Pipeline``, one guidance-distilled branch); ``None`` when the parent's loop names its branches."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # Every cached pipeline gets its parent's exact constructor (plus `cache_config`) and `__call__` signatures
+        # and docstrings, without per-class code: diffusers reads `inspect.signature(cls.__init__)` to know the
+        # components, and users (and diffusers' tests) read `inspect.signature(cls.__call__)`.
+        super().__init_subclass__(**kwargs)
+        parent = diffusers_parent(cls, CachedPipelineMixin)
+        if parent.__name__ != "DiffusionPipeline":
+            _REGISTRY.setdefault(parent.__name__, cls)  # what `cached_diffusers.auto` looks up in model_index.json
+        # Only where the nearest definition is still the parent's: a subclass of a cached pipeline, or a cached
+        # pipeline that writes its own, keeps the one it inherits or defines.
+        if _nearest_definer(cls, "__init__") in parent.__mro__:
+            cls.__init__ = _cached_init(parent)
+        if _nearest_definer(cls, "__call__") in parent.__mro__:
+            cls.__call__ = _cached_call(parent)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any):
@@ -53,7 +84,8 @@ class CachedPipelineMixin:
         ``"none"`` for no caching) it wins; when it is not passed, the ``cache_config.json`` saved beside
         ``model_index.json`` is used (for a Hub id it is fetched with the same ``cache_dir``, ``revision``, ``token``,
         ``local_files_only`` and ``force_download``); without that file the pipeline loads with caching off, as
-        before. The file is read and validated before any weights are loaded.
+        before. The file is read and validated before any weights are loaded. With ``transformer=None`` (e.g. to
+        encode prompts only) the saved config is ignored, as the parent ignores the transformer's weights.
 
         Raises:
             FileNotFoundError: naming the path, when it looks local (not ``namespace/name``) and does not exist.
@@ -67,7 +99,7 @@ class CachedPipelineMixin:
             return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         saved, source = load_cache_config(pretrained_model_name_or_path, **kwargs)
         pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-        if source is not None:
+        if source is not None and pipe.transformer is not None:
             try:
                 pipe.cache_config = saved
             except ValueError as error:
@@ -88,6 +120,31 @@ class CachedPipelineMixin:
             config = self.cache_config if self.transformer is not None else None
             save_cache_config_file(config, save_directory)
         return super().save_pretrained(save_directory, *args, **kwargs)
+
+    @classmethod
+    def from_pipe(cls, pipeline, **kwargs: Any):
+        """The parent's ``from_pipe``: a new pipeline of this class sharing ``pipeline``'s components.
+
+        ``pipeline`` is left as it was, cache config included: the new pipeline gets a cached view of its transformer
+        (the same parameters, buffers and submodules, no copy, and a cache of its own) instead of converting it in
+        place. When ``pipeline`` is itself a cached pipeline, the new one starts with its cache config unless
+        ``cache_config`` is passed. A transformer wrapped by accelerate's offloading hooks is shared as it is
+        (converted in place when stock). The other direction, ``XPipeline.from_pipe(cached_pipe)``, is diffusers'
+        own: it carries over only components of exactly the annotated classes, so pass the transformer as a stock view,
+        ``XPipeline.from_pipe(cached_pipe, transformer=cached_pipe.transformer.stock_view())`` (same weights, no
+        cache; the source keeps its cache config).
+        """
+        if "transformer" in kwargs:
+            return super().from_pipe(pipeline, **kwargs)
+        transformer = getattr(pipeline, "transformer", None)
+        if transformer is not None:
+            if isinstance(pipeline, CachedPipelineMixin):  # each pipeline owns its config
+                kwargs.setdefault("cache_config", pipeline.cache_config)
+            elif isinstance(transformer, CachedTransformerMixin):
+                kwargs.setdefault("cache_config", transformer.cache_config)
+            # passed explicitly: diffusers' from_pipe carries over only components of exactly the annotated class
+            kwargs["transformer"] = _cached_view(transformer, cls.cached_transformer_class)
+        return super().from_pipe(pipeline, **kwargs)
 
     def _init_cache(self, cache_config: CacheConfig | Mapping[str, Any] | str | None) -> None:
         if self.transformer is not None:
@@ -118,8 +175,21 @@ class CachedPipelineMixin:
         self.__dict__["_pipeline_cache_config"] = self.transformer.cache_config
 
     def to_json_string(self) -> str:
-        """``model_index.json`` naming the diffusers parent pipeline, so that a saved directory stays stock."""
-        return stock_class_name_json(super().to_json_string(), type(self), CachedPipelineMixin)
+        """``model_index.json`` naming only diffusers classes, so that a saved directory stays stock.
+
+        The pipeline is named by its diffusers parent, and a component that is a cached model (e.g. a transformer
+        that was already cached when the pipeline was constructed) by its model's diffusers parent.
+        """
+        from diffusers.pipelines.pipeline_loading_utils import _fetch_class_library_tuple
+
+        data = json.loads(super().to_json_string())
+        data["_class_name"] = diffusers_parent(type(self), CachedPipelineMixin).__name__
+        for name, value in data.items():
+            component = getattr(self, name, None) if isinstance(value, list) and len(value) == 2 else None
+            if isinstance(component, CachedTransformerMixin):
+                stock = diffusers_parent(type(component), CachedTransformerMixin)
+                data[name] = list(_fetch_class_library_tuple(stock))
+        return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
     @property
     def cache_stats(self) -> CacheStats:
@@ -206,13 +276,17 @@ class CachedPipelineMixin:
             with engine.step_source(self._denoising_step):
                 yield _watch_callback(callback_on_step_end, generation)
 
-    def __call__(self, *args: Any, **kwargs: Any):
-        if self.transformer is None:
-            return super().__call__(*args, **kwargs)
+    def _cached_call(self, parent_call: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        """Run the parent's ``__call__`` in a generation of its own (:meth:`cache_generation`), with its
+        ``callback_on_step_end`` watched, and with the branch named when the parent's loop names none."""
+        transformer = self.transformer
+        if transformer is None:
+            return parent_call(self, *args, **kwargs)
         args, kwargs, callback, put = _callback_argument(type(self), args, kwargs)
-        with self.cache_generation(callback) as watched:
+        branch = transformer.cache_context(self.cache_branch) if self.cache_branch else contextlib.nullcontext()
+        with self.cache_generation(callback) as watched, branch:
             args, kwargs = put(watched)
-            return super().__call__(*args, **kwargs)
+            return parent_call(self, *args, **kwargs)
 
 
 # -- one generation at a time per pipeline and scheduler -------------------------------------------------------------
@@ -320,3 +394,63 @@ def _callback_argument(cls: type, args: tuple, kwargs: dict):
         return args, {**kwargs, name: new}
 
     return args, kwargs, kwargs.get(name), put_keyword
+
+
+def _nearest_definer(cls: type, name: str) -> type:
+    return next(c for c in cls.__mro__ if name in c.__dict__)
+
+
+def _cached_init(parent: type) -> Callable[..., None]:
+    """``__init__(self, <parent's parameters>, cache_config=None)``: the parent's constructor, then the cache."""
+    parent_init = parent.__init__
+    signature = inspect.signature(parent_init)
+    cache_annotation = CacheConfig | Mapping[str, Any] | str | None
+    cache_param = inspect.Parameter(
+        "cache_config", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None, annotation=cache_annotation
+    )
+    try:  # resolved, so that diffusers' `get_type_hints(cls.__init__)` (from_pipe's component types) works
+        annotations = typing.get_type_hints(parent_init)
+    except Exception:
+        annotations = {k: p.annotation for k, p in signature.parameters.items() if p.annotation is not p.empty}
+    full = signature.replace(parameters=[*signature.parameters.values(), cache_param])
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        bound = full.bind(self, *args, **kwargs)
+        cache_config = bound.arguments.pop("cache_config", None)
+        bound.arguments.pop(next(iter(signature.parameters)))
+        parent_init(self, **bound.arguments)
+        self._init_cache(cache_config)
+
+    __init__.__signature__ = full
+    __init__.__annotations__ = {**annotations, "cache_config": cache_annotation}
+    __init__.__doc__ = parent_init.__doc__
+    __init__.__qualname__ = f"{parent.__name__}.__init__"
+    return __init__
+
+
+def _cached_call(parent: type) -> Callable[..., Any]:
+    """``__call__`` with the parent's signature and docstring (``functools.wraps``) and the cache lifecycle."""
+    parent_call = parent.__call__
+
+    @functools.wraps(parent_call)
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._cached_call(parent_call, args, kwargs)
+
+    return __call__
+
+
+def _cached_view(model, cached_class: type):
+    """A ``cached_class`` instance sharing ``model``'s parameters, buffers, submodules and hooks, with a cache of its
+    own (caching off); ``model`` unchanged.
+
+    A model wrapped by accelerate's hooks (device map, offloading) cannot be viewed (the hooks call the wrapped
+    instance's forward): it is converted in place, as :meth:`CachedTransformerMixin.from_base` does.
+    """
+    if "_hf_hook" in model.__dict__ or "_old_forward" in model.__dict__:
+        return cached_class.from_base(model)
+    if not isinstance(model, cached_class) and type(model) not in cached_class.__mro__:
+        return cached_class.from_base(model)  # raises the TypeError naming the expected class
+    view = copy.copy(model)
+    view.__dict__.pop("_cache_engine", None)  # a cache of its own
+    view.__class__ = cached_class if not isinstance(model, cached_class) else type(model)
+    return view

@@ -41,18 +41,34 @@ class StepContext:
     """Where the denoising loop is for one transformer call.
 
     Attributes:
-        step: denoising step index, ``0 <= step < num_steps`` (not a count of forward calls).
-        num_steps: number of denoising steps of this generation (``num_inference_steps``).
+        step: denoising step index in the full schedule, ``first_step <= step < num_steps`` (not a count of
+            forward calls); what the statistics record, and what MagCache's ratios and TaylorSeer's distances use.
+        num_steps: number of denoising steps of the full schedule (``len(scheduler.timesteps)``).
         branch: guidance branch name, e.g. ``"cond"`` / ``"uncond"``; each branch has its own cache state.
+        first_step: the generation's first executed step: 0 for a full schedule, ``> 0`` when an img2img or inpaint
+            pipeline starts at a ``strength``-dependent step (``scheduler.set_begin_index``).
     """
 
     step: int
     num_steps: int
     branch: str
+    first_step: int = 0
 
     @property
     def is_last(self) -> bool:
         return self.step == self.num_steps - 1
+
+    @property
+    def executed(self) -> int:
+        """Steps executed before this one in this generation (``step - first_step``): what the first-step guard,
+        warm-up, retention ratios and SCM masks count."""
+        return self.step - self.first_step
+
+    @property
+    def num_executed(self) -> int:
+        """Steps this generation executes (``num_steps - first_step``): the length SCM masks and retention ratios
+        are taken of."""
+        return self.num_steps - self.first_step
 
 
 class Gate(enum.Enum):
@@ -183,18 +199,21 @@ class CachePolicy:
         self, ctx: StepContext, *, has_residual: bool, num_reused: int, consecutive_reused: int
     ) -> tuple[Gate, str]:
         """The guards every method shares, in order: first step, stored residual, warm-up, last step, SCM mask, caps."""
+        # On a partial schedule (img2img / inpaint at strength < 1) the guards count executed steps: the first
+        # executed step computes, the warm-up and the SCM mask cover the executed steps from the first one.
         config = self.config
-        if ctx.step == 0:
+        executed = ctx.executed
+        if executed == 0:
             return Gate.COMPUTE, "first-step"
         if not has_residual:
             return Gate.COMPUTE, "no-residual"
-        if ctx.step < self.warmup_steps(ctx.num_steps) and ctx.step % config.warmup_interval == 0:
+        if executed < self.warmup_steps(ctx.num_executed) and executed % config.warmup_interval == 0:
             return Gate.COMPUTE, "warmup"
         if config.compute_last_step and ctx.is_last:
             return Gate.COMPUTE, "last-step"
-        mask = self.scm_mask(ctx.num_steps)
+        mask = self.scm_mask(ctx.num_executed)
         if mask is not None:
-            if mask[ctx.step] == 1:
+            if mask[executed] == 1:
                 return Gate.COMPUTE, "scm-compute"
             if config.scm_steps_policy == "static":
                 return Gate.REUSE, "scm-static"
@@ -360,7 +379,7 @@ class MagCachePolicy(CachePolicy):
             return Decision(False, reason)
         if config.calibrate:
             return Decision(False, "calibration")
-        if ctx.step < int(config.mag_retention_ratio * ctx.num_steps + 0.5):
+        if ctx.executed < int(config.mag_retention_ratio * ctx.num_executed + 0.5):
             state.reset()
             return Decision(False, "retention")
         state.ratio *= self.ratios_for(ctx.branch, ctx.num_steps)[ctx.step]
@@ -482,7 +501,7 @@ class TaylorSeerPolicy(CachePolicy):
             return Decision(False, reason)
         if gate is Gate.REUSE:
             return Decision(True, reason)
-        phase = ctx.step - max(self.config.max_warmup_steps - 1, 0)
+        phase = ctx.executed - max(self.config.max_warmup_steps - 1, 0)
         if phase % self.config.interval == 0:
             return Decision(False, "interval")
         return Decision(True, "forecast")

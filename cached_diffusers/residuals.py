@@ -49,9 +49,10 @@ class TaylorSeerStore(ResidualStore):
     previous computed step held order ``k``; a change of shape restarts the ladder.
     """
 
-    def __init__(self, order: int) -> None:
+    def __init__(self, order: int, first_step: int = 0) -> None:
         super().__init__()
         self.order = order
+        self.first_step = first_step  # the generation's first executed step: FIRST_DIFFERENCE_STEP counts from it
         self.factors: list[Streams] = []
 
     def update(self, step: int, streams: Streams, residuals: Streams) -> None:
@@ -61,7 +62,7 @@ class TaylorSeerStore(ResidualStore):
         if (
             self.factors
             and previous_step is not None
-            and FIRST_DIFFERENCE_STEP <= step
+            and FIRST_DIFFERENCE_STEP <= step - self.first_step
             and previous_step < step
             and self._same_shapes(factors[0])
         ):
@@ -82,6 +83,7 @@ class TaylorSeerStore(ResidualStore):
         return tuple(f.to(r.dtype) for f, r in zip(forecast, self.residuals))
 
 
-def make_store(taylorseer_order: int | None) -> ResidualStore:
-    """A plain store, or a TaylorSeer store of the given order."""
-    return ResidualStore() if taylorseer_order is None else TaylorSeerStore(taylorseer_order)
+def make_store(taylorseer_order: int | None, first_step: int = 0) -> ResidualStore:
+    """A plain store, or a TaylorSeer store of the given order (``first_step``: the generation's first executed
+    step, from which :data:`FIRST_DIFFERENCE_STEP` counts)."""
+    return ResidualStore() if taylorseer_order is None else TaylorSeerStore(taylorseer_order, first_step)

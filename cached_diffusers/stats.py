@@ -81,7 +81,10 @@ class CacheStats:
     Attributes:
         method: the cache method's name.
         signal_name: what the per-step ``signals`` measure.
-        num_steps: denoising steps of the generation (``None`` before the first transformer call).
+        num_steps: denoising steps of the generation's full schedule (``None`` before the first transformer call).
+        first_step: the first executed step (0 for a full schedule; ``> 0`` for img2img / inpaint at
+            ``strength < 1``, which run steps ``first_step .. num_steps - 1``). Step indices in the records are
+            absolute indices of the full schedule.
         num_blocks: transformer blocks per full forward.
         branches: ``{branch name: BranchStats}``.
     """
@@ -90,6 +93,7 @@ class CacheStats:
     signal_name: str = ""
     num_steps: int | None = None
     num_blocks: int | None = None
+    first_step: int | None = None
     branches: dict[str, BranchStats] = field(default_factory=dict)
 
     def branch(self, name: str) -> BranchStats:
@@ -124,6 +128,7 @@ class CacheStats:
             "method": self.method,
             "signal_name": self.signal_name,
             "num_steps": self.num_steps,
+            "first_step": self.first_step,
             "num_blocks": self.num_blocks,
             "num_computed": self.num_computed,
             "num_reused": self.num_reused,
@@ -133,7 +138,8 @@ class CacheStats:
 
     def summary(self) -> str:
         """A few human-readable lines: per branch, computed and reused steps with their indices."""
-        lines = [f"cache: {self.method}, {self.num_steps} steps, {self.num_blocks} blocks"]
+        start = f" (from step {self.first_step}: a partial schedule)" if self.first_step else ""
+        lines = [f"cache: {self.method}, {self.num_steps} steps{start}, {self.num_blocks} blocks"]
         for b in self.branches.values():
             lines.append(
                 f"  {b.branch}: computed {b.num_computed}, reused {b.num_reused}; reused steps {b.reused_steps}"

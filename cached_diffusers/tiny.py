@@ -58,8 +58,13 @@ __all__ = [
     "TRANSFORMER_CONFIG",
     "VAE_CONFIG",
     "VAE_SCALE_FACTOR",
+    "CONTROLNET_CONFIG",
+    "TINY_PROCESSOR_PIXELS",
     "build_tiny_qwenimage_components",
+    "build_tiny_qwenimage_controlnet",
+    "build_tiny_qwenimage_layered_models",
     "build_tiny_qwenimage_pipeline",
+    "build_tiny_qwenimage_processor",
     "load_tiny_tokenizer",
     "save_tiny_qwenimage_pipeline",
 ]
@@ -283,6 +288,91 @@ def save_tiny_qwenimage_pipeline(path: str | os.PathLike, seed: int = 0) -> str 
     pipe = QwenImagePipeline(**build_tiny_qwenimage_components(seed))
     pipe.save_pretrained(path, safe_serialization=True)
     return path
+
+
+# -- Qwen-Image edit / layered / ControlNet extras ------------------------------------------------------------------
+# The edit and layered pipelines also take a ``processor`` (``Qwen2VLProcessor``: the tokenizer plus an image
+# processor that cuts the reference image into 14x14 patches for the text encoder's vision tower); the ControlNet
+# pipelines take a ``controlnet`` (``QwenImageControlNetModel``).
+
+TINY_PROCESSOR_PIXELS = (56 * 56, 56 * 56 * 4)
+"""``(min_pixels, max_pixels)`` of the tiny processor's image processor: a reference image becomes 16 to 64 patches of
+14x14, i.e. 4 to 16 image tokens for the text encoder."""
+
+CONTROLNET_CONFIG: dict[str, Any] = {
+    **{k: v for k, v in TRANSFORMER_CONFIG.items() if k != "guidance_embeds"},
+    "num_layers": 2,
+}
+"""``QwenImageControlNetModel`` kwargs: the transformer's sizes, 2 blocks (its samples are spread over the 12 blocks)."""
+
+
+def build_tiny_qwenimage_processor(tokenizer: Qwen2Tokenizer | None = None):
+    """The ``processor`` of the Qwen-Image edit and layered pipelines: a ``transformers.Qwen2VLProcessor`` built from
+    the tiny tokenizer and a PIL ``Qwen2VLImageProcessorPil`` limited to :data:`TINY_PROCESSOR_PIXELS`.
+
+    transformers checks a processor's sub-processor classes by name, and the check of the absent video processor needs
+    torchvision (not a dependency); that one check is skipped while the processor is built.
+
+    Raises:
+        OSError: if the shipped tokenizer files are missing.
+    """
+    from unittest import mock
+
+    from transformers import Qwen2VLImageProcessorPil, Qwen2VLProcessor
+
+    tokenizer = load_tiny_tokenizer() if tokenizer is None else tokenizer
+    min_pixels, max_pixels = TINY_PROCESSOR_PIXELS
+    image_processor = Qwen2VLImageProcessorPil(size={"shortest_edge": min_pixels, "longest_edge": max_pixels})
+    check = Qwen2VLProcessor.check_argument_for_proper_class
+
+    def check_present(self, name, argument):
+        return type(argument) if argument is None else check(self, name, argument)
+
+    with mock.patch.object(Qwen2VLProcessor, "check_argument_for_proper_class", check_present):
+        return Qwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+def build_tiny_qwenimage_layered_models(seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """The ``transformer`` and ``vae`` of ``QwenImageLayeredPipeline`` at tiny size, random weights from ``seed``.
+
+    As in Qwen-Image-Layered: the VAE encodes and decodes RGBA (``input_channels=4``), and the transformer has the
+    layer-aware 3D RoPE and the additional timestep condition (``use_layer3d_rope``, ``use_additional_t_cond``);
+    otherwise :data:`TRANSFORMER_CONFIG` and :data:`VAE_CONFIG`. The other components are the text-to-image ones plus
+    :func:`build_tiny_qwenimage_processor`.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer = QwenImageTransformer2DModel(**TRANSFORMER_CONFIG, use_layer3d_rope=True, use_additional_t_cond=True)
+        torch.manual_seed(seed)
+        vae = AutoencoderKLQwenImage(**{**VAE_CONFIG, "input_channels": 4})
+    models = {"transformer": transformer, "vae": vae}
+    for model in models.values():
+        if model.dtype != dtype:
+            model.to(dtype)
+        model.eval()
+    return models
+
+
+def build_tiny_qwenimage_controlnet(seed: int = 0, extra_condition_channels: int = 0):
+    """A ``diffusers.QwenImageControlNetModel`` (:data:`CONTROLNET_CONFIG`) with random weights from ``seed``.
+
+    Args:
+        extra_condition_channels: 0 for ``QwenImageControlNetPipeline``; 4 for ``QwenImageControlNetInpaintPipeline``
+            (the packed mask: one channel in 2x2 patches).
+
+    Its zero-initialised output projections are re-drawn from the same seed, so that the untrained controlnet does
+    change the transformer's output.
+    """
+    from diffusers import QwenImageControlNetModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        controlnet = QwenImageControlNetModel(**CONTROLNET_CONFIG, extra_condition_channels=extra_condition_channels)
+        with torch.no_grad():
+            for module in [*controlnet.controlnet_blocks, controlnet.controlnet_x_embedder]:
+                if not module.weight.any():
+                    torch.nn.init.normal_(module.weight, std=0.02)
+    return controlnet.eval()
 
 
 # -- FLUX.2 [klein] --------------------------------------------------------------------------------------------------

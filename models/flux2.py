@@ -36,6 +36,11 @@ FLUX2_CALIBRATION_HINT = (
 without coefficients or ratios (none exist for Klein)."""
 
 
+_PARENT_FORWARD = Flux2Transformer2DModel.forward.__wrapped__
+"""The parent's forward without its ``apply_lora_scale`` decorator (ours applies the scale once). Taken here, at
+import, as a plain function: TorchDynamo cannot trace ``super().forward.__wrapped__``, and with caching off
+``torch.compile(transformer, fullgraph=True)`` traces this call."""
+
 class CachedFlux2Transformer2DModel(CachedTransformerMixin, Flux2Transformer2DModel):
     """``Flux2Transformer2DModel`` whose ``forward`` skips the block stack on steps the cache method reuses.
 
@@ -98,7 +103,7 @@ class CachedFlux2Transformer2DModel(CachedTransformerMixin, Flux2Transformer2DMo
                 ``kv_cache_mode="extract"`` is used at a step other than 0.
         """
         if not self.cache_engine.active:
-            return super().forward.__wrapped__(
+            return _PARENT_FORWARD(
                 self,
                 hidden_states,
                 encoder_hidden_states=encoder_hidden_states,

@@ -40,6 +40,11 @@ imply 37 of 50 steps computed per branch.
 """
 
 
+_PARENT_FORWARD = QwenImageTransformer2DModel.forward.__wrapped__
+"""The parent's forward without its ``apply_lora_scale`` decorator (ours applies the scale once). Taken here, at
+import, as a plain function: TorchDynamo cannot trace ``super().forward.__wrapped__``, and with caching off
+``torch.compile(transformer, fullgraph=True)`` traces this call."""
+
 class CachedQwenImageTransformer2DModel(CachedTransformerMixin, QwenImageTransformer2DModel):
     """``QwenImageTransformer2DModel`` whose ``forward`` skips the block stack on steps the cache method reuses.
 
@@ -84,7 +89,7 @@ class CachedQwenImageTransformer2DModel(CachedTransformerMixin, QwenImageTransfo
             ValueError: when caching is on and the denoising step is unknown (see ``cache_context``).
         """
         if not self.cache_engine.active:
-            return super().forward.__wrapped__(
+            return _PARENT_FORWARD(
                 self,
                 hidden_states,
                 encoder_hidden_states=encoder_hidden_states,

@@ -8,6 +8,7 @@ from typing import Any, Mapping
 from diffusers import (
     AutoencoderKLFlux2,
     FlowMatchEulerDiscreteScheduler,
+    Flux2KleinInpaintPipeline,
     Flux2KleinKVPipeline,
     Flux2KleinPipeline,
     Flux2Transformer2DModel,
@@ -18,7 +19,12 @@ from cached_diffusers.configs import CacheConfig, DBCacheConfig
 from cached_diffusers.models.flux2 import CachedFlux2Transformer2DModel
 from cached_diffusers.pipeline_mixin import CachedPipelineMixin
 
-__all__ = ["CachedFlux2KleinKVPipeline", "CachedFlux2KleinPipeline", "recommended_klein_cache_config"]
+__all__ = [
+    "CachedFlux2KleinInpaintPipeline",
+    "CachedFlux2KleinKVPipeline",
+    "CachedFlux2KleinPipeline",
+    "recommended_klein_cache_config",
+]
 
 
 def recommended_klein_cache_config(distilled: bool) -> DBCacheConfig:
@@ -66,26 +72,6 @@ class CachedFlux2KleinPipeline(CachedPipelineMixin, Flux2KleinPipeline):
 
     cached_transformer_class = CachedFlux2Transformer2DModel
 
-    def __init__(
-        self,
-        scheduler: FlowMatchEulerDiscreteScheduler,
-        vae: AutoencoderKLFlux2,
-        text_encoder: Qwen3ForCausalLM,
-        tokenizer: Qwen2TokenizerFast,
-        transformer: Flux2Transformer2DModel,
-        is_distilled: bool = False,
-        cache_config: CacheConfig | Mapping[str, Any] | str | None = None,
-    ):
-        super().__init__(
-            scheduler=scheduler,
-            vae=vae,
-            text_encoder=text_encoder,
-            tokenizer=tokenizer,
-            transformer=transformer,
-            is_distilled=is_distilled,
-        )
-        self._init_cache(cache_config)
-
 
 class CachedFlux2KleinKVPipeline(CachedPipelineMixin, Flux2KleinKVPipeline):
     """``Flux2KleinKVPipeline`` (reference-image K/V caching, 4 distilled steps, no CFG) whose transformer skips
@@ -105,29 +91,20 @@ class CachedFlux2KleinKVPipeline(CachedPipelineMixin, Flux2KleinKVPipeline):
     """
 
     cached_transformer_class = CachedFlux2Transformer2DModel
+    cache_branch = "cond"
 
-    def __init__(
-        self,
-        scheduler: FlowMatchEulerDiscreteScheduler,
-        vae: AutoencoderKLFlux2,
-        text_encoder: Qwen3ForCausalLM,
-        tokenizer: Qwen2TokenizerFast,
-        transformer: Flux2Transformer2DModel,
-        is_distilled: bool = True,
-        cache_config: CacheConfig | Mapping[str, Any] | str | None = None,
-    ):
-        super().__init__(
-            scheduler=scheduler,
-            vae=vae,
-            text_encoder=text_encoder,
-            tokenizer=tokenizer,
-            transformer=transformer,
-            is_distilled=is_distilled,
-        )
-        self._init_cache(cache_config)
 
-    def __call__(self, *args: Any, **kwargs: Any):
-        if self.transformer is None:
-            return super().__call__(*args, **kwargs)
-        with self.transformer.cache_context("cond"):
-            return super().__call__(*args, **kwargs)
+class CachedFlux2KleinInpaintPipeline(CachedPipelineMixin, Flux2KleinInpaintPipeline):
+    """``Flux2KleinInpaintPipeline`` whose transformer skips cached steps.
+
+    Built, loaded and called as :class:`CachedFlux2KleinPipeline` is (the parent's constructor plus
+    ``cache_config``; ``__call__`` with the parent's exact signature, docstring and outputs). The loop starts at a
+    ``strength``-dependent step: the cache methods count warm-up, retention and SCM masks from that first executed
+    step, and ``pipe.cache_stats`` records the absolute step indices that ran. Branches ``"cond"`` and, with CFG on a
+    base checkpoint, ``"uncond"``, each with its own state.
+
+    Raises:
+        ValueError: for an invalid ``cache_config`` (see :class:`CachedFlux2KleinPipeline`).
+    """
+
+    cached_transformer_class = CachedFlux2Transformer2DModel

@@ -1,17 +1,41 @@
-"""Cached Qwen-Image pipeline: diffusers' ``QwenImagePipeline`` with a cached transformer."""
+"""Cached Qwen-Image pipelines: every diffusers pipeline driving ``QwenImageTransformer2DModel``, with a cached
+transformer.
+
+Each class is ``class CachedX(CachedPipelineMixin, X)``: the parent's constructor (plus ``cache_config``), call
+signature, docstring, loop and outputs, with the cache lifecycle of :class:`~cached_diffusers.CachedPipelineMixin`.
+Every parent's loop wraps its transformer calls in ``cache_context("cond" | "uncond")``, so each true-CFG branch
+keeps its own cache state. Img2img and inpaint pipelines start at a ``strength``-dependent step; the cache methods
+count warm-up, retention and SCM masks from that first executed step (see ``docs/pipelines.md``).
+"""
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from diffusers import (
+    QwenImageControlNetInpaintPipeline,
+    QwenImageControlNetPipeline,
+    QwenImageEditInpaintPipeline,
+    QwenImageEditPipeline,
+    QwenImageEditPlusPipeline,
+    QwenImageImg2ImgPipeline,
+    QwenImageInpaintPipeline,
+    QwenImageLayeredPipeline,
+    QwenImagePipeline,
+)
 
-from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline, QwenImageTransformer2DModel
-from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
-
-from cached_diffusers.configs import CacheConfig
 from cached_diffusers.models.qwenimage import CachedQwenImageTransformer2DModel
 from cached_diffusers.pipeline_mixin import CachedPipelineMixin
 
-__all__ = ["CachedQwenImagePipeline"]
+__all__ = [
+    "CachedQwenImageControlNetInpaintPipeline",
+    "CachedQwenImageControlNetPipeline",
+    "CachedQwenImageEditInpaintPipeline",
+    "CachedQwenImageEditPipeline",
+    "CachedQwenImageEditPlusPipeline",
+    "CachedQwenImageImg2ImgPipeline",
+    "CachedQwenImageInpaintPipeline",
+    "CachedQwenImageLayeredPipeline",
+    "CachedQwenImagePipeline",
+]
 
 
 class CachedQwenImagePipeline(CachedPipelineMixin, QwenImagePipeline):
@@ -35,16 +59,59 @@ class CachedQwenImagePipeline(CachedPipelineMixin, QwenImagePipeline):
 
     cached_transformer_class = CachedQwenImageTransformer2DModel
 
-    def __init__(
-        self,
-        scheduler: FlowMatchEulerDiscreteScheduler,
-        vae: AutoencoderKLQwenImage,
-        text_encoder: Qwen2_5_VLForConditionalGeneration,
-        tokenizer: Qwen2Tokenizer,
-        transformer: QwenImageTransformer2DModel,
-        cache_config: CacheConfig | Mapping[str, Any] | str | None = None,
-    ):
-        super().__init__(
-            scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer
-        )
-        self._init_cache(cache_config)
+
+def _doc(parent: str, what: str) -> str:
+    return f"""``{parent}`` ({what}) whose transformer skips cached steps.
+
+    Built, loaded and called as :class:`CachedQwenImagePipeline` is: ``from_pretrained(path_or_hub_id,
+    cache_config=...)`` loads an ordinary diffusers directory of ``{parent}``; the constructor takes the parent's
+    components plus ``cache_config``; ``__call__`` has the parent's exact signature, docstring and outputs.
+    Afterwards ``pipe.cache_stats`` holds per-branch statistics (``"cond"`` and, with true CFG, ``"uncond"``).
+
+    Raises:
+        ValueError: for an invalid ``cache_config``.
+    """
+
+
+class CachedQwenImageImg2ImgPipeline(CachedPipelineMixin, QwenImageImg2ImgPipeline):
+    __doc__ = _doc("QwenImageImg2ImgPipeline", "image-to-image; starts at a `strength`-dependent step")
+    cached_transformer_class = CachedQwenImageTransformer2DModel
+
+
+class CachedQwenImageInpaintPipeline(CachedPipelineMixin, QwenImageInpaintPipeline):
+    __doc__ = _doc("QwenImageInpaintPipeline", "inpainting; starts at a `strength`-dependent step")
+    cached_transformer_class = CachedQwenImageTransformer2DModel
+
+
+class CachedQwenImageEditPipeline(CachedPipelineMixin, QwenImageEditPipeline):
+    __doc__ = _doc("QwenImageEditPipeline", "instruction editing of one image")
+    cached_transformer_class = CachedQwenImageTransformer2DModel
+
+
+class CachedQwenImageEditInpaintPipeline(CachedPipelineMixin, QwenImageEditInpaintPipeline):
+    __doc__ = _doc("QwenImageEditInpaintPipeline", "instruction editing inside a mask; `strength`-dependent start")
+    cached_transformer_class = CachedQwenImageTransformer2DModel
+
+
+class CachedQwenImageEditPlusPipeline(CachedPipelineMixin, QwenImageEditPlusPipeline):
+    __doc__ = _doc("QwenImageEditPlusPipeline", "instruction editing of one or more images")
+    cached_transformer_class = CachedQwenImageTransformer2DModel
+
+
+class CachedQwenImageControlNetPipeline(CachedPipelineMixin, QwenImageControlNetPipeline):
+    __doc__ = _doc(
+        "QwenImageControlNetPipeline",
+        "ControlNet; the controlnet runs at every step, a reused step reuses the blocks' residual including the "
+        "controlnet samples added inside the stack",
+    )
+    cached_transformer_class = CachedQwenImageTransformer2DModel
+
+
+class CachedQwenImageControlNetInpaintPipeline(CachedPipelineMixin, QwenImageControlNetInpaintPipeline):
+    __doc__ = _doc("QwenImageControlNetInpaintPipeline", "ControlNet inpainting")
+    cached_transformer_class = CachedQwenImageTransformer2DModel
+
+
+class CachedQwenImageLayeredPipeline(CachedPipelineMixin, QwenImageLayeredPipeline):
+    __doc__ = _doc("QwenImageLayeredPipeline", "decomposition of an image into RGBA layers")
+    cached_transformer_class = CachedQwenImageTransformer2DModel

@@ -1,0 +1,203 @@
+"""Test cases shared by the pipeline-family tests: each cached pipeline with its stock parent, tiny stock components
+and call arguments (reference images, masks and control images built here)."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib
+import pkgutil
+from typing import Any, Callable
+from unittest import mock
+
+import numpy as np
+import PIL.Image
+import torch
+import diffusers
+
+import cached_diffusers as cd
+from cached_diffusers.tiny import (
+    DEFAULT_PROMPTS,
+    build_tiny_flux2_klein_components,
+    build_tiny_qwenimage_components,
+    build_tiny_qwenimage_controlnet,
+    build_tiny_qwenimage_layered_models,
+    build_tiny_qwenimage_processor,
+)
+
+LINEAR = (0.0, 0.0, 0.0, 1.0, 0.0)
+"""TeaCache coefficients f(x) = x, for the FLUX.2 transformer (none shipped)."""
+
+QWEN_SIZE = 64
+KLEIN_SIZE = 64
+
+
+def image(size=QWEN_SIZE, seed=0, mode="RGB"):
+    """A random reference image (PIL, ``size`` x ``size``)."""
+    channels = len(mode)
+    data = np.random.RandomState(seed).randint(0, 256, (size, size, channels), dtype=np.uint8)
+    return PIL.Image.fromarray(data, mode=mode)
+
+
+def mask(size=QWEN_SIZE):
+    """A mask (PIL ``L``) whose right half is white (repainted)."""
+    data = np.zeros((size, size), dtype=np.uint8)
+    data[:, size // 2 :] = 255
+    return PIL.Image.fromarray(data, mode="L")
+
+
+@contextlib.contextmanager
+def small_working_sizes(area=QWEN_SIZE * QWEN_SIZE):
+    """The Qwen-Image edit and layered pipelines resize their reference image to a fixed area (1024^2, 384^2, 640^2)
+    with their module's ``calculate_dimensions``; for tiny CPU tests, the same function at a small area. Applied to
+    the stock and the cached pipeline alike (the cached one runs the parent's code)."""
+    patches = []
+    package = importlib.import_module("diffusers.pipelines.qwenimage")
+    for info in pkgutil.iter_modules(package.__path__):
+        module = importlib.import_module(f"{package.__name__}.{info.name}")
+        original = getattr(module, "calculate_dimensions", None)
+        if original is not None:
+            patches.append(mock.patch.object(module, "calculate_dimensions", lambda _area, ratio, f=original: f(area, ratio)))
+    with contextlib.ExitStack() as stack:
+        for p in patches:
+            stack.enter_context(p)
+        yield
+
+
+@dataclasses.dataclass
+class Case:
+    name: str
+    stock: type
+    cached: type
+    components: Callable[[], dict[str, Any]]
+    inputs: Callable[..., dict[str, Any]]  # inputs(steps, seed, cfg, **overrides)
+    branches_with_cfg: tuple[str, ...] = ("cond", "uncond")
+    strength: bool = False  # starts at a strength-dependent step
+    teacache_coefficients: tuple[float, ...] | None = None  # None: the model's own
+
+
+def qwen_components(processor=False, controlnet=None, layered=False):
+    def build():
+        components = build_tiny_qwenimage_components(0)
+        if layered:
+            components.update(build_tiny_qwenimage_layered_models(0))
+        if processor:
+            components["processor"] = build_tiny_qwenimage_processor(components["tokenizer"])
+        if controlnet is not None:
+            components["controlnet"] = build_tiny_qwenimage_controlnet(0, extra_condition_channels=controlnet)
+        return components
+
+    return build
+
+
+def qwen_inputs(extra: Callable[[], dict[str, Any]], size=True):
+    def inputs(steps=4, seed=0, cfg=True, **overrides):
+        kwargs = dict(
+            prompt=DEFAULT_PROMPTS[0],
+            negative_prompt=" " if cfg else None,
+            true_cfg_scale=4.0 if cfg else 1.0,
+            num_inference_steps=steps,
+            generator=torch.Generator().manual_seed(seed),
+            output_type="pt",
+            **(dict(height=QWEN_SIZE, width=QWEN_SIZE) if size else {}),
+            **extra(),
+        )
+        kwargs.update(overrides)
+        return kwargs
+
+    return inputs
+
+
+def klein_components():
+    return build_tiny_flux2_klein_components(0, distilled=False)
+
+
+def klein_inpaint_inputs(steps=4, seed=0, cfg=True, **overrides):
+    kwargs = dict(
+        prompt=DEFAULT_PROMPTS[0],
+        image=image(KLEIN_SIZE),
+        mask_image=mask(KLEIN_SIZE),
+        height=KLEIN_SIZE,
+        width=KLEIN_SIZE,
+        guidance_scale=4.0 if cfg else 1.0,
+        num_inference_steps=steps,
+        max_sequence_length=32,
+        generator=torch.Generator().manual_seed(seed),
+        output_type="pt",
+    )
+    kwargs.update(overrides)
+    return kwargs
+
+
+def flux2_dev_components():
+    """FLUX.2 [dev]'s classes at tiny size: the Klein tiny transformer with a guidance embedder (dev is
+    guidance-distilled), the Klein VAE; no text encoder (prompts are given as ``prompt_embeds``)."""
+    from diffusers import Flux2Transformer2DModel
+
+    from cached_diffusers.tiny import FLUX2_KLEIN_TEMB_GAIN, FLUX2_KLEIN_TRANSFORMER_CONFIG
+
+    components = build_tiny_flux2_klein_components(0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        transformer = Flux2Transformer2DModel(**{**FLUX2_KLEIN_TRANSFORMER_CONFIG, "guidance_embeds": True})
+        with torch.no_grad():
+            transformer.time_guidance_embed.timestep_embedder.linear_2.weight.mul_(FLUX2_KLEIN_TEMB_GAIN)
+    return {
+        "scheduler": components["scheduler"],
+        "vae": components["vae"],
+        "text_encoder": None,
+        "tokenizer": None,
+        "transformer": transformer.eval(),
+    }
+
+
+def flux2_dev_inputs(steps=4, seed=0, cfg=True, **overrides):
+    from cached_diffusers.tiny import FLUX2_KLEIN_TRANSFORMER_CONFIG
+
+    dim = FLUX2_KLEIN_TRANSFORMER_CONFIG["joint_attention_dim"]
+    kwargs = dict(
+        prompt_embeds=torch.randn(1, 8, dim, generator=torch.Generator().manual_seed(123)),
+        height=KLEIN_SIZE,
+        width=KLEIN_SIZE,
+        guidance_scale=4.0,
+        num_inference_steps=steps,
+        generator=torch.Generator().manual_seed(seed),
+        output_type="pt",
+    )
+    kwargs.update(overrides)
+    return kwargs
+
+
+CASES = [
+    Case("qwen-txt2img", diffusers.QwenImagePipeline, cd.CachedQwenImagePipeline, qwen_components(),
+         qwen_inputs(dict)),
+    Case("qwen-img2img", diffusers.QwenImageImg2ImgPipeline, cd.CachedQwenImageImg2ImgPipeline, qwen_components(),
+         qwen_inputs(lambda: dict(image=image(), strength=0.6)), strength=True),
+    Case("qwen-inpaint", diffusers.QwenImageInpaintPipeline, cd.CachedQwenImageInpaintPipeline, qwen_components(),
+         qwen_inputs(lambda: dict(image=image(), mask_image=mask(), strength=0.6)), strength=True),
+    Case("qwen-edit", diffusers.QwenImageEditPipeline, cd.CachedQwenImageEditPipeline, qwen_components(True),
+         qwen_inputs(lambda: dict(image=image()), size=False)),
+    Case("qwen-edit-inpaint", diffusers.QwenImageEditInpaintPipeline, cd.CachedQwenImageEditInpaintPipeline,
+         qwen_components(True), qwen_inputs(lambda: dict(image=image(), mask_image=mask(), strength=0.6)),
+         strength=True),
+    Case("qwen-edit-plus", diffusers.QwenImageEditPlusPipeline, cd.CachedQwenImageEditPlusPipeline,
+         qwen_components(True), qwen_inputs(lambda: dict(image=[image(seed=1), image(seed=2)]), size=False)),
+    Case("qwen-controlnet", diffusers.QwenImageControlNetPipeline, cd.CachedQwenImageControlNetPipeline,
+         qwen_components(controlnet=0), qwen_inputs(lambda: dict(control_image=image(seed=3)))),
+    Case("qwen-controlnet-inpaint", diffusers.QwenImageControlNetInpaintPipeline,
+         cd.CachedQwenImageControlNetInpaintPipeline, qwen_components(controlnet=4),
+         qwen_inputs(lambda: dict(control_image=image(seed=3), control_mask=mask()))),
+    Case("qwen-layered", diffusers.QwenImageLayeredPipeline, cd.CachedQwenImageLayeredPipeline,
+         qwen_components(True, layered=True), qwen_inputs(lambda: dict(image=image(mode="RGBA"), layers=2), size=False)),
+    Case("flux2-dev", diffusers.Flux2Pipeline, cd.CachedFlux2Pipeline, flux2_dev_components, flux2_dev_inputs,
+         branches_with_cfg=("cond",), teacache_coefficients=LINEAR),
+    Case("flux2-klein", diffusers.Flux2KleinPipeline, cd.CachedFlux2KleinPipeline, klein_components,
+         lambda **kw: {k: v for k, v in klein_inpaint_inputs(**kw).items() if k not in ("image", "mask_image")},
+         teacache_coefficients=LINEAR),
+    Case("flux2-klein-inpaint", diffusers.Flux2KleinInpaintPipeline, cd.CachedFlux2KleinInpaintPipeline,
+         klein_components, lambda **kw: klein_inpaint_inputs(**{"strength": 0.6, **kw}), strength=True,
+         teacache_coefficients=LINEAR),
+]
+"""Every cached pipeline whose parent drives a diffusers transformer (BAGEL and HunyuanImage-3 are tested apart)."""
+
+CASES_BY_NAME = {case.name: case for case in CASES}
