@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping
 
@@ -142,6 +143,8 @@ class CacheEngine:
         self._own_policy: CachePolicy | None = None
         self._own = Generation(None, None)
         self._last_stats: CacheStats = self._own.stats
+        self._open_caching = 0  # generations open (in any thread) whose config caches; see `active`
+        self._open_lock = threading.Lock()
 
     # -- configuration -------------------------------------------------------------------------------------------
     @property
@@ -172,7 +175,15 @@ class CacheEngine:
 
     @property
     def active(self) -> bool:
-        """Whether the current generation caches (its config is not ``None``)."""
+        """Whether the current generation caches (its config is not ``None``).
+
+        While TorchDynamo traces the model's ``forward`` (``torch.compile``), which cannot read a ``ContextVar``, it is
+        whether any generation of this engine caches (the own config, or one open in any thread), from plain
+        attributes: with caching off everywhere the parent's forward compiles, ``fullgraph=True`` included; with
+        caching on anywhere the traced forward reaches :meth:`run`, which refuses ``fullgraph`` with its reason.
+        """
+        if torch.compiler.is_compiling():
+            return self._own_policy is not None or self._open_caching > 0
         return self.current.policy is not None
 
     @property
@@ -231,11 +242,16 @@ class CacheEngine:
             config, policy = self.make_policy(config)
         generation = Generation(config, policy)
         self._last_stats = generation.stats
+        caching = int(policy is not None)
+        with self._open_lock:
+            self._open_caching += caching
         token = _OPEN_GENERATIONS.set({**_OPEN_GENERATIONS.get(), id(self): generation})
         try:
             yield generation
         finally:
             _OPEN_GENERATIONS.reset(token)
+            with self._open_lock:
+                self._open_caching -= caching
             generation.branches = {}  # free the stored residuals; the statistics stay
 
     # -- where the loop is ---------------------------------------------------------------------------------------
