@@ -293,32 +293,29 @@ def _check_model(model: str) -> None:
 
 
 def _pipeline_class_for(model: str):
-    from diffusers import DiffusionPipeline
+    """The cached pipeline class for ``model``'s ``model_index.json`` (:func:`cached_diffusers.auto.cached_pipeline_class_for`).
 
-    from .pipelines import CachedFlux2KleinKVPipeline, CachedFlux2KleinPipeline, CachedQwenImagePipeline
+    Raises:
+        ValueError: naming the model, for a pipeline without cached counterpart (the message lists the supported ones).
+    """
+    from .auto import cached_pipeline_class_for
 
-    known = {
-        "QwenImagePipeline": CachedQwenImagePipeline,
-        "CachedQwenImagePipeline": CachedQwenImagePipeline,
-        "Flux2KleinPipeline": CachedFlux2KleinPipeline,
-        "CachedFlux2KleinPipeline": CachedFlux2KleinPipeline,
-        "Flux2KleinKVPipeline": CachedFlux2KleinKVPipeline,
-        "CachedFlux2KleinKVPipeline": CachedFlux2KleinKVPipeline,
-    }
-    class_name = DiffusionPipeline.load_config(model).get("_class_name")
-    if class_name not in known:
-        raise ValueError(f"no cached pipeline for {class_name!r} (from {model}); supported: {', '.join(sorted(known))}")
-    return known[class_name]
+    return cached_pipeline_class_for(model)
 
 
-def _call_parameters(pipeline_class: type) -> set[str]:
-    """Names of the arguments the pipeline class's diffusers parent ``__call__`` takes."""
+def _parent_call_parameters(pipeline_class: type):
+    """The parameters (``inspect.Parameter`` by name) of the pipeline class's diffusers parent ``__call__``."""
     import inspect
 
     from .model_mixin import diffusers_parent
     from .pipeline_mixin import CachedPipelineMixin
 
-    return set(inspect.signature(diffusers_parent(pipeline_class, CachedPipelineMixin).__call__).parameters)
+    return inspect.signature(diffusers_parent(pipeline_class, CachedPipelineMixin).__call__).parameters
+
+
+def _call_parameters(pipeline_class: type) -> set[str]:
+    """Names of the arguments the pipeline class's diffusers parent ``__call__`` takes."""
+    return set(_parent_call_parameters(pipeline_class))
 
 
 SAMPLING_OPTIONS = {
@@ -387,10 +384,7 @@ def _call_value(pipe, kwargs: dict[str, Any], name: str) -> Any:
 
     if name in kwargs:
         return kwargs[name]
-    from .model_mixin import diffusers_parent
-    from .pipeline_mixin import CachedPipelineMixin
-
-    parameter = inspect.signature(diffusers_parent(type(pipe), CachedPipelineMixin).__call__).parameters.get(name)
+    parameter = _parent_call_parameters(type(pipe)).get(name)
     return None if parameter is None or parameter.default is inspect.Parameter.empty else parameter.default
 
 
@@ -461,8 +455,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     output = args.output or (
         os.path.join(args.model, "cache_config.json") if os.path.isdir(args.model) else "cache_config.json"
     )
+    provenance = os.path.splitext(output)[0] + ".calibration.json"
     check_output_file("--output", output)
-    check_output_file("--output", os.path.splitext(output)[0] + ".calibration.json")
+    check_output_file("--output", provenance)
     _device_and_dtype(args.device, args.dtype)
     calibration = TeaCacheConfig(calibrate=True) if method == "teacache" else MagCacheConfig(calibrate=True)
     pipe = _load_pipeline(args, calibration)
@@ -490,13 +485,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         for branch, values in ratios.items():
             print(f"MagCache ratios ({branch}): {list(values)}")
         quality = {}
-    output = args.output or (
-        os.path.join(args.model, "cache_config.json") if os.path.isdir(args.model) else "cache_config.json"
-    )
     with open(output, "w", encoding="utf-8") as f:
         json.dump(config.to_dict(), f, indent=2)
         f.write("\n")
-    provenance = os.path.splitext(output)[0] + ".calibration.json"
     with open(provenance, "w", encoding="utf-8") as f:
         record = {
             "model": args.model, "method": method, "prompts": prompts, **settings, "seed": args.seed,
