@@ -9,7 +9,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["cached_diffusers", "cached_diffusers.models", "cached_diffusers.pipelines"],
+    packages=["cached_diffusers", "cached_diffusers.models", "cached_diffusers.pipelines", "cached_diffusers.tools"],
     package_dir={
         "cached_diffusers": "cached_diffusers",
         "cached_diffusers.models": "models",
@@ -43,5 +43,5 @@ setup(
             "parameterized>=0.9",  # diffusers' own LoRA test files (scripts/run_upstream_diffusers_tests.py)
         ]
     },
-    entry_points={"console_scripts": ["cached-diffusers=cached_diffusers.cli:main"]},
+    entry_points={"console_scripts": ["cached-diffusers=cached_diffusers.tools.cli:main"]},
 )

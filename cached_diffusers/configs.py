@@ -15,8 +15,9 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from collections.abc import Sequence, Set as AbstractSet
 from typing import Any, ClassVar, Mapping
+
+from .validation import FrozenDict, as_scalar, as_sequence
 
 __all__ = [
     "CacheConfig",
@@ -109,46 +110,6 @@ def resolve_cache_config(value: CacheConfig | Mapping[str, Any] | str | None) ->
         f"cache_config must be a CacheConfig, a dict with a 'method' key, a method name or None; "
         f"got {type(value).__name__}"
     )
-
-
-class FrozenDict(dict):
-    """A read-only, hashable ``dict`` for mapping-valued config fields (values must be hashable)."""
-
-    def __hash__(self) -> int:  # type: ignore[override]
-        return hash(tuple(sorted(self.items())))
-
-    def _read_only(self, *args: Any, **kwargs: Any) -> None:
-        raise TypeError("cache config values are read-only; use config.replace(...)")
-
-    __setitem__ = __delitem__ = clear = pop = popitem = setdefault = update = _read_only  # type: ignore[assignment]
-
-
-def as_scalar(value: Any) -> Any:
-    """A numpy scalar, a 0-d numpy array or a 0-d torch tensor as the Python number (or bool) it holds; any other
-    value unchanged. Config fields take these as the numbers they are."""
-    if getattr(value, "ndim", None) == 0 and callable(getattr(value, "item", None)) and type(value).__module__ in (
-        "numpy", "torch"
-    ):
-        return value.item()
-    return value
-
-
-def as_sequence(label: str, value: Any, what: str) -> tuple[Any, ...]:
-    """An ordered collection (list, tuple, 1-d numpy array or torch tensor) as a tuple of its items.
-
-    Raises:
-        ValueError: naming ``label`` (the field) and ``what`` it must hold, for a string, a mapping, a set or any other
-            unordered collection (whose order would be arbitrary), or something that is not a collection.
-    """
-    if type(value).__module__ in ("numpy", "torch") and getattr(value, "ndim", None) == 1:
-        return tuple(value.tolist())
-    if isinstance(value, (str, bytes, bytearray)) or not isinstance(value, Sequence):
-        kind = "an unordered " + type(value).__name__ if isinstance(value, (AbstractSet, Mapping)) else type(value).__name__
-        raise ValueError(
-            f"{label} must be a sequence of {what} (a list, tuple or 1-d array; sets and other unordered collections "
-            f"are refused), got {kind} {value!r}"
-        )
-    return tuple(value)
 
 
 def _kind(value: Any) -> str:

@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping
 
 import numpy as np
 import torch
 
-from .configs import DBCacheConfig, MagCacheConfig, StepCacheConfig, TaylorSeerConfig, TeaCacheConfig
 from .scm import steps_mask
+
+if TYPE_CHECKING:  # annotations only: the configs build their policies (configs -> policies), not the reverse
+    from .configs import DBCacheConfig, MagCacheConfig, StepCacheConfig, TaylorSeerConfig, TeaCacheConfig
 
 __all__ = [
     "CachePolicy",

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
+from .validation import FrozenDict, as_scalar, as_sequence
+
 __all__ = ["PRESET_BINS", "steps_mask", "validate_mask_spec", "mask_from_bins"]
 
 PRESET_BINS: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
@@ -30,7 +32,6 @@ PRESET_BINS: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
 
 
 def _positive_ints(owner: str, name: str, values: Any) -> tuple[int, ...]:
-    from .configs import as_scalar, as_sequence
 
     values = as_sequence(f"{owner}['{name}']", values, "integers >= 1")
     if not values:
@@ -53,7 +54,6 @@ def validate_mask_spec(owner: str, spec: Any) -> str | tuple[int, ...] | Mapping
         ValueError: unknown preset, a list that is empty or not of 0/1, bins that are not positive integers, or
             ``cache_bins`` longer than ``compute_bins``.
     """
-    from .configs import FrozenDict
 
     if isinstance(spec, str):
         name = spec.lower()
@@ -73,7 +73,6 @@ def validate_mask_spec(owner: str, spec: Any) -> str | tuple[int, ...] | Mapping
         or getattr(spec, "ndim", None) == 1
         or isinstance(spec, (set, frozenset))
     ):
-        from .configs import as_scalar, as_sequence
 
         values = tuple(as_scalar(v) for v in as_sequence(owner, spec, "0 and 1"))
         if not values or any(isinstance(v, bool) or not isinstance(v, (int, float)) or v not in (0, 1) for v in values):

@@ -1,6 +1,6 @@
 """Build the tiny, offline Qwen2-style tokenizer shipped with cached-diffusers.
 
-The tiny Qwen-Image pipeline (:mod:`cached_diffusers.tiny`) needs a tokenizer that ``transformers.Qwen2Tokenizer``
+The tiny Qwen-Image pipeline (:mod:`cached_diffusers.tools.tiny`) needs a tokenizer that ``transformers.Qwen2Tokenizer``
 loads without the Hugging Face Hub. This script trains one with the ``tokenizers`` library and writes it to
 ``cached_diffusers/assets/qwen2-tiny-tokenizer/``:
 

@@ -44,7 +44,7 @@ from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
 
 from cached_diffusers.configs import cache_config_from_dict
 from cached_diffusers.models.qwenimage import CachedQwenImageTransformer2DModel
-from cached_diffusers.tiny import SCHEDULER_CONFIG
+from cached_diffusers.tools.tiny import SCHEDULER_CONFIG
 
 FULL_CONFIG = {
     "patch_size": 2,

@@ -7,7 +7,7 @@ Two architectures, each with its stock diffusers / transformers classes at small
   ``AutoencoderKLQwenImage`` (4x spatial compression, 16 latent channels) and a ``QwenImageTransformer2DModel``;
 * ``--architecture flux2-klein``: ``Flux2KleinPipeline`` (base variant, CFG) with a frozen random
   ``Qwen3ForCausalLM`` text encoder (hidden states of layers 9, 18, 27, prompts padded to
-  :data:`cached_diffusers.reference_model.KLEIN_MAX_SEQUENCE_LENGTH` tokens), an ``AutoencoderKLFlux2`` (4x, 16
+  :data:`cached_diffusers.tools.reference_model.KLEIN_MAX_SEQUENCE_LENGTH` tokens), an ``AutoencoderKLFlux2`` (4x, 16
   channels, patchified 2x2 and batch-normalised as the pipeline expects) and a ``Flux2Transformer2DModel``.
 
 Both tokenizers are Qwen2-style byte-level BPE trained offline on the prompt template and the captions' words. The
@@ -15,7 +15,7 @@ autoencoder is trained first (L1 + MSE reconstruction, KL weight 1e-6), then the
 matching: ``x_t = (1 - t) x_0 + t * noise``, target ``noise - x_0``, t from a logit-normal, as in Esser et al. 2024,
 "Scaling Rectified Flow Transformers", SD3) on the normalised latents, with 10 % of the captions replaced by the
 negative / empty prompt so that CFG works, and an EMA of the weights (decay 0.999). Data: a seeded random subset of
-512 glyphs of :func:`cached_diffusers.reference_model.render_emoji_dataset` (needs Debian's
+512 glyphs of :func:`cached_diffusers.tools.reference_model.render_emoji_dataset` (needs Debian's
 ``fonts-noto-color-emoji``), each captioned with its lower-cased Unicode name.
 
 Everything is seeded. The script writes the pipeline (diffusers layout, safetensors) to ``--output`` and the
@@ -59,9 +59,9 @@ from diffusers import (  # noqa: E402
 )
 from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer, Qwen3ForCausalLM  # noqa: E402
 
-from cached_diffusers import reference_model as ref  # noqa: E402
+from cached_diffusers.tools import reference_model as ref  # noqa: E402
 from cached_diffusers.hub import GENERATION_DEFAULTS_NAME  # noqa: E402
-from cached_diffusers.tiny import (  # noqa: E402
+from cached_diffusers.tools.tiny import (  # noqa: E402
     FLUX2_KLEIN_SCHEDULER_CONFIG,
     SCHEDULER_CONFIG,
     _flux2_klein_text_encoder_config,

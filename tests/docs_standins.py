@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from cached_diffusers import reference_model as ref
+from cached_diffusers.tools import reference_model as ref
 
 DATA = Path(__file__).resolve().parent / "data" / "reference"
 

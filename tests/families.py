@@ -16,7 +16,7 @@ import torch
 import diffusers
 
 import cached_diffusers as cd
-from cached_diffusers.tiny import (
+from cached_diffusers.tools.tiny import (
     DEFAULT_PROMPTS,
     build_tiny_flux2_klein_components,
     build_tiny_qwenimage_components,
@@ -134,7 +134,7 @@ def flux2_dev_components():
     guidance-distilled), the Klein VAE; no text encoder (prompts are given as ``prompt_embeds``)."""
     from diffusers import Flux2Transformer2DModel
 
-    from cached_diffusers.tiny import FLUX2_KLEIN_TEMB_GAIN, FLUX2_KLEIN_TRANSFORMER_CONFIG
+    from cached_diffusers.tools.tiny import FLUX2_KLEIN_TEMB_GAIN, FLUX2_KLEIN_TRANSFORMER_CONFIG
 
     components = build_tiny_flux2_klein_components(0)
     with torch.random.fork_rng(devices=[]):
@@ -152,7 +152,7 @@ def flux2_dev_components():
 
 
 def flux2_dev_inputs(steps=4, seed=0, cfg=True, **overrides):
-    from cached_diffusers.tiny import FLUX2_KLEIN_TRANSFORMER_CONFIG
+    from cached_diffusers.tools.tiny import FLUX2_KLEIN_TRANSFORMER_CONFIG
 
     dim = FLUX2_KLEIN_TRANSFORMER_CONFIG["joint_attention_dim"]
     kwargs = dict(

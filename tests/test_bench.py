@@ -1,4 +1,4 @@
-"""The benchmark (`cached_diffusers.bench`, `cached-diffusers bench`) on the embedded tiny pipelines.
+"""The benchmark (`cached_diffusers.tools.bench`, `cached-diffusers bench`) on the embedded tiny pipelines.
 
 Timings on a shared CPU are noise: these tests check structure and fidelity facts, never that caching is faster.
 """
@@ -20,8 +20,8 @@ from cached_diffusers import (
     TaylorSeerConfig,
     TeaCacheConfig,
 )
-from cached_diffusers import tiny
-from cached_diffusers.bench import (
+from cached_diffusers.tools import tiny
+from cached_diffusers.tools.bench import (
     LPIPS_UNAVAILABLE_NOTE,
     SWEEP_METHODS,
     config_params,
@@ -35,7 +35,7 @@ from cached_diffusers.bench import (
     write_json,
     write_markdown,
 )
-from cached_diffusers.cli import main
+from cached_diffusers.tools.cli import main
 
 STEPS = 8
 CALL = {"num_inference_steps": STEPS, "height": 64, "width": 64, "negative_prompt": " ", "true_cfg_scale": 4.0}

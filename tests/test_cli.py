@@ -7,9 +7,9 @@ import sys
 import pytest
 from PIL import Image
 
-from cached_diffusers.cli import build_parser, cache_config_from_args, main
+from cached_diffusers.tools.cli import build_parser, cache_config_from_args, main
 from cached_diffusers import TeaCacheConfig
-from cached_diffusers.tiny import save_tiny_qwenimage_pipeline
+from cached_diffusers.tools.tiny import save_tiny_qwenimage_pipeline
 
 
 def test_demo_runs_and_reports(tmp_path, capsys):
@@ -77,11 +77,11 @@ def test_console_entry_point_is_installed():
          "print([e.value for e in entry_points(group='console_scripts') if e.name == 'cached-diffusers'])"],
         capture_output=True, text=True, check=True,
     )
-    assert "cached_diffusers.cli:main" in result.stdout
+    assert "cached_diffusers.tools.cli:main" in result.stdout
 
 
 def test_generate_on_a_flux2_klein_directory(tmp_path, capsys):
-    from cached_diffusers.tiny import save_tiny_flux2_klein_pipeline
+    from cached_diffusers.tools.tiny import save_tiny_flux2_klein_pipeline
 
     model = save_tiny_flux2_klein_pipeline(tmp_path / "klein")
     out = tmp_path / "klein.png"
@@ -142,7 +142,7 @@ def test_generate_uses_the_directorys_cache_config_unless_told_otherwise(tmp_pat
 
 def test_a_method_given_on_the_command_line_keeps_the_directory_calibration():
     from cached_diffusers import MagCacheConfig
-    from cached_diffusers.cli import with_saved_calibration
+    from cached_diffusers.tools.cli import with_saved_calibration
 
     saved = TeaCacheConfig(rel_l1_thresh=0.2, coefficients=(1.0, 2.0, 3.0, 4.0, 5.0))
     assert with_saved_calibration(TeaCacheConfig(rel_l1_thresh=0.4), saved) == TeaCacheConfig(

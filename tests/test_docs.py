@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from cached_diffusers.cli import build_parser
+from cached_diffusers.tools.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]

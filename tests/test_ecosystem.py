@@ -23,7 +23,7 @@ from cached_diffusers import (
     TeaCacheConfig,
 )
 from cached_diffusers.progress import summary
-from cached_diffusers.tiny import TRANSFORMER_CONFIG, build_tiny_qwenimage_pipeline, save_tiny_qwenimage_pipeline
+from cached_diffusers.tools.tiny import TRANSFORMER_CONFIG, build_tiny_qwenimage_pipeline, save_tiny_qwenimage_pipeline
 
 TEACACHE = TeaCacheConfig(rel_l1_thresh=0.3, max_continuous_cached_steps=3)
 DBCACHE = DBCacheConfig(Fn=1, Bn=1, residual_diff_threshold=10.0, max_warmup_steps=1, max_continuous_cached_steps=2)
@@ -146,7 +146,7 @@ def test_a_cache_config_the_model_cannot_run_fails_at_load_naming_the_file(stock
 
 def test_klein_teacache_without_coefficients_in_the_directory_fails_at_load(tmp_path):
     from cached_diffusers import CachedFlux2KleinPipeline
-    from cached_diffusers.tiny import save_tiny_flux2_klein_pipeline
+    from cached_diffusers.tools.tiny import save_tiny_flux2_klein_pipeline
 
     directory = save_tiny_flux2_klein_pipeline(tmp_path / "klein")
     (directory / "cache_config.json").write_text(json.dumps({"method": "teacache", "rel_l1_thresh": 0.2}))
@@ -433,7 +433,7 @@ def test_lora_loading_on_the_cached_qwenimage_pipeline(tmp_path):
 
 def test_lora_loading_on_the_cached_flux2_klein_pipeline(tmp_path):
     from cached_diffusers import CachedFlux2KleinPipeline
-    from cached_diffusers.tiny import build_tiny_flux2_klein_pipeline
+    from cached_diffusers.tools.tiny import build_tiny_flux2_klein_pipeline
 
     cached = build_tiny_flux2_klein_pipeline(seed=0, pipeline_class=CachedFlux2KleinPipeline)
     stock = build_tiny_flux2_klein_pipeline(seed=0)

@@ -19,10 +19,10 @@ import torch
 from diffusers import Flux2Transformer2DModel, QwenImageTransformer2DModel
 from PIL import Image
 
-from cached_diffusers import reference_model as ref
-from cached_diffusers.cli import main
+from cached_diffusers.tools import reference_model as ref
+from cached_diffusers.tools.cli import main
 from cached_diffusers.hub import GENERATION_DEFAULTS_NAME, check_local_path, load_generation_defaults
-from cached_diffusers.imaging import MissingExtraError, require_extra
+from cached_diffusers.tools.imaging import MissingExtraError, require_extra
 from cached_diffusers.model_mixin import forward_source_sha256, mirrored_forward_mismatch
 from cached_diffusers.models.flux2 import CachedFlux2Transformer2DModel
 from cached_diffusers.models.qwenimage import CachedQwenImageTransformer2DModel
@@ -196,7 +196,7 @@ def test_every_public_name_resolves():
 def test_cli_help_loads_no_torch():
     out = run_python(
         "import contextlib, io, sys\n"
-        "from cached_diffusers.cli import main\n"
+        "from cached_diffusers.tools.cli import main\n"
         "for command in ('generate', 'calibrate', 'demo', 'bench'):\n"
         "    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
         "        main([command, '--help'])\n"
@@ -225,7 +225,7 @@ def test_a_changed_parent_forward_warns_once(monkeypatch):
     from dataclasses import replace
 
     import cached_diffusers.model_mixin as model_mixin
-    from cached_diffusers.tiny import build_tiny_qwenimage_components
+    from cached_diffusers.tools.tiny import build_tiny_qwenimage_components
 
     stale = replace(CachedQwenImageTransformer2DModel.mirrored_forward, sha256="0" * 64)
     monkeypatch.setattr(CachedQwenImageTransformer2DModel, "mirrored_forward", stale)

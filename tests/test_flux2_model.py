@@ -15,7 +15,7 @@ from cached_diffusers import (
     TeaCacheConfig,
 )
 from cached_diffusers.policies import relative_l1
-from cached_diffusers.tiny import FLUX2_KLEIN_TEMB_GAIN
+from cached_diffusers.tools.tiny import FLUX2_KLEIN_TEMB_GAIN
 
 IDENTITY = (0.0, 0.0, 0.0, 1.0, 0.0)  # f(x) = x
 NUM_DOUBLE, NUM_SINGLE = 2, 4
@@ -35,7 +35,7 @@ CONFIG = dict(
 def make_pair(kv_processors=False):
     torch.manual_seed(0)
     base = Flux2Transformer2DModel(**CONFIG).eval()
-    with torch.no_grad():  # O(1) modulations, as in the tiny pipeline (see cached_diffusers.tiny.FLUX2_KLEIN_TEMB_GAIN)
+    with torch.no_grad():  # O(1) modulations, as in the tiny pipeline (see cached_diffusers.tools.tiny.FLUX2_KLEIN_TEMB_GAIN)
         base.time_guidance_embed.timestep_embedder.linear_2.weight.mul_(FLUX2_KLEIN_TEMB_GAIN)
     cached = CachedFlux2Transformer2DModel(**CONFIG).eval()
     cached.load_state_dict(base.state_dict())

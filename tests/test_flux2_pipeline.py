@@ -21,9 +21,9 @@ from cached_diffusers import (
     TeaCacheConfig,
     recommended_klein_cache_config,
 )
-from cached_diffusers.cli import _pipeline_class_for
+from cached_diffusers.tools.cli import _pipeline_class_for
 from cached_diffusers.policies import relative_l1
-from cached_diffusers.tiny import (
+from cached_diffusers.tools.tiny import (
     DEFAULT_PROMPTS,
     QWEN3_TOKENIZER_DIR,
     build_tiny_flux2_klein_components,

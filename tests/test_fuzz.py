@@ -12,10 +12,10 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from cached_diffusers import BlockStack, CacheConfig, CacheEngine, available_cache_methods
-from cached_diffusers.cli import main
+from cached_diffusers.tools.cli import main
 from cached_diffusers.configs import _REGISTRY
 from cached_diffusers.hub import read_cache_config
-from cached_diffusers.tiny import save_tiny_qwenimage_pipeline
+from cached_diffusers.tools.tiny import save_tiny_qwenimage_pipeline
 
 FIELDS = sorted({f.name for cls in set(_REGISTRY.values()) for f in dataclasses.fields(cls)})
 METHODS = sorted(_REGISTRY) + ["", "TeaCache", "warp"]

@@ -27,7 +27,7 @@ from cached_diffusers import (
 )
 from cached_diffusers.engine import _OPEN_GENERATIONS, Generation
 from cached_diffusers.pipeline_mixin import _BUSY
-from cached_diffusers.tiny import (
+from cached_diffusers.tools.tiny import (
     TRANSFORMER_CONFIG,
     build_tiny_flux2_klein_components,
     build_tiny_qwenimage_components,

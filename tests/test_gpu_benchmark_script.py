@@ -12,8 +12,8 @@ import sys
 import torch
 
 from cached_diffusers import CachedQwenImagePipeline, DBCacheConfig, TeaCacheConfig
-from cached_diffusers import tiny
-from cached_diffusers.bench import run_benchmark, write_json
+from cached_diffusers.tools import tiny
+from cached_diffusers.tools.bench import run_benchmark, write_json
 from reference import ROOT
 
 STEPS = 6

@@ -5,7 +5,7 @@ cache-dit patches ``QwenImagePipeline.__call__`` at class level, so it runs in a
 fixture ``peer``), our runs share one pipeline (the module fixture ``pipe``). The behaviour compared here is
 described in ``docs/cachedit-spec.md``.
 
-Both sides run the same stock tiny Qwen-Image pipeline (``cached_diffusers.tiny``, seed 0, 12 blocks), 64 x 64, true
+Both sides run the same stock tiny Qwen-Image pipeline (``cached_diffusers.tools.tiny``, seed 0, 12 blocks), 64 x 64, true
 CFG 4.0 (cond and uncond calls), ``output_type="latent"``, with the same thread count.
 
 Thresholds. The untrained weights give large probe changes: the relative L1 change of the block-0 residual between
@@ -39,7 +39,7 @@ import pytest
 import torch
 
 from cached_diffusers import CachedQwenImagePipeline, DBCacheConfig, FirstBlockCacheConfig, steps_mask
-from cached_diffusers.tiny import DEFAULT_PROMPTS, build_tiny_qwenimage_pipeline
+from cached_diffusers.tools.tiny import DEFAULT_PROMPTS, build_tiny_qwenimage_pipeline
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PROMPT = DEFAULT_PROMPTS[0]

@@ -12,7 +12,7 @@ from diffusers import FirstBlockCacheConfig as DiffusersFBC
 from diffusers import MagCacheConfig as DiffusersMagCache
 
 from cached_diffusers import CachedQwenImagePipeline, FirstBlockCacheConfig, MagCacheConfig, QWENIMAGE_MAG_RATIOS
-from cached_diffusers.tiny import DEFAULT_PROMPTS, build_tiny_qwenimage_pipeline
+from cached_diffusers.tools.tiny import DEFAULT_PROMPTS, build_tiny_qwenimage_pipeline
 
 STEPS = 12
 

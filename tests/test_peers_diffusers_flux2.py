@@ -21,7 +21,7 @@ from diffusers import MagCacheConfig as DiffusersMagCache
 from diffusers import TaylorSeerCacheConfig as DiffusersTaylorSeer
 
 from cached_diffusers import CachedFlux2KleinPipeline, FirstBlockCacheConfig, MagCacheConfig, TaylorSeerConfig
-from cached_diffusers.tiny import DEFAULT_PROMPTS, build_tiny_flux2_klein_pipeline
+from cached_diffusers.tools.tiny import DEFAULT_PROMPTS, build_tiny_flux2_klein_pipeline
 
 from test_flux2_pipeline import first_block_reference, front_probes
 

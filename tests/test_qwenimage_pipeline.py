@@ -17,7 +17,7 @@ from cached_diffusers import (
     TaylorSeerConfig,
     TeaCacheConfig,
 )
-from cached_diffusers.tiny import DEFAULT_PROMPTS, build_tiny_qwenimage_pipeline, save_tiny_qwenimage_pipeline
+from cached_diffusers.tools.tiny import DEFAULT_PROMPTS, build_tiny_qwenimage_pipeline, save_tiny_qwenimage_pipeline
 
 from helpers import record_calls, teacache_reference
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cached_diffusers import CachedFlux2KleinPipeline, CachedQwenImagePipeline, TeaCacheConfig
-from cached_diffusers import reference_model as ref
+from cached_diffusers.tools import reference_model as ref
 
 TOP1_FLOOR = 0.9
 """Nearest-training-image top-1 the shipped model must keep on the fixed evaluation prompts (uncached, 20 steps, true
@@ -79,7 +79,7 @@ def test_generations_are_recognisably_their_captions(pipe, dataset):
 
 def test_an_untrained_model_fails_the_same_measure(dataset):
     # The measure can fail: the untrained embedded tiny pipeline scores near chance.
-    from cached_diffusers import tiny
+    from cached_diffusers.tools import tiny
 
     untrained = tiny.build_tiny_qwenimage_pipeline(seed=0)
     untrained.set_progress_bar_config(disable=True)

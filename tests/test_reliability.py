@@ -19,8 +19,8 @@ from cached_diffusers import (
     TaylorSeerConfig,
     TeaCacheConfig,
 )
-from cached_diffusers.cli import main
-from cached_diffusers.tiny import TRANSFORMER_CONFIG, build_tiny_qwenimage_components, save_tiny_qwenimage_pipeline
+from cached_diffusers.tools.cli import main
+from cached_diffusers.tools.tiny import TRANSFORMER_CONFIG, build_tiny_qwenimage_components, save_tiny_qwenimage_pipeline
 from reference import reference_dir
 
 STEPS = 6

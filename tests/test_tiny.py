@@ -1,4 +1,4 @@
-"""Tests of the tiny offline Qwen-Image pipeline (`cached_diffusers.tiny`) and its shipped tokenizer."""
+"""Tests of the tiny offline Qwen-Image pipeline (`cached_diffusers.tools.tiny`) and its shipped tokenizer."""
 
 import importlib.util
 import json
@@ -10,7 +10,7 @@ import torch
 from diffusers import QwenImagePipeline
 from transformers import AutoTokenizer, Qwen2Tokenizer
 
-from cached_diffusers.tiny import (
+from cached_diffusers.tools.tiny import (
     DEFAULT_HEIGHT,
     DEFAULT_PROMPTS,
     DEFAULT_WIDTH,

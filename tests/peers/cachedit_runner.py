@@ -14,10 +14,10 @@ besides torch and diffusers).
 Request (JSON; every key optional)::
 
     {
-      "seed": 0,                          # weights seed of cached_diffusers.tiny.build_tiny_qwenimage_pipeline
+      "seed": 0,                          # weights seed of cached_diffusers.tools.tiny.build_tiny_qwenimage_pipeline
       "num_threads": 2,                   # torch.set_num_threads (default: torch's own default)
       "height": 64, "width": 64,
-      "prompt": "...",                    # default: cached_diffusers.tiny.DEFAULT_PROMPTS[0]
+      "prompt": "...",                    # default: cached_diffusers.tools.tiny.DEFAULT_PROMPTS[0]
       "negative_prompt": " ", "true_cfg_scale": 4.0,
       "generator_seed": 0,                # torch.Generator().manual_seed(generator_seed) for every run
       "references": [12, 20],             # num_inference_steps of uncached runs (made before cache-dit is enabled)
@@ -178,7 +178,7 @@ def run_request(request: dict[str, Any]) -> dict[str, Any]:
 
     from cache_dit import DBCacheConfig, TaylorSeerCalibratorConfig
 
-    from cached_diffusers.tiny import DEFAULT_PROMPTS, build_tiny_qwenimage_pipeline
+    from cached_diffusers.tools.tiny import DEFAULT_PROMPTS, build_tiny_qwenimage_pipeline
 
     pipe = build_tiny_qwenimage_pipeline(seed=int(request.get("seed", 0)))
     pipe.set_progress_bar_config(disable=True)

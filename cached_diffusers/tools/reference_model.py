@@ -53,7 +53,7 @@ __all__ = [
     "subset",
 ]
 
-ASSETS = Path(__file__).resolve().parent / "assets"
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
 REFERENCE_MODEL_DIR = ASSETS / "reference-qwenimage-emoji"
 """The trained pipeline, a diffusers directory (``model_index.json``, one folder per component, safetensors)."""
 

@@ -16,8 +16,11 @@ import os
 import sys
 import tempfile
 import time
+
 import typing
 from typing import Any, Sequence
+
+from .timing import make_generator, timed_call
 
 __all__ = ["main", "build_parser"]
 
@@ -25,7 +28,7 @@ __all__ = ["main", "build_parser"]
 # -- cache options ---------------------------------------------------------------------------------------------------
 def _config_fields() -> dict[str, tuple[type, dict[str, Any]]]:
     """``{field name: (annotated type, {method: default})}`` over every registered cache config class."""
-    from .configs import _REGISTRY
+    from ..configs import _REGISTRY
 
     fields: dict[str, tuple[type, dict[str, Any]]] = {}
     for cls in sorted(set(_REGISTRY.values()), key=lambda c: c.method):
@@ -64,7 +67,7 @@ UNSET = object()
 
 
 def _add_cache_arguments(parser: argparse.ArgumentParser, default_method: str | None) -> None:
-    from .configs import available_cache_methods
+    from ..configs import available_cache_methods
 
     group = parser.add_argument_group("cache")
     group.add_argument(
@@ -103,7 +106,7 @@ def cache_config_from_args(args: argparse.Namespace):
         ValueError: unknown method, a parameter that does not belong to the method (or given without a method), or
             an invalid value.
     """
-    from .configs import cache_config_from_dict
+    from ..configs import cache_config_from_dict
 
     given = {name: getattr(args, name) for name in _config_fields() if getattr(args, name) is not None}
     if args.cache is None and not args.cache_config:
@@ -247,24 +250,6 @@ def _check_size_for(pipe, args: argparse.Namespace) -> None:
             )
 
 
-def _timed_call(pipe, **kwargs):
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    output = pipe(**kwargs)
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return output, time.perf_counter() - start
-
-
-def _generator(device: str, seed: int):
-    import torch
-
-    return torch.Generator(device="cpu" if device == "mps" else device).manual_seed(seed)
-
-
 def _output_paths(output: str, count: int) -> list[str]:
     if count == 1:
         return [output]
@@ -284,7 +269,7 @@ def _quiet_loading() -> None:
 
 def _check_model(model: str) -> None:
     """Raises ``ValueError`` naming ``--model`` for a local-looking path that does not exist (no Hub lookup)."""
-    from .hub import check_local_path
+    from ..hub import check_local_path
 
     try:
         check_local_path(model)
@@ -298,7 +283,7 @@ def _pipeline_class_for(model: str):
     Raises:
         ValueError: naming the model, for a pipeline without cached counterpart (the message lists the supported ones).
     """
-    from .auto import cached_pipeline_class_for
+    from ..auto import cached_pipeline_class_for
 
     return cached_pipeline_class_for(model)
 
@@ -307,8 +292,8 @@ def _parent_call_parameters(pipeline_class: type):
     """The parameters (``inspect.Parameter`` by name) of the pipeline class's diffusers parent ``__call__``."""
     import inspect
 
-    from .model_mixin import diffusers_parent
-    from .pipeline_mixin import CachedPipelineMixin
+    from ..model_mixin import diffusers_parent
+    from ..pipeline_mixin import CachedPipelineMixin
 
     return inspect.signature(diffusers_parent(pipeline_class, CachedPipelineMixin).__call__).parameters
 
@@ -340,7 +325,7 @@ def _generation_defaults(pipeline_class: type, model: str | None) -> dict[str, A
         ValueError: naming the file, when it is not a JSON object or sets an argument the pipeline's ``__call__``
             does not take (or one of :data:`NOT_DEFAULTS`).
     """
-    from .hub import load_generation_defaults
+    from ..hub import load_generation_defaults
 
     defaults, source = load_generation_defaults(model) if model is not None else ({}, None)
     accepted = _call_parameters(pipeline_class) - set(NOT_DEFAULTS) - {"self"}
@@ -374,7 +359,7 @@ def _sampling_kwargs(pipe, args: argparse.Namespace, seed: int, num_prompts: int
         kwargs[name] = value
     if isinstance(kwargs.get("negative_prompt"), str) and num_prompts > 1:
         kwargs["negative_prompt"] = [kwargs["negative_prompt"]] * num_prompts
-    kwargs["generator"] = _generator(pipe.device.type, seed)
+    kwargs["generator"] = make_generator(pipe.device.type, seed)
     return kwargs
 
 
@@ -397,7 +382,7 @@ def with_saved_calibration(config, saved):
     """
     import dataclasses
 
-    from .configs import MagCacheConfig, TeaCacheConfig
+    from ..configs import MagCacheConfig, TeaCacheConfig
 
     for cls, name in ((TeaCacheConfig, "coefficients"), (MagCacheConfig, "mag_ratios")):
         if (
@@ -409,7 +394,7 @@ def with_saved_calibration(config, saved):
 
 
 def _load_pipeline(args: argparse.Namespace, cache_config):
-    from .hub import load_cache_config
+    from ..hub import load_cache_config
 
     _check_model(args.model)
     device, dtype = _device_and_dtype(args.device, args.dtype)
@@ -433,7 +418,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     config = cache_config_from_args(args)
     pipe = _load_pipeline(args, config)
     kwargs = {"prompt": args.prompt, **_sampling_kwargs(pipe, args, args.seed, num_prompts=len(args.prompt))}
-    output, seconds = _timed_call(pipe, **kwargs)
+    output, seconds = timed_call(pipe, **kwargs)
     paths = _output_paths(args.output, len(output.images))
     for image, path in zip(output.images, paths):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -446,8 +431,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 # -- calibrate -------------------------------------------------------------------------------------------------------
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from .calibration import fit_teacache, teacache_pairs
-    from .configs import MagCacheConfig, TeaCacheConfig
+    from ..calibration import fit_teacache, teacache_pairs
+    from ..configs import MagCacheConfig, TeaCacheConfig
     from .tiny import DEFAULT_PROMPTS
 
     method = args.method
@@ -533,7 +518,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     def run(cache_config):
         pipe.cache_config = cache_config
-        output, seconds = _timed_call(pipe, prompt=prompts, **kwargs, generator=_generator("cpu", args.seed))
+        output, seconds = timed_call(pipe, prompt=prompts, **kwargs, generator=make_generator("cpu", args.seed))
         return output, seconds, pipe.cache_stats
 
     print(f"reference model ({REFERENCE_MODEL_DIR.name}: Qwen-Image classes trained on emoji, offline), "
@@ -581,7 +566,7 @@ EMBEDDED_MODEL = "reference model (cached_diffusers/assets/reference-qwenimage-e
 
 def _load_config_file(flag: str, path: str):
     """A cache config from a JSON file; raises ``ValueError`` naming ``flag`` and the file."""
-    from .configs import cache_config_from_dict
+    from ..configs import cache_config_from_dict
 
     if not os.path.isfile(path):
         raise ValueError(f"{flag}: no such file {path!r}")
@@ -593,7 +578,7 @@ def _load_config_file(flag: str, path: str):
 
 def _bench_sweep(text: str) -> list:
     """Configs from ``--sweep``: a JSON list of cache config dicts, inline or in a file."""
-    from .configs import cache_config_from_dict
+    from ..configs import cache_config_from_dict
 
     data = _json_argument("--sweep", text, "a JSON list")
     if not isinstance(data, list) or not data:
@@ -602,7 +587,7 @@ def _bench_sweep(text: str) -> list:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import _check_methods, default_sweep, plot_pareto, run_benchmark, write_json, write_markdown
+    from .bench import check_methods, default_sweep, plot_pareto, run_benchmark, write_json, write_markdown
     from .imaging import require_extra
     from .reference_model import DEMO_PROMPTS
 
@@ -620,7 +605,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.sweep and args.calibrated:
         raise ValueError("--sweep and --calibrated exclude each other: --calibrated feeds the default sweep")
     configs = _bench_sweep(args.sweep) if args.sweep else None
-    methods = _check_methods(args.methods)  # before loading anything
+    methods = check_methods(args.methods)  # before loading anything
     calibrated = [_load_config_file("--calibrated", path) for path in args.calibrated or ()]
     if args.threads is not None:
         import torch

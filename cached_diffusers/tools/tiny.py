@@ -23,7 +23,7 @@ pipeline packs them into 2x2 patches, (B, 256, 64), the transformer's ``hidden_s
 Example::
 
     import torch
-    from cached_diffusers.tiny import DEFAULT_PROMPTS, build_tiny_qwenimage_pipeline
+    from cached_diffusers.tools.tiny import DEFAULT_PROMPTS, build_tiny_qwenimage_pipeline
 
     pipe = build_tiny_qwenimage_pipeline(seed=0)
     image = pipe(
@@ -69,7 +69,7 @@ __all__ = [
     "save_tiny_qwenimage_pipeline",
 ]
 
-TOKENIZER_DIR = Path(__file__).resolve().parent / "assets" / "qwen2-tiny-tokenizer"
+TOKENIZER_DIR = Path(__file__).resolve().parent.parent / "assets" / "qwen2-tiny-tokenizer"
 """The shipped tokenizer files (``tokenizer.json``, ``vocab.json``, ``merges.txt``, ``tokenizer_config.json``)."""
 
 TEXT_HIDDEN_SIZE = 64
@@ -411,7 +411,7 @@ __all__ += [
     "write_tiny_qwen3_tokenizer",
 ]
 
-QWEN3_TOKENIZER_DIR = Path(__file__).resolve().parent / "assets" / "qwen3-tiny-tokenizer"
+QWEN3_TOKENIZER_DIR = Path(__file__).resolve().parent.parent / "assets" / "qwen3-tiny-tokenizer"
 """The shipped tokenizer of the tiny Flux2 Klein pipeline (written by :func:`write_tiny_qwen3_tokenizer`)."""
 
 QWEN3_CHAT_TEMPLATE = (

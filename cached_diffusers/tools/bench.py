@@ -2,7 +2,7 @@
 
 The library behind ``cached-diffusers bench``::
 
-    from cached_diffusers.bench import default_sweep, plot_pareto, run_benchmark, write_json, write_markdown
+    from cached_diffusers.tools.bench import default_sweep, plot_pareto, run_benchmark, write_json, write_markdown
 
     configs = default_sweep(pipe, num_steps=20)           # a few thresholds per method, conservative to aggressive
     result = run_benchmark(pipe, configs, prompts, {"num_inference_steps": 20, "negative_prompt": " "}, seed=0)
@@ -37,7 +37,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from .configs import (
+from ..configs import (
     CacheConfig,
     DBCacheConfig,
     FirstBlockCacheConfig,
@@ -47,6 +47,7 @@ from .configs import (
     resolve_cache_config,
 )
 from .imaging import psnr, require_extra, ssim, to_uint8
+from .timing import make_generator, timed_call
 
 __all__ = [
     "LPIPS_UNAVAILABLE_NOTE",
@@ -114,7 +115,7 @@ def sweep_label(config: CacheConfig) -> str:
     return label
 
 
-def _check_methods(methods: Sequence[str] | None) -> tuple[str, ...]:
+def check_methods(methods: Sequence[str] | None) -> tuple[str, ...]:
     if methods is None:
         return SWEEP_METHODS
     if isinstance(methods, str):
@@ -165,7 +166,7 @@ def default_sweep(
     Raises:
         ValueError: for an unknown method label.
     """
-    chosen = _check_methods(methods)
+    chosen = check_methods(methods)
     transformer = getattr(pipe, "transformer", None)
     num_blocks = getattr(transformer, "num_cache_blocks", None) if transformer is not None else None
     current = getattr(pipe, "cache_config", None) if pipe is not None else None
@@ -515,7 +516,7 @@ def environment(device: Any = None) -> dict[str, Any]:
     import torch
     import transformers
 
-    from . import __version__
+    from .. import __version__
 
     device = torch.device(device) if device is not None else torch.device("cpu")
     cpu = _cpu_name()
@@ -553,12 +554,11 @@ def _jsonable(value: Any) -> Any:
 # -- running ---------------------------------------------------------------------------------------------------------
 def _run_prompts(pipe, prompts: Sequence[str], call_kwargs: Mapping[str, Any], seed: int, collect: bool):
     """Generate every prompt (seed ``seed + i``); return the total wall time, uint8 images and stats per prompt."""
-    from .cli import _generator, _timed_call
 
     total, images, stats = 0.0, [], []
     for i, prompt in enumerate(prompts):
-        generator = _generator(pipe.device.type, seed + i)
-        output, seconds = _timed_call(pipe, prompt=prompt, generator=generator, output_type="np", **call_kwargs)
+        generator = make_generator(pipe.device.type, seed + i)
+        output, seconds = timed_call(pipe, prompt=prompt, generator=generator, output_type="np", **call_kwargs)
         total += seconds
         if collect:
             images.append(to_uint8(output.images[0]))
