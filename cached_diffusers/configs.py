@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from collections.abc import Sequence, Set as AbstractSet
 from typing import Any, ClassVar, Mapping
 
+from .spec import ModelCacheSpec
+
 __all__ = [
     "CacheConfig",
     "NoCacheConfig",
@@ -242,8 +244,14 @@ class CacheConfig:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
 
-    def make_policy(self, defaults: Mapping[str, Any] | None = None):
-        """The decision policy for this config. ``defaults`` are model-provided values (e.g. coefficients)."""
+    def make_policy(self, spec: ModelCacheSpec | None = None):
+        """The decision policy for this config and a model's :class:`~cached_diffusers.spec.ModelCacheSpec` (its
+        coefficients, ratios, block count and wiring patterns; ``None``: a model that provides none).
+
+        Raises:
+            ValueError: when the model cannot run this method (missing coefficients or ratios, a wiring pattern the
+                method does not support, too few blocks).
+        """
         raise NotImplementedError(f"{type(self).__name__} does not define a caching policy")
 
 
@@ -421,10 +429,10 @@ class TeaCacheConfig(ResidualCacheConfig):
 
         return cls(coefficients=fit_teacache(teacache_pairs(stats)).coefficients, **fields)
 
-    def make_policy(self, defaults: Mapping[str, Any] | None = None):
+    def make_policy(self, spec: ModelCacheSpec | None = None):
         from .policies import TeaCachePolicy
 
-        return TeaCachePolicy(self, defaults or {})
+        return TeaCachePolicy(self, spec if spec is not None else ModelCacheSpec())
 
 
 def _check_ratio_list(owner: str, name: str, values: Any) -> tuple[float, ...]:
@@ -530,10 +538,10 @@ class MagCacheConfig(ResidualCacheConfig):
         ratios = values[0] if all(v == values[0] for v in values) else recorded
         return cls(mag_ratios=ratios, **fields)
 
-    def make_policy(self, defaults: Mapping[str, Any] | None = None):
+    def make_policy(self, spec: ModelCacheSpec | None = None):
         from .policies import MagCachePolicy
 
-        return MagCachePolicy(self, defaults or {})
+        return MagCachePolicy(self, spec if spec is not None else ModelCacheSpec())
 
 
 @register_cache_method
@@ -590,10 +598,10 @@ class DBCacheConfig(ResidualCacheConfig):
                 ),
             )
 
-    def make_policy(self, defaults: Mapping[str, Any] | None = None):
+    def make_policy(self, spec: ModelCacheSpec | None = None):
         from .policies import DBCachePolicy
 
-        return DBCachePolicy(self, defaults or {})
+        return DBCachePolicy(self, spec if spec is not None else ModelCacheSpec())
 
 
 @register_cache_method
@@ -653,7 +661,7 @@ class TaylorSeerConfig(StepCacheConfig):
         object.__setattr__(self, "order", _check_order(owner, "order", self.order))
         object.__setattr__(self, "interval", _check_int(owner, "interval", self.interval, low=1))
 
-    def make_policy(self, defaults: Mapping[str, Any] | None = None):
+    def make_policy(self, spec: ModelCacheSpec | None = None):
         from .policies import TaylorSeerPolicy
 
-        return TaylorSeerPolicy(self, defaults or {})
+        return TaylorSeerPolicy(self, spec if spec is not None else ModelCacheSpec())

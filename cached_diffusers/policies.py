@@ -1,6 +1,7 @@
 """Decision policies: given a step, the branch's state and the step's signal, compute or reuse.
 
-A policy is built from a config (``config.make_policy(defaults)``) and keeps no per-generation state itself: the
+A policy is built from a config and the model's :class:`~cached_diffusers.spec.ModelCacheSpec`
+(``config.make_policy(spec)``) and keeps no per-generation state itself: the
 state it needs per guidance branch is created by ``new_state`` and owned by the engine. ``observe`` turns the model's
 signal tensor into a scalar; ``decide`` is a pure function of the step context, that state and scalars, so that ranks
 of a multi-GPU run that gather the same scalars take the same decision.
@@ -20,6 +21,7 @@ import torch
 
 from .configs import DBCacheConfig, MagCacheConfig, StepCacheConfig, TaylorSeerConfig, TeaCacheConfig
 from .scm import steps_mask
+from .spec import BLOCK_STACK, PATTERNS, WHOLE_CALL, ModelCacheSpec
 
 __all__ = [
     "CachePolicy",
@@ -134,10 +136,16 @@ def interpolate_ratios(ratios: tuple[float, ...], num_steps: int) -> tuple[float
     return tuple(float(ratios[i]) for i in indices)
 
 
-def _hint(defaults: Mapping[str, Any]) -> str:
+def _hint(spec: ModelCacheSpec) -> str:
     """The model's ``calibration_hint`` (how to calibrate it), appended to errors about missing model data."""
-    hint = defaults.get("calibration_hint")
-    return f". {hint}" if hint else ""
+    return f". {spec.calibration_hint}" if spec.calibration_hint else ""
+
+
+PATTERN_DESCRIPTIONS = {
+    BLOCK_STACK: "caches a block stack inside its forward",
+    WHOLE_CALL: "caches whole transformer calls in its denoising loop",
+}
+"""What each wiring pattern means, for error messages."""
 
 
 class CachePolicy:
@@ -148,14 +156,39 @@ class CachePolicy:
             input, TeaCache), ``"front_residual"`` (the image-stream residual of the first ``front_blocks`` blocks,
             DBCache), or ``None``.
         signal_name: what ``Decision.signal`` measures, for the statistics.
+        patterns: the wiring patterns the method works with (:data:`~cached_diffusers.spec.BLOCK_STACK`,
+            :data:`~cached_diffusers.spec.WHOLE_CALL`); a model whose spec uses none of them is refused here.
+        pattern_requirement: why the method needs those patterns, for the refusal's message.
+
+    Raises:
+        ValueError: when the model's ``spec.patterns`` share none of the method's ``patterns``, naming the method
+            and the patterns.
     """
 
     signal_kind: ClassVar[str | None] = None
     signal_name: ClassVar[str] = ""
+    patterns: ClassVar[tuple[str, ...]] = PATTERNS
+    pattern_requirement: ClassVar[str] = ""
 
-    def __init__(self, config: StepCacheConfig, defaults: Mapping[str, Any]):
+    def __init__(self, config: StepCacheConfig, spec: ModelCacheSpec):
         self.config = config
+        self.spec = spec
         self._masks: dict[int, tuple[int, ...]] = {}
+        if not set(spec.patterns) & set(self.patterns):
+            self.check_pattern(spec.patterns[0], spec.model_name)
+
+    def check_pattern(self, pattern: str, model_name: str) -> None:
+        """Raise ``ValueError`` naming the method and ``pattern`` unless the method supports ``pattern``."""
+        if pattern in self.patterns:
+            return
+        config = self.config
+        supported = " or ".join(repr(p) for p in self.patterns)
+        raise ValueError(
+            f"{type(config).__name__} (method {config.method!r}) supports only the {supported} wiring pattern"
+            f"{self.pattern_requirement}, but {model_name} {PATTERN_DESCRIPTIONS[pattern]} (pattern {pattern!r}). "
+            f"Use a method that supports {pattern!r}: "
+            + ", ".join(sorted(_methods_supporting(pattern)))
+        )
 
     # -- what the engine needs to know ------------------------------------------------------------------------------
     @property
@@ -241,6 +274,17 @@ class CachePolicy:
         return {}
 
 
+def _methods_supporting(pattern: str) -> list[str]:
+    """Names of the policy classes (less ``Policy``) that support ``pattern``, for error messages."""
+    names, pending = set(), list(CachePolicy.__subclasses__())
+    while pending:
+        cls = pending.pop()
+        pending.extend(cls.__subclasses__())
+        if pattern in cls.patterns:
+            names.add(cls.__name__.removesuffix("Policy"))
+    return sorted(names)
+
+
 # -- TeaCache ---------------------------------------------------------------------------------------------------------
 @dataclass
 class TeaCacheState:
@@ -260,19 +304,18 @@ class TeaCachePolicy(CachePolicy):
     signal_kind = "modulated_input"
     signal_name = "accumulated rescaled relative L1 distance of block 0's modulated input"
 
-    def __init__(self, config: TeaCacheConfig, defaults: Mapping[str, Any]):
-        super().__init__(config, defaults)
+    def __init__(self, config: TeaCacheConfig, spec: ModelCacheSpec):
+        super().__init__(config, spec)
         coefficients = config.coefficients
         if coefficients is None:
-            coefficients = defaults.get("teacache_coefficients")
+            coefficients = spec.teacache_coefficients
         if coefficients is None and config.calibrate:
             coefficients = (0.0, 0.0, 0.0, 1.0, 0.0)  # unused: calibration never reuses
         if coefficients is None:
-            model = defaults.get("model_name", "this model")
             raise ValueError(
-                f"TeaCacheConfig.coefficients is None and no TeaCache coefficients are known for {model}: pass "
-                f"TeaCacheConfig(coefficients=[c4, c3, c2, c1, c0]) fitted for this model"
-                + _hint(defaults)
+                f"TeaCacheConfig.coefficients is None and no TeaCache coefficients are known for {spec.model_name}: "
+                f"pass TeaCacheConfig(coefficients=[c4, c3, c2, c1, c0]) fitted for this model"
+                + _hint(spec)
             )
         self.coefficients = tuple(float(c) for c in coefficients)
 
@@ -344,15 +387,14 @@ class MagCachePolicy(CachePolicy):
 
     signal_name = "accumulated magnitude error |1 - prod(mag_ratios)|"
 
-    def __init__(self, config: MagCacheConfig, defaults: Mapping[str, Any]):
-        super().__init__(config, defaults)
-        ratios = config.mag_ratios if config.mag_ratios is not None else defaults.get("mag_ratios")
+    def __init__(self, config: MagCacheConfig, spec: ModelCacheSpec):
+        super().__init__(config, spec)
+        ratios = config.mag_ratios if config.mag_ratios is not None else spec.mag_ratios
         if ratios is None and not config.calibrate:
-            model = defaults.get("model_name", "this model")
             raise ValueError(
-                f"MagCacheConfig.mag_ratios is None and no MagCache ratios are known for {model}: run once with "
-                f"MagCacheConfig(calibrate=True) and build the config with MagCacheConfig.from_calibration(stats)"
-                + _hint(defaults)
+                f"MagCacheConfig.mag_ratios is None and no MagCache ratios are known for {spec.model_name}: run once "
+                f"with MagCacheConfig(calibrate=True) and build the config with MagCacheConfig.from_calibration(stats)"
+                + _hint(spec)
             )
         self.ratios = ratios
         self._interpolated: dict[tuple[str, int], tuple[float, ...]] = {}
@@ -432,10 +474,15 @@ class DBCachePolicy(CachePolicy):
 
     signal_kind = "front_residual"
     signal_name = "relative L1 change of the Fn blocks' residual since the last computed step"
+    patterns = (BLOCK_STACK,)
+    pattern_requirement = (
+        " (it decides from the residual of the first Fn transformer blocks, run at every step, so it needs a block "
+        "stack)"
+    )
 
-    def __init__(self, config: DBCacheConfig, defaults: Mapping[str, Any]):
-        super().__init__(config, defaults)
-        num_blocks = defaults.get("num_blocks")
+    def __init__(self, config: DBCacheConfig, spec: ModelCacheSpec):
+        super().__init__(config, spec)
+        num_blocks = spec.num_blocks
         if num_blocks is not None and config.Fn + config.Bn >= num_blocks:
             raise ValueError(
                 f"{type(config).__name__}: Fn + Bn must be smaller than the model's {num_blocks} blocks (so that "
@@ -489,8 +536,8 @@ class TaylorSeerPolicy(CachePolicy):
 
     signal_name = ""
 
-    def __init__(self, config: TaylorSeerConfig, defaults: Mapping[str, Any]):
-        super().__init__(config, defaults)
+    def __init__(self, config: TaylorSeerConfig, spec: ModelCacheSpec):
+        super().__init__(config, spec)
 
     @property
     def taylorseer_order(self) -> int:

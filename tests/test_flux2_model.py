@@ -272,7 +272,7 @@ def test_explicit_coefficients_ratios_and_calibration_are_accepted():
     cached.cache_config = MagCacheConfig(mag_ratios=[1.0, 0.9, 1.1])
     cached.cache_config = MagCacheConfig(calibrate=True)
     cached.cache_config = TeaCacheConfig(calibrate=True)
-    assert "teacache_coefficients" not in cached.cache_engine.defaults and "mag_ratios" not in cached.cache_engine.defaults
+    assert cached.cache_engine.spec.teacache_coefficients is None and cached.cache_engine.spec.mag_ratios is None
 
 
 def test_from_base_swaps_class_in_place_and_refuses_other_models():
