@@ -435,7 +435,8 @@ class CacheEngine:
             branch: as in :meth:`decide`.
 
         Raises:
-            RuntimeError: the branch has no pending decision, or it was a reuse (call :meth:`recall`).
+            RuntimeError: the branch has no pending decision, or it was a reuse (call :meth:`recall`); the pending
+                decision stays.
         """
         generation, state, pending = self._pending("commit", branch)
         if pending.decision.reuse:
@@ -443,6 +444,7 @@ class CacheEngine:
                 f"CacheEngine.commit: branch {pending.ctx.branch!r} decided to reuse at step {pending.ctx.step} "
                 f"({pending.decision.reason}); call recall() instead"
             )
+        state.pending = None
         residuals = tuple(residuals)
         policy = generation.policy
         state.store.update(pending.ctx.step, pending.inputs, residuals)
@@ -461,7 +463,7 @@ class CacheEngine:
 
         Raises:
             RuntimeError: the branch has no pending decision, or it was a compute (nothing stored to recall for
-                this step: compute, then :meth:`commit`).
+                this step: compute, then :meth:`commit`); the pending decision stays.
         """
         generation, state, pending = self._pending("recall", branch)
         if not pending.decision.reuse:
@@ -469,6 +471,7 @@ class CacheEngine:
                 f"CacheEngine.recall: branch {pending.ctx.branch!r} decided to compute at step {pending.ctx.step} "
                 f"({pending.decision.reason}), so there is nothing to recall; compute, then commit(...)"
             )
+        state.pending = None
         residuals = state.store.get(pending.ctx.step)
         state.num_reused += 1
         state.consecutive_reused += 1
@@ -538,8 +541,7 @@ class CacheEngine:
             raise RuntimeError(
                 f"CacheEngine.{what}: branch {name!r} has no pending decision; call decide(...) for it first"
             )
-        pending, state.pending = state.pending, None
-        return generation, state, pending
+        return generation, state, state.pending
 
     def _record(self, generation: Generation, state: BranchState, pending: _Pending, blocks: int) -> None:
         ctx, decision, policy = pending.ctx, pending.decision, generation.policy

@@ -282,13 +282,13 @@ def test_two_phase_misuse_is_a_clear_error():
         engine.decide("cond", 0, 4, inputs=(image,), indicator=image)
     with pytest.raises(RuntimeError, match=r"decided to compute at step 0 \(first-step\), so there is nothing to recall"):
         engine.recall(branch="cond")
-    engine.decide("cond", 0, 4, inputs=(image,), indicator=image)  # the failed recall consumed the decision
-    engine.commit((image * 0.5,), branch="cond")
+    engine.commit((image * 0.5,), branch="cond")  # the misuse left the decision pending
     with pytest.raises(RuntimeError, match="has no pending decision"):
         engine.commit((image,), branch="cond")  # one commit per decision
     assert engine.decide("cond", 1, 4, inputs=(image,), indicator=image).reuse
     with pytest.raises(RuntimeError, match=r"decided to reuse at step 1 \(below-threshold\); call recall\(\) instead"):
         engine.commit((image,), branch="cond")
+    assert torch.equal(engine.recall(branch="cond")[0], image * 0.5)  # the step-0 prediction, as committed
     with pytest.raises(ValueError, match=r"needs the 'modulated_input' signal, which this model does not provide"):
         engine.decide("cond", 2, 4, inputs=(image,))
     # the default branch: the cache context's name, else DEFAULT_BRANCH, for decide, commit and recall alike
