@@ -381,7 +381,7 @@ class TeaCacheConfig(ResidualCacheConfig):
             set (e.g. :data:`cached_diffusers.models.qwenimage.QWENIMAGE_TEACACHE_COEFFICIENTS`); a model without
             one raises ``ValueError`` when the config is applied.
         calibrate (`bool`, defaults to `False`):
-            Calibration mode: never reuse; record per branch the pairs ``(x, y)`` of the signal's relative L1 change
+            Calibration mode: never reuse; record per branch the pairs ``(x, y)`` of the indicator's relative L1 change
             and the block stack output's relative L1 change between consecutive steps
             (``stats.branches[b].calibration["teacache_pairs"]``); :meth:`from_calibration` fits the polynomial.
         max_warmup_steps, max_cached_steps, max_continuous_cached_steps, compute_last_step, warmup_interval,
@@ -454,7 +454,7 @@ class MagCacheConfig(ResidualCacheConfig):
     The step reuses the residual of the last computed step while ``err <= mag_threshold`` and ``k <= mag_max_skip_steps``;
     otherwise it computes and resets ``rho = 1, k = 0, err = 0``. The ratios were calibrated at ``len(mag_ratios)``
     steps and are re-interpolated (nearest neighbour, ``idx_i = round(i * (L - 1) / (N - 1))``) to each call's
-    ``num_inference_steps``. The decision needs no signal from the model: it is a function of the ratios.
+    ``num_inference_steps``. The decision needs no indicator from the model: it is a function of the ratios.
 
     Args:
         mag_threshold (`float`, defaults to 0.06, range >= 0):

@@ -7,7 +7,7 @@ reuse it takes the stored (or forecast) one from :meth:`CacheEngine.recall`. A m
 
 * block-stack caching inside ``forward`` (:data:`~cached_diffusers.spec.BLOCK_STACK`): the model hands
   :meth:`CacheEngine.run` a :class:`BlockStack` (how many blocks, how to run a span of them on a tuple of residual
-  streams, and the decision signals it can compute) plus the streams at the stack's input; ``run`` is exactly the
+  streams, and the decision indicators it can compute) plus the streams at the stack's input; ``run`` is exactly the
   composition of the two phases and returns the streams at the stack's output;
 * whole-call caching in the denoising loop (:data:`~cached_diffusers.spec.WHOLE_CALL`): the loop decides for every
   branch, runs one batched transformer call for the branches that compute, commits their predictions and recalls
@@ -40,8 +40,10 @@ __all__ = ["BlockStack", "BranchState", "CacheEngine", "DEFAULT_BRANCH", "Decisi
 
 Streams = tuple[torch.Tensor, ...]
 
-DEFAULT_BRANCH = "default"
-"""Branch name used when a call carries no cache context (a single-branch loop)."""
+DEFAULT_BRANCH = "cond"
+"""The branch of a call that names none (no ``cache_context``: a single-branch loop, e.g. ``Flux2Pipeline``'s): the
+name diffusers' loops give the conditional (or only) branch, so a loop's single branch has one name whether or not it
+calls ``cache_context``."""
 
 _NOT_COMPILABLE = (
     "cached-diffusers: the cache engine decides each step in host-side Python, so with caching on the "
@@ -60,14 +62,14 @@ class BlockStack:
         run_blocks: ``run_blocks(start, end, streams) -> streams`` runs blocks ``start .. end - 1``. ``streams`` is a
             tuple of tensors (e.g. ``(image_tokens (B, L_img, D), text_tokens (B, L_txt, D))``) and the returned
             tuple has the same structure and shapes, so that ``out - in`` is each stream's residual.
-        signals: ``{kind: fn(streams) -> Tensor}``, the decision signals the model can compute cheaply at the stack's
-            input (``"modulated_input"``: block 0's modulated image input, TeaCache's indicator). The engine itself
-            provides ``"front_residual"`` (image-stream residual of the front blocks, DBCache's probe).
+        indicators: ``{kind: fn(streams) -> Tensor}``, the decision indicators the model can compute cheaply at the
+            stack's input (``"teacache_indicator"``: TeaCache's, e.g. block 0's modulated image input). The engine
+            itself provides ``"front_residual"`` (image-stream residual of the front blocks, DBCache's indicator).
     """
 
     num_blocks: int
     run_blocks: Callable[[int, int, Streams], Streams]
-    signals: Mapping[str, Callable[[Streams], torch.Tensor]] = field(default_factory=dict)
+    indicators: Mapping[str, Callable[[Streams], torch.Tensor]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -76,7 +78,7 @@ class _Pending:
 
     ctx: StepContext
     decision: Decision
-    signal: torch.Tensor | None
+    indicator: torch.Tensor | None
     inputs: Streams
     num_blocks: int  # blocks a compute runs
     cached_around: int  # blocks a reuse still runs (front + back)
@@ -134,7 +136,7 @@ class Generation:
         policy = self.policy
         self.stats = CacheStats(
             self.config.method if self.config is not None else "none",
-            signal_name=policy.signal_name if policy is not None else "",
+            value_name=policy.value_name if policy is not None else "",
         )
 
     def invalidate(self) -> None:
@@ -354,7 +356,6 @@ class CacheEngine:
         *,
         inputs: Streams,
         indicator: torch.Tensor | Callable[[], torch.Tensor] | None = None,
-        probe: torch.Tensor | None = None,
         num_blocks: int = 1,
         pattern: str = WHOLE_CALL,
     ) -> Decision:
@@ -366,9 +367,10 @@ class CacheEngine:
                 ``cache_context``'s, else the installed step source's).
             inputs: the tensors the cached quantity is computed from; a stored one is reused only for inputs of the
                 same shapes (block stack: the cached span's input streams; whole call: e.g. ``(latents,)``).
-            indicator: TeaCache's indicator ``(B, L, D)`` (any shape constant over the steps), or a function computing
-                it (called only when the method needs it).
-            probe: DBCache's probe, the image-stream residual of the front blocks (``BLOCK_STACK`` only).
+            indicator: the method's decision indicator (kind ``policy.indicator_kind``): TeaCache's
+                ``"teacache_indicator"`` (e.g. block 0's modulated input ``(B, L, D)``; any shape constant over the
+                steps), DBCache's ``"front_residual"`` (the image-stream residual of the front blocks, block stack
+                only); a tensor, or a function computing it, called only when the method needs one.
             num_blocks: blocks a compute runs, for the statistics (a whole call counts as 1).
             pattern: the wiring pattern of the caller (:data:`~cached_diffusers.spec.BLOCK_STACK` or
                 :data:`~cached_diffusers.spec.WHOLE_CALL`).
@@ -380,7 +382,7 @@ class CacheEngine:
         Raises:
             RuntimeError: caching is off, or this branch was decided already and neither committed nor recalled.
             ValueError: the step is unknown or out of range, the method does not support ``pattern``, runs no block
-                in between its front and back blocks, or needs an ``indicator`` / ``probe`` the caller did not give.
+                in between its front and back blocks, or needs an ``indicator`` the caller did not give.
         """
         generation = self.current
         policy = generation.policy
@@ -402,8 +404,8 @@ class CacheEngine:
                 f"cache method {generation.config.method!r} runs {front} front and {back} back blocks, which leaves "
                 f"no block to cache in a stack of {num_blocks}"
             )
-        signal = self._signal(generation, policy.signal_kind, indicator, probe)
-        measurement = policy.observe(state.method_state, signal)
+        indicator = self._indicator(generation, policy.indicator_kind, indicator)
+        measurement = policy.observe(state.method_state, indicator)
         gate, reason = policy.gate(
             ctx,
             has_residual=state.store.fits(inputs),
@@ -420,7 +422,7 @@ class CacheEngine:
             state.store = make_store(policy.taylorseer_order)
             state.invalidated = False
         decision = policy.decide(ctx, state.method_state, measurement, gate, reason)
-        state.pending = _Pending(ctx, decision, signal, tuple(inputs), num_blocks, front + back)
+        state.pending = _Pending(ctx, decision, indicator, tuple(inputs), num_blocks, front + back)
         return decision
 
     @torch.compiler.disable(reason=_NOT_COMPILABLE)
@@ -448,9 +450,8 @@ class CacheEngine:
         residuals = tuple(residuals)
         policy = generation.policy
         state.store.update(pending.ctx.step, pending.inputs, residuals)
-        policy.on_computed(
-            pending.ctx, state.method_state, pending.signal, residuals, residuals if outputs is None else tuple(outputs)
-        )
+        outputs = residuals if outputs is None else tuple(outputs)
+        policy.on_computed(pending.ctx, state.method_state, pending.indicator, residuals, outputs)
         state.consecutive_reused = 0
         self._record(generation, state, pending, pending.num_blocks)
 
@@ -490,7 +491,7 @@ class CacheEngine:
         :meth:`recall` returns to its input; then it runs the back blocks.
 
         Opaque to ``torch.compile`` (``torch.compiler.disable``): the decision is data-dependent host-side Python
-        (``Tensor.item()`` of the signal, per-branch counters, the step index), which TorchDynamo would otherwise
+        (``Tensor.item()`` of the indicator, per-branch counters, the step index), which TorchDynamo would otherwise
         break the graph on and recompile for at every step. Blocks compiled on their own
         (``compile_repeated_blocks``) still run compiled inside it.
         """
@@ -508,17 +509,18 @@ class CacheEngine:
             )
         ctx = self.step_context()
         span_in = stack.run_blocks(0, front, streams) if front else streams
-        kind = policy.signal_kind
+        kind = policy.indicator_kind
         indicator = None
-        if kind is not None and kind != "front_residual" and kind in stack.signals:
-            indicator = functools.partial(stack.signals[kind], streams)
+        if kind == "front_residual":
+            indicator = span_in[0] - streams[0]
+        elif kind in stack.indicators:
+            indicator = functools.partial(stack.indicators[kind], streams)
         decision = self.decide(
             ctx.branch,
             ctx.step,
             ctx.num_steps,
             inputs=span_in,
             indicator=indicator,
-            probe=span_in[0] - streams[0] if kind == "front_residual" else None,
             num_blocks=num_blocks,
             pattern=BLOCK_STACK,
         )
@@ -547,27 +549,22 @@ class CacheEngine:
         ctx, decision, policy = pending.ctx, pending.decision, generation.policy
         state.last_step = ctx.step
         branch_stats = generation.stats.branch(ctx.branch)
-        branch_stats.records.append(StepRecord(ctx.step, decision.reuse, decision.reason, decision.signal, blocks))
+        branch_stats.records.append(StepRecord(ctx.step, decision.reuse, decision.reason, decision.value, blocks))
         calibration = policy.calibration(state.method_state)
         if calibration:
             branch_stats.calibration = calibration
 
-    def _signal(
-        self,
-        generation: Generation,
-        kind: str | None,
-        indicator: torch.Tensor | Callable[[], torch.Tensor] | None,
-        probe: torch.Tensor | None,
+    def _indicator(
+        self, generation: Generation, kind: str | None, indicator: torch.Tensor | Callable[[], torch.Tensor] | None
     ) -> torch.Tensor | None:
         if kind is None:
             return None
-        value = probe if kind == "front_residual" else indicator
-        if value is None:
+        if indicator is None:
             raise ValueError(
-                f"cache method {generation.config.method!r} needs the {kind!r} signal, which "
+                f"cache method {generation.config.method!r} needs the {kind!r} indicator, which "
                 f"{self.spec.model_name} does not provide"
             )
-        return value() if callable(value) else value
+        return indicator() if callable(indicator) else indicator
 
     def _branch_name(self, branch: str | None) -> str:
         """``branch``, else the cache context's name, else :data:`DEFAULT_BRANCH`."""

@@ -8,7 +8,7 @@ Working with the rest of the ecosystem:
 
 * ``torch.compile``: the engine's step (decision, residual store, statistics, ``CacheEngine.run``) is opaque to
   TorchDynamo (``torch.compiler.disable``), because its decisions are data-dependent host-side Python (``Tensor.item()`` on the
-  decision signal, per-branch counters, step indices) that would otherwise break the graph and recompile on every
+  decision indicator, per-branch counters, step indices) that would otherwise break the graph and recompile on every
   step. ``torch.compile(transformer)`` therefore compiles the embeddings and the output head, with one graph break
   around the block stack; compile the blocks themselves with regional compilation,
   ``transformer.compile_repeated_blocks(fullgraph=True)`` (each block is one full graph, and the engine calls the
@@ -127,20 +127,20 @@ class CachedTransformerMixin:
     # same structure and shapes (``context``: what the blocks of one forward share: modulations, RoPE, masks, KV
     # caches). It is not declared here, so that a parent class that already has it (BAGEL's) is not shadowed.
 
-    def _cache_signals(self, context: Any) -> Mapping[str, Callable[[tuple[torch.Tensor, ...]], torch.Tensor]]:
-        """The decision signals the model computes at the stack's input (``{"modulated_input": fn(streams)}``,
-        TeaCache's indicator), for this forward's ``context``. Default: none."""
+    def _cache_indicators(self, context: Any) -> Mapping[str, Callable[[tuple[torch.Tensor, ...]], torch.Tensor]]:
+        """The decision indicators the model computes at the stack's input (``{"teacache_indicator": fn(streams)}``),
+        for this forward's ``context``. Default: none."""
         return {}
 
     def _run_block_stack(self, streams: tuple[torch.Tensor, ...], context: Any) -> tuple[torch.Tensor, ...]:
         """The block stack of one forward: the one call a block-stack model's ``forward`` makes between its
-        embeddings and its output head. With caching on, :meth:`CacheEngine.run <cached_diffusers.engine.CacheEngine.run>`
-        decides, runs or skips the cached span and returns the streams at the stack's output; off, every block runs.
+        embeddings and its output head. With caching on, ``CacheEngine.run`` decides, runs or skips the cached span
+        and returns the streams at the stack's output; off, every block runs.
         """
         if not self.cache_engine.active:
             return self._run_blocks(0, self.num_cache_blocks, streams, context)
         run_blocks = functools.partial(self._run_blocks, context=context)
-        stack = BlockStack(self.num_cache_blocks, run_blocks, self._cache_signals(context))
+        stack = BlockStack(self.num_cache_blocks, run_blocks, self._cache_indicators(context))
         return self.cache_engine.run(stack, streams)
 
     @property

@@ -1,9 +1,9 @@
-"""Decision policies: given a step, the branch's state and the step's signal, compute or reuse.
+"""Decision policies: given a step, the branch's state and the step's indicator, compute or reuse.
 
 A policy is built from a config and the model's :class:`~cached_diffusers.spec.ModelCacheSpec`
 (``config.make_policy(spec)``) and keeps no per-generation state itself: the
 state it needs per guidance branch is created by ``new_state`` and owned by the engine. ``observe`` turns the model's
-signal tensor into a scalar; ``decide`` is a pure function of the step context, that state and scalars, so that ranks
+indicator tensor into a scalar; ``decide`` is a pure function of the step context, that state and scalars, so that ranks
 of a multi-GPU run that gather the same scalars take the same decision.
 
 Every policy shares the guards of :meth:`CachePolicy.gate` (first step, stored residual, warm-up, last step, SCM
@@ -91,12 +91,12 @@ class Decision:
             ``"scm-compute"``, ``"scm-static"``, ``"max-cached-steps"``, ``"max-continuous-cached-steps"``) or the
             method's test (``"below-threshold"``, ``"above-threshold"``, ``"retention"``, ``"max-skip-steps"``,
             ``"interval"``, ``"forecast"``, ``"calibration"``, ...).
-        signal: the method's decision value at this step (see ``CachePolicy.signal_name``), or ``None``.
+        value: the method's decision value at this step (see ``CachePolicy.value_name``), or ``None``.
     """
 
     reuse: bool
     reason: str
-    signal: float | None = None
+    value: float | None = None
 
 
 def relative_l1(current: torch.Tensor, previous: torch.Tensor) -> float:
@@ -152,10 +152,10 @@ class CachePolicy:
     """Base policy: the shared guards and the interface the engine calls.
 
     Class attributes:
-        signal_kind: what the model must provide before the decision: ``"modulated_input"`` (block 0's modulated
-            input, TeaCache), ``"front_residual"`` (the image-stream residual of the first ``front_blocks`` blocks,
-            DBCache), or ``None``.
-        signal_name: what ``Decision.signal`` measures, for the statistics.
+        indicator_kind: the decision indicator the method needs: ``"teacache_indicator"`` (TeaCache; the model's,
+            e.g. block 0's modulated input), ``"front_residual"`` (DBCache; the image-stream residual of the first
+            ``front_blocks`` blocks), or ``None``.
+        value_name: what ``Decision.value`` measures, for the statistics.
         patterns: the wiring patterns the method works with (:data:`~cached_diffusers.spec.BLOCK_STACK`,
             :data:`~cached_diffusers.spec.WHOLE_CALL`); a model whose spec uses none of them is refused here.
         pattern_requirement: why the method needs those patterns, for the refusal's message.
@@ -165,8 +165,8 @@ class CachePolicy:
             and the patterns.
     """
 
-    signal_kind: ClassVar[str | None] = None
-    signal_name: ClassVar[str] = ""
+    indicator_kind: ClassVar[str | None] = None
+    value_name: ClassVar[str] = ""
     patterns: ClassVar[tuple[str, ...]] = PATTERNS
     pattern_requirement: ClassVar[str] = ""
 
@@ -257,15 +257,15 @@ class CachePolicy:
         return Gate.TEST, ""
 
     # -- the method ---------------------------------------------------------------------------------------------------
-    def observe(self, state: Any, signal: torch.Tensor | None) -> float | None:
-        """Turn the step's signal tensor into the scalar the decision uses, updating tensor state. Default: none."""
+    def observe(self, state: Any, indicator: torch.Tensor | None) -> float | None:
+        """Turn the step's indicator tensor into the scalar the decision uses, updating tensor state. Default: none."""
         return None
 
     def decide(self, ctx: StepContext, state: Any, measurement: float | None, gate: Gate, reason: str) -> Decision:
         raise NotImplementedError
 
     def on_computed(
-        self, ctx: StepContext, state: Any, signal: torch.Tensor | None, residuals: tuple, outputs: tuple
+        self, ctx: StepContext, state: Any, indicator: torch.Tensor | None, residuals: tuple, outputs: tuple
     ) -> None:
         """Called after the cached span ran, with its residuals and outputs per stream (to store a probe, calibrate)."""
 
@@ -288,10 +288,10 @@ def _methods_supporting(pattern: str) -> list[str]:
 # -- TeaCache ---------------------------------------------------------------------------------------------------------
 @dataclass
 class TeaCacheState:
-    """Per-branch TeaCache state: the previous step's modulated input and the accumulated rescaled distance; in
+    """Per-branch TeaCache state: the previous step's indicator and the accumulated rescaled distance; in
     calibration mode the last distance, the previous stack output and the recorded ``(x, y)`` pairs."""
 
-    previous_signal: torch.Tensor | None = None
+    previous_indicator: torch.Tensor | None = None
     accumulated: float = 0.0
     distance: float | None = None
     previous_output: torch.Tensor | None = None
@@ -299,10 +299,11 @@ class TeaCacheState:
 
 
 class TeaCachePolicy(CachePolicy):
-    """TeaCache's rule (see :class:`~cached_diffusers.TeaCacheConfig`) on block 0's modulated input."""
+    """TeaCache's rule (see :class:`~cached_diffusers.TeaCacheConfig`) on the model's indicator (e.g. block 0's
+    modulated input)."""
 
-    signal_kind = "modulated_input"
-    signal_name = "accumulated rescaled relative L1 distance of block 0's modulated input"
+    indicator_kind = "teacache_indicator"
+    value_name = "accumulated rescaled relative L1 distance of the TeaCache indicator"
 
     def __init__(self, config: TeaCacheConfig, spec: ModelCacheSpec):
         super().__init__(config, spec)
@@ -322,14 +323,14 @@ class TeaCachePolicy(CachePolicy):
     def new_state(self) -> TeaCacheState:
         return TeaCacheState()
 
-    def observe(self, state: TeaCacheState, signal: torch.Tensor | None) -> float | None:
-        if signal is None:
-            raise ValueError("TeaCache needs the model's modulated input of block 0, but the model provided none")
-        previous, state.previous_signal = state.previous_signal, signal.detach()
-        if previous is None or previous.shape != signal.shape:
+    def observe(self, state: TeaCacheState, indicator: torch.Tensor | None) -> float | None:
+        if indicator is None:
+            raise ValueError("TeaCache needs the model's TeaCache indicator, but the model provided none")
+        previous, state.previous_indicator = state.previous_indicator, indicator.detach()
+        if previous is None or previous.shape != indicator.shape:
             state.distance = None
         else:
-            state.distance = relative_l1(signal, previous)
+            state.distance = relative_l1(indicator, previous)
         return state.distance
 
     def rescale(self, distance: float) -> float:
@@ -343,7 +344,7 @@ class TeaCachePolicy(CachePolicy):
             return Decision(False, "calibration", measurement)
         if gate is Gate.COMPUTE or measurement is None:
             state.accumulated = 0.0
-            return Decision(False, reason or "no-previous-signal")
+            return Decision(False, reason or "no-previous-indicator")
         accumulated = state.accumulated + self.rescale(measurement)
         if gate is Gate.REUSE or accumulated < self.config.rel_l1_thresh:
             state.accumulated = accumulated
@@ -352,12 +353,12 @@ class TeaCachePolicy(CachePolicy):
         return Decision(False, "above-threshold", accumulated)
 
     def on_computed(
-        self, ctx: StepContext, state: TeaCacheState, signal: torch.Tensor | None, residuals: tuple, outputs: tuple
+        self, ctx: StepContext, state: TeaCacheState, indicator: torch.Tensor | None, residuals: tuple, outputs: tuple
     ) -> None:
         if not self.config.calibrate:
             return
         # y: relative L1 change of the block stack's image output between consecutive steps (TeaCache paper; the
-        # official and vllm-omni calibration scripts), paired with x, the signal's change at the same step.
+        # official and vllm-omni calibration scripts), paired with x, the indicator's change at the same step.
         output = outputs[0].detach()
         previous, state.previous_output = state.previous_output, output
         if state.distance is not None and previous is not None and previous.shape == output.shape:
@@ -385,7 +386,7 @@ class MagCacheState:
 class MagCachePolicy(CachePolicy):
     """MagCache's rule (see :class:`~cached_diffusers.MagCacheConfig`), with per-call ratio interpolation."""
 
-    signal_name = "accumulated magnitude error |1 - prod(mag_ratios)|"
+    value_name = "accumulated magnitude error |1 - prod(mag_ratios)|"
 
     def __init__(self, config: MagCacheConfig, spec: ModelCacheSpec):
         super().__init__(config, spec)
@@ -437,7 +438,7 @@ class MagCachePolicy(CachePolicy):
         return Decision(False, why, error)
 
     def on_computed(
-        self, ctx: StepContext, state: MagCacheState, signal: torch.Tensor | None, residuals: tuple, outputs: tuple
+        self, ctx: StepContext, state: MagCacheState, indicator: torch.Tensor | None, residuals: tuple, outputs: tuple
     ) -> None:
         if not self.config.calibrate:
             return
@@ -472,8 +473,8 @@ class DBCacheState:
 class DBCachePolicy(CachePolicy):
     """DBCache's rule (see :class:`~cached_diffusers.DBCacheConfig`) on the residual of the first ``Fn`` blocks."""
 
-    signal_kind = "front_residual"
-    signal_name = "relative L1 change of the Fn blocks' residual since the last computed step"
+    indicator_kind = "front_residual"
+    value_name = "relative L1 change of the Fn blocks' residual since the last computed step"
     patterns = (BLOCK_STACK,)
     pattern_requirement = (
         " (it decides from the residual of the first Fn transformer blocks, run at every step, so it needs a block "
@@ -500,11 +501,11 @@ class DBCachePolicy(CachePolicy):
     def new_state(self) -> DBCacheState:
         return DBCacheState()
 
-    def observe(self, state: DBCacheState, signal: torch.Tensor | None) -> float | None:
+    def observe(self, state: DBCacheState, indicator: torch.Tensor | None) -> float | None:
         reference = state.reference
-        if reference is None or reference.shape != signal.shape:
+        if reference is None or reference.shape != indicator.shape:
             return None
-        return relative_l1(signal, reference)
+        return relative_l1(indicator, reference)
 
     def decide(
         self, ctx: StepContext, state: DBCacheState, measurement: float | None, gate: Gate, reason: str
@@ -525,16 +526,16 @@ class DBCachePolicy(CachePolicy):
         return Decision(False, "above-threshold", measurement)
 
     def on_computed(
-        self, ctx: StepContext, state: DBCacheState, signal: torch.Tensor | None, residuals: tuple, outputs: tuple
+        self, ctx: StepContext, state: DBCacheState, indicator: torch.Tensor | None, residuals: tuple, outputs: tuple
     ) -> None:
-        state.reference = signal.detach()
+        state.reference = indicator.detach()
 
 
 # -- TaylorSeer (standalone) --------------------------------------------------------------------------------------------
 class TaylorSeerPolicy(CachePolicy):
     """Fixed-interval TaylorSeer (see :class:`~cached_diffusers.TaylorSeerConfig`)."""
 
-    signal_name = ""
+    value_name = ""
 
     def __init__(self, config: TaylorSeerConfig, spec: ModelCacheSpec):
         super().__init__(config, spec)

@@ -514,7 +514,7 @@ class CachedBagelTransformer2DModel(CachedTransformerMixin, BagelTransformer2DMo
     its residual over the ``Fn`` front layers) and the two marker tokens ``(B, 2, D)``. A reused step adds each
     stream's stored residual to the query entering the stack.
 
-    TeaCache's signal is the whole packed query entering layer 0 (markers and latent tokens), as in vllm-omni (an LLM
+    TeaCache's indicator is the whole packed query entering layer 0 (markers and latent tokens), as in vllm-omni (an LLM
     has no AdaLN modulation); the shipped coefficients are :data:`BAGEL_TEACACHE_COEFFICIENTS`. No MagCache ratios are
     published: MagCache without ``mag_ratios`` raises ``ValueError`` saying how to calibrate
     (:data:`BAGEL_CALIBRATION_HINT`).
@@ -537,8 +537,8 @@ class CachedBagelTransformer2DModel(CachedTransformerMixin, BagelTransformer2DMo
     def num_cache_blocks(self) -> int:
         return len(self.layers)
 
-    def _cache_signals(self, context):
-        return {"modulated_input": _packed_query}
+    def _cache_indicators(self, context):
+        return {"teacache_indicator": _packed_query}
 
 
 def _packed_query(streams) -> torch.Tensor:

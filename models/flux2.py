@@ -54,9 +54,9 @@ class CachedFlux2Transformer2DModel(CachedTransformerMixin, Flux2Transformer2DMo
     the last single block's output minus the ``x_embedder`` output (and the same for text), and a reused step adds
     exactly that residual before the output head: it is never a no-op.
 
-    TeaCache's signal is block 0's modulated image input ``(1 + scale_msa) * norm1(h) + shift_msa``, with
+    TeaCache's indicator is block 0's modulated image input ``(1 + scale_msa) * norm1(h) + shift_msa``, with
     ``(shift_msa, scale_msa)`` from the shared ``double_stream_modulation_img(temb)``. ``temb`` depends on the
-    timestep only, so the conditional and unconditional branches see the same signal.
+    timestep only, so the conditional and unconditional branches see the same indicator.
 
     KV-cache mode (``Flux2KleinKVPipeline``): ``kv_cache_mode="extract"`` (reference-image tokens prepended to the
     image stream, their K/V stored in a new ``Flux2KVCache``) must run every block and is accepted only at step 0,
@@ -225,7 +225,7 @@ class CachedFlux2Transformer2DModel(CachedTransformerMixin, Flux2Transformer2DMo
             return (output,)
         return Flux2Transformer2DModelOutput(sample=output)
 
-    def _cache_signals(self, context: _StackContext):
+    def _cache_indicators(self, context: _StackContext):
         if not len(self.transformer_blocks):
             return {}
 
@@ -234,7 +234,7 @@ class CachedFlux2Transformer2DModel(CachedTransformerMixin, Flux2Transformer2DMo
             (shift_msa, scale_msa, _), _ = Flux2Modulation.split(context.double_stream_mod_img, 2)
             return (1 + scale_msa) * block.norm1(streams[0]) + shift_msa
 
-        return {"modulated_input": modulated_input}
+        return {"teacache_indicator": modulated_input}
 
     def _run_blocks(
         self, start: int, end: int, streams: tuple[torch.Tensor, torch.Tensor], context: _StackContext

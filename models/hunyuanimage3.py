@@ -1017,8 +1017,8 @@ class CachedHunyuanImage3Transformer2DModel(CachedTransformerMixin, HunyuanImage
     engine (``cache_config``, ``cache_stats``, per-branch state). The cached quantity is the transformer's velocity
     prediction itself, in token layout ``(B, h*w, latent_channels)`` (one "block": ``num_cache_blocks == 1``): on a
     reused step the loop calls no transformer at all and the branch recalls its last computed prediction (or, with
-    TaylorSeer, a forecast of it). TeaCache's indicator is ``time_embed(t)`` (:data:`HUNYUANIMAGE3_TEACACHE_COEFFICIENTS`
-    were fitted on it).
+    TaylorSeer, a forecast of it). TeaCache's indicator is ``time_embed(t)``
+    (:data:`HUNYUANIMAGE3_TEACACHE_COEFFICIENTS` were fitted on it).
 
     The spec (:data:`HUNYUANIMAGE3_CACHE_SPEC`) declares the whole-call pattern only, so methods whose policy needs a
     block stack (DBCache and First-Block-Cache: they measure the first blocks' residual at every step) are refused

@@ -51,9 +51,9 @@ class CachedQwenImageTransformer2DModel(CachedTransformerMixin, QwenImageTransfo
     Same constructor, config, checkpoints and ``forward`` signature as the parent. The embeddings (``img_in``,
     ``txt_norm``/``txt_in``, the timestep embedding, RoPE) and the output head (``norm_out``, ``proj_out``) run on
     every call; the 60 dual-stream blocks are the cached stack, with two residual streams, image tokens
-    ``(B, L_img, inner_dim)`` and text tokens ``(B, L_txt, inner_dim)``. TeaCache's signal is block 0's modulated
+    ``(B, L_img, inner_dim)`` and text tokens ``(B, L_txt, inner_dim)``. TeaCache's indicator is block 0's modulated
     image input ``LN(h) * (1 + scale) + shift`` (shift and scale from ``transformer_blocks[0].img_mod(temb)``), which
-    depends on the latents and the timestep only, so the conditional and unconditional branches see the same signal.
+    depends on the latents and the timestep only, so the conditional and unconditional branches see the same indicator.
 
     With ``cache_config=None`` ``forward`` is the parent's.
     """
@@ -150,7 +150,7 @@ class CachedQwenImageTransformer2DModel(CachedTransformerMixin, QwenImageTransfo
             return (output,)
         return Transformer2DModelOutput(sample=output)
 
-    def _cache_signals(self, context):
+    def _cache_indicators(self, context):
         block_kwargs = context[0]
 
         def modulated_input(streams: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -158,7 +158,7 @@ class CachedQwenImageTransformer2DModel(CachedTransformerMixin, QwenImageTransfo
             img_mod1 = block.img_mod(block_kwargs["temb"]).chunk(2, dim=-1)[0]
             return block._modulate(block.img_norm1(streams[0]), img_mod1, block_kwargs["modulate_index"])[0]
 
-        return {"modulated_input": modulated_input}
+        return {"teacache_indicator": modulated_input}
 
     def _run_blocks(
         self, start: int, end: int, streams: tuple[torch.Tensor, torch.Tensor], context

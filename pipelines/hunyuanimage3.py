@@ -24,6 +24,7 @@ from transformers import PreTrainedTokenizerFast
 
 from cached_diffusers.checkpoints import check_tokenizer_files, read_json_object
 from cached_diffusers.configs import CacheConfig, resolve_cache_config
+from cached_diffusers.engine import DEFAULT_BRANCH
 from cached_diffusers.hub import CACHE_CONFIG_NAME, read_cache_config, resolve_dtype
 from cached_diffusers.models.hunyuanimage3 import (
     HUNYUANIMAGE3_CACHE_SPEC,
@@ -146,7 +147,7 @@ class CachedHunyuanImage3Pipeline(CachedPipelineMixin, DiffusionPipeline):
     its reused steps are overwritten before they could be read: a computed step gives the same prediction as it would
     with every earlier step computed, and a configuration that never reuses is bit-identical to caching off.
 
-    TeaCache's signal is ``time_embed(t)``, on which the published coefficients were fitted
+    TeaCache's indicator is ``time_embed(t)``, on which the published coefficients were fitted
     (:data:`~cached_diffusers.models.hunyuanimage3.HUNYUANIMAGE3_TEACACHE_COEFFICIENTS`); it depends on the timestep
     only, so both branches take the same decisions. MagCache needs ratios calibrated per branch
     (``MagCacheConfig(calibrate=True)``); TaylorSeer and SCM masks need nothing. DBCache and First-Block-Cache raise
@@ -419,7 +420,7 @@ class CachedHunyuanImage3Pipeline(CachedPipelineMixin, DiffusionPipeline):
 
         rows = 2 * batch if do_cfg else batch
         kv_cache = HunyuanImage3KVCache(rows, sequence.seq_len)
-        branch_rows = {"cond": slice(0, batch)}
+        branch_rows = {DEFAULT_BRANCH: slice(0, batch)}  # the conditional (or only) branch, "cond"
         if do_cfg:
             branch_rows["uncond"] = slice(batch, 2 * batch)
         self._num_timesteps = len(timesteps)
@@ -429,7 +430,7 @@ class CachedHunyuanImage3Pipeline(CachedPipelineMixin, DiffusionPipeline):
         ) as progress_bar:
             for i, t in enumerate(timesteps):
                 preds = self._predict(i, num_inference_steps, t, latents, sequence, kv_cache, branch_rows)
-                pred_cond = preds["cond"]
+                pred_cond = preds[DEFAULT_BRANCH]
                 pred_uncond = preds.get("uncond")
                 noise_pred = pred_uncond + guidance_scale * (pred_cond - pred_uncond) if do_cfg else pred_cond
                 latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]

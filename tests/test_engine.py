@@ -38,7 +38,7 @@ class ToyStack:
         return image, text
 
     def as_stack(self):
-        return BlockStack(self.num_blocks, self.run_blocks, {"modulated_input": lambda s: s[0] * 2.0})
+        return BlockStack(self.num_blocks, self.run_blocks, {"teacache_indicator": lambda s: s[0] * 2.0})
 
 
 def streams_at(step, scale=0.01, seed=0):
@@ -94,19 +94,19 @@ def test_teacache_rule_and_exact_residual_reuse():
     outputs = run_generation(engine, toy, num_steps)["cond"]
     stats = engine.stats.branches["cond"]
 
-    # Independent replay of the rule on the same signals.
+    # Independent replay of the rule on the same indicators.
     expected_reused, accumulated, previous, last_residual = [], 0.0, None, None
     for step in range(num_steps):
         inputs = streams_at(step)
-        signal = inputs[0] * 2.0
+        indicator = inputs[0] * 2.0
         if step in (0, num_steps - 1):
             accumulated, reuse = 0.0, False
         else:
-            accumulated += abs(relative_l1(signal, previous))
+            accumulated += abs(relative_l1(indicator, previous))
             reuse = accumulated < 0.05
             if not reuse:
                 accumulated = 0.0
-        previous = signal
+        previous = indicator
         if reuse:
             expected_reused.append(step)
             # a reused step adds the stored residual exactly once
@@ -120,7 +120,7 @@ def test_teacache_rule_and_exact_residual_reuse():
     assert 0 < len(expected_reused) < num_steps - 2  # both outcomes exercised
     assert stats.computed_steps == sorted(set(range(num_steps)) - set(expected_reused))
     assert toy.blocks_run == 4 * len(stats.computed_steps)
-    assert set(stats.signals) <= set(range(1, num_steps - 1))
+    assert set(stats.values) <= set(range(1, num_steps - 1))
 
 
 def test_branches_decide_independently():
@@ -175,13 +175,13 @@ def test_direct_use_starts_a_new_generation_at_step_zero():
     assert [r.step for r in stats.branches["cond"].records] == [0, 1, 2]
 
 
-def test_missing_signal_and_missing_coefficients_are_clear_errors():
+def test_missing_indicator_and_missing_coefficients_are_clear_errors():
     engine = CacheEngine(ModelCacheSpec(model_name="ToyModel"))
     with pytest.raises(ValueError, match=r"no TeaCache coefficients are known for ToyModel"):
         engine.config = TeaCacheConfig(0.2)
     engine.config = TeaCacheConfig(0.2, coefficients=IDENTITY)
     with engine.context("cond", step_index=0, num_inference_steps=2):
-        with pytest.raises(ValueError, match=r"needs the 'modulated_input' signal, which ToyModel does not provide"):
+        with pytest.raises(ValueError, match=r"needs the 'teacache_indicator' indicator, which ToyModel does not"):
             engine.run(BlockStack(4, ToyStack().run_blocks), streams_at(0))
 
 
@@ -202,9 +202,12 @@ def composed_generation(engine, toy, num_steps, branches, scales):
             policy = engine.current.policy
             front, back = policy.front_blocks, policy.back_blocks
             span_in = toy.run_blocks(0, front, streams) if front else streams
+            if policy.indicator_kind == "front_residual":
+                indicator = span_in[0] - streams[0]
+            else:
+                indicator = lambda s=streams: s[0] * 2.0  # noqa: E731 (computed only when the method needs it)
             decision = engine.decide(
-                b, step, num_steps, inputs=span_in, indicator=lambda s=streams: s[0] * 2.0,
-                probe=span_in[0] - streams[0], num_blocks=4, pattern=BLOCK_STACK,
+                b, step, num_steps, inputs=span_in, indicator=indicator, num_blocks=4, pattern=BLOCK_STACK
             )
             if decision.reuse:
                 span_out = tuple(s + r for s, r in zip(span_in, engine.recall(branch=b)))
@@ -280,7 +283,7 @@ def test_two_phase_misuse_is_a_clear_error():
     assert not decision.reuse and decision.reason == "first-step"
     with pytest.raises(RuntimeError, match=r"branch 'cond' was decided at step 0 and neither committed nor recalled"):
         engine.decide("cond", 0, 4, inputs=(image,), indicator=image)
-    with pytest.raises(RuntimeError, match=r"decided to compute at step 0 \(first-step\), so there is nothing to recall"):
+    with pytest.raises(RuntimeError, match=r"compute at step 0 \(first-step\), so there is nothing to recall"):
         engine.recall(branch="cond")
     engine.commit((image * 0.5,), branch="cond")  # the misuse left the decision pending
     with pytest.raises(RuntimeError, match="has no pending decision"):
@@ -289,15 +292,18 @@ def test_two_phase_misuse_is_a_clear_error():
     with pytest.raises(RuntimeError, match=r"decided to reuse at step 1 \(below-threshold\); call recall\(\) instead"):
         engine.commit((image,), branch="cond")
     assert torch.equal(engine.recall(branch="cond")[0], image * 0.5)  # the step-0 prediction, as committed
-    with pytest.raises(ValueError, match=r"needs the 'modulated_input' signal, which this model does not provide"):
+    with pytest.raises(ValueError, match=r"needs the 'teacache_indicator' indicator, which this model does not"):
         engine.decide("cond", 2, 4, inputs=(image,))
     # the default branch: the cache context's name, else DEFAULT_BRANCH, for decide, commit and recall alike
     with engine.context("uncond", step_index=0, num_inference_steps=4):
         engine.decide(inputs=(image,), indicator=image)
         engine.commit((image,))
-    engine.decide(step_index=0, num_inference_steps=4, inputs=(image,), indicator=image)
+    assert engine.decide(step_index=3, num_inference_steps=4, inputs=(image,), indicator=image).reason == "last-step"
     engine.commit((image,))
-    assert set(engine.stats.branches) == {"cond", "uncond", DEFAULT_BRANCH}
+    assert DEFAULT_BRANCH == "cond"  # the name diffusers' loops give their conditional (or only) branch
+    assert set(engine.stats.branches) == {"cond", "uncond"}
+    records = [(r.step, r.reason) for r in engine.stats.branches["cond"].records]
+    assert records == [(0, "first-step"), (1, "below-threshold"), (3, "last-step")]
 
 
 def test_a_failed_block_span_leaves_no_pending_decision():
@@ -309,7 +315,7 @@ def test_a_failed_block_span_leaves_no_pending_decision():
 
     with engine.context("cond", step_index=0, num_inference_steps=4):
         with pytest.raises(MemoryError):
-            engine.run(BlockStack(4, failing, {"modulated_input": lambda s: s[0]}), streams_at(0))
+            engine.run(BlockStack(4, failing, {"teacache_indicator": lambda s: s[0]}), streams_at(0))
         out = engine.run(ToyStack().as_stack(), streams_at(0))  # decides anew, no "decided twice"
     assert len(out) == 2 and engine.stats.branches["cond"].computed_steps == [0]
 

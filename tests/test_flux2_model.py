@@ -201,7 +201,7 @@ def test_teacache_signal_is_block_0_modulated_image_input():
         with cached.cache_context("cond", step_index=step, num_inference_steps=4):
             cached(**kwargs)
     expected = relative_l1(signals[1], signals[0])
-    assert cached.cache_stats.branches["cond"].signals[1] == pytest.approx(expected, rel=1e-5)
+    assert cached.cache_stats.branches["cond"].values[1] == pytest.approx(expected, rel=1e-5)
 
 
 @torch.no_grad()
@@ -229,7 +229,7 @@ def test_dbcache_counts_blocks_in_execution_order():
     stats = cached.cache_stats.branches["cond"]
     assert stats.reused_steps == [1] and [r.blocks_computed for r in stats.records] == [6, 5, 6]
     front = [out - x for x, out in probes]
-    assert stats.signals[1] == pytest.approx(relative_l1(front[1], front[0]), rel=1e-5)
+    assert stats.values[1] == pytest.approx(relative_l1(front[1], front[0]), rel=1e-5)
 
 
 @torch.no_grad()

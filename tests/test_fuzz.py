@@ -47,7 +47,7 @@ class Toy:
                 text = text * 0.9
             return image, text
 
-        return BlockStack(4, run_blocks, {"modulated_input": lambda s: s[0] * 2.0})
+        return BlockStack(4, run_blocks, {"teacache_indicator": lambda s: s[0] * 2.0})
 
 
 def run_toy_generation(config, steps=4):

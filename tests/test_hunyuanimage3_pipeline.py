@@ -265,7 +265,7 @@ def legacy_predict(self, i, num_steps, t, latents, sequence, kv_cache, branch_ro
     zeros = torch.zeros(b, h * w, c, dtype=torch.float32, device=latents.device)
     computed, decided, wanting = {}, {}, []
 
-    def signal(_streams):
+    def indicator(_streams):
         embedder = self.transformer.time_embed
         return embedder(t.reshape(1).expand(b)).float()
 
@@ -289,7 +289,7 @@ def legacy_predict(self, i, num_steps, t, latents, sequence, kv_cache, branch_ro
         return run_blocks
 
     def decide(branch):
-        stack = BlockStack(1, run_blocks_for(branch), {"modulated_input": signal})
+        stack = BlockStack(1, run_blocks_for(branch), {"teacache_indicator": indicator})
         with engine.context(branch, step_index=i, num_inference_steps=num_steps):
             decided[branch] = engine.run(stack, (zeros,))[0]
 

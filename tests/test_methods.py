@@ -137,7 +137,8 @@ def test_magcache_uses_the_models_ratios_and_errors_without_them():
     with pytest.raises(ValueError, match=r"no MagCache ratios are known for Toy.*calibrate=True"):
         engine.config = MagCacheConfig()
     _, (got,) = computed(MagCacheConfig(compute_last_step=False, mag_max_skip_steps=2), 50,
-                         defaults=ModelCacheSpec(num_blocks=4, mag_ratios=QWENIMAGE_MAG_RATIOS, mag_ratios_source="Qwen-Image"))
+                         defaults=ModelCacheSpec(num_blocks=4, mag_ratios=QWENIMAGE_MAG_RATIOS,
+                                                 mag_ratios_source="Qwen-Image"))
     assert len(got) == 37
 
 
@@ -210,7 +211,7 @@ def test_dbcache_runs_front_and_back_blocks_and_follows_its_rule():
     assert 0 < len(expected_reused) < num_steps - 1
     assert toy.blocks_run == 4 * num_steps - 2 * len(expected_reused)
     assert all(r.blocks_computed == (2 if r.reused else 4) for r in stats.records)
-    assert set(stats.signals) == set(range(1, num_steps))
+    assert set(stats.values) == set(range(1, num_steps))
 
 
 def test_dbcache_warmup_interval_and_accumulated_limit():
@@ -218,7 +219,7 @@ def test_dbcache_warmup_interval_and_accumulated_limit():
     _, (got,) = computed(DBCacheConfig(max_warmup_steps=4, warmup_interval=2, **base), 8)
     assert got == [0, 2]
     engine, (got,) = computed(DBCacheConfig(max_warmup_steps=0, max_accumulated_residual_diff_threshold=0.02, **base), 8)
-    diffs = engine.stats.branches["cond"].signals
+    diffs = engine.stats.branches["cond"].values
     first_over = next(s for s in range(1, 8) if sum(diffs[t] for t in range(1, s + 1)) >= 0.02)
     assert got == [0, *range(first_over + 1, 8)]
 
