@@ -29,6 +29,7 @@ _import_structure = {
     "engine": ["BlockStack", "CacheEngine"],
     "progress": ["summary"],
     "scm": ["steps_mask"],
+    "spec": ["BLOCK_STACK", "ModelCacheSpec", "WHOLE_CALL"],
     "stats": ["BranchStats", "CacheStats", "StepRecord"],
     "models": [
         "AutoencoderKLHunyuanImage3",
@@ -92,4 +93,5 @@ if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
     from .pipelines import *  # noqa: F403
     from .progress import summary
     from .scm import steps_mask
+    from .spec import BLOCK_STACK, WHOLE_CALL, ModelCacheSpec
     from .stats import BranchStats, CacheStats, StepRecord

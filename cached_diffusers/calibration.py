@@ -1,6 +1,6 @@
 """Calibration: fit what TeaCache and MagCache need from uncached runs of a model.
 
-TeaCache (Liu et al., arXiv 2411.19108): a 4th-order polynomial mapping the relative L1 change of the model's signal
+TeaCache (Liu et al., arXiv 2411.19108): a 4th-order polynomial mapping the relative L1 change of the model's indicator
 (block 0's modulated input) to the relative L1 change of the block stack's output between consecutive steps, fitted
 by unweighted least squares on the pairs of every prompt and branch (as handoku/TeaCache-Coeffients-Caculator and
 vllm-omni's ``coefficient_estimator.py`` do, but with pairs formed per branch). MagCache (Ma et al., arXiv

@@ -17,6 +17,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping
 
+from .spec import ModelCacheSpec
 from .validation import FrozenDict, as_scalar, as_sequence
 
 __all__ = [
@@ -203,8 +204,14 @@ class CacheConfig:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
 
-    def make_policy(self, defaults: Mapping[str, Any] | None = None):
-        """The decision policy for this config. ``defaults`` are model-provided values (e.g. coefficients)."""
+    def make_policy(self, spec: ModelCacheSpec | None = None):
+        """The decision policy for this config and a model's :class:`~cached_diffusers.spec.ModelCacheSpec` (its
+        coefficients, ratios, block count and wiring patterns; ``None``: a model that provides none).
+
+        Raises:
+            ValueError: when the model cannot run this method (missing coefficients or ratios, a wiring pattern the
+                method does not support, too few blocks).
+        """
         raise NotImplementedError(f"{type(self).__name__} does not define a caching policy")
 
 
@@ -334,7 +341,7 @@ class TeaCacheConfig(ResidualCacheConfig):
             set (e.g. :data:`cached_diffusers.models.qwenimage.QWENIMAGE_TEACACHE_COEFFICIENTS`); a model without
             one raises ``ValueError`` when the config is applied.
         calibrate (`bool`, defaults to `False`):
-            Calibration mode: never reuse; record per branch the pairs ``(x, y)`` of the signal's relative L1 change
+            Calibration mode: never reuse; record per branch the pairs ``(x, y)`` of the indicator's relative L1 change
             and the block stack output's relative L1 change between consecutive steps
             (``stats.branches[b].calibration["teacache_pairs"]``); :meth:`from_calibration` fits the polynomial.
         max_warmup_steps, max_cached_steps, max_continuous_cached_steps, compute_last_step, warmup_interval,
@@ -382,10 +389,10 @@ class TeaCacheConfig(ResidualCacheConfig):
 
         return cls(coefficients=fit_teacache(teacache_pairs(stats)).coefficients, **fields)
 
-    def make_policy(self, defaults: Mapping[str, Any] | None = None):
+    def make_policy(self, spec: ModelCacheSpec | None = None):
         from .policies import TeaCachePolicy
 
-        return TeaCachePolicy(self, defaults or {})
+        return TeaCachePolicy(self, spec if spec is not None else ModelCacheSpec())
 
 
 def _check_ratio_list(owner: str, name: str, values: Any) -> tuple[float, ...]:
@@ -407,7 +414,7 @@ class MagCacheConfig(ResidualCacheConfig):
     The step reuses the residual of the last computed step while ``err <= mag_threshold`` and ``k <= mag_max_skip_steps``;
     otherwise it computes and resets ``rho = 1, k = 0, err = 0``. The ratios were calibrated at ``len(mag_ratios)``
     steps and are re-interpolated (nearest neighbour, ``idx_i = round(i * (L - 1) / (N - 1))``) to each call's
-    ``num_inference_steps``. The decision needs no signal from the model: it is a function of the ratios.
+    ``num_inference_steps``. The decision needs no indicator from the model: it is a function of the ratios.
 
     Args:
         mag_threshold (`float`, defaults to 0.06, range >= 0):
@@ -491,10 +498,10 @@ class MagCacheConfig(ResidualCacheConfig):
         ratios = values[0] if all(v == values[0] for v in values) else recorded
         return cls(mag_ratios=ratios, **fields)
 
-    def make_policy(self, defaults: Mapping[str, Any] | None = None):
+    def make_policy(self, spec: ModelCacheSpec | None = None):
         from .policies import MagCachePolicy
 
-        return MagCachePolicy(self, defaults or {})
+        return MagCachePolicy(self, spec if spec is not None else ModelCacheSpec())
 
 
 @register_cache_method
@@ -551,10 +558,10 @@ class DBCacheConfig(ResidualCacheConfig):
                 ),
             )
 
-    def make_policy(self, defaults: Mapping[str, Any] | None = None):
+    def make_policy(self, spec: ModelCacheSpec | None = None):
         from .policies import DBCachePolicy
 
-        return DBCachePolicy(self, defaults or {})
+        return DBCachePolicy(self, spec if spec is not None else ModelCacheSpec())
 
 
 @register_cache_method
@@ -614,7 +621,7 @@ class TaylorSeerConfig(StepCacheConfig):
         object.__setattr__(self, "order", _check_order(owner, "order", self.order))
         object.__setattr__(self, "interval", _check_int(owner, "interval", self.interval, low=1))
 
-    def make_policy(self, defaults: Mapping[str, Any] | None = None):
+    def make_policy(self, spec: ModelCacheSpec | None = None):
         from .policies import TaylorSeerPolicy
 
-        return TaylorSeerPolicy(self, defaults or {})
+        return TaylorSeerPolicy(self, spec if spec is not None else ModelCacheSpec())

@@ -1,9 +1,17 @@
 """The cache engine: per-branch state, the compute-or-reuse step, statistics.
 
-The engine knows no model. A cached model hands it, once per forward, a :class:`BlockStack` (how many blocks, how to
-run a span of them on a tuple of residual streams, and the decision signals it can compute) plus the streams at the
-stack's input; the engine decides for the current step and branch, runs the blocks or reuses the stored residual,
-and returns the streams at the stack's output.
+The engine knows no model. Its step has two phases: :meth:`CacheEngine.decide` answers, for the current step and
+guidance branch, compute or reuse; after a compute the caller hands the result to :meth:`CacheEngine.commit`, on a
+reuse it takes the stored (or forecast) one from :meth:`CacheEngine.recall`. A model wires them in one of two ways
+(``docs/development.md``, "Wiring a model"):
+
+* block-stack caching inside ``forward`` (:data:`~cached_diffusers.spec.BLOCK_STACK`): the model hands
+  :meth:`CacheEngine.run` a :class:`BlockStack` (how many blocks, how to run a span of them on a tuple of residual
+  streams, and the decision indicators it can compute) plus the streams at the stack's input; ``run`` is exactly the
+  composition of the two phases and returns the streams at the stack's output;
+* whole-call caching in the denoising loop (:data:`~cached_diffusers.spec.WHOLE_CALL`): the loop decides for every
+  branch, runs one batched transformer call for the branches that compute, commits their predictions and recalls
+  the others'.
 
 Where the denoising loop is comes from the model's ``cache_context(name, step_index=..., num_inference_steps=...)``
 (the branch name is the context's name) or, for the fields a pipeline's loop does not pass, from a step source that
@@ -15,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping
@@ -22,16 +31,26 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 
 from .configs import CacheConfig, resolve_cache_config
-from .policies import CachePolicy, Gate, StepContext
+from .policies import CachePolicy, Decision, Gate, StepContext
 from .residuals import ResidualStore, make_store
+from .spec import BLOCK_STACK, WHOLE_CALL, ModelCacheSpec
 from .stats import CacheStats, StepRecord
 
-__all__ = ["BlockStack", "BranchState", "CacheEngine", "DEFAULT_BRANCH", "Generation"]
+__all__ = ["BlockStack", "BranchState", "CacheEngine", "DEFAULT_BRANCH", "Decision", "Generation"]
 
 Streams = tuple[torch.Tensor, ...]
 
-DEFAULT_BRANCH = "default"
-"""Branch name used when a call carries no cache context (a single-branch loop)."""
+DEFAULT_BRANCH = "cond"
+"""The branch of a call that names none (no ``cache_context``: a single-branch loop, e.g. ``Flux2Pipeline``'s): the
+name diffusers' loops give the conditional (or only) branch, so a loop's single branch has one name whether or not it
+calls ``cache_context``."""
+
+_NOT_COMPILABLE = (
+    "cached-diffusers: the cache engine decides each step in host-side Python, so with caching on the "
+    "transformer cannot be compiled with fullgraph=True; compile it without fullgraph (one graph break "
+    "around the block stack), or its blocks with transformer.compile_repeated_blocks(fullgraph=True), or set "
+    "cache_config=None"
+)
 
 
 @dataclass
@@ -43,19 +62,32 @@ class BlockStack:
         run_blocks: ``run_blocks(start, end, streams) -> streams`` runs blocks ``start .. end - 1``. ``streams`` is a
             tuple of tensors (e.g. ``(image_tokens (B, L_img, D), text_tokens (B, L_txt, D))``) and the returned
             tuple has the same structure and shapes, so that ``out - in`` is each stream's residual.
-        signals: ``{kind: fn(streams) -> Tensor}``, the decision signals the model can compute cheaply at the stack's
-            input (``"modulated_input"``: block 0's modulated image input, TeaCache's indicator). The engine itself
-            provides ``"front_residual"`` (image-stream residual of the front blocks, DBCache's probe).
+        indicators: ``{kind: fn(streams) -> Tensor}``, the decision indicators the model can compute cheaply at the
+            stack's input (``"teacache_indicator"``: TeaCache's, e.g. block 0's modulated image input). The engine
+            itself provides ``"front_residual"`` (image-stream residual of the front blocks, DBCache's indicator).
     """
 
     num_blocks: int
     run_blocks: Callable[[int, int, Streams], Streams]
-    signals: Mapping[str, Callable[[Streams], torch.Tensor]] = field(default_factory=dict)
+    indicators: Mapping[str, Callable[[Streams], torch.Tensor]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Pending:
+    """A decision taken by ``CacheEngine.decide`` and not yet committed or recalled."""
+
+    ctx: StepContext
+    decision: Decision
+    indicator: torch.Tensor | None
+    inputs: Streams
+    num_blocks: int  # blocks a compute runs
+    cached_around: int  # blocks a reuse still runs (front + back)
 
 
 @dataclass
 class BranchState:
-    """Cache state of one guidance branch within one generation."""
+    """Cache state of one guidance branch within one generation (``pending``: a decision awaiting its commit or
+    recall)."""
 
     method_state: Any
     store: ResidualStore
@@ -63,6 +95,7 @@ class BranchState:
     consecutive_reused: int = 0
     last_step: int | None = None
     invalidated: bool = False
+    pending: _Pending | None = None
 
 
 @dataclass(frozen=True)
@@ -103,7 +136,7 @@ class Generation:
         policy = self.policy
         self.stats = CacheStats(
             self.config.method if self.config is not None else "none",
-            signal_name=policy.signal_name if policy is not None else "",
+            value_name=policy.value_name if policy is not None else "",
         )
 
     def invalidate(self) -> None:
@@ -132,13 +165,19 @@ class CacheEngine:
     generation, which a transformer driven directly uses.
 
     Args:
-        defaults: model-provided values the configs may need: ``"model_name"``, ``"num_blocks"``,
-            ``"teacache_coefficients"``, ``"mag_ratios"``, and ``"calibration_hint"`` (how to calibrate the model,
-            appended to the error raised when a method lacks its model data).
+        spec: the model's :class:`~cached_diffusers.spec.ModelCacheSpec` (its name, block count, TeaCache
+            coefficients, MagCache ratios, calibration hint and wiring patterns); ``None``: a model providing none.
+
+    Raises:
+        TypeError: when ``spec`` is not a ``ModelCacheSpec``.
     """
 
-    def __init__(self, defaults: Mapping[str, Any] | None = None):
-        self.defaults = dict(defaults or {})
+    def __init__(self, spec: ModelCacheSpec | None = None):
+        if spec is None:
+            spec = ModelCacheSpec()
+        if not isinstance(spec, ModelCacheSpec):
+            raise TypeError(f"CacheEngine(spec=...) takes a ModelCacheSpec, got {type(spec).__name__}")
+        self.spec = spec
         self._own_config: CacheConfig | None = None
         self._own_policy: CachePolicy | None = None
         self._own = Generation(None, None)
@@ -160,13 +199,13 @@ class CacheEngine:
         self._last_stats = self._own.stats
 
     def make_policy(self, value: CacheConfig | Mapping[str, Any] | str | None) -> tuple[CacheConfig | None, CachePolicy | None]:
-        """``(config, policy)`` for a config, dict, method name or ``None``, with this model's defaults.
+        """``(config, policy)`` for a config, dict, method name or ``None``, with this model's spec.
 
         Raises:
             ValueError: for an invalid config or one this model cannot run (see ``CacheConfig.make_policy``).
         """
         config = resolve_cache_config(value)
-        return config, (config.make_policy(self.defaults) if config is not None else None)
+        return config, (config.make_policy(self.spec) if config is not None else None)
 
     @property
     def current(self) -> Generation:
@@ -277,18 +316,23 @@ class CacheEngine:
         finally:
             generation.step_source = previous
 
-    def step_context(self) -> StepContext:
-        """The current step, step count and branch.
+    def step_context(
+        self, branch: str | None = None, step_index: int | None = None, num_inference_steps: int | None = None
+    ) -> StepContext:
+        """The current step, step count and branch: each argument given wins, else the cache context's, else (step
+        and count) the step source's, else (branch) :data:`DEFAULT_BRANCH`.
 
         Raises:
-            ValueError: when neither the cache context nor a step source tells the denoising step, or the step is
-                outside ``[0, num_inference_steps)``.
+            ValueError: when neither the arguments, the cache context nor a step source tell the denoising step, or
+                the step is outside ``[0, num_inference_steps)``.
         """
         generation = self.current
         ctx = self._context
-        branch = ctx.name if ctx is not None else DEFAULT_BRANCH
-        step = ctx.step_index if ctx is not None else None
-        num_steps = ctx.num_inference_steps if ctx is not None else None
+        branch = self._branch_name(branch)
+        step = step_index if step_index is not None else (ctx.step_index if ctx is not None else None)
+        num_steps = num_inference_steps
+        if num_steps is None:
+            num_steps = ctx.num_inference_steps if ctx is not None else None
         if (step is None or num_steps is None) and generation.step_source is not None:
             source_step, source_num_steps = generation.step_source()
             step = source_step if step is None else step
@@ -302,33 +346,56 @@ class CacheEngine:
             raise ValueError(f"step_index must be in [0, num_inference_steps={num_steps}), got {step}")
         return StepContext(int(step), int(num_steps), branch)
 
-    # -- the cached forward --------------------------------------------------------------------------------------
-    @torch.compiler.disable(
-        reason=(
-            "cached-diffusers: the cache engine decides each step in host-side Python, so with caching on the "
-            "transformer cannot be compiled with fullgraph=True; compile it without fullgraph (one graph break "
-            "around the block stack), or its blocks with transformer.compile_repeated_blocks(fullgraph=True), or set "
-            "cache_config=None"
-        )
-    )
-    def run(self, stack: BlockStack, streams: Streams) -> Streams:
-        """Run (or skip) the block stack for the current step and branch; return the streams at its output.
+    # -- the two-phase step: decide, then commit or recall ------------------------------------------------------
+    @torch.compiler.disable(reason=_NOT_COMPILABLE)
+    def decide(
+        self,
+        branch: str | None = None,
+        step_index: int | None = None,
+        num_inference_steps: int | None = None,
+        *,
+        inputs: Streams,
+        indicator: torch.Tensor | Callable[[], torch.Tensor] | None = None,
+        num_blocks: int = 1,
+        pattern: str = WHOLE_CALL,
+    ) -> Decision:
+        """Decide whether ``branch`` computes or reuses at this step; then call :meth:`commit` or :meth:`recall`.
 
-        The stack is split into ``front`` blocks (always run), the cached span, and ``back`` blocks (always run);
-        methods without front/back blocks cache the whole stack. On a reused step the cached span's stored (or
-        forecast) residual is added to its input, once per stream.
+        Args:
+            branch: the guidance branch (default: the ``cache_context`` name, else :data:`DEFAULT_BRANCH`).
+            step_index, num_inference_steps: the denoising step and the schedule's length (default: the
+                ``cache_context``'s, else the installed step source's).
+            inputs: the tensors the cached quantity is computed from; a stored one is reused only for inputs of the
+                same shapes (block stack: the cached span's input streams; whole call: e.g. ``(latents,)``).
+            indicator: the method's decision indicator (kind ``policy.indicator_kind``): TeaCache's
+                ``"teacache_indicator"`` (e.g. block 0's modulated input ``(B, L, D)``; any shape constant over the
+                steps), DBCache's ``"front_residual"`` (the image-stream residual of the front blocks, block stack
+                only); a tensor, or a function computing it, called only when the method needs one.
+            num_blocks: blocks a compute runs, for the statistics (a whole call counts as 1).
+            pattern: the wiring pattern of the caller (:data:`~cached_diffusers.spec.BLOCK_STACK` or
+                :data:`~cached_diffusers.spec.WHOLE_CALL`).
 
-        Opaque to ``torch.compile`` (``torch.compiler.disable``): the decision is data-dependent host-side Python
-        (``Tensor.item()`` of the signal, per-branch counters, the step index), which TorchDynamo would otherwise
-        break the graph on and recompile for at every step. Blocks compiled on their own
-        (``compile_repeated_blocks``) still run compiled inside it.
+        Returns:
+            The :class:`~cached_diffusers.policies.Decision`: ``reuse=False``: compute, then :meth:`commit` the
+            result; ``reuse=True``: :meth:`recall` the stored (or TaylorSeer-forecast) one.
+
+        Raises:
+            RuntimeError: caching is off, or this branch was decided already and neither committed nor recalled.
+            ValueError: the step is unknown or out of range, the method does not support ``pattern``, runs no block
+                in between its front and back blocks, or needs an ``indicator`` the caller did not give.
         """
         generation = self.current
         policy = generation.policy
-        num_blocks = stack.num_blocks
         if policy is None:
-            return stack.run_blocks(0, num_blocks, streams)
-        ctx = self.step_context()
+            raise RuntimeError("CacheEngine.decide: caching is off (cache_config is None); check `engine.active` first")
+        policy.check_pattern(pattern, self.spec.model_name)
+        ctx = self.step_context(branch, step_index, num_inference_steps)
+        pending = generation.branches.get(ctx.branch)
+        if pending is not None and pending.pending is not None and not self._starts_new_generation(generation, ctx):
+            raise RuntimeError(
+                f"CacheEngine.decide: branch {ctx.branch!r} was decided at step {pending.pending.ctx.step} and neither "
+                f"committed nor recalled; call commit(...) after computing or recall() on a reuse first"
+            )
         state = self._branch_state(generation, ctx, num_blocks)
         ctx = dataclasses.replace(ctx, first_step=generation.stats.first_step)
         front, back = policy.front_blocks, policy.back_blocks
@@ -337,13 +404,11 @@ class CacheEngine:
                 f"cache method {generation.config.method!r} runs {front} front and {back} back blocks, which leaves "
                 f"no block to cache in a stack of {num_blocks}"
             )
-
-        span_in = stack.run_blocks(0, front, streams) if front else streams
-        signal = self._signal(generation, policy.signal_kind, stack, streams, span_in)
-        measurement = policy.observe(state.method_state, signal)
+        indicator = self._indicator(generation, policy.indicator_kind, indicator)
+        measurement = policy.observe(state.method_state, indicator)
         gate, reason = policy.gate(
             ctx,
-            has_residual=state.store.fits(span_in),
+            has_residual=state.store.fits(inputs),
             num_reused=state.num_reused,
             consecutive_reused=state.consecutive_reused,
         )
@@ -357,50 +422,171 @@ class CacheEngine:
             state.store = make_store(policy.taylorseer_order)
             state.invalidated = False
         decision = policy.decide(ctx, state.method_state, measurement, gate, reason)
+        state.pending = _Pending(ctx, decision, indicator, tuple(inputs), num_blocks, front + back)
+        return decision
 
+    @torch.compiler.disable(reason=_NOT_COMPILABLE)
+    def commit(self, residuals: Streams, outputs: Streams | None = None, *, branch: str | None = None) -> None:
+        """Store what ``branch`` computed after a compute decision (:meth:`decide`), and record the step.
+
+        Args:
+            residuals: the cached quantity, one tensor per stream (block stack: each stream's output minus its
+                input over the cached span; whole call: the prediction itself). Shapes may differ from ``inputs``.
+            outputs: the cached span's outputs per stream (default: ``residuals``), read by calibration
+                (TeaCache's ``y``: the relative change of ``outputs[0]`` between steps).
+            branch: as in :meth:`decide`.
+
+        Raises:
+            RuntimeError: the branch has no pending decision, or it was a reuse (call :meth:`recall`); the pending
+                decision stays.
+        """
+        generation, state, pending = self._pending("commit", branch)
+        if pending.decision.reuse:
+            raise RuntimeError(
+                f"CacheEngine.commit: branch {pending.ctx.branch!r} decided to reuse at step {pending.ctx.step} "
+                f"({pending.decision.reason}); call recall() instead"
+            )
+        state.pending = None
+        residuals = tuple(residuals)
+        policy = generation.policy
+        state.store.update(pending.ctx.step, pending.inputs, residuals)
+        outputs = residuals if outputs is None else tuple(outputs)
+        policy.on_computed(pending.ctx, state.method_state, pending.indicator, residuals, outputs)
+        state.consecutive_reused = 0
+        self._record(generation, state, pending, pending.num_blocks)
+
+    @torch.compiler.disable(reason=_NOT_COMPILABLE)
+    def recall(self, *, branch: str | None = None) -> Streams:
+        """The stored (or TaylorSeer-forecast) quantity of ``branch`` after a reuse decision (:meth:`decide`).
+
+        Returns:
+            One tensor per stream, as last committed (shapes and dtypes of the committed ``residuals``).
+
+        Raises:
+            RuntimeError: the branch has no pending decision, or it was a compute (nothing stored to recall for
+                this step: compute, then :meth:`commit`); the pending decision stays.
+        """
+        generation, state, pending = self._pending("recall", branch)
+        if not pending.decision.reuse:
+            raise RuntimeError(
+                f"CacheEngine.recall: branch {pending.ctx.branch!r} decided to compute at step {pending.ctx.step} "
+                f"({pending.decision.reason}), so there is nothing to recall; compute, then commit(...)"
+            )
+        state.pending = None
+        residuals = state.store.get(pending.ctx.step)
+        state.num_reused += 1
+        state.consecutive_reused += 1
+        self._record(generation, state, pending, pending.cached_around)
+        return residuals
+
+    # -- the cached forward: block-stack caching ----------------------------------------------------------------
+    @torch.compiler.disable(reason=_NOT_COMPILABLE)
+    def run(self, stack: BlockStack, streams: Streams) -> Streams:
+        """Run (or skip) the block stack for the current step and branch; return the streams at its output.
+
+        The composition of the two-phase step (pattern :data:`~cached_diffusers.spec.BLOCK_STACK`): the stack is split
+        into ``front`` blocks (always run), the cached span, and ``back`` blocks (always run); methods without
+        front/back blocks cache the whole stack. ``run`` runs the front blocks, calls :meth:`decide`, then either runs
+        the span and passes its residuals (output minus input, per stream) to :meth:`commit`, or adds the ones
+        :meth:`recall` returns to its input; then it runs the back blocks.
+
+        Opaque to ``torch.compile`` (``torch.compiler.disable``): the decision is data-dependent host-side Python
+        (``Tensor.item()`` of the indicator, per-branch counters, the step index), which TorchDynamo would otherwise
+        break the graph on and recompile for at every step. Blocks compiled on their own
+        (``compile_repeated_blocks``) still run compiled inside it.
+        """
+        generation = self.current
+        policy = generation.policy
+        num_blocks = stack.num_blocks
+        if policy is None:
+            return stack.run_blocks(0, num_blocks, streams)
+        front, back = policy.front_blocks, policy.back_blocks
+        if front + back >= num_blocks:
+            self.step_context()  # an unknown step is reported first, as before any block runs
+            raise ValueError(
+                f"cache method {generation.config.method!r} runs {front} front and {back} back blocks, which leaves "
+                f"no block to cache in a stack of {num_blocks}"
+            )
+        ctx = self.step_context()
+        span_in = stack.run_blocks(0, front, streams) if front else streams
+        kind = policy.indicator_kind
+        indicator = None
+        if kind == "front_residual":
+            indicator = span_in[0] - streams[0]
+        elif kind in stack.indicators:
+            indicator = functools.partial(stack.indicators[kind], streams)
+        decision = self.decide(
+            ctx.branch,
+            ctx.step,
+            ctx.num_steps,
+            inputs=span_in,
+            indicator=indicator,
+            num_blocks=num_blocks,
+            pattern=BLOCK_STACK,
+        )
         if decision.reuse:
-            span_out = tuple(s + r for s, r in zip(span_in, state.store.get(ctx.step)))
-            state.num_reused += 1
-            state.consecutive_reused += 1
-            blocks = front + back
+            span_out = tuple(s + r for s, r in zip(span_in, self.recall(branch=ctx.branch)))
         else:
-            span_out = stack.run_blocks(front, num_blocks - back, span_in)
-            residuals = tuple(o - s for o, s in zip(span_out, span_in))
-            state.store.update(ctx.step, span_in, residuals)
-            policy.on_computed(ctx, state.method_state, signal, residuals, span_out)
-            state.consecutive_reused = 0
-            blocks = num_blocks
-        out = stack.run_blocks(num_blocks - back, num_blocks, span_out) if back else span_out
+            try:
+                span_out = stack.run_blocks(front, num_blocks - back, span_in)
+            except BaseException:
+                generation.branches[ctx.branch].pending = None  # the step did not happen; the next one decides anew
+                raise
+            self.commit(tuple(o - s for o, s in zip(span_out, span_in)), span_out, branch=ctx.branch)
+        return stack.run_blocks(num_blocks - back, num_blocks, span_out) if back else span_out
+
+    def _pending(self, what: str, branch: str | None) -> tuple[Generation, BranchState, _Pending]:
+        generation = self.current
+        name = self._branch_name(branch)
+        state = generation.branches.get(name)
+        if generation.policy is None or state is None or state.pending is None:
+            raise RuntimeError(
+                f"CacheEngine.{what}: branch {name!r} has no pending decision; call decide(...) for it first"
+            )
+        return generation, state, state.pending
+
+    def _record(self, generation: Generation, state: BranchState, pending: _Pending, blocks: int) -> None:
+        ctx, decision, policy = pending.ctx, pending.decision, generation.policy
         state.last_step = ctx.step
         branch_stats = generation.stats.branch(ctx.branch)
-        branch_stats.records.append(StepRecord(ctx.step, decision.reuse, decision.reason, decision.signal, blocks))
+        branch_stats.records.append(StepRecord(ctx.step, decision.reuse, decision.reason, decision.value, blocks))
         calibration = policy.calibration(state.method_state)
         if calibration:
             branch_stats.calibration = calibration
-        return out
 
-    def _signal(
-        self, generation: Generation, kind: str | None, stack: BlockStack, streams: Streams, span_in: Streams
+    def _indicator(
+        self, generation: Generation, kind: str | None, indicator: torch.Tensor | Callable[[], torch.Tensor] | None
     ) -> torch.Tensor | None:
         if kind is None:
             return None
-        if kind == "front_residual":
-            return span_in[0] - streams[0]
-        if kind not in stack.signals:
+        if indicator is None:
             raise ValueError(
-                f"cache method {generation.config.method!r} needs the {kind!r} signal, which "
-                f"{self.defaults.get('model_name', 'this model')} does not provide"
+                f"cache method {generation.config.method!r} needs the {kind!r} indicator, which "
+                f"{self.spec.model_name} does not provide"
             )
-        return stack.signals[kind](streams)
+        return indicator() if callable(indicator) else indicator
 
-    def _branch_state(self, generation: Generation, ctx: StepContext, num_blocks: int) -> BranchState:
+    def _branch_name(self, branch: str | None) -> str:
+        """``branch``, else the cache context's name, else :data:`DEFAULT_BRANCH`."""
+        if branch is not None:
+            return branch
+        ctx = self._context
+        return ctx.name if ctx is not None else DEFAULT_BRANCH
+
+    @staticmethod
+    def _starts_new_generation(generation: Generation, ctx: StepContext) -> bool:
+        """Whether a call at ``ctx`` starts the next generation of a directly driven transformer."""
         stats = generation.stats
         known = generation.branches.get(ctx.branch)
-        new_generation = stats.num_steps is not None and (
+        return stats.num_steps is not None and (
             stats.num_steps != ctx.num_steps
             or (ctx.step == 0 and known is not None and known.last_step is not None)
             or (known is not None and known.last_step is not None and ctx.step < known.last_step)
         )
+
+    def _branch_state(self, generation: Generation, ctx: StepContext, num_blocks: int) -> BranchState:
+        new_generation = self._starts_new_generation(generation, ctx)
+        stats = generation.stats
         if new_generation:
             # A transformer driven directly (no pipeline) starts its next generation: steps wrap to 0 or go back (or the
             # step count changed, e.g. a callback changed the schedule).

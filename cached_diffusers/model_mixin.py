@@ -8,7 +8,7 @@ Working with the rest of the ecosystem:
 
 * ``torch.compile``: the engine's step (decision, residual store, statistics, ``CacheEngine.run``) is opaque to
   TorchDynamo (``torch.compiler.disable``), because its decisions are data-dependent host-side Python (``Tensor.item()`` on the
-  decision signal, per-branch counters, step indices) that would otherwise break the graph and recompile on every
+  decision indicator, per-branch counters, step indices) that would otherwise break the graph and recompile on every
   step. ``torch.compile(transformer)`` therefore compiles the embeddings and the output head, with one graph break
   around the block stack; compile the blocks themselves with regional compilation,
   ``transformer.compile_repeated_blocks(fullgraph=True)`` (each block is one full graph, and the engine calls the
@@ -21,15 +21,20 @@ Working with the rest of the ecosystem:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import hashlib
 import inspect
 import json
 import warnings
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterator, Mapping, TextIO
+from typing import Any, Callable, ClassVar, Iterator, Mapping, TextIO
+
+import torch
 
 from .configs import CacheConfig, available_cache_methods
-from .engine import CacheEngine
+from .engine import BlockStack, CacheEngine
+from .spec import ModelCacheSpec
 from .stats import CacheStats
 
 __all__ = ["CachedTransformerMixin", "MirroredForward", "diffusers_parent", "mirrored_forward_mismatch"]
@@ -100,13 +105,15 @@ class CachedTransformerMixin:
     """Mixin for a diffusers ``ModelMixin`` subclass whose overridden ``forward`` calls :attr:`cache_engine`.
 
     Class attributes:
-        cache_defaults: model-provided values for the configs, e.g. ``{"teacache_coefficients": (...)}``.
+        cache_spec: the model's :class:`~cached_diffusers.spec.ModelCacheSpec` (TeaCache coefficients, MagCache
+            ratios and their sources, calibration hint, wiring patterns); the engine gets it with ``num_blocks`` set
+            to this instance's :attr:`num_cache_blocks`.
         mirrored_forward: for a model whose cached ``forward`` re-implements its diffusers parent's, which parent
             source it follows (:class:`MirroredForward`); when the installed diffusers' differs, turning caching on
             warns once per class (``UserWarning``), and ``tests/test_first_hour.py`` fails naming the file.
     """
 
-    cache_defaults: ClassVar[Mapping[str, Any]] = {}
+    cache_spec: ClassVar[ModelCacheSpec] = ModelCacheSpec()
     mirrored_forward: ClassVar[MirroredForward | None] = None
 
     @property
@@ -114,13 +121,37 @@ class CachedTransformerMixin:
         """Blocks of the cached stack, in execution order (what DBCache's ``Fn`` and ``Bn`` count)."""
         raise NotImplementedError
 
+    # -- pattern BLOCK_STACK: block-stack caching inside forward ---------------------------------------------------
+    # A block-stack model implements ``_run_blocks(start, end, streams, context) -> streams``: run blocks
+    # ``start .. end - 1`` of the cached stack on the residual streams exactly as the parent's loop does, returning the
+    # same structure and shapes (``context``: what the blocks of one forward share: modulations, RoPE, masks, KV
+    # caches). It is not declared here, so that a parent class that already has it (BAGEL's) is not shadowed.
+
+    def _cache_indicators(self, context: Any) -> Mapping[str, Callable[[tuple[torch.Tensor, ...]], torch.Tensor]]:
+        """The decision indicators the model computes at the stack's input (``{"teacache_indicator": fn(streams)}``),
+        for this forward's ``context``. Default: none."""
+        return {}
+
+    def _run_block_stack(self, streams: tuple[torch.Tensor, ...], context: Any) -> tuple[torch.Tensor, ...]:
+        """The block stack of one forward: the one call a block-stack model's ``forward`` makes between its
+        embeddings and its output head. With caching on, ``CacheEngine.run`` decides, runs or skips the cached span
+        and returns the streams at the stack's output; off, every block runs.
+        """
+        if not self.cache_engine.active:
+            return self._run_blocks(0, self.num_cache_blocks, streams, context)
+        run_blocks = functools.partial(self._run_blocks, context=context)
+        stack = BlockStack(self.num_cache_blocks, run_blocks, self._cache_indicators(context))
+        return self.cache_engine.run(stack, streams)
+
     @property
     def cache_engine(self) -> CacheEngine:
         """This model's :class:`~cached_diffusers.engine.CacheEngine` (created on first use)."""
         engine = self.__dict__.get("_cache_engine")
         if engine is None:
-            defaults = {"model_name": type(self).__name__, "num_blocks": self.num_cache_blocks, **self.cache_defaults}
-            engine = CacheEngine(defaults)
+            spec = self.cache_spec
+            if spec.model_name == ModelCacheSpec.model_name:
+                spec = dataclasses.replace(spec, model_name=type(self).__name__)
+            engine = CacheEngine(dataclasses.replace(spec, num_blocks=self.num_cache_blocks))
             self.__dict__["_cache_engine"] = engine
         return engine
 

@@ -48,7 +48,6 @@ class CachedPipelineMixin:
 
     Class attributes:
         cached_transformer_class: the cached model class the loaded transformer is turned into.
-        cache_branch: the branch name for a parent loop without ``cache_context`` (see below).
 
     A subclass ``CachedX(CachedPipelineMixin, X)`` needs no ``__init__`` or ``__call__``: it gets
     ``__init__(<X's parameters>, cache_config=None)`` and ``__call__`` with exactly ``X.__call__``'s signature and
@@ -57,9 +56,6 @@ class CachedPipelineMixin:
     """
 
     cached_transformer_class: ClassVar[type]
-    cache_branch: ClassVar[str | None] = None
-    """Branch name for a parent whose loop calls the transformer outside any ``cache_context`` (e.g.
-    ``Flux2Pipeline``, one guidance-distilled branch); ``None`` when the parent's loop names its branches."""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         # Every cached pipeline gets its parent's exact constructor (plus `cache_config`) and `__call__` signatures
@@ -194,7 +190,7 @@ class CachedPipelineMixin:
     @property
     def cache_stats(self) -> CacheStats:
         """Per-branch statistics of this pipeline's last call (of the running one, during a call): computed and
-        reused step indices and the decision signals."""
+        reused step indices and the decision values."""
         generation = self.__dict__.get("_cache_generation")
         return generation.stats if generation is not None else self.transformer.cache_stats
 
@@ -278,13 +274,13 @@ class CachedPipelineMixin:
 
     def _cached_call(self, parent_call: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
         """Run the parent's ``__call__`` in a generation of its own (:meth:`cache_generation`), with its
-        ``callback_on_step_end`` watched, and with the branch named when the parent's loop names none."""
+        ``callback_on_step_end`` watched. A parent whose loop names no branch (e.g. ``Flux2Pipeline``) runs the
+        engine's ``DEFAULT_BRANCH``, ``"cond"``."""
         transformer = self.transformer
         if transformer is None:
             return parent_call(self, *args, **kwargs)
         args, kwargs, callback, put = _callback_argument(type(self), args, kwargs)
-        branch = transformer.cache_context(self.cache_branch) if self.cache_branch else contextlib.nullcontext()
-        with self.cache_generation(callback) as watched, branch:
+        with self.cache_generation(callback) as watched:
             args, kwargs = put(watched)
             return parent_call(self, *args, **kwargs)
 

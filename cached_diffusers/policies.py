@@ -1,8 +1,9 @@
-"""Decision policies: given a step, the branch's state and the step's signal, compute or reuse.
+"""Decision policies: given a step, the branch's state and the step's indicator, compute or reuse.
 
-A policy is built from a config (``config.make_policy(defaults)``) and keeps no per-generation state itself: the
+A policy is built from a config and the model's :class:`~cached_diffusers.spec.ModelCacheSpec`
+(``config.make_policy(spec)``) and keeps no per-generation state itself: the
 state it needs per guidance branch is created by ``new_state`` and owned by the engine. ``observe`` turns the model's
-signal tensor into a scalar; ``decide`` is a pure function of the step context, that state and scalars, so that ranks
+indicator tensor into a scalar; ``decide`` is a pure function of the step context, that state and scalars, so that ranks
 of a multi-GPU run that gather the same scalars take the same decision.
 
 Every policy shares the guards of :meth:`CachePolicy.gate` (first step, stored residual, warm-up, last step, SCM
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 
 from .scm import steps_mask
+from .spec import BLOCK_STACK, PATTERNS, WHOLE_CALL, ModelCacheSpec
 
 if TYPE_CHECKING:  # annotations only: the configs build their policies (configs -> policies), not the reverse
     from .configs import DBCacheConfig, MagCacheConfig, StepCacheConfig, TaylorSeerConfig, TeaCacheConfig
@@ -91,12 +93,12 @@ class Decision:
             ``"scm-compute"``, ``"scm-static"``, ``"max-cached-steps"``, ``"max-continuous-cached-steps"``) or the
             method's test (``"below-threshold"``, ``"above-threshold"``, ``"retention"``, ``"max-skip-steps"``,
             ``"interval"``, ``"forecast"``, ``"calibration"``, ...).
-        signal: the method's decision value at this step (see ``CachePolicy.signal_name``), or ``None``.
+        value: the method's decision value at this step (see ``CachePolicy.value_name``), or ``None``.
     """
 
     reuse: bool
     reason: str
-    signal: float | None = None
+    value: float | None = None
 
 
 def relative_l1(current: torch.Tensor, previous: torch.Tensor) -> float:
@@ -136,28 +138,59 @@ def interpolate_ratios(ratios: tuple[float, ...], num_steps: int) -> tuple[float
     return tuple(float(ratios[i]) for i in indices)
 
 
-def _hint(defaults: Mapping[str, Any]) -> str:
+def _hint(spec: ModelCacheSpec) -> str:
     """The model's ``calibration_hint`` (how to calibrate it), appended to errors about missing model data."""
-    hint = defaults.get("calibration_hint")
-    return f". {hint}" if hint else ""
+    return f". {spec.calibration_hint}" if spec.calibration_hint else ""
+
+
+PATTERN_DESCRIPTIONS = {
+    BLOCK_STACK: "caches a block stack inside its forward",
+    WHOLE_CALL: "caches whole transformer calls in its denoising loop",
+}
+"""What each wiring pattern means, for error messages."""
 
 
 class CachePolicy:
     """Base policy: the shared guards and the interface the engine calls.
 
     Class attributes:
-        signal_kind: what the model must provide before the decision: ``"modulated_input"`` (block 0's modulated
-            input, TeaCache), ``"front_residual"`` (the image-stream residual of the first ``front_blocks`` blocks,
-            DBCache), or ``None``.
-        signal_name: what ``Decision.signal`` measures, for the statistics.
+        indicator_kind: the decision indicator the method needs: ``"teacache_indicator"`` (TeaCache; the model's,
+            e.g. block 0's modulated input), ``"front_residual"`` (DBCache; the image-stream residual of the first
+            ``front_blocks`` blocks), or ``None``.
+        value_name: what ``Decision.value`` measures, for the statistics.
+        patterns: the wiring patterns the method works with (:data:`~cached_diffusers.spec.BLOCK_STACK`,
+            :data:`~cached_diffusers.spec.WHOLE_CALL`); a model whose spec uses none of them is refused here.
+        pattern_requirement: why the method needs those patterns, for the refusal's message.
+
+    Raises:
+        ValueError: when the model's ``spec.patterns`` share none of the method's ``patterns``, naming the method
+            and the patterns.
     """
 
-    signal_kind: ClassVar[str | None] = None
-    signal_name: ClassVar[str] = ""
+    indicator_kind: ClassVar[str | None] = None
+    value_name: ClassVar[str] = ""
+    patterns: ClassVar[tuple[str, ...]] = PATTERNS
+    pattern_requirement: ClassVar[str] = ""
 
-    def __init__(self, config: StepCacheConfig, defaults: Mapping[str, Any]):
+    def __init__(self, config: StepCacheConfig, spec: ModelCacheSpec):
         self.config = config
+        self.spec = spec
         self._masks: dict[int, tuple[int, ...]] = {}
+        if not set(spec.patterns) & set(self.patterns):
+            self.check_pattern(spec.patterns[0], spec.model_name)
+
+    def check_pattern(self, pattern: str, model_name: str) -> None:
+        """Raise ``ValueError`` naming the method and ``pattern`` unless the method supports ``pattern``."""
+        if pattern in self.patterns:
+            return
+        config = self.config
+        supported = " or ".join(repr(p) for p in self.patterns)
+        raise ValueError(
+            f"{type(config).__name__} (method {config.method!r}) supports only the {supported} wiring pattern"
+            f"{self.pattern_requirement}, but {model_name} {PATTERN_DESCRIPTIONS[pattern]} (pattern {pattern!r}). "
+            f"Use a method that supports {pattern!r}: "
+            + ", ".join(sorted(_methods_supporting(pattern)))
+        )
 
     # -- what the engine needs to know ------------------------------------------------------------------------------
     @property
@@ -226,15 +259,15 @@ class CachePolicy:
         return Gate.TEST, ""
 
     # -- the method ---------------------------------------------------------------------------------------------------
-    def observe(self, state: Any, signal: torch.Tensor | None) -> float | None:
-        """Turn the step's signal tensor into the scalar the decision uses, updating tensor state. Default: none."""
+    def observe(self, state: Any, indicator: torch.Tensor | None) -> float | None:
+        """Turn the step's indicator tensor into the scalar the decision uses, updating tensor state. Default: none."""
         return None
 
     def decide(self, ctx: StepContext, state: Any, measurement: float | None, gate: Gate, reason: str) -> Decision:
         raise NotImplementedError
 
     def on_computed(
-        self, ctx: StepContext, state: Any, signal: torch.Tensor | None, residuals: tuple, outputs: tuple
+        self, ctx: StepContext, state: Any, indicator: torch.Tensor | None, residuals: tuple, outputs: tuple
     ) -> None:
         """Called after the cached span ran, with its residuals and outputs per stream (to store a probe, calibrate)."""
 
@@ -243,13 +276,24 @@ class CachePolicy:
         return {}
 
 
+def _methods_supporting(pattern: str) -> list[str]:
+    """Names of the policy classes (less ``Policy``) that support ``pattern``, for error messages."""
+    names, pending = set(), list(CachePolicy.__subclasses__())
+    while pending:
+        cls = pending.pop()
+        pending.extend(cls.__subclasses__())
+        if pattern in cls.patterns:
+            names.add(cls.__name__.removesuffix("Policy"))
+    return sorted(names)
+
+
 # -- TeaCache ---------------------------------------------------------------------------------------------------------
 @dataclass
 class TeaCacheState:
-    """Per-branch TeaCache state: the previous step's modulated input and the accumulated rescaled distance; in
+    """Per-branch TeaCache state: the previous step's indicator and the accumulated rescaled distance; in
     calibration mode the last distance, the previous stack output and the recorded ``(x, y)`` pairs."""
 
-    previous_signal: torch.Tensor | None = None
+    previous_indicator: torch.Tensor | None = None
     accumulated: float = 0.0
     distance: float | None = None
     previous_output: torch.Tensor | None = None
@@ -257,38 +301,38 @@ class TeaCacheState:
 
 
 class TeaCachePolicy(CachePolicy):
-    """TeaCache's rule (see :class:`~cached_diffusers.TeaCacheConfig`) on block 0's modulated input."""
+    """TeaCache's rule (see :class:`~cached_diffusers.TeaCacheConfig`) on the model's indicator (e.g. block 0's
+    modulated input)."""
 
-    signal_kind = "modulated_input"
-    signal_name = "accumulated rescaled relative L1 distance of block 0's modulated input"
+    indicator_kind = "teacache_indicator"
+    value_name = "accumulated rescaled relative L1 distance of the TeaCache indicator"
 
-    def __init__(self, config: TeaCacheConfig, defaults: Mapping[str, Any]):
-        super().__init__(config, defaults)
+    def __init__(self, config: TeaCacheConfig, spec: ModelCacheSpec):
+        super().__init__(config, spec)
         coefficients = config.coefficients
         if coefficients is None:
-            coefficients = defaults.get("teacache_coefficients")
+            coefficients = spec.teacache_coefficients
         if coefficients is None and config.calibrate:
             coefficients = (0.0, 0.0, 0.0, 1.0, 0.0)  # unused: calibration never reuses
         if coefficients is None:
-            model = defaults.get("model_name", "this model")
             raise ValueError(
-                f"TeaCacheConfig.coefficients is None and no TeaCache coefficients are known for {model}: pass "
-                f"TeaCacheConfig(coefficients=[c4, c3, c2, c1, c0]) fitted for this model"
-                + _hint(defaults)
+                f"TeaCacheConfig.coefficients is None and no TeaCache coefficients are known for {spec.model_name}: "
+                f"pass TeaCacheConfig(coefficients=[c4, c3, c2, c1, c0]) fitted for this model"
+                + _hint(spec)
             )
         self.coefficients = tuple(float(c) for c in coefficients)
 
     def new_state(self) -> TeaCacheState:
         return TeaCacheState()
 
-    def observe(self, state: TeaCacheState, signal: torch.Tensor | None) -> float | None:
-        if signal is None:
-            raise ValueError("TeaCache needs the model's modulated input of block 0, but the model provided none")
-        previous, state.previous_signal = state.previous_signal, signal.detach()
-        if previous is None or previous.shape != signal.shape:
+    def observe(self, state: TeaCacheState, indicator: torch.Tensor | None) -> float | None:
+        if indicator is None:
+            raise ValueError("TeaCache needs the model's TeaCache indicator, but the model provided none")
+        previous, state.previous_indicator = state.previous_indicator, indicator.detach()
+        if previous is None or previous.shape != indicator.shape:
             state.distance = None
         else:
-            state.distance = relative_l1(signal, previous)
+            state.distance = relative_l1(indicator, previous)
         return state.distance
 
     def rescale(self, distance: float) -> float:
@@ -302,7 +346,7 @@ class TeaCachePolicy(CachePolicy):
             return Decision(False, "calibration", measurement)
         if gate is Gate.COMPUTE or measurement is None:
             state.accumulated = 0.0
-            return Decision(False, reason or "no-previous-signal")
+            return Decision(False, reason or "no-previous-indicator")
         accumulated = state.accumulated + self.rescale(measurement)
         if gate is Gate.REUSE or accumulated < self.config.rel_l1_thresh:
             state.accumulated = accumulated
@@ -311,12 +355,12 @@ class TeaCachePolicy(CachePolicy):
         return Decision(False, "above-threshold", accumulated)
 
     def on_computed(
-        self, ctx: StepContext, state: TeaCacheState, signal: torch.Tensor | None, residuals: tuple, outputs: tuple
+        self, ctx: StepContext, state: TeaCacheState, indicator: torch.Tensor | None, residuals: tuple, outputs: tuple
     ) -> None:
         if not self.config.calibrate:
             return
         # y: relative L1 change of the block stack's image output between consecutive steps (TeaCache paper; the
-        # official and vllm-omni calibration scripts), paired with x, the signal's change at the same step.
+        # official and vllm-omni calibration scripts), paired with x, the indicator's change at the same step.
         output = outputs[0].detach()
         previous, state.previous_output = state.previous_output, output
         if state.distance is not None and previous is not None and previous.shape == output.shape:
@@ -344,17 +388,16 @@ class MagCacheState:
 class MagCachePolicy(CachePolicy):
     """MagCache's rule (see :class:`~cached_diffusers.MagCacheConfig`), with per-call ratio interpolation."""
 
-    signal_name = "accumulated magnitude error |1 - prod(mag_ratios)|"
+    value_name = "accumulated magnitude error |1 - prod(mag_ratios)|"
 
-    def __init__(self, config: MagCacheConfig, defaults: Mapping[str, Any]):
-        super().__init__(config, defaults)
-        ratios = config.mag_ratios if config.mag_ratios is not None else defaults.get("mag_ratios")
+    def __init__(self, config: MagCacheConfig, spec: ModelCacheSpec):
+        super().__init__(config, spec)
+        ratios = config.mag_ratios if config.mag_ratios is not None else spec.mag_ratios
         if ratios is None and not config.calibrate:
-            model = defaults.get("model_name", "this model")
             raise ValueError(
-                f"MagCacheConfig.mag_ratios is None and no MagCache ratios are known for {model}: run once with "
-                f"MagCacheConfig(calibrate=True) and build the config with MagCacheConfig.from_calibration(stats)"
-                + _hint(defaults)
+                f"MagCacheConfig.mag_ratios is None and no MagCache ratios are known for {spec.model_name}: run once "
+                f"with MagCacheConfig(calibrate=True) and build the config with MagCacheConfig.from_calibration(stats)"
+                + _hint(spec)
             )
         self.ratios = ratios
         self._interpolated: dict[tuple[str, int], tuple[float, ...]] = {}
@@ -397,7 +440,7 @@ class MagCachePolicy(CachePolicy):
         return Decision(False, why, error)
 
     def on_computed(
-        self, ctx: StepContext, state: MagCacheState, signal: torch.Tensor | None, residuals: tuple, outputs: tuple
+        self, ctx: StepContext, state: MagCacheState, indicator: torch.Tensor | None, residuals: tuple, outputs: tuple
     ) -> None:
         if not self.config.calibrate:
             return
@@ -432,12 +475,17 @@ class DBCacheState:
 class DBCachePolicy(CachePolicy):
     """DBCache's rule (see :class:`~cached_diffusers.DBCacheConfig`) on the residual of the first ``Fn`` blocks."""
 
-    signal_kind = "front_residual"
-    signal_name = "relative L1 change of the Fn blocks' residual since the last computed step"
+    indicator_kind = "front_residual"
+    value_name = "relative L1 change of the Fn blocks' residual since the last computed step"
+    patterns = (BLOCK_STACK,)
+    pattern_requirement = (
+        " (it decides from the residual of the first Fn transformer blocks, run at every step, so it needs a block "
+        "stack)"
+    )
 
-    def __init__(self, config: DBCacheConfig, defaults: Mapping[str, Any]):
-        super().__init__(config, defaults)
-        num_blocks = defaults.get("num_blocks")
+    def __init__(self, config: DBCacheConfig, spec: ModelCacheSpec):
+        super().__init__(config, spec)
+        num_blocks = spec.num_blocks
         if num_blocks is not None and config.Fn + config.Bn >= num_blocks:
             raise ValueError(
                 f"{type(config).__name__}: Fn + Bn must be smaller than the model's {num_blocks} blocks (so that "
@@ -455,11 +503,11 @@ class DBCachePolicy(CachePolicy):
     def new_state(self) -> DBCacheState:
         return DBCacheState()
 
-    def observe(self, state: DBCacheState, signal: torch.Tensor | None) -> float | None:
+    def observe(self, state: DBCacheState, indicator: torch.Tensor | None) -> float | None:
         reference = state.reference
-        if reference is None or reference.shape != signal.shape:
+        if reference is None or reference.shape != indicator.shape:
             return None
-        return relative_l1(signal, reference)
+        return relative_l1(indicator, reference)
 
     def decide(
         self, ctx: StepContext, state: DBCacheState, measurement: float | None, gate: Gate, reason: str
@@ -480,19 +528,19 @@ class DBCachePolicy(CachePolicy):
         return Decision(False, "above-threshold", measurement)
 
     def on_computed(
-        self, ctx: StepContext, state: DBCacheState, signal: torch.Tensor | None, residuals: tuple, outputs: tuple
+        self, ctx: StepContext, state: DBCacheState, indicator: torch.Tensor | None, residuals: tuple, outputs: tuple
     ) -> None:
-        state.reference = signal.detach()
+        state.reference = indicator.detach()
 
 
 # -- TaylorSeer (standalone) --------------------------------------------------------------------------------------------
 class TaylorSeerPolicy(CachePolicy):
     """Fixed-interval TaylorSeer (see :class:`~cached_diffusers.TaylorSeerConfig`)."""
 
-    signal_name = ""
+    value_name = ""
 
-    def __init__(self, config: TaylorSeerConfig, defaults: Mapping[str, Any]):
-        super().__init__(config, defaults)
+    def __init__(self, config: TaylorSeerConfig, spec: ModelCacheSpec):
+        super().__init__(config, spec)
 
     @property
     def taylorseer_order(self) -> int:

@@ -108,13 +108,13 @@ def summary(obj: Any, *, file: TextIO | None = None, details: bool = True) -> Ca
     if fraction:
         saving += f" ({1 / fraction:.2f}x fewer)"
     lines.append(f"  steps: {stats.num_steps}, blocks per step: {stats.num_blocks}{saving}")
-    if stats.signal_name:
-        lines.append(f"  decision value: {stats.signal_name}")
+    if stats.value_name:
+        lines.append(f"  decision value: {stats.value_name}")
     rows = [["branch", "computed", "reused", "reused %", "min", "p25", "p50", "p75", "p95", "max"]]
     for b in stats.branches.values():
         calls = len(b.records)
         share = f"{100 * b.num_reused / calls:.1f}%" if calls else "-"
-        rows.append([b.branch, str(b.num_computed), str(b.num_reused), share, *_quantiles(list(b.signals.values()))])
+        rows.append([b.branch, str(b.num_computed), str(b.num_reused), share, *_quantiles(list(b.values.values()))])
     lines.extend("  " + line for line in _table(rows))
     if details:
         for b in stats.branches.values():

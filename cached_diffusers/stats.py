@@ -16,14 +16,14 @@ class StepRecord:
         step: denoising step index.
         reused: whether the cached blocks were skipped.
         reason: the decision's reason (see :class:`~cached_diffusers.policies.Decision`).
-        signal: the method's decision value (TeaCache: accumulated rescaled distance), ``None`` if not tested.
+        value: the method's decision value (TeaCache: accumulated rescaled distance), ``None`` if not tested.
         blocks_computed: transformer blocks that actually ran at this step.
     """
 
     step: int
     reused: bool
     reason: str
-    signal: float | None
+    value: float | None
     blocks_computed: int
 
 
@@ -54,9 +54,9 @@ class BranchStats:
         return len(self.reused_steps)
 
     @property
-    def signals(self) -> dict[int, float]:
+    def values(self) -> dict[int, float]:
         """The method's decision value per tested step (``{step: value}``), to tune thresholds from one run."""
-        return {r.step: r.signal for r in self.records if r.signal is not None}
+        return {r.step: r.value for r in self.records if r.value is not None}
 
     @property
     def blocks_computed(self) -> int:
@@ -67,7 +67,7 @@ class BranchStats:
             "branch": self.branch,
             "computed_steps": self.computed_steps,
             "reused_steps": self.reused_steps,
-            "signals": {str(k): v for k, v in self.signals.items()},
+            "values": {str(k): v for k, v in self.values.items()},
             "reasons": {str(r.step): r.reason for r in self.records},
             "blocks_computed": self.blocks_computed,
             **({"calibration": self.calibration} if self.calibration else {}),
@@ -80,7 +80,7 @@ class CacheStats:
 
     Attributes:
         method: the cache method's name.
-        signal_name: what the per-step ``signals`` measure.
+        value_name: what the per-step decision ``values`` measure.
         num_steps: denoising steps of the generation's full schedule (``None`` before the first transformer call).
         first_step: the first executed step (0 for a full schedule; ``> 0`` for img2img / inpaint at
             ``strength < 1``, which run steps ``first_step .. num_steps - 1``). Step indices in the records are
@@ -90,7 +90,7 @@ class CacheStats:
     """
 
     method: str
-    signal_name: str = ""
+    value_name: str = ""
     num_steps: int | None = None
     num_blocks: int | None = None
     first_step: int | None = None
@@ -126,7 +126,7 @@ class CacheStats:
     def to_dict(self) -> dict[str, Any]:
         return {
             "method": self.method,
-            "signal_name": self.signal_name,
+            "value_name": self.value_name,
             "num_steps": self.num_steps,
             "first_step": self.first_step,
             "num_blocks": self.num_blocks,

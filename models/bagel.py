@@ -55,8 +55,8 @@ from transformers.models.qwen2.modeling_qwen2 import (
     repeat_kv,
 )
 
-from cached_diffusers.engine import BlockStack
 from cached_diffusers.model_mixin import CachedTransformerMixin
+from cached_diffusers.spec import ModelCacheSpec
 
 __all__ = [
     "BAGEL_CALIBRATION_HINT",
@@ -490,7 +490,7 @@ class BagelTransformer2DModel(ModelMixin, ConfigMixin, CacheMixin):
             return (velocity,)
         return Transformer2DModelOutput(sample=velocity)
 
-    def _run_layers(self, start: int, end: int, streams, context):
+    def _run_blocks(self, start: int, end: int, streams, context):
         """Run decoder layers ``start .. end - 1`` on the query streams ``(latents, markers)``."""
         cos, sin, kv_cache, mask = context
         latents, markers = streams
@@ -501,7 +501,7 @@ class BagelTransformer2DModel(ModelMixin, ConfigMixin, CacheMixin):
         return latents, markers
 
     def _run_block_stack(self, streams, context):
-        return self._run_layers(0, len(self.layers), streams, context)
+        return self._run_blocks(0, len(self.layers), streams, context)
 
 
 class CachedBagelTransformer2DModel(CachedTransformerMixin, BagelTransformer2DModel):
@@ -514,7 +514,7 @@ class CachedBagelTransformer2DModel(CachedTransformerMixin, BagelTransformer2DMo
     its residual over the ``Fn`` front layers) and the two marker tokens ``(B, 2, D)``. A reused step adds each
     stream's stored residual to the query entering the stack.
 
-    TeaCache's signal is the whole packed query entering layer 0 (markers and latent tokens), as in vllm-omni (an LLM
+    TeaCache's indicator is the whole packed query entering layer 0 (markers and latent tokens), as in vllm-omni (an LLM
     has no AdaLN modulation); the shipped coefficients are :data:`BAGEL_TEACACHE_COEFFICIENTS`. No MagCache ratios are
     published: MagCache without ``mag_ratios`` raises ``ValueError`` saying how to calibrate
     (:data:`BAGEL_CALIBRATION_HINT`).
@@ -526,24 +526,24 @@ class CachedBagelTransformer2DModel(CachedTransformerMixin, BagelTransformer2DMo
     With ``cache_config=None`` ``forward`` is the parent's.
     """
 
-    cache_defaults = {"teacache_coefficients": BAGEL_TEACACHE_COEFFICIENTS, "calibration_hint": BAGEL_CALIBRATION_HINT}
+    cache_spec = ModelCacheSpec(
+        model_name="CachedBagelTransformer2DModel",
+        teacache_coefficients=BAGEL_TEACACHE_COEFFICIENTS,
+        teacache_coefficients_source="vllm-project/vllm-omni vllm_omni/diffusion/cache/teacache/config.py",
+        calibration_hint=BAGEL_CALIBRATION_HINT,
+    )
 
     @property
     def num_cache_blocks(self) -> int:
         return len(self.layers)
 
-    def _run_block_stack(self, streams, context):
-        if not self.cache_engine.active:
-            return super()._run_block_stack(streams, context)
+    def _cache_indicators(self, context):
+        return {"teacache_indicator": _packed_query}
 
-        def run_blocks(start: int, end: int, spans):
-            return self._run_layers(start, end, spans, context)
 
-        def modulated_input(spans) -> torch.Tensor:
-            return torch.cat(spans, dim=1)
-
-        stack = BlockStack(len(self.layers), run_blocks, {"modulated_input": modulated_input})
-        return self.cache_engine.run(stack, streams)
+def _packed_query(streams) -> torch.Tensor:
+    """BAGEL's TeaCache indicator: the query entering layer 0, latents then markers ``(B, h*w + 2, D)``."""
+    return torch.cat(streams, dim=1)
 
 
 # -- the official checkpoint layout --------------------------------------------------------------------------------

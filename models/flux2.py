@@ -19,8 +19,8 @@ from diffusers.models.transformers.transformer_flux2 import (
 )
 from diffusers.utils.peft_utils import apply_lora_scale
 
-from cached_diffusers.engine import BlockStack
 from cached_diffusers.model_mixin import CachedTransformerMixin, MirroredForward
+from cached_diffusers.spec import ModelCacheSpec
 
 __all__ = ["CachedFlux2Transformer2DModel", "FLUX2_CALIBRATION_HINT"]
 
@@ -54,9 +54,9 @@ class CachedFlux2Transformer2DModel(CachedTransformerMixin, Flux2Transformer2DMo
     the last single block's output minus the ``x_embedder`` output (and the same for text), and a reused step adds
     exactly that residual before the output head: it is never a no-op.
 
-    TeaCache's signal is block 0's modulated image input ``(1 + scale_msa) * norm1(h) + shift_msa``, with
+    TeaCache's indicator is block 0's modulated image input ``(1 + scale_msa) * norm1(h) + shift_msa``, with
     ``(shift_msa, scale_msa)`` from the shared ``double_stream_modulation_img(temb)``. ``temb`` depends on the
-    timestep only, so the conditional and unconditional branches see the same signal.
+    timestep only, so the conditional and unconditional branches see the same indicator.
 
     KV-cache mode (``Flux2KleinKVPipeline``): ``kv_cache_mode="extract"`` (reference-image tokens prepended to the
     image stream, their K/V stored in a new ``Flux2KVCache``) must run every block and is accepted only at step 0,
@@ -69,7 +69,7 @@ class CachedFlux2Transformer2DModel(CachedTransformerMixin, Flux2Transformer2DMo
     With ``cache_config=None`` ``forward`` is the parent's.
     """
 
-    cache_defaults = {"calibration_hint": FLUX2_CALIBRATION_HINT}
+    cache_spec = ModelCacheSpec(model_name="CachedFlux2Transformer2DModel", calibration_hint=FLUX2_CALIBRATION_HINT)
     mirrored_forward = MirroredForward(
         sha256="d141ddb68f537de00c25bf7833a6acb4c5614a73166c1a1cfda5ef0c08338751",
         diffusers_version="0.42.1",
@@ -207,21 +207,7 @@ class CachedFlux2Transformer2DModel(CachedTransformerMixin, Flux2Transformer2DMo
             kv_cache=kv_cache if kv_cache_mode is not None else None,
         )
 
-        def run_blocks(start: int, end: int, streams: tuple[torch.Tensor, torch.Tensor]):
-            return self._run_blocks(start, end, streams, context)
-
-        signals = {}
-        if len(self.transformer_blocks):
-
-            def modulated_input(streams: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-                block = self.transformer_blocks[0]
-                (shift_msa, scale_msa, _), _ = Flux2Modulation.split(double_stream_mod_img, 2)
-                return (1 + scale_msa) * block.norm1(streams[0]) + shift_msa
-
-            signals["modulated_input"] = modulated_input
-
-        stack = BlockStack(self.num_cache_blocks, run_blocks, signals)
-        hidden_states, _ = self.cache_engine.run(stack, (hidden_states, encoder_hidden_states))
+        hidden_states, _ = self._run_block_stack((hidden_states, encoder_hidden_states), context)
 
         # The image stream still holds the reference tokens in extract mode.
         if extract:
@@ -238,6 +224,17 @@ class CachedFlux2Transformer2DModel(CachedTransformerMixin, Flux2Transformer2DMo
         if not return_dict:
             return (output,)
         return Flux2Transformer2DModelOutput(sample=output)
+
+    def _cache_indicators(self, context: _StackContext):
+        if not len(self.transformer_blocks):
+            return {}
+
+        def modulated_input(streams: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+            block = self.transformer_blocks[0]
+            (shift_msa, scale_msa, _), _ = Flux2Modulation.split(context.double_stream_mod_img, 2)
+            return (1 + scale_msa) * block.norm1(streams[0]) + shift_msa
+
+        return {"teacache_indicator": modulated_input}
 
     def _run_blocks(
         self, start: int, end: int, streams: tuple[torch.Tensor, torch.Tensor], context: _StackContext

@@ -40,12 +40,13 @@ from diffusers.utils import BaseOutput
 from torch import nn
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb, repeat_kv
 
-from cached_diffusers.configs import CacheConfig, DBCacheConfig, resolve_cache_config
 from cached_diffusers.hub import resolve_dtype
 from cached_diffusers.model_mixin import CachedTransformerMixin
+from cached_diffusers.spec import WHOLE_CALL, ModelCacheSpec
 
 __all__ = [
     "CachedHunyuanImage3Transformer2DModel",
+    "HUNYUANIMAGE3_CACHE_SPEC",
     "HUNYUANIMAGE3_CALIBRATION_HINT",
     "HUNYUANIMAGE3_SKIPPED_KEY_PREFIXES",
     "HUNYUANIMAGE3_TEACACHE_COEFFICIENTS",
@@ -56,7 +57,6 @@ __all__ = [
     "build_2d_rope",
     "build_attention_mask",
     "build_rope_positions",
-    "check_hunyuanimage3_cache_config",
     "load_official_component",
     "official_transformer_config",
 ]
@@ -997,62 +997,38 @@ def _is_beyond_overridden_depth(name: str, kwargs: Mapping[str, Any]) -> bool:
 
 
 # -- the cached model ----------------------------------------------------------------------------------------------------
-def check_hunyuanimage3_cache_config(value: CacheConfig | Mapping[str, Any] | str | None) -> CacheConfig | None:
-    """Resolve a cache config and check that it applies to HunyuanImage-3.0 (no model needed).
-
-    Raises:
-        ValueError: for an invalid config, or DBCache / First-Block-Cache: they decide from the residual of the
-            first ``Fn`` transformer blocks, computed at every step, but the pipeline caches by skipping whole
-            transformer calls (the forward also maintains the KV cache), so there is no per-block probe.
-    """
-    config = resolve_cache_config(value)
-    if isinstance(config, DBCacheConfig):
-        raise ValueError(
-            f"{type(config).__name__} (method {config.method!r}) cannot be used with HunyuanImage-3.0: it decides "
-            "from the residual of the first Fn transformer blocks, computed at every step, but "
-            "CachedHunyuanImage3Pipeline caches in its denoising loop by skipping whole transformer calls (the "
-            "forward also maintains the KV cache), so there is no per-block probe. Use TeaCacheConfig (published "
-            "HunyuanImage-3.0 coefficients), MagCacheConfig (after calibration), TaylorSeerConfig, or an "
-            "scm_steps_mask on one of them."
-        )
-    return config
+HUNYUANIMAGE3_CACHE_SPEC = ModelCacheSpec(
+    model_name="CachedHunyuanImage3Transformer2DModel",
+    num_blocks=1,
+    teacache_coefficients=HUNYUANIMAGE3_TEACACHE_COEFFICIENTS,
+    teacache_coefficients_source="vllm-project/vllm-omni vllm_omni/diffusion/cache/teacache/config.py (PR #1927)",
+    calibration_hint=HUNYUANIMAGE3_CALIBRATION_HINT,
+    patterns=(WHOLE_CALL,),
+)
+"""HunyuanImage-3.0's cache spec: whole-call caching (one "block": the transformer call), TeaCache coefficients
+fitted on ``time_embed(t)``. The pipeline checks a config against it before loading any weight."""
 
 
 class CachedHunyuanImage3Transformer2DModel(CachedTransformerMixin, HunyuanImage3Transformer2DModel):
     """:class:`HunyuanImage3Transformer2DModel` with a cache engine, for :class:`~cached_diffusers.CachedHunyuanImage3Pipeline`.
 
     The forward also maintains a KV cache, so block-level hooks do not fit: the caching lives in the pipeline's
-    denoising loop, and this model only owns the engine (``cache_config``, ``cache_stats``, per-branch state). For
-    the engine the whole transformer call is **one block** (``num_cache_blocks == 1``) whose single residual stream is
-    the velocity prediction in token layout ``(B, h*w, latent_channels)``: on a reused step the loop calls no
-    transformer at all and the branch reuses its last computed prediction (or, with TaylorSeer, a forecast of it).
-    TeaCache's signal is ``time_embed(t)`` (:data:`HUNYUANIMAGE3_TEACACHE_COEFFICIENTS` were fitted on it).
+    denoising loop (whole-call caching, :data:`~cached_diffusers.spec.WHOLE_CALL`), and this model only owns the
+    engine (``cache_config``, ``cache_stats``, per-branch state). The cached quantity is the transformer's velocity
+    prediction itself, in token layout ``(B, h*w, latent_channels)`` (one "block": ``num_cache_blocks == 1``): on a
+    reused step the loop calls no transformer at all and the branch recalls its last computed prediction (or, with
+    TaylorSeer, a forecast of it). TeaCache's indicator is ``time_embed(t)``
+    (:data:`HUNYUANIMAGE3_TEACACHE_COEFFICIENTS` were fitted on it).
 
-    DBCache and First-Block-Cache need the first block(s) to run on every step to measure their probe, which a loop
-    that skips whole transformer calls cannot do: setting them raises ``ValueError``.
+    The spec (:data:`HUNYUANIMAGE3_CACHE_SPEC`) declares the whole-call pattern only, so methods whose policy needs a
+    block stack (DBCache and First-Block-Cache: they measure the first blocks' residual at every step) are refused
+    by the policy when configured (``ValueError``).
 
     Its ``forward`` is the parent's (no caching inside).
     """
 
-    cache_defaults = {
-        "teacache_coefficients": HUNYUANIMAGE3_TEACACHE_COEFFICIENTS,
-        "calibration_hint": HUNYUANIMAGE3_CALIBRATION_HINT,
-    }
+    cache_spec = HUNYUANIMAGE3_CACHE_SPEC
 
     @property
     def num_cache_blocks(self) -> int:
         return 1
-
-    @property
-    def cache_config(self) -> CacheConfig | None:
-        """The active cache config (``None``: no caching). Assigning validates it.
-
-        Raises:
-            ValueError: for an invalid config, DBCache / First-Block-Cache (not applicable, see the class), or a
-                method lacking model data (MagCache without ratios: the message says how to calibrate).
-        """
-        return self.cache_engine.config
-
-    @cache_config.setter
-    def cache_config(self, value: CacheConfig | Mapping[str, Any] | str | None) -> None:
-        self.cache_engine.config = check_hunyuanimage3_cache_config(value)

@@ -12,8 +12,8 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.transformers.transformer_qwenimage import compute_text_seq_len_from_mask
 from diffusers.utils.peft_utils import apply_lora_scale
 
-from cached_diffusers.engine import BlockStack
 from cached_diffusers.model_mixin import CachedTransformerMixin, MirroredForward
+from cached_diffusers.spec import ModelCacheSpec
 
 __all__ = ["CachedQwenImageTransformer2DModel", "QWENIMAGE_MAG_RATIOS", "QWENIMAGE_TEACACHE_COEFFICIENTS"]
 
@@ -51,14 +51,22 @@ class CachedQwenImageTransformer2DModel(CachedTransformerMixin, QwenImageTransfo
     Same constructor, config, checkpoints and ``forward`` signature as the parent. The embeddings (``img_in``,
     ``txt_norm``/``txt_in``, the timestep embedding, RoPE) and the output head (``norm_out``, ``proj_out``) run on
     every call; the 60 dual-stream blocks are the cached stack, with two residual streams, image tokens
-    ``(B, L_img, inner_dim)`` and text tokens ``(B, L_txt, inner_dim)``. TeaCache's signal is block 0's modulated
+    ``(B, L_img, inner_dim)`` and text tokens ``(B, L_txt, inner_dim)``. TeaCache's indicator is block 0's modulated
     image input ``LN(h) * (1 + scale) + shift`` (shift and scale from ``transformer_blocks[0].img_mod(temb)``), which
-    depends on the latents and the timestep only, so the conditional and unconditional branches see the same signal.
+    depends on the latents and the timestep only, so the conditional and unconditional branches see the same indicator.
 
     With ``cache_config=None`` ``forward`` is the parent's.
     """
 
-    cache_defaults = {"teacache_coefficients": QWENIMAGE_TEACACHE_COEFFICIENTS, "mag_ratios": QWENIMAGE_MAG_RATIOS}
+    cache_spec = ModelCacheSpec(
+        model_name="CachedQwenImageTransformer2DModel",
+        teacache_coefficients=QWENIMAGE_TEACACHE_COEFFICIENTS,
+        teacache_coefficients_source=(
+            "vllm-project/vllm-omni vllm_omni/diffusion/cache/teacache/config.py (v0.30.0), 'from ComfyUI-TeaCache'"
+        ),
+        mag_ratios=QWENIMAGE_MAG_RATIOS,
+        mag_ratios_source="Zehong-Ma/MagCache MagCache4QwenImage/magcache_generate.py (50 steps, true CFG 4.0)",
+    )
     mirrored_forward = MirroredForward(
         sha256="a80c88db6acadbebc3ac929b2ff511994fe2fc9b5f122713a5d0440e00a73501",
         diffusers_version="0.42.1",
@@ -132,16 +140,8 @@ class CachedQwenImageTransformer2DModel(CachedTransformerMixin, QwenImageTransfo
             "modulate_index": modulate_index,
         }
 
-        def run_blocks(start: int, end: int, streams: tuple[torch.Tensor, torch.Tensor]):
-            return self._run_blocks(start, end, streams, block_kwargs, controlnet_block_samples)
-
-        def modulated_input(streams: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-            block = self.transformer_blocks[0]
-            img_mod1 = block.img_mod(temb).chunk(2, dim=-1)[0]
-            return block._modulate(block.img_norm1(streams[0]), img_mod1, modulate_index)[0]
-
-        stack = BlockStack(len(self.transformer_blocks), run_blocks, {"modulated_input": modulated_input})
-        hidden_states, _ = self.cache_engine.run(stack, (hidden_states, encoder_hidden_states))
+        context = (block_kwargs, controlnet_block_samples)
+        hidden_states, _ = self._run_block_stack((hidden_states, encoder_hidden_states), context)
 
         if self.zero_cond_t:
             temb = temb.chunk(2, dim=0)[0]
@@ -150,15 +150,24 @@ class CachedQwenImageTransformer2DModel(CachedTransformerMixin, QwenImageTransfo
             return (output,)
         return Transformer2DModelOutput(sample=output)
 
+    def _cache_indicators(self, context):
+        block_kwargs = context[0]
+
+        def modulated_input(streams: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+            block = self.transformer_blocks[0]
+            img_mod1 = block.img_mod(block_kwargs["temb"]).chunk(2, dim=-1)[0]
+            return block._modulate(block.img_norm1(streams[0]), img_mod1, block_kwargs["modulate_index"])[0]
+
+        return {"teacache_indicator": modulated_input}
+
     def _run_blocks(
-        self,
-        start: int,
-        end: int,
-        streams: tuple[torch.Tensor, torch.Tensor],
-        block_kwargs: dict[str, Any],
-        controlnet_block_samples,
+        self, start: int, end: int, streams: tuple[torch.Tensor, torch.Tensor], context
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run ``transformer_blocks[start:end]`` on ``(image tokens, text tokens)`` exactly as the parent's loop does."""
+        """Run ``transformer_blocks[start:end]`` on ``(image tokens, text tokens)`` exactly as the parent's loop does.
+
+        ``context`` is ``(block_kwargs, controlnet_block_samples)`` of this forward.
+        """
+        block_kwargs, controlnet_block_samples = context
         hidden_states, encoder_hidden_states = streams
         for index in range(start, end):
             block = self.transformer_blocks[index]

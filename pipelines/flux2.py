@@ -18,7 +18,8 @@ class CachedFlux2Pipeline(CachedPipelineMixin, Flux2Pipeline):
     directory and turns its ``Flux2Transformer2DModel`` into a :class:`~cached_diffusers.CachedFlux2Transformer2DModel`
     with the same weights; the constructor takes the parent's components plus ``cache_config``, and ``__call__`` has
     the parent's exact signature, docstring and outputs. The parent calls the transformer outside any
-    ``cache_context``; this pipeline names that single branch ``"cond"`` (``pipe.cache_stats.branches["cond"]``).
+    ``cache_context``, so its single branch is the engine's ``DEFAULT_BRANCH``, ``"cond"``
+    (``pipe.cache_stats.branches["cond"]``), as in the loops that name their branches.
 
     No TeaCache coefficients or MagCache ratios are shipped for FLUX.2: calibrate, or use DBCache / First-Block-Cache /
     TaylorSeer, which need none.
@@ -28,4 +29,3 @@ class CachedFlux2Pipeline(CachedPipelineMixin, Flux2Pipeline):
     """
 
     cached_transformer_class = CachedFlux2Transformer2DModel
-    cache_branch = "cond"

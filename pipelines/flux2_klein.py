@@ -82,8 +82,8 @@ class CachedFlux2KleinKVPipeline(CachedPipelineMixin, Flux2KleinKVPipeline):
     method, so the K/V cache is always filled; a reused later step skips blocks that would only have read it, so the
     cache stays intact. Step 0's residual covers the reference tokens too, so step 1 cannot reuse it (its image stream
     is shorter) and is computed: with reference images at most step 2 of 4 is reused (the last step is computed by
-    default). The parent calls the transformer outside any ``cache_context``; this pipeline names that single branch
-    ``"cond"``, as the text-to-image pipelines do without CFG.
+    default). The parent calls the transformer outside any ``cache_context``, so its single branch is the engine's
+    ``DEFAULT_BRANCH``, ``"cond"``, as the text-to-image pipelines' without CFG.
 
     Args:
         scheduler, vae, text_encoder, tokenizer, transformer, is_distilled: as for ``Flux2KleinKVPipeline``.
@@ -91,7 +91,6 @@ class CachedFlux2KleinKVPipeline(CachedPipelineMixin, Flux2KleinKVPipeline):
     """
 
     cached_transformer_class = CachedFlux2Transformer2DModel
-    cache_branch = "cond"
 
 
 class CachedFlux2KleinInpaintPipeline(CachedPipelineMixin, Flux2KleinInpaintPipeline):

@@ -23,15 +23,15 @@ from diffusers.utils.torch_utils import randn_tensor
 from transformers import PreTrainedTokenizerFast
 
 from cached_diffusers.checkpoints import check_tokenizer_files, read_json_object
-from cached_diffusers.configs import CacheConfig
-from cached_diffusers.engine import BlockStack
+from cached_diffusers.configs import CacheConfig, resolve_cache_config
+from cached_diffusers.engine import DEFAULT_BRANCH
 from cached_diffusers.hub import CACHE_CONFIG_NAME, read_cache_config, resolve_dtype
 from cached_diffusers.models.hunyuanimage3 import (
+    HUNYUANIMAGE3_CACHE_SPEC,
     CachedHunyuanImage3Transformer2DModel,
     HunyuanImage3KVCache,
     HunyuanImage3Sequence,
     HunyuanImage3Transformer2DModel,
-    check_hunyuanimage3_cache_config,
     is_official_checkpoint,
 )
 from cached_diffusers.models.hunyuanimage3_vae import AutoencoderKLHunyuanImage3
@@ -129,9 +129,10 @@ class CachedHunyuanImage3Pipeline(CachedPipelineMixin, DiffusionPipeline):
     ``s = linspace(1, 0, N + 1)``.
 
     Caching (``cache_config``): hook-style block skipping does not fit a forward that also maintains a KV cache, so
-    the decisions are taken here, per denoising step and per CFG branch (``"cond"``, ``"uncond"``), each branch with
-    its own explicit engine state (the transformer's ``cache_engine``, which sees the whole transformer call as one
-    block whose residual is the branch's velocity prediction):
+    the loop caches whole transformer calls (the whole-call pattern, ``docs/development.md``): per denoising step the
+    transformer's ``cache_engine`` decides for every CFG branch (``"cond"``, ``"uncond"``, each with its own state),
+    one batched call runs the branches that compute and their predictions are committed (the cached quantity is the
+    branch's velocity prediction itself), and the other branches recall theirs:
 
     * step 0 is always computed (it also builds the KV cache);
     * a reused branch calls no transformer: its prediction is the last computed one (TeaCache, MagCache), or a
@@ -146,7 +147,7 @@ class CachedHunyuanImage3Pipeline(CachedPipelineMixin, DiffusionPipeline):
     its reused steps are overwritten before they could be read: a computed step gives the same prediction as it would
     with every earlier step computed, and a configuration that never reuses is bit-identical to caching off.
 
-    TeaCache's signal is ``time_embed(t)``, on which the published coefficients were fitted
+    TeaCache's indicator is ``time_embed(t)``, on which the published coefficients were fitted
     (:data:`~cached_diffusers.models.hunyuanimage3.HUNYUANIMAGE3_TEACACHE_COEFFICIENTS`); it depends on the timestep
     only, so both branches take the same decisions. MagCache needs ratios calibrated per branch
     (``MagCacheConfig(calibrate=True)``); TaylorSeer and SCM masks need nothing. DBCache and First-Block-Cache raise
@@ -250,7 +251,9 @@ class CachedHunyuanImage3Pipeline(CachedPipelineMixin, DiffusionPipeline):
         if cache_config is _UNSET:
             path = directory / CACHE_CONFIG_NAME
             cache_config = read_cache_config(path) if path.is_file() else None
-        cache_config = check_hunyuanimage3_cache_config(cache_config)
+        cache_config = resolve_cache_config(cache_config)
+        if cache_config is not None:
+            cache_config.make_policy(HUNYUANIMAGE3_CACHE_SPEC)  # refused before any weight loads, as on assignment
         generation = _generation_defaults(directory)
         transformer = HunyuanImage3Transformer2DModel.from_official_checkpoint(
             directory, dtype=dtype, device_map=device_map, max_memory=max_memory, device=device,
@@ -417,7 +420,7 @@ class CachedHunyuanImage3Pipeline(CachedPipelineMixin, DiffusionPipeline):
 
         rows = 2 * batch if do_cfg else batch
         kv_cache = HunyuanImage3KVCache(rows, sequence.seq_len)
-        branch_rows = {"cond": slice(0, batch)}
+        branch_rows = {DEFAULT_BRANCH: slice(0, batch)}  # the conditional (or only) branch, "cond"
         if do_cfg:
             branch_rows["uncond"] = slice(batch, 2 * batch)
         self._num_timesteps = len(timesteps)
@@ -427,7 +430,7 @@ class CachedHunyuanImage3Pipeline(CachedPipelineMixin, DiffusionPipeline):
         ) as progress_bar:
             for i, t in enumerate(timesteps):
                 preds = self._predict(i, num_inference_steps, t, latents, sequence, kv_cache, branch_rows)
-                pred_cond = preds["cond"]
+                pred_cond = preds[DEFAULT_BRANCH]
                 pred_uncond = preds.get("uncond")
                 noise_pred = pred_uncond + guidance_scale * (pred_cond - pred_uncond) if do_cfg else pred_cond
                 latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
@@ -466,9 +469,14 @@ class CachedHunyuanImage3Pipeline(CachedPipelineMixin, DiffusionPipeline):
     def _predict(self, i, num_steps, t, latents, sequence, kv_cache, branch_rows) -> dict[str, torch.Tensor]:
         """The velocity prediction of every branch at step ``i``: ``{"cond": (B, C, h, w), "uncond": ...}`` float32.
 
-        Without caching: one call on all rows. With caching: the engine decides per branch (in the order cond,
-        uncond); a branch that computes runs in one call together with every later branch that also computes; a
-        reused branch gets the engine's stored (or forecast) prediction and no transformer call.
+        Without caching: one call on all rows. With caching (whole-call caching, the engine's two-phase step): the
+        engine decides for every branch (in the order cond, uncond); the branches that compute run in **one**
+        transformer call on their rows and their predictions are committed (the cached quantity is the prediction
+        itself, in token layout ``(B, h*w, C)``); the others recall their stored (or forecast) prediction and call no
+        transformer.
+
+        Raises:
+            RuntimeError: if step 0 does not compute every branch (it fills the KV cache of every row).
         """
         engine = self.transformer.cache_engine
         branches = list(branch_rows)
@@ -478,50 +486,36 @@ class CachedHunyuanImage3Pipeline(CachedPipelineMixin, DiffusionPipeline):
             return {b: pred[r] for b, r in branch_rows.items()}
 
         b, c, h, w = latents.shape
-        zeros = torch.zeros(b, h * w, c, dtype=torch.float32, device=latents.device)
-        computed: dict[str, torch.Tensor] = {}  # predictions from transformer calls, token layout
-        decided: dict[str, torch.Tensor] = {}
-        wanting: list[str] = []
-        signal_memo: list[torch.Tensor] = []
+        embedded: list[torch.Tensor] = []
 
-        def signal(_streams) -> torch.Tensor:
-            # TeaCache's indicator: time_embed(t), the AdaGN conditioning of patch_embed (the published fit's input)
-            if not signal_memo:
+        def indicator() -> torch.Tensor:
+            # TeaCache's indicator: time_embed(t), the AdaGN conditioning of patch_embed (the published fit's input);
+            # computed at most once per step (it depends on the timestep only, so every branch shares it)
+            if not embedded:
                 embedder = self.transformer.time_embed
                 timestep = t.reshape(1).expand(b).to(embedder.mlp[0].weight.device)
-                signal_memo.append(embedder(timestep).float())
-            return signal_memo[0]
+                embedded.append(embedder(timestep).float())
+            return embedded[0]
 
-        def run_blocks_for(branch: str):
-            def run_blocks(start: int, end: int, streams):
-                if end - start == 0:
-                    return streams
-                wanting.append(branch)
-                for later in branches[branches.index(branch) + 1 :]:
-                    if later not in decided:
-                        decide(later)  # a later branch that also computes joins this call
-                if branch not in computed:
-                    members = [m for m in wanting if m not in computed]
-                    rows = slice(branch_rows[members[0]].start, branch_rows[members[-1]].stop)
-                    if i == 0 and rows != all_rows:
-                        raise RuntimeError("denoising step 0 must compute every branch (it fills the KV cache)")
-                    pred = self._run_transformer(i, t, latents, sequence, kv_cache, rows)
-                    for m in members:
-                        r = branch_rows[m]
-                        computed[m] = pred[r.start - rows.start : r.stop - rows.start].flatten(2).transpose(1, 2)
-                return (computed[branch],)
-
-            return run_blocks
-
-        def decide(branch: str) -> None:
-            stack = BlockStack(1, run_blocks_for(branch), {"modulated_input": signal})
-            with engine.context(branch, step_index=i, num_inference_steps=num_steps):
-                decided[branch] = engine.run(stack, (zeros,))[0]
-
+        decisions = {
+            branch: engine.decide(branch, i, num_steps, inputs=(latents,), indicator=indicator) for branch in branches
+        }
+        computing = [branch for branch in branches if not decisions[branch].reuse]
+        preds: dict[str, torch.Tensor] = {}
+        if computing:
+            rows = slice(branch_rows[computing[0]].start, branch_rows[computing[-1]].stop)
+            if i == 0 and rows != all_rows:
+                raise RuntimeError("denoising step 0 must compute every branch (it fills the KV cache)")
+            pred = self._run_transformer(i, t, latents, sequence, kv_cache, rows)
+            for branch in computing:
+                r = branch_rows[branch]
+                preds[branch] = pred[r.start - rows.start : r.stop - rows.start]
+                engine.commit((preds[branch].flatten(2).transpose(1, 2),), branch=branch)
         for branch in branches:
-            if branch not in decided:
-                decide(branch)
-        return {br: decided[br].transpose(1, 2).reshape(b, c, h, w) for br in branches}
+            if decisions[branch].reuse:
+                (recalled,) = engine.recall(branch=branch)
+                preds[branch] = recalled.transpose(1, 2).reshape(b, c, h, w)
+        return {branch: preds[branch] for branch in branches}
 
 
 def _generation_defaults(directory: Path) -> dict[str, Any]:

@@ -201,7 +201,7 @@ def test_teacache_signal_is_block_0_modulated_image_input():
         with cached.cache_context("cond", step_index=step, num_inference_steps=4):
             cached(**kwargs)
     expected = relative_l1(signals[1], signals[0])
-    assert cached.cache_stats.branches["cond"].signals[1] == pytest.approx(expected, rel=1e-5)
+    assert cached.cache_stats.branches["cond"].values[1] == pytest.approx(expected, rel=1e-5)
 
 
 @torch.no_grad()
@@ -229,7 +229,7 @@ def test_dbcache_counts_blocks_in_execution_order():
     stats = cached.cache_stats.branches["cond"]
     assert stats.reused_steps == [1] and [r.blocks_computed for r in stats.records] == [6, 5, 6]
     front = [out - x for x, out in probes]
-    assert stats.signals[1] == pytest.approx(relative_l1(front[1], front[0]), rel=1e-5)
+    assert stats.values[1] == pytest.approx(relative_l1(front[1], front[0]), rel=1e-5)
 
 
 @torch.no_grad()
@@ -272,7 +272,7 @@ def test_explicit_coefficients_ratios_and_calibration_are_accepted():
     cached.cache_config = MagCacheConfig(mag_ratios=[1.0, 0.9, 1.1])
     cached.cache_config = MagCacheConfig(calibrate=True)
     cached.cache_config = TeaCacheConfig(calibrate=True)
-    assert "teacache_coefficients" not in cached.cache_engine.defaults and "mag_ratios" not in cached.cache_engine.defaults
+    assert cached.cache_engine.spec.teacache_coefficients is None and cached.cache_engine.spec.mag_ratios is None
 
 
 def test_from_base_swaps_class_in_place_and_refuses_other_models():

@@ -226,15 +226,15 @@ def test_teacache_reuses_exactly_the_steps_its_rule_selects(pipe):
     assert 0 < stats.branches["cond"].num_reused < steps - 2
     # the indicator ignores the text: both branches measure the same distances (a state shared between the branches
     # would measure 0 on every uncond call, vllm-omni's fault on Klein) and take the same decisions
-    assert stats.branches["cond"].signals == stats.branches["uncond"].signals
-    assert all(v > 0 for v in stats.branches["uncond"].signals.values())
+    assert stats.branches["cond"].values == stats.branches["uncond"].values
+    assert all(v > 0 for v in stats.branches["uncond"].values.values())
 
 
 def test_cfg_branches_keep_their_own_state(pipe):
     steps = 10
     pipe.cache_config = FirstBlockCacheConfig(residual_diff_threshold=0.0)
     pipe(**call_kwargs(steps=steps))
-    diffs = sorted(pipe.cache_stats.branches["cond"].signals.values())
+    diffs = sorted(pipe.cache_stats.branches["cond"].values.values())
     thresh = diffs[len(diffs) // 2] * 1.01  # from the recorded probe changes: about half the tests reuse
 
     # the probe (block 0's image residual) is computed on every step; replay the rule on the cached run's own probes

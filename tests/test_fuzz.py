@@ -15,6 +15,7 @@ from cached_diffusers import BlockStack, CacheConfig, CacheEngine, available_cac
 from cached_diffusers.tools.cli import main
 from cached_diffusers.configs import _REGISTRY
 from cached_diffusers.hub import read_cache_config
+from cached_diffusers.spec import ModelCacheSpec
 from cached_diffusers.tools.tiny import save_tiny_qwenimage_pipeline
 
 FIELDS = sorted({f.name for cls in set(_REGISTRY.values()) for f in dataclasses.fields(cls)})
@@ -46,13 +47,15 @@ class Toy:
                 text = text * 0.9
             return image, text
 
-        return BlockStack(4, run_blocks, {"modulated_input": lambda s: s[0] * 2.0})
+        return BlockStack(4, run_blocks, {"teacache_indicator": lambda s: s[0] * 2.0})
 
 
 def run_toy_generation(config, steps=4):
     """A short two-branch generation on the toy stack with ``config``; ``ValueError`` if the model cannot run it."""
-    engine = CacheEngine({"model_name": "Toy", "num_blocks": 4, "teacache_coefficients": (0.0, 0.0, 0.0, 1.0, 0.0),
-                          "mag_ratios": (1.0, 0.95, 0.9)})
+    engine = CacheEngine(ModelCacheSpec(
+        model_name="Toy", num_blocks=4, teacache_coefficients=(0.0, 0.0, 0.0, 1.0, 0.0),
+        teacache_coefficients_source="identity (f(x) = x)", mag_ratios=(1.0, 0.95, 0.9), mag_ratios_source="toy",
+    ))
     engine.config = config
     generator = torch.Generator().manual_seed(0)
     base = torch.randn(1, 5, 3, generator=generator), torch.randn(1, 2, 3, generator=generator)

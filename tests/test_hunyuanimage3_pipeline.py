@@ -251,3 +251,78 @@ def test_dbcache_refused_at_configuration_time(pipe, tmp_path):
         loaded.save_pretrained(tmp_path / "out")
     with pytest.raises(ValueError, match="not a HunyuanImage-3.0 release directory"):
         CachedHunyuanImage3Pipeline.from_pretrained(tmp_path)
+
+
+def legacy_predict(self, i, num_steps, t, latents, sequence, kv_cache, branch_rows):
+    """The loop's caching as it was before the two-phase engine API: the whole transformer call as one "block" of a
+    ``BlockStack`` over a stream of zeros, re-entering ``CacheEngine.run`` to batch the branches that compute. Kept
+    here only to check that the whole-call pattern takes the same decisions and gives the same tensors."""
+    from cached_diffusers.engine import BlockStack
+
+    engine = self.transformer.cache_engine
+    branches = list(branch_rows)
+    b, c, h, w = latents.shape
+    zeros = torch.zeros(b, h * w, c, dtype=torch.float32, device=latents.device)
+    computed, decided, wanting = {}, {}, []
+
+    def indicator(_streams):
+        embedder = self.transformer.time_embed
+        return embedder(t.reshape(1).expand(b)).float()
+
+    def run_blocks_for(branch):
+        def run_blocks(start, end, streams):
+            if end - start == 0:
+                return streams
+            wanting.append(branch)
+            for later in branches[branches.index(branch) + 1 :]:
+                if later not in decided:
+                    decide(later)
+            if branch not in computed:
+                members = [m for m in wanting if m not in computed]
+                rows = slice(branch_rows[members[0]].start, branch_rows[members[-1]].stop)
+                pred = self._run_transformer(i, t, latents, sequence, kv_cache, rows)
+                for m in members:
+                    r = branch_rows[m]
+                    computed[m] = pred[r.start - rows.start : r.stop - rows.start].flatten(2).transpose(1, 2)
+            return (computed[branch],)
+
+        return run_blocks
+
+    def decide(branch):
+        stack = BlockStack(1, run_blocks_for(branch), {"teacache_indicator": indicator})
+        with engine.context(branch, step_index=i, num_inference_steps=num_steps):
+            decided[branch] = engine.run(stack, (zeros,))[0]
+
+    for branch in branches:
+        if branch not in decided:
+            decide(branch)
+    return {br: decided[br].transpose(1, 2).reshape(b, c, h, w) for br in branches}
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        TeaCacheConfig(rel_l1_thresh=0.3),
+        TeaCacheConfig(rel_l1_thresh=1e3, max_continuous_cached_steps=2, enable_taylorseer=True, taylorseer_order=2),
+        TaylorSeerConfig(order=2, interval=3, max_warmup_steps=2),
+        MagCacheConfig(mag_ratios={"cond": [1.0] * 10, "uncond": [1.5] * 10}, mag_retention_ratio=0.0,
+                       mag_threshold=0.1, mag_max_skip_steps=2),
+        MagCacheConfig(calibrate=True),
+        TeaCacheConfig(calibrate=True),
+    ],
+    ids=["teacache", "teacache+taylorseer", "taylorseer", "magcache-disagreeing", "magcache-calibrate",
+         "teacache-calibrate"],
+)
+def test_whole_call_caching_equals_the_previous_reentrant_wiring(pipe, config, monkeypatch):
+    """decide for every branch, one batched call for those that compute, commit / recall: the same decisions,
+    statistics (decision values, calibration) and images as the former re-entrant ``run`` over a zero stream."""
+    pipe.cache_config = config
+    new, new_rec, new_calls = run(pipe, steps=10, output_type="pt")
+    new_stats = pipe.cache_stats.to_dict()
+    monkeypatch.setattr(type(pipe), "_predict", legacy_predict)
+    old, old_rec, old_calls = run(pipe, steps=10, output_type="pt")
+    assert pipe.cache_stats.to_dict() == new_stats
+    assert new_calls == old_calls
+    assert torch.equal(new.images, old.images)
+    for name in ("pred_cond", "pred_uncond", "latents"):
+        assert torch.equal(new_rec[name], old_rec[name]), name

@@ -18,6 +18,7 @@ from cached_diffusers import (
     steps_mask,
 )
 from cached_diffusers.policies import interpolate_ratios, relative_l1
+from cached_diffusers.spec import ModelCacheSpec
 from cached_diffusers.residuals import TaylorSeerStore
 
 from test_engine import IDENTITY, ToyStack, run_generation, streams_at
@@ -30,7 +31,7 @@ FLUX_MAG_RATIOS = (
 
 
 def computed(config, num_steps, defaults=None, branches=("cond",)):
-    engine, toy = CacheEngine(defaults or {"num_blocks": 4}), ToyStack()
+    engine, toy = CacheEngine(defaults or ModelCacheSpec(num_blocks=4)), ToyStack()
     engine.config = config
     run_generation(engine, toy, num_steps, branches=branches)
     return engine, [engine.stats.branches[b].computed_steps for b in branches]
@@ -83,7 +84,7 @@ def test_every_config_round_trips_through_json(config):
 
 
 def test_fn_plus_bn_must_leave_blocks_to_cache():
-    engine = CacheEngine({"model_name": "Toy", "num_blocks": 4})
+    engine = CacheEngine(ModelCacheSpec(model_name="Toy", num_blocks=4))
     with pytest.raises(ValueError, match=r"Fn \+ Bn must be smaller than the model's 4 blocks.*Fn=3, Bn=1"):
         engine.config = DBCacheConfig(Fn=3, Bn=1)
     engine.config = DBCacheConfig(Fn=2, Bn=1)
@@ -118,7 +119,7 @@ def test_magcache_reproduces_the_published_schedules(ratios, num_steps, settings
 
 
 def test_magcache_reinterpolates_on_every_call():
-    engine, toy = CacheEngine({"num_blocks": 4}), ToyStack()
+    engine, toy = CacheEngine(ModelCacheSpec(num_blocks=4)), ToyStack()
     engine.config = MagCacheConfig(mag_ratios=FLUX_MAG_RATIOS, mag_threshold=0.24, mag_max_skip_steps=5, mag_retention_ratio=0.1)
     for num_steps in (28, 12, 28, 40):
         run_generation(engine, toy, num_steps)
@@ -132,16 +133,17 @@ def test_magcache_reinterpolates_on_every_call():
 
 
 def test_magcache_uses_the_models_ratios_and_errors_without_them():
-    engine = CacheEngine({"model_name": "Toy", "num_blocks": 4})
+    engine = CacheEngine(ModelCacheSpec(model_name="Toy", num_blocks=4))
     with pytest.raises(ValueError, match=r"no MagCache ratios are known for Toy.*calibrate=True"):
         engine.config = MagCacheConfig()
     _, (got,) = computed(MagCacheConfig(compute_last_step=False, mag_max_skip_steps=2), 50,
-                         defaults={"num_blocks": 4, "mag_ratios": QWENIMAGE_MAG_RATIOS})
+                         defaults=ModelCacheSpec(num_blocks=4, mag_ratios=QWENIMAGE_MAG_RATIOS,
+                                                 mag_ratios_source="Qwen-Image"))
     assert len(got) == 37
 
 
 def test_magcache_calibration_never_skips_and_records_per_branch():
-    engine, toy = CacheEngine({"num_blocks": 4}), ToyStack()
+    engine, toy = CacheEngine(ModelCacheSpec(num_blocks=4)), ToyStack()
     engine.config = MagCacheConfig(calibrate=True)
     run_generation(engine, toy, 6, branches=("cond", "uncond"), scales={"cond": 0.01, "uncond": 0.5})
     stats = engine.stats
@@ -167,7 +169,7 @@ def test_magcache_calibration_never_skips_and_records_per_branch():
 def test_magcache_calibration_of_a_branch_evaluated_at_some_steps_is_indexed_by_step():
     # BAGEL evaluates its CFG branches only inside `cfg_interval`: their lists still have one ratio per step, 1.0
     # where the branch did not run, so that the ratio at index i is the one recorded at step i.
-    engine, toy = CacheEngine({"num_blocks": 4}), ToyStack()
+    engine, toy = CacheEngine(ModelCacheSpec(num_blocks=4)), ToyStack()
     engine.config = MagCacheConfig(calibrate=True)
     for step in range(6):
         for branch in ("gen", "cfg_text") if step < 4 else ("gen",):
@@ -184,7 +186,7 @@ def test_magcache_calibration_of_a_branch_evaluated_at_some_steps_is_indexed_by_
 # -- DBCache ---------------------------------------------------------------------------------------------------------
 def test_dbcache_runs_front_and_back_blocks_and_follows_its_rule():
     config = DBCacheConfig(Fn=1, Bn=1, residual_diff_threshold=0.05, max_warmup_steps=0, compute_last_step=False)
-    engine, toy = CacheEngine({"num_blocks": 4}), ToyStack()
+    engine, toy = CacheEngine(ModelCacheSpec(num_blocks=4)), ToyStack()
     engine.config = config
     num_steps = 10
     outputs = run_generation(engine, toy, num_steps)["cond"]
@@ -209,7 +211,7 @@ def test_dbcache_runs_front_and_back_blocks_and_follows_its_rule():
     assert 0 < len(expected_reused) < num_steps - 1
     assert toy.blocks_run == 4 * num_steps - 2 * len(expected_reused)
     assert all(r.blocks_computed == (2 if r.reused else 4) for r in stats.records)
-    assert set(stats.signals) == set(range(1, num_steps))
+    assert set(stats.values) == set(range(1, num_steps))
 
 
 def test_dbcache_warmup_interval_and_accumulated_limit():
@@ -217,7 +219,7 @@ def test_dbcache_warmup_interval_and_accumulated_limit():
     _, (got,) = computed(DBCacheConfig(max_warmup_steps=4, warmup_interval=2, **base), 8)
     assert got == [0, 2]
     engine, (got,) = computed(DBCacheConfig(max_warmup_steps=0, max_accumulated_residual_diff_threshold=0.02, **base), 8)
-    diffs = engine.stats.branches["cond"].signals
+    diffs = engine.stats.branches["cond"].values
     first_over = next(s for s in range(1, 8) if sum(diffs[t] for t in range(1, s + 1)) >= 0.02)
     assert got == [0, *range(first_over + 1, 8)]
 
@@ -262,7 +264,7 @@ def test_taylorseer_standalone_schedule_and_forecast():
 
 
 def test_taylorseer_calibrator_forecasts_the_reused_residual():
-    engine, toy = CacheEngine({"num_blocks": 4}), ToyStack()
+    engine, toy = CacheEngine(ModelCacheSpec(num_blocks=4)), ToyStack()
     engine.config = TeaCacheConfig(100.0, coefficients=IDENTITY, max_continuous_cached_steps=2, enable_taylorseer=True)
     outputs = run_generation(engine, toy, 9)["cond"]
     assert engine.stats.branches["cond"].computed_steps == [0, 3, 6, 8]
@@ -311,7 +313,7 @@ def test_scm_static_reuses_exactly_the_mask_zeros_and_dynamic_still_tests():
 def test_teacache_calibration_records_signal_and_output_changes_per_branch():
     from cached_diffusers.calibration import fit_teacache, teacache_pairs
 
-    engine, toy = CacheEngine({"num_blocks": 4}), ToyStack()
+    engine, toy = CacheEngine(ModelCacheSpec(num_blocks=4)), ToyStack()
     engine.config = TeaCacheConfig(calibrate=True)  # no coefficients needed, never reuses
     run_generation(engine, toy, 6, branches=("cond", "uncond"), scales={"cond": 0.01, "uncond": 0.3})
     assert engine.stats.num_reused == 0
@@ -341,7 +343,7 @@ def test_polynomial_fit_recovers_a_known_polynomial_and_refuses_too_few_pairs():
 
 
 def test_mag_ratios_average_over_runs():
-    engine, toy = CacheEngine({"num_blocks": 4}), ToyStack()
+    engine, toy = CacheEngine(ModelCacheSpec(num_blocks=4)), ToyStack()
     engine.config = MagCacheConfig(calibrate=True)
     runs = []
     for scale in (0.01, 0.2):

@@ -140,7 +140,7 @@ def test_magcache_ratios_are_read_at_the_absolute_steps_that_run():
     for record in records[1:-1]:  # the first executed step computes, the last by compute_last_step
         product *= ratios[record.step]
         error += abs(1.0 - product)
-        assert record.reused and record.signal == pytest.approx(error)
+        assert record.reused and record.value == pytest.approx(error)
 
 
 def test_taylorseer_forms_its_first_difference_counting_executed_steps():

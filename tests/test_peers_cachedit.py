@@ -265,14 +265,14 @@ def assert_same_decisions(stats, run: dict[str, Any]) -> None:
         assert reused(stats, branch) == run[cached_key], (
             f"{branch}: ours reused {reused(stats, branch)}, cache-dit {run[cached_key]} "
             f"(cache-dit diffs {run['residual_diffs' if branch == 'cond' else 'cfg_residual_diffs']}, "
-            f"ours {b.signals})"
+            f"ours {b.values})"
         )
 
 
 def assert_same_signals(stats, run: dict[str, Any], hint: str = "") -> None:
     """Every residual diff cache-dit tested is recorded by us at the same step, with the same value."""
     for branch, _, diffs_key in BRANCHES:
-        ours = stats.branches[branch].signals
+        ours = stats.branches[branch].values
         for step, d in run[diffs_key].items():
             assert step in ours, f"{branch}: cache-dit tested a diff at step {step}, we record none ({ours})"
             assert abs(ours[step] - d) <= SIGNAL_RTOL * abs(d), (

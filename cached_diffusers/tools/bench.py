@@ -570,16 +570,16 @@ def _skip_reason(pipe, config: CacheConfig) -> str | None:
     """A short reason when the model lacks the data a config needs (TeaCache coefficients, MagCache ratios)."""
     transformer = getattr(pipe, "transformer", None)
     engine = getattr(transformer, "cache_engine", None)
-    defaults = getattr(engine, "defaults", {}) or {}
-    model = defaults.get("model_name", type(transformer).__name__)
+    spec = getattr(engine, "spec", None)
+    model = spec.model_name if spec is not None else type(transformer).__name__
     if isinstance(config, TeaCacheConfig) and config.coefficients is None and not config.calibrate:
-        if defaults.get("teacache_coefficients") is None:
+        if spec is None or spec.teacache_coefficients is None:
             return (
                 f"no TeaCache coefficients for {model} (none published); calibrate with "
                 f"`cached-diffusers calibrate --method teacache` and bench the directory holding its cache_config.json"
             )
     if isinstance(config, MagCacheConfig) and config.mag_ratios is None and not config.calibrate:
-        if defaults.get("mag_ratios") is None:
+        if spec is None or spec.mag_ratios is None:
             return (
                 f"no MagCache ratios for {model} (none published); calibrate with "
                 f"`cached-diffusers calibrate --method magcache` and bench the directory holding its cache_config.json"
@@ -653,7 +653,7 @@ def run_benchmark(
         reason = _skip_reason(pipe, config)
         if reason is None:
             try:  # the model's own checks (DBCache's Fn + Bn against the block count, ...)
-                config.make_policy(pipe.transformer.cache_engine.defaults)
+                config.make_policy(pipe.transformer.cache_engine.spec)
             except ValueError as error:
                 reason = str(error)
         if reason is not None:
