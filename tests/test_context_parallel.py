@@ -1,4 +1,5 @@
-"""Caching under diffusers' context parallelism (Ulysses 2, two gloo processes): every method, Qwen-Image and Klein.
+"""Caching under diffusers' context parallelism (Ulysses 2, two gloo processes): every method, Qwen-Image (also the
+edit models' zero_cond_t) and Klein.
 
 Each scenario drives a tiny cached transformer through a two-branch (cond / uncond) Euler loop with
 ``cache_context``, once in this process (the single-process reference) and once on each of two ranks with
@@ -53,7 +54,7 @@ KLEIN_CONFIG = dict(
 )
 
 # (TeaCache threshold, DBCache threshold) per family: the tiny random models' distances differ in scale
-THRESHOLDS = {"qwen": (0.3, 0.4), "klein": (1.0, 1.1)}
+THRESHOLDS = {"qwen": (0.3, 0.4), "qwen-edit": (0.3, 0.4), "klein": (1.0, 1.1)}
 
 
 def methods(family):
@@ -80,8 +81,9 @@ CALIBRATION = {"teacache-calibrate", "magcache-calibrate"}
 
 def _model(family):
     torch.manual_seed(0)
-    if family == "qwen":
-        return CachedQwenImageTransformer2DModel(**QWEN_CONFIG).eval()
+    if family.startswith("qwen"):
+        # qwen-edit: zero_cond_t, the per-token modulation index of the edit models (target image, then references)
+        return CachedQwenImageTransformer2DModel(**QWEN_CONFIG, zero_cond_t=family == "qwen-edit").eval()
     model = CachedFlux2Transformer2DModel(**KLEIN_CONFIG).eval()
     with torch.no_grad():  # O(1) modulations, as in the tiny pipeline
         model.time_guidance_embed.timestep_embedder.linear_2.weight.mul_(FLUX2_KLEIN_TEMB_GAIN)
@@ -91,11 +93,13 @@ def _model(family):
 def _inputs(family):
     """The initial latents and, per branch, the text tokens and the model's other keyword arguments."""
     g = torch.Generator().manual_seed(1)
-    if family == "qwen":
-        latents = torch.randn(1, 16, 16, generator=g)  # 4x4 patches of 2x2x4 channels
+    if family.startswith("qwen"):
+        img_shapes = [[(1, 4, 4)]] if family == "qwen" else [[(1, 4, 4), (1, 2, 4)]]  # a 4x4 target, a 2x4 reference
+        tokens = sum(f * h * w for f, h, w in img_shapes[0])
+        latents = torch.randn(1, tokens, 16, generator=g)  # patches of 2x2x4 channels
         texts = {"cond": torch.randn(1, 8, 16, generator=g), "uncond": torch.randn(1, 6, 16, generator=g)}
         extra = {
-            b: dict(encoder_hidden_states_mask=torch.ones(1, t.shape[1], dtype=torch.long), img_shapes=[[(1, 4, 4)]])
+            b: dict(encoder_hidden_states_mask=torch.ones(1, t.shape[1], dtype=torch.long), img_shapes=img_shapes)
             for b, t in texts.items()
         }
         return latents, texts, extra
@@ -180,8 +184,8 @@ def _diverging_first_block_cache(model):
     return threshold, values, latents, records
 
 
-def _rank_scenarios(rank, world_size, families, names):
-    results = {family: _scenarios(family, names, parallel=True) for family in families}
+def _rank_scenarios(rank, world_size, family_methods):
+    results = {family: _scenarios(family, names, parallel=True) for family, names in family_methods.items()}
     model = _model("klein")
     model.set_attention_backend("native")
     from diffusers import ContextParallelConfig
@@ -217,26 +221,23 @@ def _assert_same_calibration(got, expected, where):
             assert torch.allclose(flat_got, flat_expected, rtol=1e-5, atol=1.1e-5), f"{where}: {key}"
 
 
-FAMILIES = ("qwen", "klein")
+FAMILY_METHODS = {"qwen": METHOD_NAMES, "klein": METHOD_NAMES, "qwen-edit": ("teacache", "dbcache")}
 
 
 @pytest.fixture(scope="module")
 def all_runs():
     """{family: (single-process results, results of the two ranks)}, every method, one pair of processes for all."""
-    ranks = run_distributed(_rank_scenarios, world_size=2, args=(FAMILIES, METHOD_NAMES), timeout_s=120)
-    runs = {f: (_scenarios(f, METHOD_NAMES, parallel=False), [r[f] for r in ranks]) for f in FAMILIES}
+    ranks = run_distributed(_rank_scenarios, world_size=2, args=(FAMILY_METHODS,), timeout_s=120)
+    runs = {f: (_scenarios(f, names, parallel=False), [r[f] for r in ranks]) for f, names in FAMILY_METHODS.items()}
     runs["hang-case"] = [r["hang-case"] for r in ranks]
     return runs
 
 
-@pytest.fixture(params=FAMILIES)
-def runs(request, all_runs):
-    return (request.param, *all_runs[request.param])
-
-
-@pytest.mark.parametrize("method", ["none", *METHOD_NAMES])
-def test_every_rank_decides_and_returns_as_the_single_process(runs, method):
-    family, reference, ranks = runs
+@pytest.mark.parametrize(
+    "family, method", [(f, m) for f, names in FAMILY_METHODS.items() for m in ("none", *names)]
+)
+def test_every_rank_decides_and_returns_as_the_single_process(all_runs, family, method):
+    reference, ranks = all_runs[family]
     latents, records, calibration = reference[method]
     if method != "none" and method not in CALIBRATION:
         reused = [r for branch in records.values() for r in branch if r[1]]
