@@ -31,6 +31,7 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 
 from .configs import CacheConfig, resolve_cache_config
+from .parallel import sequence_group
 from .policies import CachePolicy, Decision, Gate, StepContext
 from .residuals import ResidualStore, make_store
 from .spec import BLOCK_STACK, WHOLE_CALL, ModelCacheSpec
@@ -65,11 +66,16 @@ class BlockStack:
         indicators: ``{kind: fn(streams) -> Tensor}``, the decision indicators the model can compute cheaply at the
             stack's input (``"teacache_indicator"``: TeaCache's, e.g. block 0's modulated image input). The engine
             itself provides ``"front_residual"`` (image-stream residual of the front blocks, DBCache's indicator).
+        sequence_group: under context parallelism, the ``torch.distributed`` process group the streams' token
+            sequence is sharded over (``cached_diffusers.parallel.context_parallel_group(model)``): the streams and
+            indicators are this rank's shard, and every decision statistic is summed over the group
+            (:mod:`cached_diffusers.parallel`) so that all ranks decide alike. ``None``: the whole sequence is here.
     """
 
     num_blocks: int
     run_blocks: Callable[[int, int, Streams], Streams]
     indicators: Mapping[str, Callable[[Streams], torch.Tensor]] = field(default_factory=dict)
+    sequence_group: Any = None
 
 
 @dataclass(frozen=True)
@@ -495,6 +501,10 @@ class CacheEngine:
         break the graph on and recompile for at every step. Blocks compiled on their own
         (``compile_repeated_blocks``) still run compiled inside it.
         """
+        with sequence_group(stack.sequence_group):
+            return self._run(stack, streams)
+
+    def _run(self, stack: BlockStack, streams: Streams) -> Streams:
         generation = self.current
         policy = generation.policy
         num_blocks = stack.num_blocks

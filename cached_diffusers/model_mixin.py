@@ -132,15 +132,21 @@ class CachedTransformerMixin:
         for this forward's ``context``. Default: none."""
         return {}
 
-    def _run_block_stack(self, streams: tuple[torch.Tensor, ...], context: Any) -> tuple[torch.Tensor, ...]:
+    def _run_block_stack(
+        self, streams: tuple[torch.Tensor, ...], context: Any, sequence_group: Any = None
+    ) -> tuple[torch.Tensor, ...]:
         """The block stack of one forward: the one call a block-stack model's ``forward`` makes between its
         embeddings and its output head. With caching on, ``CacheEngine.run`` decides, runs or skips the cached span
         and returns the streams at the stack's output; off, every block runs.
+
+        ``sequence_group``: under context parallelism, the group the streams' sequence is sharded over
+        (:attr:`BlockStack.sequence_group <cached_diffusers.engine.BlockStack>`), so that decisions are taken from
+        statistics summed over it.
         """
         if not self.cache_engine.active:
             return self._run_blocks(0, self.num_cache_blocks, streams, context)
         run_blocks = functools.partial(self._run_blocks, context=context)
-        stack = BlockStack(self.num_cache_blocks, run_blocks, self._cache_indicators(context))
+        stack = BlockStack(self.num_cache_blocks, run_blocks, self._cache_indicators(context), sequence_group)
         return self.cache_engine.run(stack, streams)
 
     @property

@@ -20,6 +20,7 @@ from diffusers.models.transformers.transformer_flux2 import (
 from diffusers.utils.peft_utils import apply_lora_scale
 
 from cached_diffusers.model_mixin import CachedTransformerMixin, MirroredForward
+from cached_diffusers.parallel import context_parallel_group
 from cached_diffusers.spec import ModelCacheSpec
 
 __all__ = ["CachedFlux2Transformer2DModel", "FLUX2_CALIBRATION_HINT"]
@@ -65,6 +66,11 @@ class CachedFlux2Transformer2DModel(CachedTransformerMixin, Flux2Transformer2DMo
 
     No TeaCache coefficients and no MagCache ratios are known for FLUX.2 [klein]: configuring either without
     explicit ones raises ``ValueError`` saying how to calibrate (:data:`FLUX2_CALIBRATION_HINT`).
+
+    Context parallelism (``enable_parallelism(config=ContextParallelConfig(...))``) uses the parent's ``_cp_plan``,
+    which shards the token sequence at the model's input: each rank caches the residual of its shard, and every
+    decision is taken from statistics summed over the context-parallel group (:mod:`cached_diffusers.parallel`), so
+    all ranks take the single-process decisions.
 
     With ``cache_config=None`` ``forward`` is the parent's.
     """
@@ -207,7 +213,9 @@ class CachedFlux2Transformer2DModel(CachedTransformerMixin, Flux2Transformer2DMo
             kv_cache=kv_cache if kv_cache_mode is not None else None,
         )
 
-        hidden_states, _ = self._run_block_stack((hidden_states, encoder_hidden_states), context)
+        hidden_states, _ = self._run_block_stack(
+            (hidden_states, encoder_hidden_states), context, sequence_group=context_parallel_group(self)
+        )
 
         # The image stream still holds the reference tokens in extract mode.
         if extract:

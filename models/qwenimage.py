@@ -13,6 +13,7 @@ from diffusers.models.transformers.transformer_qwenimage import compute_text_seq
 from diffusers.utils.peft_utils import apply_lora_scale
 
 from cached_diffusers.model_mixin import CachedTransformerMixin, MirroredForward
+from cached_diffusers.parallel import context_parallel_group, shard_sequence
 from cached_diffusers.spec import ModelCacheSpec
 
 __all__ = ["CachedQwenImageTransformer2DModel", "QWENIMAGE_MAG_RATIOS", "QWENIMAGE_TEACACHE_COEFFICIENTS"]
@@ -55,8 +56,25 @@ class CachedQwenImageTransformer2DModel(CachedTransformerMixin, QwenImageTransfo
     image input ``LN(h) * (1 + scale) + shift`` (shift and scale from ``transformer_blocks[0].img_mod(temb)``), which
     depends on the latents and the timestep only, so the conditional and unconditional branches see the same indicator.
 
-    With ``cache_config=None`` ``forward`` is the parent's.
+    Context parallelism (``enable_parallelism(config=ContextParallelConfig(...))``): the parent's ``_cp_plan`` shards
+    the two streams at the input of ``transformer_blocks.0``, inside the cached stack, so that a stack's output would
+    be a shard while its input is the whole sequence. This class's :attr:`_cp_plan` drops that one entry and its
+    ``forward`` shards both streams itself before the stack (:func:`~cached_diffusers.parallel.shard_sequence`, the
+    plan's own splitter), with caching on or off; the rest of the parent's plan (the per-block masks and modulation
+    index, RoPE, the gather at ``proj_out``) applies unchanged. Each rank then caches the residual of its shard, and
+    every decision is taken from statistics summed over the context-parallel group, so all ranks take the
+    single-process decisions.
+
+    With ``cache_config=None`` (and no context parallelism) ``forward`` is the parent's.
     """
+
+    _cp_plan = {
+        name: entry
+        for name, entry in QwenImageTransformer2DModel._cp_plan.items()
+        if name != "transformer_blocks.0"
+    }
+    """The parent's context-parallel plan without its split of the streams at ``transformer_blocks.0`` (``forward``
+    shards them before the cached stack instead)."""
 
     cache_spec = ModelCacheSpec(
         model_name="CachedQwenImageTransformer2DModel",
@@ -96,7 +114,8 @@ class CachedQwenImageTransformer2DModel(CachedTransformerMixin, QwenImageTransfo
         Raises:
             ValueError: when caching is on and the denoising step is unknown (see ``cache_context``).
         """
-        if not self.cache_engine.active:
+        cp_group = context_parallel_group(self)
+        if not self.cache_engine.active and cp_group is None:
             return _PARENT_FORWARD(
                 self,
                 hidden_states,
@@ -140,8 +159,15 @@ class CachedQwenImageTransformer2DModel(CachedTransformerMixin, QwenImageTransfo
             "modulate_index": modulate_index,
         }
 
-        context = (block_kwargs, controlnet_block_samples)
-        hidden_states, _ = self._run_block_stack((hidden_states, encoder_hidden_states), context)
+        streams = (hidden_states, encoder_hidden_states)
+        indicator_modulate_index = modulate_index
+        if cp_group is not None:
+            # What the parent's plan does at transformer_blocks.0, done before the stack (see the class docstring).
+            streams = tuple(shard_sequence(self, s, dim=1) for s in streams)
+            if modulate_index is not None:
+                indicator_modulate_index = shard_sequence(self, modulate_index, dim=1)
+        context = (block_kwargs, controlnet_block_samples, indicator_modulate_index)
+        hidden_states, _ = self._run_block_stack(streams, context, sequence_group=cp_group)
 
         if self.zero_cond_t:
             temb = temb.chunk(2, dim=0)[0]
@@ -151,12 +177,12 @@ class CachedQwenImageTransformer2DModel(CachedTransformerMixin, QwenImageTransfo
         return Transformer2DModelOutput(sample=output)
 
     def _cache_indicators(self, context):
-        block_kwargs = context[0]
+        block_kwargs, _, modulate_index = context  # the modulation index of this rank's shard under CP
 
         def modulated_input(streams: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
             block = self.transformer_blocks[0]
             img_mod1 = block.img_mod(block_kwargs["temb"]).chunk(2, dim=-1)[0]
-            return block._modulate(block.img_norm1(streams[0]), img_mod1, block_kwargs["modulate_index"])[0]
+            return block._modulate(block.img_norm1(streams[0]), img_mod1, modulate_index)[0]
 
         return {"teacache_indicator": modulated_input}
 
@@ -165,9 +191,9 @@ class CachedQwenImageTransformer2DModel(CachedTransformerMixin, QwenImageTransfo
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Run ``transformer_blocks[start:end]`` on ``(image tokens, text tokens)`` exactly as the parent's loop does.
 
-        ``context`` is ``(block_kwargs, controlnet_block_samples)`` of this forward.
+        ``context`` is ``(block_kwargs, controlnet_block_samples, indicator_modulate_index)`` of this forward.
         """
-        block_kwargs, controlnet_block_samples = context
+        block_kwargs, controlnet_block_samples, _ = context
         hidden_states, encoder_hidden_states = streams
         for index in range(start, end):
             block = self.transformer_blocks[index]

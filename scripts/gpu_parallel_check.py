@@ -1,0 +1,329 @@
+"""Multi-GPU check: the cached Qwen-Image / FLUX.2 [klein] transformers under diffusers' context and tensor parallelism.
+
+Run it on a machine with several GPUs (never in CI), one process per GPU::
+
+    torchrun --nproc_per_node=2 scripts/gpu_parallel_check.py --model qwen --mode ulysses
+    torchrun --nproc_per_node=2 scripts/gpu_parallel_check.py --model klein --mode ring --dtype bfloat16
+    torchrun --nproc_per_node=2 scripts/gpu_parallel_check.py --model klein --mode tp
+
+What each rank does:
+
+1. builds the cached transformer (``--size tiny`` or ``full``: the published Qwen-Image or FLUX.2 [klein] 4B shapes,
+   random weights drawn from ``--seed``, identical on every rank; or ``--checkpoint DIR``, a diffusers model folder);
+2. runs a two-branch (cond / uncond, CFG ``--cfg-scale``) Euler loop of ``--steps`` steps on random latents and
+   prompt embeddings, once per cache method, on its own GPU without parallelism: the single-GPU reference;
+3. enables parallelism on the same model (``ContextParallelConfig(ulysses_degree=N)`` or ``ring_degree=N``, or
+   ``TensorParallelConfig(tp_degree=N)``, N = the number of processes) and runs the same loops;
+4. checks, per method, that every rank recorded the same decisions (step, reuse, reason) as every other rank and as
+   the single-GPU reference, and that the final latents match the reference within ``--atol`` (default 1e-4 in
+   float32, 5e-2 in bfloat16).
+
+Rank 0 prints one line per method and writes ``--output`` (JSON) if given; the exit status is 1 when a check fails.
+Ring attention needs a backend that returns the log-sum-exp: ``--attention-backend`` defaults to ``_native_cudnn``
+(bfloat16 / float16 only) for ``--mode ring`` and to ``native`` otherwise. ``--device cpu`` runs the context-parallel
+modes on gloo (tiny size; diffusers refuses tensor parallelism on CPU), which is how this script was smoke-tested.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+METHODS = ("teacache", "teacache-calibrate", "magcache", "magcache-calibrate", "dbcache", "fbcache", "taylorseer", "scm")
+
+QWEN_FULL = {
+    "patch_size": 2, "in_channels": 64, "out_channels": 16, "num_layers": 60, "attention_head_dim": 128,
+    "num_attention_heads": 24, "joint_attention_dim": 3584, "guidance_embeds": False, "axes_dims_rope": (16, 56, 56),
+}  # fmt: skip
+"""Qwen/Qwen-Image ``transformer/config.json`` (as ``scripts/gpu_benchmark_qwenimage.py``)."""
+
+KLEIN_FULL = {
+    "patch_size": 1, "in_channels": 128, "num_layers": 5, "num_single_layers": 20, "attention_head_dim": 128,
+    "num_attention_heads": 24, "joint_attention_dim": 7680, "mlp_ratio": 3.0, "axes_dims_rope": (32, 32, 32, 32),
+    "rope_theta": 2000, "guidance_embeds": False,
+}  # fmt: skip
+"""black-forest-labs/FLUX.2-klein-4B ``transformer/config.json`` (shapes recorded in docs' model notes: 5 double and
+20 single blocks, 24 heads of 128, text width 3 x 2560 of Qwen3-4B)."""
+
+QWEN_TINY = {**QWEN_FULL, "num_layers": 4, "attention_head_dim": 32, "num_attention_heads": 4,
+             "joint_attention_dim": 64, "axes_dims_rope": (8, 12, 12)}  # fmt: skip
+KLEIN_TINY = {**KLEIN_FULL, "in_channels": 32, "num_layers": 2, "num_single_layers": 3, "attention_head_dim": 32,
+              "num_attention_heads": 4, "joint_attention_dim": 96, "axes_dims_rope": (8, 8, 8, 8)}  # fmt: skip
+CONFIGS = {("qwen", "full"): QWEN_FULL, ("qwen", "tiny"): QWEN_TINY, ("klein", "full"): KLEIN_FULL,
+           ("klein", "tiny"): KLEIN_TINY}  # fmt: skip
+
+
+def model_class(family: str):
+    from cached_diffusers import CachedFlux2Transformer2DModel, CachedQwenImageTransformer2DModel
+
+    return CachedQwenImageTransformer2DModel if family == "qwen" else CachedFlux2Transformer2DModel
+
+
+def build_transformer(family: str, size: str, checkpoint: str | None, device, dtype, seed: int):
+    """The cached transformer on ``device``: from ``checkpoint`` (a diffusers model folder), else random weights
+    (normal std 0.02 for matrices, 1 for norm weights, 0 otherwise) built on the meta device, the same on every rank."""
+    cls = model_class(family)
+    if checkpoint:
+        return cls.from_pretrained(checkpoint, torch_dtype=dtype).to(device).eval()
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            model = cls(**CONFIGS[(family, size)])
+    finally:
+        torch.set_default_dtype(previous)
+    model = model.to_empty(device=device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.ndim >= 2:
+                param.normal_(0.0, 0.02, generator=gen)
+            elif "norm" in name and name.endswith("weight"):
+                param.fill_(1.0)
+            else:
+                param.zero_()
+        for module in model.modules():  # Qwen-Image's RoPE tables are non-persistent buffers: rebuild them
+            if hasattr(module, "pos_freqs"):
+                fresh = type(module)(module.theta, module.axes_dim, getattr(module, "scale_rope", False))
+                for key, value in fresh.__dict__.items():
+                    if isinstance(value, torch.Tensor):
+                        setattr(module, key, value.to(device))
+    return model.to(dtype).eval()
+
+
+@dataclass
+class Workload:
+    """A CFG Euler loop around the transformer alone: random latents and prompt embeddings, ``sigma`` from 1 to 0 in
+    ``steps`` equal steps, ``v = uncond + cfg_scale * (cond - uncond)`` (``cfg_scale`` <= 1: the cond branch only)."""
+
+    family: str
+    height: int
+    width: int
+    text_len: int
+    neg_text_len: int
+    steps: int
+    cfg_scale: float
+    seed: int
+
+    def inputs(self, model, device, dtype):
+        gen = torch.Generator(device="cpu").manual_seed(self.seed)
+        h, w = self.height // 16, self.width // 16  # 8x VAE, 2x2 patches (Qwen) / 2x2 packing (Klein)
+        config = model.config
+        latents = torch.randn(1, h * w, config.in_channels, generator=gen)
+        texts = {"cond": torch.randn(1, self.text_len, config.joint_attention_dim, generator=gen),
+                 "uncond": torch.randn(1, self.neg_text_len, config.joint_attention_dim, generator=gen)}  # fmt: skip
+        extra = {}
+        for branch, text in texts.items():
+            if self.family == "qwen":
+                extra[branch] = {"img_shapes": [[(1, h, w)]], "encoder_hidden_states_mask": None}
+            else:
+                img_ids = torch.cartesian_prod(torch.tensor([0]), torch.arange(h), torch.arange(w), torch.tensor([0]))
+                txt_ids = torch.cartesian_prod(torch.tensor([0]), torch.tensor([0]), torch.tensor([0]),
+                                               torch.arange(text.shape[1]))  # fmt: skip
+                extra[branch] = {"img_ids": img_ids[None].to(device), "txt_ids": txt_ids[None].to(device),
+                                 "guidance": None}  # fmt: skip
+        to = {"device": device, "dtype": dtype}
+        return latents.to(**to), {b: t.to(**to) for b, t in texts.items()}, extra
+
+    @torch.no_grad()
+    def run(self, model, cache_config, device, dtype, sync=None):
+        """One generation; returns ``(final latents, {branch: [(step, reused, reason)]}, stats)``."""
+        latents, texts, extra = self.inputs(model, device, dtype)
+        branches = ("cond", "uncond") if self.cfg_scale > 1 else ("cond",)
+        with model.cache_generation(cache_config) as generation:
+            for step in range(self.steps):
+                sigma, next_sigma = 1.0 - step / self.steps, 1.0 - (step + 1) / self.steps
+                timestep = torch.full((1,), sigma, device=device, dtype=dtype)
+                preds = {}
+                for branch in branches:
+                    with model.cache_context(branch, step_index=step, num_inference_steps=self.steps):
+                        preds[branch] = model(hidden_states=latents, encoder_hidden_states=texts[branch],
+                                              timestep=timestep, return_dict=False, **extra[branch])[0]  # fmt: skip
+                v = preds["cond"]
+                if len(branches) == 2:
+                    v = preds["uncond"] + self.cfg_scale * (preds["cond"] - preds["uncond"])
+                latents = latents + (next_sigma - sigma) * v
+        if sync is not None:
+            sync()
+        stats = generation.stats
+        records = {b: [(r.step, r.reused, r.reason) for r in s.records] for b, s in stats.branches.items()}
+        return latents.float().cpu(), records, stats
+
+
+def method_config(name: str, family: str, thresholds: dict[str, float], calibrations: dict[str, Any]):
+    """The cache config a method name stands for. Klein has no published TeaCache coefficients or MagCache ratios:
+    its TeaCache uses the identity polynomial (decisions on the raw distance) and its MagCache the ratios of this
+    run's single-GPU calibration (``calibrations["magcache"]``)."""
+    from cached_diffusers import (
+        DBCacheConfig,
+        FirstBlockCacheConfig,
+        MagCacheConfig,
+        TaylorSeerConfig,
+        TeaCacheConfig,
+    )
+
+    if name == "teacache":
+        coefficients = None if family == "qwen" else (0.0, 0.0, 0.0, 1.0, 0.0)
+        return TeaCacheConfig(rel_l1_thresh=thresholds["teacache"], coefficients=coefficients)
+    if name == "teacache-calibrate":
+        return TeaCacheConfig(calibrate=True)
+    if name == "magcache":
+        ratios = None if family == "qwen" else calibrations["magcache"]
+        return MagCacheConfig(mag_threshold=thresholds["magcache"], mag_ratios=ratios)
+    if name == "magcache-calibrate":
+        return MagCacheConfig(calibrate=True)
+    if name == "dbcache":
+        return DBCacheConfig(Fn=1, Bn=1, residual_diff_threshold=thresholds["dbcache"], max_warmup_steps=2)
+    if name == "fbcache":
+        return FirstBlockCacheConfig(residual_diff_threshold=thresholds["dbcache"])
+    if name == "taylorseer":
+        return TaylorSeerConfig(order=1, interval=3, max_warmup_steps=2)
+    if name == "scm":
+        return DBCacheConfig(Fn=1, Bn=0, residual_diff_threshold=thresholds["dbcache"], scm_steps_mask="fast")
+    raise ValueError(f"unknown method {name!r}; valid: {', '.join(METHODS)}")
+
+
+def magcache_ratios(stats) -> tuple[float, ...]:
+    """The conditional branch's calibrated MagCache ratios of a ``magcache-calibrate`` run."""
+    return tuple(stats.branches["cond"].calibration["mag_ratios"])
+
+
+def setup_distributed(device_arg: str):
+    """Join the torchrun group (NCCL on CUDA, gloo on CPU); returns ``(rank, world_size, device)``."""
+    import torch.distributed as dist
+
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if device_arg == "cuda":
+        if not torch.cuda.is_available():
+            sys.exit("no CUDA device (use --device cpu --size tiny for a smoke test on gloo)")
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+        backend = "nccl"
+    else:
+        device = torch.device("cpu")
+        backend = "gloo"
+        if torch.accelerator.device_count() == 0:
+            # diffusers 0.42 computes the device index as rank % torch.accelerator.device_count(), which is 0 on a
+            # CPU-only host: the CPU counts as one device.
+            torch.accelerator.device_count = lambda: 1
+    dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=600))
+    return rank, world_size, device
+
+
+def parallel_config(mode: str, degree: int):
+    from diffusers import ContextParallelConfig, TensorParallelConfig
+
+    if mode == "ulysses":
+        return ContextParallelConfig(ulysses_degree=degree)
+    if mode == "ring":
+        return ContextParallelConfig(ring_degree=degree)
+    return TensorParallelConfig(tp_degree=degree)
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", choices=("qwen", "klein"), default="qwen")
+    parser.add_argument("--size", choices=("tiny", "full"), default="full", help="random weights at this size")
+    parser.add_argument("--checkpoint", help="a diffusers transformer folder instead of random weights")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                        help="default: float32 on CPU and for --size tiny, else bfloat16")  # fmt: skip
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    parser.add_argument("--attention-backend", default=None, help="diffusers attention backend (see above)")
+    parser.add_argument("--height", type=int, default=1024)
+    parser.add_argument("--width", type=int, default=1024)
+    parser.add_argument("--text-len", type=int, default=64, help="prompt tokens (divisible by the CP degree)")
+    parser.add_argument("--neg-text-len", type=int, default=16, help="negative prompt tokens (likewise)")
+    parser.add_argument("--steps", type=int, default=28)
+    parser.add_argument("--cfg-scale", type=float, default=4.0, help="<= 1: no unconditional branch")
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {', '.join(METHODS)}")
+    parser.add_argument("--teacache-thresh", type=float, default=0.2)
+    parser.add_argument("--magcache-thresh", type=float, default=0.06)
+    parser.add_argument("--dbcache-thresh", type=float, default=0.08)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", type=Path, help="JSON report (written by rank 0)")
+
+
+def resolve(args: argparse.Namespace) -> tuple[torch.dtype, list[str], dict[str, float]]:
+    """``(dtype, method names, thresholds)`` from the arguments; exits with a message on a bad value."""
+    if args.dtype is None:
+        args.dtype = "float32" if args.device == "cpu" or args.size == "tiny" else "bfloat16"
+    names = [m for m in args.methods.split(",") if m]
+    unknown = [m for m in names if m not in METHODS]
+    if unknown:
+        sys.exit(f"--methods: unknown {unknown}; valid: {', '.join(METHODS)}")
+    thresholds = {"teacache": args.teacache_thresh, "magcache": args.magcache_thresh, "dbcache": args.dbcache_thresh}
+    return getattr(torch, args.dtype), names, thresholds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_common_arguments(parser)
+    parser.add_argument("--mode", choices=("ulysses", "ring", "tp"), default="ulysses")
+    parser.add_argument("--atol", type=float, default=None, help="default: 1e-4 in float32, 5e-2 in bfloat16")
+    args = parser.parse_args()
+    dtype, names, thresholds = resolve(args)
+    atol = args.atol if args.atol is not None else (1e-4 if dtype == torch.float32 else 5e-2)
+
+    import torch.distributed as dist
+
+    rank, world_size, device = setup_distributed(args.device)
+    if world_size < 2:
+        sys.exit("run it with torchrun --nproc_per_node=N, N >= 2")
+    model = build_transformer(args.model, args.size, args.checkpoint, device, dtype, args.seed)
+    backend = args.attention_backend or ("_native_cudnn" if args.mode == "ring" else "native")
+    model.set_attention_backend(backend)
+    work = Workload(args.model, args.height, args.width, args.text_len, args.neg_text_len, args.steps,
+                    args.cfg_scale, args.seed)  # fmt: skip
+
+    calibrations: dict[str, Any] = {}
+    reference = {}
+    for name in ["none", "magcache-calibrate", *[n for n in names if n != "magcache-calibrate"]]:
+        config = None if name == "none" else method_config(name, args.model, thresholds, calibrations)
+        latents, records, stats = work.run(model, config, device, dtype)
+        reference[name] = (latents, records)
+        if name == "magcache-calibrate":
+            calibrations["magcache"] = magcache_ratios(stats)
+
+    model.enable_parallelism(config=parallel_config(args.mode, world_size))
+    report, failed = [], False
+    for name in reference:
+        config = None if name == "none" else method_config(name, args.model, thresholds, calibrations)
+        latents, records, _ = work.run(model, config, device, dtype)
+        gathered = [None] * world_size
+        dist.all_gather_object(gathered, records)
+        ref_latents, ref_records = reference[name]
+        error = (latents - ref_latents).abs().max().item()
+        errors = [None] * world_size
+        dist.all_gather_object(errors, error)
+        ranks_agree = all(g == gathered[0] for g in gathered)
+        same_as_reference = gathered[0] == ref_records
+        ok = ranks_agree and same_as_reference and max(errors) <= atol
+        failed |= not ok
+        reused = {b: sum(r[1] for r in rs) for b, rs in ref_records.items()}
+        report.append({"method": name, "ok": ok, "ranks_agree": ranks_agree, "same_as_single_gpu": same_as_reference,
+                       "max_abs_error": max(errors), "reused_steps": reused})  # fmt: skip
+        if rank == 0:
+            print(f"{'ok  ' if ok else 'FAIL'} {name}: ranks agree {ranks_agree}, decisions as single GPU "
+                  f"{same_as_reference}, max |latents - single GPU| {max(errors):.2e} (atol {atol:g}), "
+                  f"reused {reused}", flush=True)  # fmt: skip
+    if rank == 0 and args.output:
+        args.output.write_text(json.dumps({
+            "model": args.model, "size": args.size, "checkpoint": args.checkpoint, "mode": args.mode,
+            "degree": world_size, "dtype": args.dtype, "attention_backend": backend, "steps": args.steps,
+            "height": args.height, "width": args.width, "device": torch.cuda.get_device_name(device)
+            if device.type == "cuda" else "cpu", "torch": torch.__version__, "results": report,
+        }, indent=2) + "\n")  # fmt: skip
+    dist.destroy_process_group()
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
