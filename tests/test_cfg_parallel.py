@@ -27,18 +27,22 @@ TIMEOUT_S = 120.0  # the process group's timeout: a rank stuck in a collective f
 KLEIN_COEFFICIENTS = (2.0, -3.0, 1.0, 1.0, 0.0)  # a test polynomial (no Klein coefficients exist)
 STEPS = 8
 
+# Thresholds inside the range of the tiny models' decision values, so that each branch reuses some steps and computes
+# others for a reason of the method (not only warm-up / last step).
 QWEN_CONFIGS = [
     TeaCacheConfig(rel_l1_thresh=0.8, max_continuous_cached_steps=2),
     MagCacheConfig(mag_threshold=10.0, mag_retention_ratio=0.0, mag_max_skip_steps=2),
-    DBCacheConfig(Fn=1, Bn=1, residual_diff_threshold=0.6, max_warmup_steps=1, max_continuous_cached_steps=2),
-    FirstBlockCacheConfig(residual_diff_threshold=0.6, max_warmup_steps=1, max_continuous_cached_steps=2),
+    DBCacheConfig(Fn=1, Bn=1, residual_diff_threshold=0.73, max_warmup_steps=1, max_continuous_cached_steps=2),
+    FirstBlockCacheConfig(residual_diff_threshold=0.73, max_warmup_steps=1, max_continuous_cached_steps=2),
     TaylorSeerConfig(order=2, interval=3, max_warmup_steps=2),
     FirstBlockCacheConfig(residual_diff_threshold=10.0, scm_steps_mask="fast", scm_steps_policy="static"),
 ]
 KLEIN_CONFIGS = [
     TeaCacheConfig(rel_l1_thresh=1e6, coefficients=KLEIN_COEFFICIENTS, max_continuous_cached_steps=2),
     MagCacheConfig(mag_threshold=10.0, mag_ratios=(1.0, 0.69, 0.79, 1.65, 0.72, 1.1, 0.77, 1.68), mag_max_skip_steps=2),
-    *QWEN_CONFIGS[2:],
+    DBCacheConfig(Fn=1, Bn=1, residual_diff_threshold=1.1, max_warmup_steps=1, max_continuous_cached_steps=2),
+    FirstBlockCacheConfig(residual_diff_threshold=1.1, max_warmup_steps=1, max_continuous_cached_steps=2),
+    *QWEN_CONFIGS[4:],
 ]
 
 
@@ -108,6 +112,8 @@ def _check_rows(results, branches):
             assert list(parallel_records) == [branches[rank]], name
             assert parallel_records[branches[rank]] == serial_records[branches[rank]], name
             assert any(reused for _, reused, _, _ in serial_records[branches[rank]]), f"{name}: nothing reused"
+            middle = serial_records[branches[rank]][1:-1]
+            assert any(not reused for _, reused, _, _ in middle), f"{name}: nothing computed between first and last"
     for row0, row1 in zip(results[0], results[1]):
         torch.testing.assert_close(row0[2], row1[2], rtol=0, atol=0)  # every rank returns the same images
 
@@ -280,3 +286,102 @@ def test_a_parent_that_computes_with_the_first_prediction_is_refused(monkeypatch
 
 def test_cfg_parallel_error_is_a_runtime_error():
     assert issubclass(CFGParallelError, RuntimeError)
+
+
+# -- CFG 2 x Ulysses 2 on four processes -----------------------------------------------------------------------------
+MESH_CONFIGS = {"qwenimage": [None], "klein": [None]}
+"""Configs run on the 2-D mesh per family (``None``: caching off)."""
+
+
+def _mesh_2d(rank, world_size, family):
+    from cached_diffusers.multi_gpu import parallelize
+
+    make_pipe, make_kwargs, _ = FAMILIES[family]
+    pipe = make_pipe()
+    pipe.set_progress_bar_config(disable=True)
+    serial = []
+    for config in MESH_CONFIGS[family]:
+        pipe.cache_config = config
+        serial.append((pipe(**make_kwargs()).images, _records(pipe.cache_stats)))
+    mesh = parallelize(pipe, cfg_parallel=True, ulysses_degree=2)
+    rows = []
+    for config, (serial_images, serial_records) in zip(MESH_CONFIGS[family], serial):
+        pipe.cache_config = config
+        parallel = pipe(**make_kwargs()).images
+        rows.append((config, serial_images, parallel, serial_records, _records(pipe.cache_stats)))
+    return mesh["cfg"].get_local_rank(), mesh["ulysses"].get_local_rank(), rows
+
+
+@pytest.mark.parametrize("family", ["qwenimage", "klein"])
+def test_cfg_2_by_ulysses_2_on_four_processes(family):
+    results = run_distributed(_mesh_2d, world_size=4, args=(family,), timeout_s=TIMEOUT_S)
+    assert [(c, u) for c, u, _ in results] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    branches = ["cond", "uncond"]
+    for cfg_rank, _, rows in results:
+        for config, serial, parallel, serial_records, parallel_records in rows:
+            name = config.method if config is not None else "none"
+            assert (parallel - serial).abs().max().item() <= 1e-4, name
+            if config is not None:  # both Ulysses ranks of a CFG rank hold its branch, as the serial run did
+                assert parallel_records == {branches[cfg_rank]: serial_records[branches[cfg_rank]]}, name
+
+
+# -- the command line ------------------------------------------------------------------------------------------------
+def _cli(rank, world_size, model_dir, out_dir, flags):
+    from cached_diffusers.cli import main
+
+    common = ["generate", "--model", model_dir, "--prompt", "a cat", "--negative-prompt", " ", "--true-cfg-scale",
+              "4", "--steps", "4", "--height", "64", "--width", "64", "--device", "cpu", "--quiet",
+              "--cache", "fbcache", "--debug"]  # fmt: skip
+    serial = main([*common, "--output", f"{out_dir}/serial-{rank}.png"])
+    parallel = main([*common, "--output", f"{out_dir}/parallel.png", *flags])
+    return serial, parallel
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen_dir(tmp_path_factory):
+    from cached_diffusers.tiny import save_tiny_qwenimage_pipeline
+
+    return str(save_tiny_qwenimage_pipeline(tmp_path_factory.mktemp("qwen") / "tiny"))
+
+
+def test_cli_cfg_parallel_writes_the_serial_image_from_rank_0(tiny_qwen_dir, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    results = run_distributed(_cli, world_size=2, args=(tiny_qwen_dir, str(tmp_path), ["--cfg-parallel"]), timeout_s=TIMEOUT_S)
+    assert results == [(0, 0), (0, 0)]
+    written = sorted(p.name for p in tmp_path.iterdir())
+    assert written == ["parallel.png", "serial-0.png", "serial-1.png"]  # only rank 0 wrote the parallel image
+    serial = np.asarray(Image.open(tmp_path / "serial-0.png"), dtype=np.int16)
+    parallel = np.asarray(Image.open(tmp_path / "parallel.png"), dtype=np.int16)
+    assert np.abs(serial - parallel).max() <= 1  # 8-bit images of predictions equal within 1e-4
+
+
+def test_cli_parallel_flags_parse_and_need_torchrun(tmp_path, monkeypatch, capsys):
+    from cached_diffusers.cli import EXIT_USAGE, build_parser, main
+
+    args = build_parser().parse_args(["generate", "--model", "m", "--prompt", "p", "--ulysses-degree", "2", "--cfg-parallel"])
+    assert args.ulysses_degree == 2 and args.cfg_parallel is True
+    args = build_parser().parse_args(["generate", "--model", "m", "--prompt", "p"])
+    assert args.ulysses_degree == 1 and args.cfg_parallel is False
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    model = tmp_path / "model"
+    model.mkdir()
+    code = main(["generate", "--model", str(model), "--prompt", "p", "--cfg-parallel", "--output", str(tmp_path / "x.png")])
+    assert code == EXIT_USAGE
+    assert "torchrun --nproc_per_node=N" in capsys.readouterr().err
+    code = main(["generate", "--model", str(model), "--prompt", "p", "--ulysses-degree", "0", "--output", str(tmp_path / "x.png")])
+    assert code == EXIT_USAGE and "--ulysses-degree must be >= 1, got 0" in capsys.readouterr().err
+
+
+def _bad_degree(rank, world_size):
+    from cached_diffusers.multi_gpu import parallelize
+
+    pipe = _qwen_pipe()
+    return _outcome(lambda: parallelize(pipe, cfg_parallel=True, ulysses_degree=2))
+
+
+def test_a_world_size_that_does_not_fit_the_degrees_is_refused():
+    results = run_distributed(_bad_degree, world_size=2, timeout_s=TIMEOUT_S)
+    for name, message in results:
+        assert name == "ValueError" and "must be a multiple >= 2 of --ulysses-degree (2)" in message
