@@ -8,8 +8,9 @@ from Python (``docs/multi-gpu.md``)::
     mesh = parallelize(pipe, cfg_parallel=True, ulysses_degree=2)   # 4 processes: CFG 2 x Ulysses 2
 
 The mesh has the dimensions ``("cfg", "ring", "ulysses")`` (ring 1): diffusers' ``enable_parallelism`` with
-``ContextParallelConfig(ulysses_degree=K, mesh=mesh)`` shards the sequence over ``"ulysses"`` (its documented way to
-share a mesh with another parallelism), and :meth:`~cached_diffusers.CachedPipelineMixin.enable_cfg_parallel` runs
+``ContextParallelConfig(ulysses_degree=K, mesh=mesh, ulysses_anything=True)`` shards the sequence over ``"ulysses"``
+(its documented way to share a mesh with another parallelism; ``ulysses_anything`` accepts prompts of any token
+count, where an even split needs it divisible by ``K``), and :meth:`~cached_diffusers.CachedPipelineMixin.enable_cfg_parallel` runs
 the guidance branches over ``"cfg"``.
 """
 
@@ -106,7 +107,9 @@ def parallelize(pipe: Any, cfg_parallel: bool = False, ulysses_degree: int = 1):
     if ulysses_degree > 1:
         from diffusers import ContextParallelConfig
 
-        pipe.transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=ulysses_degree, mesh=mesh))
+        # ulysses_anything: prompts of any token count (an even split would need the text length divisible by K)
+        config = ContextParallelConfig(ulysses_degree=ulysses_degree, mesh=mesh, ulysses_anything=True)
+        pipe.transformer.enable_parallelism(config=config)
     if cfg_parallel:
         pipe.enable_cfg_parallel(mesh["cfg"])
     return mesh

@@ -321,8 +321,20 @@ def test_cfg_2_by_ulysses_2_on_four_processes(family):
         for config, serial, parallel, serial_records, parallel_records in rows:
             name = config.method if config is not None else "none"
             assert (parallel - serial).abs().max().item() <= 1e-4, name
-            if config is not None:  # both Ulysses ranks of a CFG rank hold its branch, as the serial run did
-                assert parallel_records == {branches[cfg_rank]: serial_records[branches[cfg_rank]]}, name
+            if config is not None:  # both Ulysses ranks of a CFG rank hold its branch, as the serial run decided it
+                branch = branches[cfg_rank]
+                assert list(parallel_records) == [branch], name
+                _assert_same_decisions(parallel_records[branch], serial_records[branch], name)
+
+
+def _assert_same_decisions(records, expected, name):
+    """The same steps reused for the same reasons; the decision values equal up to the rounding of sums reduced over
+    the context-parallel group."""
+    assert [r[:3] for r in records] == [r[:3] for r in expected], name
+    for (*_, signal), (*_, want) in zip(records, expected):
+        assert (signal is None) == (want is None), name
+        if signal is not None:
+            assert abs(signal - want) <= 1e-5 * max(1.0, abs(want)), name
 
 
 # -- the command line ------------------------------------------------------------------------------------------------
