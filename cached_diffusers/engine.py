@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 
 from .configs import CacheConfig, resolve_cache_config
+from .parallel import sequence_group
 from .policies import CachePolicy, Gate, StepContext
 from .residuals import ResidualStore, make_store
 from .stats import CacheStats, StepRecord
@@ -46,11 +47,16 @@ class BlockStack:
         signals: ``{kind: fn(streams) -> Tensor}``, the decision signals the model can compute cheaply at the stack's
             input (``"modulated_input"``: block 0's modulated image input, TeaCache's indicator). The engine itself
             provides ``"front_residual"`` (image-stream residual of the front blocks, DBCache's probe).
+        sequence_group: under context parallelism, the ``torch.distributed`` process group the streams' token
+            sequence is sharded over (``cached_diffusers.parallel.context_parallel_group(model)``): the streams and
+            signals are this rank's shard, and every decision statistic is summed over the group
+            (:mod:`cached_diffusers.parallel`) so that all ranks decide alike. ``None``: the whole sequence is here.
     """
 
     num_blocks: int
     run_blocks: Callable[[int, int, Streams], Streams]
     signals: Mapping[str, Callable[[Streams], torch.Tensor]] = field(default_factory=dict)
+    sequence_group: Any = None
 
 
 @dataclass
@@ -323,6 +329,10 @@ class CacheEngine:
         break the graph on and recompile for at every step. Blocks compiled on their own
         (``compile_repeated_blocks``) still run compiled inside it.
         """
+        with sequence_group(stack.sequence_group):
+            return self._run(stack, streams)
+
+    def _run(self, stack: BlockStack, streams: Streams) -> Streams:
         generation = self.current
         policy = generation.policy
         num_blocks = stack.num_blocks

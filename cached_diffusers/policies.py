@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from .configs import DBCacheConfig, MagCacheConfig, StepCacheConfig, TaylorSeerConfig, TeaCacheConfig
+from .parallel import sequence_mean, sequence_sums
 from .scm import steps_mask
 
 __all__ = [
@@ -102,11 +103,12 @@ def relative_l1(current: torch.Tensor, previous: torch.Tensor) -> float:
 
     Equal to the ratio of means used by TeaCache, MagCache, cache-dit and diffusers (no epsilon, as in those).
     Returns ``inf`` when ``previous`` is all zeros and the tensors differ, 0.0 when both are all zeros.
+    Under context parallelism (the engine's sequence group, :mod:`cached_diffusers.parallel`) the tensors are this
+    rank's shard and both sums are reduced over the group before the ratio: every rank gets the whole sequence's value.
     """
     current = current.float()
     previous = previous.float()
-    numerator = (current - previous).abs().sum().item()
-    denominator = previous.abs().sum().item()
+    numerator, denominator = sequence_sums((current - previous).abs().sum(), previous.abs().sum())
     if denominator == 0.0:
         return 0.0 if numerator == 0.0 else float("inf")
     return numerator / denominator
@@ -408,7 +410,7 @@ class MagCachePolicy(CachePolicy):
         if state.previous_norm is None or state.previous_norm.shape != norm.shape:
             ratio = 1.0
         else:
-            ratio = (norm / (state.previous_norm + 1e-8)).mean().item()
+            ratio = sequence_mean(norm / (state.previous_norm + 1e-8))  # over every rank's tokens under CP
         state.previous_norm = norm
         if len(state.calibrated) != ctx.num_steps:
             state.calibrated = [1.0] * ctx.num_steps

@@ -21,6 +21,7 @@ from diffusers.utils.peft_utils import apply_lora_scale
 
 from cached_diffusers.engine import BlockStack
 from cached_diffusers.model_mixin import CachedTransformerMixin, MirroredForward
+from cached_diffusers.parallel import context_parallel_group
 
 __all__ = ["CachedFlux2Transformer2DModel", "FLUX2_CALIBRATION_HINT"]
 
@@ -65,6 +66,11 @@ class CachedFlux2Transformer2DModel(CachedTransformerMixin, Flux2Transformer2DMo
 
     No TeaCache coefficients and no MagCache ratios are known for FLUX.2 [klein]: configuring either without
     explicit ones raises ``ValueError`` saying how to calibrate (:data:`FLUX2_CALIBRATION_HINT`).
+
+    Context parallelism (``enable_parallelism(config=ContextParallelConfig(...))``) uses the parent's ``_cp_plan``,
+    which shards the token sequence at the model's input: each rank caches the residual of its shard, and every
+    decision is taken from statistics summed over the context-parallel group (:mod:`cached_diffusers.parallel`), so
+    all ranks take the single-process decisions.
 
     With ``cache_config=None`` ``forward`` is the parent's.
     """
@@ -220,7 +226,9 @@ class CachedFlux2Transformer2DModel(CachedTransformerMixin, Flux2Transformer2DMo
 
             signals["modulated_input"] = modulated_input
 
-        stack = BlockStack(self.num_cache_blocks, run_blocks, signals)
+        # Under context parallelism the plan has already sharded the inputs at the model's entry: the streams and the
+        # signals are this rank's shard, and the engine sums its statistics over the group.
+        stack = BlockStack(self.num_cache_blocks, run_blocks, signals, sequence_group=context_parallel_group(self))
         hidden_states, _ = self.cache_engine.run(stack, (hidden_states, encoder_hidden_states))
 
         # The image stream still holds the reference tokens in extract mode.

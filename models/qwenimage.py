@@ -14,6 +14,7 @@ from diffusers.utils.peft_utils import apply_lora_scale
 
 from cached_diffusers.engine import BlockStack
 from cached_diffusers.model_mixin import CachedTransformerMixin, MirroredForward
+from cached_diffusers.parallel import context_parallel_group, shard_sequence
 
 __all__ = ["CachedQwenImageTransformer2DModel", "QWENIMAGE_MAG_RATIOS", "QWENIMAGE_TEACACHE_COEFFICIENTS"]
 
@@ -55,8 +56,25 @@ class CachedQwenImageTransformer2DModel(CachedTransformerMixin, QwenImageTransfo
     image input ``LN(h) * (1 + scale) + shift`` (shift and scale from ``transformer_blocks[0].img_mod(temb)``), which
     depends on the latents and the timestep only, so the conditional and unconditional branches see the same signal.
 
-    With ``cache_config=None`` ``forward`` is the parent's.
+    Context parallelism (``enable_parallelism(config=ContextParallelConfig(...))``): the parent's ``_cp_plan`` shards
+    the two streams at the input of ``transformer_blocks.0``, inside the cached stack, so that a stack's output would
+    be a shard while its input is the whole sequence. This class's :attr:`_cp_plan` drops that one entry and its
+    ``forward`` shards both streams itself before the stack (:func:`~cached_diffusers.parallel.shard_sequence`, the
+    plan's own splitter), with caching on or off; the rest of the parent's plan (the per-block masks and modulation
+    index, RoPE, the gather at ``proj_out``) applies unchanged. Each rank then caches the residual of its shard, and
+    every decision is taken from statistics summed over the context-parallel group, so all ranks take the
+    single-process decisions.
+
+    With ``cache_config=None`` (and no context parallelism) ``forward`` is the parent's.
     """
+
+    _cp_plan = {
+        name: entry
+        for name, entry in QwenImageTransformer2DModel._cp_plan.items()
+        if name != "transformer_blocks.0"
+    }
+    """The parent's context-parallel plan without its split of the streams at ``transformer_blocks.0`` (``forward``
+    shards them before the cached stack instead)."""
 
     cache_defaults = {"teacache_coefficients": QWENIMAGE_TEACACHE_COEFFICIENTS, "mag_ratios": QWENIMAGE_MAG_RATIOS}
     mirrored_forward = MirroredForward(
@@ -88,7 +106,8 @@ class CachedQwenImageTransformer2DModel(CachedTransformerMixin, QwenImageTransfo
         Raises:
             ValueError: when caching is on and the denoising step is unknown (see ``cache_context``).
         """
-        if not self.cache_engine.active:
+        cp_group = context_parallel_group(self)
+        if not self.cache_engine.active and cp_group is None:
             return _PARENT_FORWARD(
                 self,
                 hidden_states,
@@ -135,13 +154,23 @@ class CachedQwenImageTransformer2DModel(CachedTransformerMixin, QwenImageTransfo
         def run_blocks(start: int, end: int, streams: tuple[torch.Tensor, torch.Tensor]):
             return self._run_blocks(start, end, streams, block_kwargs, controlnet_block_samples)
 
+        signal_modulate_index = modulate_index
+
         def modulated_input(streams: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
             block = self.transformer_blocks[0]
             img_mod1 = block.img_mod(temb).chunk(2, dim=-1)[0]
-            return block._modulate(block.img_norm1(streams[0]), img_mod1, modulate_index)[0]
+            return block._modulate(block.img_norm1(streams[0]), img_mod1, signal_modulate_index)[0]
 
-        stack = BlockStack(len(self.transformer_blocks), run_blocks, {"modulated_input": modulated_input})
-        hidden_states, _ = self.cache_engine.run(stack, (hidden_states, encoder_hidden_states))
+        streams = (hidden_states, encoder_hidden_states)
+        if cp_group is not None:
+            # What the parent's plan does at transformer_blocks.0, done before the stack (see the class docstring).
+            streams = tuple(shard_sequence(self, s, dim=1) for s in streams)
+            if modulate_index is not None:
+                signal_modulate_index = shard_sequence(self, modulate_index, dim=1)
+        stack = BlockStack(
+            len(self.transformer_blocks), run_blocks, {"modulated_input": modulated_input}, sequence_group=cp_group
+        )
+        hidden_states, _ = self.cache_engine.run(stack, streams)
 
         if self.zero_cond_t:
             temb = temb.chunk(2, dim=0)[0]

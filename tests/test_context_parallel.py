@@ -1,0 +1,285 @@
+"""Caching under diffusers' context parallelism (Ulysses 2, two gloo processes): every method, Qwen-Image and Klein.
+
+Each scenario drives a tiny cached transformer through a two-branch (cond / uncond) Euler loop with
+``cache_context``, once in this process (the single-process reference) and once on each of two ranks with
+``enable_parallelism(config=ContextParallelConfig(ulysses_degree=2))``. It checks that every rank records the
+single-process decisions (step, reuse, reason; decision values equal up to the rounding of the summation order),
+the same calibration data, and returns the single-process latents within 1e-4 (float32). Klein with DBCache /
+First-Block-Cache is the case that hung before the decision statistics were summed over the group.
+"""
+
+import math
+
+import pytest
+import torch
+
+from distributed import run_distributed
+
+from cached_diffusers import (
+    CachedFlux2Transformer2DModel,
+    CachedQwenImageTransformer2DModel,
+    DBCacheConfig,
+    FirstBlockCacheConfig,
+    MagCacheConfig,
+    TaylorSeerConfig,
+    TeaCacheConfig,
+)
+from cached_diffusers.tiny import FLUX2_KLEIN_TEMB_GAIN
+
+NUM_STEPS = 8
+IDENTITY = (0.0, 0.0, 0.0, 1.0, 0.0)  # f(x) = x: TeaCache accumulates the raw relative L1 distance
+MAG_RATIOS = (1.0, 1.02, 1.01, 1.0, 0.99, 0.98, 0.97, 0.9)
+
+QWEN_CONFIG = dict(
+    patch_size=2,
+    in_channels=16,
+    out_channels=4,
+    num_layers=4,
+    attention_head_dim=16,
+    num_attention_heads=2,  # Ulysses 2 splits the heads
+    joint_attention_dim=16,
+    axes_dims_rope=(8, 4, 4),
+)
+KLEIN_CONFIG = dict(
+    patch_size=1,
+    in_channels=8,
+    num_layers=2,
+    num_single_layers=3,
+    attention_head_dim=16,
+    num_attention_heads=2,
+    joint_attention_dim=16,
+    axes_dims_rope=(4, 4, 4, 4),
+    guidance_embeds=False,
+)
+
+# (TeaCache threshold, DBCache threshold) per family: the tiny random models' distances differ in scale
+THRESHOLDS = {"qwen": (0.3, 0.4), "klein": (1.0, 1.1)}
+
+
+def methods(family):
+    """name -> cache config; each reuses some steps and computes others on the family's model (checked below)."""
+    tea, db = THRESHOLDS[family]
+    return {
+        "teacache": TeaCacheConfig(rel_l1_thresh=tea, coefficients=IDENTITY),
+        "teacache-calibrate": TeaCacheConfig(calibrate=True),
+        "magcache": MagCacheConfig(mag_ratios=MAG_RATIOS, mag_threshold=0.08, mag_retention_ratio=0.2),
+        "magcache-calibrate": MagCacheConfig(calibrate=True),
+        "dbcache": DBCacheConfig(Fn=1, Bn=1, residual_diff_threshold=db, max_warmup_steps=1),
+        "fbcache": FirstBlockCacheConfig(residual_diff_threshold=db),
+        "taylorseer": TaylorSeerConfig(order=1, interval=2, max_warmup_steps=2),
+        "dbcache-taylorseer": DBCacheConfig(
+            Fn=1, Bn=0, residual_diff_threshold=db, max_warmup_steps=1, enable_taylorseer=True, taylorseer_order=1
+        ),
+        "scm": DBCacheConfig(Fn=1, Bn=0, residual_diff_threshold=db, scm_steps_mask=[1, 1, 0, 1, 0, 0, 1, 1]),
+    }
+
+
+METHOD_NAMES = tuple(methods("qwen"))
+CALIBRATION = {"teacache-calibrate", "magcache-calibrate"}
+
+
+def _model(family):
+    torch.manual_seed(0)
+    if family == "qwen":
+        return CachedQwenImageTransformer2DModel(**QWEN_CONFIG).eval()
+    model = CachedFlux2Transformer2DModel(**KLEIN_CONFIG).eval()
+    with torch.no_grad():  # O(1) modulations, as in the tiny pipeline
+        model.time_guidance_embed.timestep_embedder.linear_2.weight.mul_(FLUX2_KLEIN_TEMB_GAIN)
+    return model
+
+
+def _inputs(family):
+    """The initial latents and, per branch, the text tokens and the model's other keyword arguments."""
+    g = torch.Generator().manual_seed(1)
+    if family == "qwen":
+        latents = torch.randn(1, 16, 16, generator=g)  # 4x4 patches of 2x2x4 channels
+        texts = {"cond": torch.randn(1, 8, 16, generator=g), "uncond": torch.randn(1, 6, 16, generator=g)}
+        extra = {
+            b: dict(encoder_hidden_states_mask=torch.ones(1, t.shape[1], dtype=torch.long), img_shapes=[[(1, 4, 4)]])
+            for b, t in texts.items()
+        }
+        return latents, texts, extra
+    latents = torch.randn(1, 16, 8, generator=g)
+    texts = {"cond": torch.randn(1, 8, 16, generator=g), "uncond": torch.randn(1, 6, 16, generator=g)}
+    img_ids = torch.cartesian_prod(torch.tensor([0]), torch.arange(4), torch.arange(4), torch.arange(1))
+    extra = {}
+    for branch, text in texts.items():
+        txt_ids = torch.cartesian_prod(torch.arange(1), torch.arange(1), torch.arange(1), torch.arange(text.shape[1]))
+        extra[branch] = dict(img_ids=img_ids.unsqueeze(0), txt_ids=txt_ids.unsqueeze(0), guidance=None)
+    return latents, texts, extra
+
+
+@torch.no_grad()
+def _generate(model, family, config):
+    """A CFG Euler loop (scale 2) over NUM_STEPS steps; returns the final latents and the cache statistics."""
+    latents, texts, extra = _inputs(family)
+    with model.cache_generation(config) as generation:
+        for step in range(NUM_STEPS):
+            sigma, next_sigma = 1.0 - step / NUM_STEPS, 1.0 - (step + 1) / NUM_STEPS
+            predictions = {}
+            for branch in ("cond", "uncond"):
+                with model.cache_context(branch, step_index=step, num_inference_steps=NUM_STEPS):
+                    predictions[branch] = model(
+                        hidden_states=latents,
+                        encoder_hidden_states=texts[branch],
+                        timestep=torch.tensor([sigma]),
+                        return_dict=False,
+                        **extra[branch],
+                    )[0]
+            velocity = predictions["uncond"] + 2.0 * (predictions["cond"] - predictions["uncond"])
+            latents = latents + (next_sigma - sigma) * velocity
+    stats = generation.stats
+    records = {
+        b: [(r.step, r.reused, r.reason, r.signal, r.blocks_computed) for r in s.records]
+        for b, s in stats.branches.items()
+    }
+    calibration = {b: s.calibration for b, s in stats.branches.items()}
+    return latents, records, calibration
+
+
+def _scenarios(family, names, parallel):
+    model = _model(family)
+    model.set_attention_backend("native")
+    if parallel:
+        from diffusers import ContextParallelConfig
+
+        model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=2))
+    configs = methods(family)
+    results = {"none": _generate(model, family, None)}
+    for name in names:
+        results[name] = _generate(model, family, configs[name])
+    return results
+
+
+def _diverging_first_block_cache(model):
+    """The hang case: First-Block-Cache on Klein with a threshold between the two ranks' own (shard-local) values of
+    the first tested statistic, so that deciding from a shard would make one rank reuse and the other compute.
+
+    Returns ``(threshold, [local value per rank], latents, records)`` of the run at that threshold.
+    """
+    from cached_diffusers import policies
+
+    local, real = [], policies.sequence_sums
+
+    def recording(*partial_sums):  # this rank's own sums, before the reduction over the group
+        local.append([t.item() for t in partial_sums])
+        return real(*partial_sums)
+
+    policies.sequence_sums = recording
+    try:
+        _generate(model, "klein", FirstBlockCacheConfig(residual_diff_threshold=0.0))  # every step computes
+    finally:
+        policies.sequence_sums = real
+    numerator, denominator = local[0]  # step 1 of the first branch
+    gathered = [None, None]
+    torch.distributed.all_gather_object(gathered, (numerator, denominator))
+    values = [n / d for n, d in gathered]
+    whole = sum(n for n, _ in gathered) / sum(d for _, d in gathered)  # between the two, away from both
+    threshold = max(((min(values) + whole) / 2, (whole + max(values)) / 2), key=lambda t: abs(t - whole))
+    latents, records, _ = _generate(model, "klein", FirstBlockCacheConfig(residual_diff_threshold=threshold))
+    return threshold, values, latents, records
+
+
+def _rank_scenarios(rank, world_size, families, names):
+    results = {family: _scenarios(family, names, parallel=True) for family in families}
+    model = _model("klein")
+    model.set_attention_backend("native")
+    from diffusers import ContextParallelConfig
+
+    model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=2))
+    results["hang-case"] = _diverging_first_block_cache(model)
+    return results
+
+
+def _close(a, b, rel=1e-5):
+    if a is None or b is None:
+        return a is b
+    return math.isclose(a, b, rel_tol=rel, abs_tol=1e-7)
+
+
+def _assert_same_decisions(got, expected, where):
+    assert got.keys() == expected.keys(), where
+    for branch in expected:
+        g, e = got[branch], expected[branch]
+        assert [r[:3] + r[4:] for r in g] == [r[:3] + r[4:] for r in e], f"{where}, branch {branch}"
+        assert all(_close(a[3], b[3]) for a, b in zip(g, e)), f"{where}, branch {branch}: {g} != {e}"
+
+
+def _assert_same_calibration(got, expected, where):
+    assert got.keys() == expected.keys(), where
+    for branch, data in expected.items():
+        assert got[branch].keys() == data.keys(), where
+        for key, values in data.items():
+            flat_got = torch.tensor(got[branch][key], dtype=torch.float64).flatten()
+            flat_expected = torch.tensor(values, dtype=torch.float64).flatten()
+            assert flat_got.shape == flat_expected.shape and len(flat_expected) > 0, f"{where}: {key}"
+            # the MagCache ratios are rounded to 5 decimals: a rounding boundary may move the last digit
+            assert torch.allclose(flat_got, flat_expected, rtol=1e-5, atol=1.1e-5), f"{where}: {key}"
+
+
+FAMILIES = ("qwen", "klein")
+
+
+@pytest.fixture(scope="module")
+def all_runs():
+    """{family: (single-process results, results of the two ranks)}, every method, one pair of processes for all."""
+    ranks = run_distributed(_rank_scenarios, world_size=2, args=(FAMILIES, METHOD_NAMES), timeout_s=120)
+    runs = {f: (_scenarios(f, METHOD_NAMES, parallel=False), [r[f] for r in ranks]) for f in FAMILIES}
+    runs["hang-case"] = [r["hang-case"] for r in ranks]
+    return runs
+
+
+@pytest.fixture(params=FAMILIES)
+def runs(request, all_runs):
+    return (request.param, *all_runs[request.param])
+
+
+@pytest.mark.parametrize("method", ["none", *METHOD_NAMES])
+def test_every_rank_decides_and_returns_as_the_single_process(runs, method):
+    family, reference, ranks = runs
+    latents, records, calibration = reference[method]
+    if method != "none" and method not in CALIBRATION:
+        reused = [r for branch in records.values() for r in branch if r[1]]
+        computed = [r for branch in records.values() for r in branch if not r[1]]
+        assert reused and len(computed) > 2, f"{family} {method}: the scenario must both reuse and compute"
+    for rank, results in enumerate(ranks):
+        where = f"{family} {method}, rank {rank}"
+        got_latents, got_records, got_calibration = results[method]
+        _assert_same_decisions(got_records, records, where)
+        _assert_same_calibration(got_calibration, calibration, where)
+        assert (got_latents - latents).abs().max().item() < 1e-4, where
+
+
+def test_klein_first_block_cache_where_shard_local_decisions_diverge(all_runs):
+    """Before the reduction each rank decided from its own shard: at this threshold one rank would have reused step 1
+    and the other computed it (running the blocks' all-to-all alone), and the run hung until the group's timeout."""
+    (threshold, values, latents, records), other = all_runs["hang-case"]
+    assert other[0] == threshold and other[1] == values  # every rank saw the same local values and threshold
+    assert min(values) < threshold < max(values)  # shard-local decisions would disagree at step 1
+    model = _model("klein")
+    model.set_attention_backend("native")
+    expected_latents, expected, _ = _generate(model, "klein", FirstBlockCacheConfig(residual_diff_threshold=threshold))
+    for rank, (_, _, got_latents, got) in enumerate(all_runs["hang-case"]):
+        _assert_same_decisions(got, expected, f"rank {rank}")
+        assert (got_latents - expected_latents).abs().max().item() < 1e-4
+    assert any(r[1] for branch in expected.values() for r in branch)  # the run reuses some step
+
+
+def test_without_a_group_the_sums_are_the_local_ones_and_nothing_is_sharded():
+    from cached_diffusers.parallel import context_parallel_group, sequence_mean, sequence_sums, shard_sequence
+
+    values = torch.randn(3, 5)
+    assert sequence_sums(values.sum(), values.abs().sum()) == (values.sum().item(), values.abs().sum().item())
+    assert sequence_mean(values) == values.mean().item()
+    model = _model("klein")
+    assert context_parallel_group(model) is None
+    assert shard_sequence(model, values, dim=1) is values
+
+
+def test_cached_qwen_plan_is_the_parents_without_the_split_inside_the_stack():
+    from diffusers import QwenImageTransformer2DModel
+
+    parent = QwenImageTransformer2DModel._cp_plan
+    assert set(parent) - set(CachedQwenImageTransformer2DModel._cp_plan) == {"transformer_blocks.0"}
+    assert all(CachedQwenImageTransformer2DModel._cp_plan[k] is parent[k] for k in CachedQwenImageTransformer2DModel._cp_plan)
+    assert "_cp_plan" not in vars(CachedFlux2Transformer2DModel)  # Klein's plan (split at the model input) as is
