@@ -247,26 +247,25 @@ class CFGParallelCall:
             except Exception as exc:  # agreed below: every rank raises
                 error = exc
         reference = pending[0].placeholder
+        # What every rank compares: the step, the branch count, the step's input, and (from the ranks that computed)
+        # the prediction's dtype and shape, which must be the placeholder's.
         shape = tuple(out.shape) if out is not None else tuple(reference.shape)
-        dtype = _DTYPES.index(out.dtype) if out is not None and out.dtype in _DTYPES else -1
-        checksum = _checksum(pending[0])
-        values = [pending[0].step, len(pending), checksum, dtype if out is not None else float("nan"), len(shape), *shape]
-        self.settled = True  # from here every rank raises the same errors from the agreed table
+        dtype = _dtype_code(out.dtype) if out is not None else -1
+        values = [pending[0].step, len(pending), _checksum(pending[0]), dtype, len(shape), *shape]
+        self.settled = True  # from here every rank raises the same errors, decided from the agreed table
         table = cfg.agree(error, values[: _STATUS_LEN - 1])
         if not torch.equal(table[:, :3], table[:1, :3].expand_as(table[:, :3])):
             raise ValueError(
                 "the ranks of the CFG-parallel group made different calls (step, branch count, input latents: "
                 f"{table[:, :3].tolist()}): run the same script with the same arguments and generator seed on every rank"
             )
-        computing = range(len(pending))
-        for r in computing:
+        for r in range(len(pending)):  # the ranks that computed a branch
             got_shape = tuple(int(v) for v in table[r, 5 : 5 + int(table[r, 4])].tolist())
-            got_dtype = int(table[r, 3])
-            if got_shape != tuple(reference.shape) or got_dtype != _DTYPES.index(reference.dtype):
+            if got_shape != tuple(reference.shape) or int(table[r, 3]) != _dtype_code(reference.dtype):
                 raise RuntimeError(
-                    f"CFG-parallel: branch {pending[r].branch!r} returned shape {got_shape} and dtype "
-                    f"{_DTYPES[got_dtype] if 0 <= got_dtype < len(_DTYPES) else '?'}, but its placeholder has "
-                    f"{tuple(reference.shape)} and {reference.dtype} (the transformer's output projection and dtype)"
+                    f"CFG-parallel: branch {pending[r].branch!r} returned a prediction of shape {got_shape} (dtype code "
+                    f"{int(table[r, 3])}), but its placeholder has {tuple(reference.shape)} and {reference.dtype} (the "
+                    f"input's tokens, the transformer's output projection and dtype)"
                 )
         self.settled = False
         gathered = cfg.all_gather(out if out is not None else torch.empty_like(reference))
@@ -300,13 +299,18 @@ class CFGParallelCall:
             pass  # the caller re-raises `error`
 
 
-_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _dtype_code(dtype: torch.dtype) -> int:
+    return _DTYPES.index(dtype) if dtype in _DTYPES else len(_DTYPES)
 
 
 def _checksum(record: _Recorded) -> float:
-    """A number that differs when ranks hold different latents (the step's input, every branch's the same)."""
+    """A number that differs when ranks hold different latents (the step's input, every branch's the same); NaN and
+    infinities count as 0, so that ranks holding the same non-finite latents agree."""
     hidden = record.kwargs["hidden_states"] if "hidden_states" in record.kwargs else record.args[0]
-    return float(hidden.detach().double().sum())
+    return float(torch.nan_to_num(hidden.detach().double(), nan=0.0, posinf=0.0, neginf=0.0).sum())
 
 
 def _unwrap(output: Any) -> torch.Tensor:

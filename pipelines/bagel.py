@@ -585,7 +585,9 @@ class CachedBagelPipeline(CachedPipelineMixin, BagelPipeline):
     each keep their own state and residuals. A branch not evaluated at a step (outside ``cfg_interval``) records
     nothing there and its state does not advance; its next evaluated step compares against its own last one. The
     prompt prefill is not a step and never passes through the cache. Afterwards ``pipe.cache_stats`` holds per-branch
-    statistics.
+    statistics. ``pipe.enable_cfg_parallel()`` runs ``"gen"``, ``"cfg_text"`` (and ``"cfg_img"``) on ranks 0, 1 (and 2)
+    of a ``torch.distributed`` group: 2 ranks need ``cfg_text_scale > 1``, 3 ranks also ``cfg_img_scale > 1``; steps
+    outside ``cfg_interval`` run ``"gen"`` alone on rank 0 (``docs/multi-gpu.md``).
 
     Args:
         transformer, vae, tokenizer, scheduler: as for :class:`BagelPipeline`.

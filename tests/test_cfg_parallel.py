@@ -289,26 +289,17 @@ def test_cfg_parallel_error_is_a_runtime_error():
 
 
 # -- CFG 2 x Ulysses 2 on four processes -----------------------------------------------------------------------------
-MESH_CONFIGS = {"qwenimage": [None], "klein": [None]}
-"""Configs run on the 2-D mesh per family (``None``: caching off)."""
-
-
 def _mesh_2d(rank, world_size, family):
     from cached_diffusers.multi_gpu import parallelize
 
-    make_pipe, make_kwargs, _ = FAMILIES[family]
+    make_pipe, make_kwargs, configs = FAMILIES[family]
     pipe = make_pipe()
     pipe.set_progress_bar_config(disable=True)
-    serial = []
-    for config in MESH_CONFIGS[family]:
-        pipe.cache_config = config
-        serial.append((pipe(**make_kwargs()).images, _records(pipe.cache_stats)))
     mesh = parallelize(pipe, cfg_parallel=True, ulysses_degree=2)
     rows = []
-    for config, (serial_images, serial_records) in zip(MESH_CONFIGS[family], serial):
+    for config in [None, *configs]:
         pipe.cache_config = config
-        parallel = pipe(**make_kwargs()).images
-        rows.append((config, serial_images, parallel, serial_records, _records(pipe.cache_stats)))
+        rows.append((pipe(**make_kwargs()).images, _records(pipe.cache_stats)))
     return mesh["cfg"].get_local_rank(), mesh["ulysses"].get_local_rank(), rows
 
 
@@ -316,11 +307,18 @@ def _mesh_2d(rank, world_size, family):
 def test_cfg_2_by_ulysses_2_on_four_processes(family):
     results = run_distributed(_mesh_2d, world_size=4, args=(family,), timeout_s=TIMEOUT_S)
     assert [(c, u) for c, u, _ in results] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    make_pipe, make_kwargs, configs = FAMILIES[family]
+    pipe = make_pipe()  # the serial runs, here in the test process
+    pipe.set_progress_bar_config(disable=True)
+    serial = []
+    for config in [None, *configs]:
+        pipe.cache_config = config
+        serial.append((config, pipe(**make_kwargs()).images, _records(pipe.cache_stats)))
     branches = ["cond", "uncond"]
     for cfg_rank, _, rows in results:
-        for config, serial, parallel, serial_records, parallel_records in rows:
+        for (config, serial_images, serial_records), (parallel, parallel_records) in zip(serial, rows):
             name = config.method if config is not None else "none"
-            assert (parallel - serial).abs().max().item() <= 1e-4, name
+            assert (parallel - serial_images).abs().max().item() <= 1e-4, name
             if config is not None:  # both Ulysses ranks of a CFG rank hold its branch, as the serial run decided it
                 branch = branches[cfg_rank]
                 assert list(parallel_records) == [branch], name
