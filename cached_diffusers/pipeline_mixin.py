@@ -61,6 +61,9 @@ class CachedPipelineMixin:
     """Branch name for a parent whose loop calls the transformer outside any ``cache_context`` (e.g.
     ``Flux2Pipeline``, one guidance-distilled branch); ``None`` when the parent's loop names its branches."""
 
+    cfg_parallel_sizes: ClassVar[tuple[int, ...]] = (2,)
+    """The CFG-parallel group sizes the pipeline's loop fits: its guidance branches per step (``"cond"``, ``"uncond"``)."""
+
     def __init_subclass__(cls, **kwargs: Any) -> None:
         # Every cached pipeline gets its parent's exact constructor (plus `cache_config`) and `__call__` signatures
         # and docstrings, without per-class code: diffusers reads `inspect.signature(cls.__init__)` to know the
@@ -294,7 +297,8 @@ class CachedPipelineMixin:
 
         Raises:
             RuntimeError: when ``torch.distributed`` is not initialised.
-            ValueError: for a group of fewer than 2 ranks, or a pipeline with one transformer call per step.
+            ValueError: for a group whose size is not the pipeline's branch count (:attr:`cfg_parallel_sizes`), or a
+                pipeline with one transformer call per step.
             NotImplementedError: when the parent's loop does more than slice the first branch's prediction before
                 the last branch's call (checked from its source; see
                 :func:`~cached_diffusers.cfg_parallel.check_parent_loop`).
@@ -309,7 +313,13 @@ class CachedPipelineMixin:
         problem = self._cfg_parallel_problem(check_parent_loop)
         if problem is not None:
             raise NotImplementedError(f"CFG-parallel is not available for {type(self).__name__}: {problem}")
-        self.__dict__["_cfg_parallel"] = CFGParallel(group)
+        cfg = CFGParallel(group)
+        if cfg.world_size not in self.cfg_parallel_sizes:
+            raise ValueError(
+                f"{type(self).__name__} runs {' or '.join(map(str, self.cfg_parallel_sizes))} guidance branches per "
+                f"step, one per rank, but the CFG-parallel group has {cfg.world_size} ranks"
+            )
+        self.__dict__["_cfg_parallel"] = cfg
 
     def _cfg_parallel_problem(self, check_parent_loop: Callable[[type], str | None]) -> str | None:
         # Pipelines with their own loop (BAGEL) override this.

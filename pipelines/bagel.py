@@ -598,6 +598,7 @@ class CachedBagelPipeline(CachedPipelineMixin, BagelPipeline):
     """
 
     cached_transformer_class = CachedBagelTransformer2DModel
+    cfg_parallel_sizes = (2, 3)  # "gen" and "cfg_text", plus "cfg_img" with image guidance
 
     def _cfg_parallel_problem(self, check_parent_loop) -> None:
         # Its own loop declares each step's branches to the CFG-parallel round ("gen" alone outside cfg_interval,

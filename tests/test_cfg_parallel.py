@@ -391,6 +391,18 @@ def _bad_degree(rank, world_size):
     return _outcome(lambda: parallelize(pipe, cfg_parallel=True, ulysses_degree=2))
 
 
+def _three_ranks_for_two_branches(rank, world_size):
+    from cached_diffusers import CachedQwenImagePipeline
+
+    return _outcome(lambda: CachedQwenImagePipeline.__new__(CachedQwenImagePipeline).enable_cfg_parallel())
+
+
+def test_a_group_larger_than_the_branch_count_is_refused_on_every_rank():
+    results = run_distributed(_three_ranks_for_two_branches, world_size=3, timeout_s=TIMEOUT_S)
+    assert results == [("ValueError", "CachedQwenImagePipeline runs 2 guidance branches per step, one per rank, but "
+                        "the CFG-parallel group has 3 ranks")] * 3  # fmt: skip
+
+
 def test_a_world_size_that_does_not_fit_the_degrees_is_refused():
     results = run_distributed(_bad_degree, world_size=2, timeout_s=TIMEOUT_S)
     for name, message in results:
