@@ -21,6 +21,7 @@ Working with the rest of the ecosystem:
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import functools
 import hashlib
@@ -100,6 +101,11 @@ def mirrored_forward_mismatch(cls: type) -> str | None:
 
 _WARNED_MIRRORS: set[type] = set()
 
+_CALL_ROUTES: contextvars.ContextVar[dict[int, Callable[..., Any]]] = contextvars.ContextVar(
+    "cached_diffusers_call_routes", default={}
+)
+"""``{id(transformer): route}`` of the transformers whose calls are routed in this thread (see ``route_calls``)."""
+
 
 class CachedTransformerMixin:
     """Mixin for a diffusers ``ModelMixin`` subclass whose overridden ``forward`` calls :attr:`cache_engine`.
@@ -115,6 +121,26 @@ class CachedTransformerMixin:
 
     cache_spec: ClassVar[ModelCacheSpec] = ModelCacheSpec()
     mirrored_forward: ClassVar[MirroredForward | None] = None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        # A call routed by `route_calls` (CFG-parallel) goes to its route, which decides when and whether to run it;
+        # otherwise (and while TorchDynamo traces, which cannot read a ContextVar) nn.Module's own call.
+        if not torch.compiler.is_compiling():
+            route = _CALL_ROUTES.get().get(id(self))
+            if route is not None:
+                return route(super().__call__, args, kwargs)
+        return super().__call__(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def route_calls(self, route: Callable[[Callable[..., Any], tuple, dict], Any]) -> Iterator[None]:
+        """Send this model's calls made in this thread inside the block to ``route(call, args, kwargs)``, where
+        ``call(*args, **kwargs)`` is the ordinary module call (hooks included). Used by CFG-parallel pipelines
+        (:class:`~cached_diffusers.cfg_parallel.CFGParallelCall`)."""
+        token = _CALL_ROUTES.set({**_CALL_ROUTES.get(), id(self): route})
+        try:
+            yield
+        finally:
+            _CALL_ROUTES.reset(token)
 
     @property
     def num_cache_blocks(self) -> int:

@@ -57,6 +57,10 @@ class CachedPipelineMixin:
 
     cached_transformer_class: ClassVar[type]
 
+    cfg_parallel_sizes: ClassVar[tuple[int, ...]] = (2,)
+    """The CFG-parallel group sizes the pipeline's loop fits: its guidance branches per step (``"cond"``, ``"uncond"``);
+    ``()`` for a loop with one transformer call per step (nothing to run in parallel)."""
+
     def __init_subclass__(cls, **kwargs: Any) -> None:
         # Every cached pipeline gets its parent's exact constructor (plus `cache_config`) and `__call__` signatures
         # and docstrings, without per-class code: diffusers reads `inspect.signature(cls.__init__)` to know the
@@ -272,17 +276,90 @@ class CachedPipelineMixin:
             with engine.step_source(self._denoising_step):
                 yield _watch_callback(callback_on_step_end, generation)
 
+    # -- CFG-parallel ------------------------------------------------------------------------------------------------
+    def enable_cfg_parallel(self, group: Any = None) -> None:
+        """Run each guidance branch on its own rank of a ``torch.distributed`` group, from the next call on.
+
+        Branch ``k`` of every step (``"cond"`` = 0, ``"uncond"`` = 1) runs on rank ``k`` of ``group``, all branches
+        at once, and the ranks exchange the predictions with one ``all_gather`` per step; every rank then combines the
+        same predictions as the serial run (images equal within float rounding) and returns the same images. Each
+        branch's cache state lives on its rank: ``pipe.cache_stats`` on rank ``k`` holds branch ``k`` only, equal to
+        that branch's statistics in the serial run. Every rank must make the same calls (same arguments and
+        generator seed). See :mod:`cached_diffusers.cfg_parallel` and ``docs/multi-gpu.md``.
+
+        Args:
+            group: ``None`` (the default group), a ``ProcessGroup``, or a 1-D ``DeviceMesh`` (e.g. ``mesh["cfg"]`` of
+                a 2-D mesh whose other dimension runs context parallelism). Its size must equal the number of
+                guidance branches per step (2 for Qwen-Image and FLUX.2 [klein] base with guidance).
+
+        Raises:
+            RuntimeError: when ``torch.distributed`` is not initialised.
+            ValueError: for a group whose size is not the pipeline's branch count (:attr:`cfg_parallel_sizes`), or a
+                pipeline with one transformer call per step.
+            NotImplementedError: when the parent's loop does more than slice the first branch's prediction before
+                the last branch's call (checked from its source; see
+                :func:`~cached_diffusers.cfg_parallel.check_parent_loop`).
+        """
+        from .cfg_parallel import CFGParallel, check_parent_loop
+
+        if not self.cfg_parallel_sizes:
+            raise ValueError(
+                f"{type(self).__name__} calls the transformer once per step (one branch, no CFG): there is nothing "
+                f"to run in parallel"
+            )
+        problem = self._cfg_parallel_problem(check_parent_loop)
+        if problem is not None:
+            raise NotImplementedError(f"CFG-parallel is not available for {type(self).__name__}: {problem}")
+        cfg = CFGParallel(group)
+        if cfg.world_size not in self.cfg_parallel_sizes:
+            raise ValueError(
+                f"{type(self).__name__} runs {' or '.join(map(str, self.cfg_parallel_sizes))} guidance branches per "
+                f"step, one per rank, but the CFG-parallel group has {cfg.world_size} ranks"
+            )
+        self.__dict__["_cfg_parallel"] = cfg
+
+    def _cfg_parallel_problem(self, check_parent_loop: Callable[[type], str | None]) -> str | None:
+        # Pipelines with their own loop (BAGEL) override this.
+        return check_parent_loop(diffusers_parent(type(self), CachedPipelineMixin))
+
+    def disable_cfg_parallel(self) -> None:
+        """Run every guidance branch on this rank again (the serial loop), from the next call on."""
+        self.__dict__.pop("_cfg_parallel", None)
+
+    @property
+    def cfg_parallel(self):
+        """The :class:`~cached_diffusers.cfg_parallel.CFGParallel` group (rank, world size), or ``None`` when off."""
+        return self.__dict__.get("_cfg_parallel")
+
     def _cached_call(self, parent_call: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
         """Run the parent's ``__call__`` in a generation of its own (:meth:`cache_generation`), with its
         ``callback_on_step_end`` watched. A parent whose loop names no branch (e.g. ``Flux2Pipeline``) runs the
-        engine's ``DEFAULT_BRANCH``, ``"cond"``."""
+        engine's ``DEFAULT_BRANCH``, ``"cond"``. Under CFG-parallel the transformer's calls are routed (one branch per
+        rank) and the ranks agree on failure at the end of the call (see :mod:`cached_diffusers.cfg_parallel`)."""
         transformer = self.transformer
         if transformer is None:
             return parent_call(self, *args, **kwargs)
         args, kwargs, callback, put = _callback_argument(type(self), args, kwargs)
-        with self.cache_generation(callback) as watched:
-            args, kwargs = put(watched)
-            return parent_call(self, *args, **kwargs)
+        cfg = self.cfg_parallel
+        if cfg is None:
+            with self.cache_generation(callback) as watched:
+                args, kwargs = put(watched)
+                return parent_call(self, *args, **kwargs)
+        from .cfg_parallel import CFGParallelCall
+
+        call = CFGParallelCall(cfg, transformer)
+        try:
+            with self.cache_generation(callback) as watched, transformer.route_calls(call):
+                self.__dict__["_cfg_parallel_call"] = call
+                args, kwargs = put(watched)
+                result = parent_call(self, *args, **kwargs)
+                call.finish()
+                return result
+        except Exception as error:
+            call.abort(error)
+            raise
+        finally:
+            self.__dict__.pop("_cfg_parallel_call", None)
 
 
 # -- one generation at a time per pipeline and scheduler -------------------------------------------------------------

@@ -520,23 +520,32 @@ class BagelPipeline(DiffusionPipeline):
             tokens = pack_latents(latents.float().cpu(), patch)
         tokens = tokens.to(device)
 
-        # 5. Denoising loop.
+        # 5. Denoising loop. Under CFG-parallel (CachedBagelPipeline.enable_cfg_parallel) the branches of a step run
+        # on ranks 0, 1, 2 of the group; `cfg_round` is told each step's branches (only "gen" outside cfg_interval).
+        cfg_round = self.__dict__.get("_cfg_parallel_call")
+        if cfg_round is not None and cfg_round.cfg.world_size != 1 + text_used + img_used:
+            raise ValueError(
+                f"CFG-parallel on {cfg_round.cfg.world_size} ranks needs {cfg_round.cfg.world_size} guidance branches, "
+                f"but this call evaluates {1 + text_used + img_used} ('gen'{', cfg_text' if text_used else ''}"
+                f"{', cfg_img' if img_used else ''}): 2 ranks need cfg_text_scale > 1 and cfg_img_scale <= 1, 3 ranks "
+                f"cfg_text_scale > 1 and cfg_img_scale > 1 (with cfg_interval covering some step)"
+            )
+
         def call(branch: str, step: int, t: torch.Tensor) -> torch.Tensor:
             with transformer.cache_context(branch, step_index=step, num_inference_steps=num_inference_steps):
-                out = transformer(tokens, t, kv_cache=caches[branch], latent_grid=grid, return_dict=False)[0]
-            return out.float()
+                return transformer(tokens, t, kv_cache=caches[branch], latent_grid=grid, return_dict=False)[0]
 
         with self.progress_bar(total=num_inference_steps) as progress:
             for i, timestep in enumerate(timesteps):
                 t = schedule[i].expand(batch)
                 text_scale = float(cfg_text_scale) if in_interval[i] else 1.0
                 img_scale = float(cfg_img_scale) if in_interval[i] else 1.0
-                v_gen = call("gen", i, t)
-                v_cfg_text = v_cfg_img = None
-                if text_scale > 1.0:
-                    v_cfg_text = call("cfg_text", i, t)
-                    if img_scale > 1.0:
-                        v_cfg_img = call("cfg_img", i, t)
+                names = ["gen"] + ["cfg_text"] * (text_scale > 1.0) + ["cfg_img"] * (text_scale > 1.0 and img_scale > 1.0)
+                if cfg_round is not None:
+                    cfg_round.expect(names)
+                # every branch's call first, then the float32 copies: a CFG-parallel placeholder is filled at the last
+                outputs = [call(name, i, t) for name in names]
+                v_gen, v_cfg_text, v_cfg_img = [o.float() for o in outputs] + [None] * (3 - len(outputs))
                 velocity = self.combine_guidance(
                     v_gen, v_cfg_text, v_cfg_img, text_scale, img_scale, cfg_renorm_type, float(cfg_renorm_min)
                 )
@@ -576,7 +585,9 @@ class CachedBagelPipeline(CachedPipelineMixin, BagelPipeline):
     each keep their own state and residuals. A branch not evaluated at a step (outside ``cfg_interval``) records
     nothing there and its state does not advance; its next evaluated step compares against its own last one. The
     prompt prefill is not a step and never passes through the cache. Afterwards ``pipe.cache_stats`` holds per-branch
-    statistics.
+    statistics. ``pipe.enable_cfg_parallel()`` runs ``"gen"``, ``"cfg_text"`` (and ``"cfg_img"``) on ranks 0, 1 (and 2)
+    of a ``torch.distributed`` group: 2 ranks need ``cfg_text_scale > 1``, 3 ranks also ``cfg_img_scale > 1``; steps
+    outside ``cfg_interval`` run ``"gen"`` alone on rank 0 (``docs/multi-gpu.md``).
 
     Args:
         transformer, vae, tokenizer, scheduler: as for :class:`BagelPipeline`.
@@ -587,6 +598,12 @@ class CachedBagelPipeline(CachedPipelineMixin, BagelPipeline):
     """
 
     cached_transformer_class = CachedBagelTransformer2DModel
+    cfg_parallel_sizes = (2, 3)  # "gen" and "cfg_text", plus "cfg_img" with image guidance
+
+    def _cfg_parallel_problem(self, check_parent_loop) -> None:
+        # Its own loop declares each step's branches to the CFG-parallel round ("gen" alone outside cfg_interval,
+        # computed on rank 0 while the others wait): no parent loop to check.
+        return None
 
     def __init__(
         self,

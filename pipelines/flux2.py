@@ -28,4 +28,6 @@ class CachedFlux2Pipeline(CachedPipelineMixin, Flux2Pipeline):
         ValueError: for an invalid ``cache_config``, or TeaCache / MagCache without coefficients / ratios.
     """
 
+    cfg_parallel_sizes = ()  # one transformer call per step: no CFG-parallel
+
     cached_transformer_class = CachedFlux2Transformer2DModel

@@ -90,6 +90,8 @@ class CachedFlux2KleinKVPipeline(CachedPipelineMixin, Flux2KleinKVPipeline):
         cache_config: as for :class:`CachedFlux2KleinPipeline`.
     """
 
+    cfg_parallel_sizes = ()  # one transformer call per step: no CFG-parallel
+
     cached_transformer_class = CachedFlux2Transformer2DModel
 
 

@@ -38,7 +38,16 @@ def stand_in(name: Any) -> Any:
 
 
 def install() -> None:
-    """Patch the loaders, ``save_pretrained`` and ``__call__`` of the cached pipelines (this process only)."""
+    """Patch the loaders, ``save_pretrained`` and ``__call__`` of the cached pipelines (this process only).
+
+    Also reports one CPU device to diffusers on a host without an accelerator: diffusers 0.42's
+    ``enable_parallelism`` resolves a rank's device as ``rank % torch.accelerator.device_count()``, which divides by
+    zero there (``docs/multi-gpu.md``'s script runs under ``torchrun`` on CPU processes).
+    """
+    import torch
+
+    if torch.accelerator.current_accelerator() is None and torch.accelerator.device_count() == 0:
+        torch.accelerator.device_count = lambda: 1
     from diffusers.models.modeling_utils import ModelMixin
 
     from cached_diffusers.pipeline_mixin import CachedPipelineMixin

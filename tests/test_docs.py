@@ -37,12 +37,23 @@ def test_every_fenced_block_names_a_language():
         assert languages <= {"python", "bash", "text"}, (page.name, languages)
 
 
+TORCHRUN = re.compile(r"^<!-- test_docs: torchrun --nproc_per_node=(\d+) -->$", re.M)
+"""A page whose Python is a script for several processes says so; its blocks then run under ``torchrun`` (gloo)."""
+
+
 @pytest.mark.parametrize("page", pages_with("python"), ids=lambda p: p.name)
 def test_python_blocks_run(page, tmp_path):
     code = "\n\n".join(block.replace('"cuda"', '"cpu"') for block in blocks(page, "python"))
     prelude = f"import sys; sys.path.insert(0, {str(ROOT / 'tests')!r}); import docs_standins; docs_standins.install()\n"
+    processes = TORCHRUN.search(page.read_text(encoding="utf-8"))
+    if processes:
+        (tmp_path / "page.py").write_text(prelude + code, encoding="utf-8")
+        nproc = processes.group(1)
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "page.py"]
+    else:
+        command = [sys.executable, "-c", prelude + code]
     done = subprocess.run(
-        [sys.executable, "-c", prelude + code], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        command, cwd=tmp_path, capture_output=True, text=True, timeout=600,
         env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
     )
     assert done.returncode == 0, f"{page.name}:\n{done.stderr[-3000:]}"
@@ -54,6 +65,8 @@ def command_lines(page: Path) -> list[list[str]]:
     for block in blocks(page, "bash"):
         for line in block.replace("\\\n", " ").splitlines():
             words = shlex.split(line, comments=True)
+            if words[:1] == ["torchrun"] and "cached-diffusers" in words:  # torchrun's options, then the command
+                words = words[words.index("cached-diffusers") :]
             if words[:1] == ["cached-diffusers"]:
                 commands.append(words[1:])
     return commands

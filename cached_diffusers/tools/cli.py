@@ -416,9 +416,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
     check_output_file("--output", args.output, image=True)
     _device_and_dtype(args.device, args.dtype)
     config = cache_config_from_args(args)
+    rank = 0
+    if args.cfg_parallel or args.ulysses_degree != 1:  # under torchrun: join the group before loading (device)
+        from ..multi_gpu import cfg_degree_of, init_distributed, parallelize
+
+        if args.ulysses_degree < 1:
+            raise ValueError(f"--ulysses-degree must be >= 1, got {args.ulysses_degree}")
+        rank, world_size = init_distributed()
+        cfg_degree_of(world_size, args.cfg_parallel, args.ulysses_degree)  # before any weight is loaded
     pipe = _load_pipeline(args, config)
+    if args.cfg_parallel or args.ulysses_degree != 1:
+        parallelize(pipe, cfg_parallel=args.cfg_parallel, ulysses_degree=args.ulysses_degree)
     kwargs = {"prompt": args.prompt, **_sampling_kwargs(pipe, args, args.seed, num_prompts=len(args.prompt))}
     output, seconds = timed_call(pipe, **kwargs)
+    if rank != 0:  # every rank returns the same images; rank 0 writes them. Each rank's stats are its branches'.
+        print(f"rank {rank}: {pipe.cache_stats.summary() if pipe.cache_config is not None else 'cache: none'}")
+        return 0
     paths = _output_paths(args.output, len(output.images))
     for image, path in zip(output.images, paths):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -692,6 +705,14 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bfloat16 on GPU)")
     generate.add_argument("--output", default="output.png", help="image path (numbered when several)")
     generate.add_argument("--quiet", action="store_true", help="no progress bar")
+    generate.add_argument(
+        "--ulysses-degree", type=int, default=1,
+        help="Ulysses context parallelism over this many processes (under torchrun; default: 1, off)",
+    )
+    generate.add_argument(
+        "--cfg-parallel", action="store_true",
+        help="one guidance branch per process (under torchrun; processes = branches x --ulysses-degree)",
+    )
     _add_cache_arguments(generate, default_method=None)
     generate.set_defaults(func=cmd_generate)
 
