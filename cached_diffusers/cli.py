@@ -451,6 +451,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from .tiny import DEFAULT_PROMPTS
 
     method = args.method
+    if method in ("lemica", "meancache"):
+        return _calibrate_schedule(args)
+    if args.budget is not None or args.error_matrix is not None:
+        raise ValueError(f"--budget and --error-matrix are for --method lemica or meancache, not {method}")
     _check_sampling_args(args)
     output = args.output or (
         os.path.join(args.model, "cache_config.json") if os.path.isdir(args.model) else "cache_config.json"
@@ -496,6 +500,99 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         json.dump(record, f, indent=2)
         f.write("\n")
     print(f"wrote {output} (and its provenance, {provenance})")
+    return 0
+
+
+def _schedule_outputs(args: argparse.Namespace, budgets: list[int]) -> tuple[dict[int, str], str, str]:
+    """``({budget: cache config path}, error matrix path, provenance path)`` of a planned-schedule calibration."""
+    output = args.output or (
+        os.path.join(args.model, "cache_config.json") if os.path.isdir(args.model) else "cache_config.json"
+    )
+    stem, ext = os.path.splitext(output)
+    configs = {b: output for b in budgets} if len(budgets) == 1 else {b: f"{stem}-b{b}{ext or '.json'}" for b in budgets}
+    return configs, f"{stem}.error_matrix.json", f"{stem}.calibration.json"
+
+
+def _calibrate_schedule(args: argparse.Namespace) -> int:
+    """``calibrate --method lemica|meancache``: measure (or load) the error matrix, solve every budget, write one cache
+    config per budget, the matrix and the provenance (see :mod:`cached_diffusers.calibration_schedules`)."""
+    from .calibration_schedules import choose_meancache_windows, load_error_matrix, measure_edge_errors, save_error_matrix
+    from .configs import LeMiCaConfig, MeanCacheConfig
+    from .schedules import path_costs, solve_budgets
+    from .tiny import DEFAULT_PROMPTS
+
+    method = args.method
+    budgets = sorted(set(args.budget or ()), reverse=True)
+    if not budgets:
+        raise ValueError(f"--method {method} needs --budget B [B ...]: the computed steps per schedule (e.g. 25 17 10)")
+    _check_sampling_args(args)
+    configs, matrix_path, provenance_path = _schedule_outputs(args, budgets)
+    for path in (*configs.values(), provenance_path):
+        check_output_file("--output", path)
+    loaded = None
+    if args.error_matrix is not None:
+        errors, loaded = load_error_matrix(args.error_matrix)
+        num_steps = errors.shape[0]
+        if args.steps is not None and args.steps != num_steps:
+            raise ValueError(f"--steps {args.steps} differs from the {num_steps} steps of --error-matrix {args.error_matrix}")
+        for b in budgets:
+            if not 2 <= b <= num_steps:
+                raise ValueError(f"--budget must be in [2, {num_steps}] (num_inference_steps), got {b}")
+        solved = solve_budgets(errors, budgets)  # fails before any model is loaded
+    prompts = args.prompt or list(DEFAULT_PROMPTS)
+    say = (lambda line: None) if args.quiet else print
+    pipe = None
+    if loaded is None or method == "meancache":
+        _device_and_dtype(args.device, args.dtype)
+        pipe = _load_pipeline(args, None)
+        kwargs = _sampling_kwargs(pipe, args, args.seed)
+        kwargs.pop("generator")
+        if loaded is None:
+            num_steps = int(_call_value(pipe, kwargs, "num_inference_steps"))
+        kwargs.pop("num_inference_steps", None)
+        for b in budgets:
+            if not 2 <= b <= num_steps:
+                raise ValueError(f"--budget must be in [2, {num_steps}] (num_inference_steps), got {b}")
+        settings = {name: _call_value(pipe, {**kwargs, "num_inference_steps": num_steps}, name)
+                    for name in SAMPLING_OPTIONS.values()}
+    if loaded is None:
+        errors = measure_edge_errors(
+            pipe, prompts, kwargs, num_steps, max_span=args.max_span, seed=args.seed, progress=say
+        )
+        provenance = {
+            "model": args.model, "prompts": prompts, **settings, "seed": args.seed, "max_span": args.max_span,
+            "metric": "relative L1 of the final latents against the uncached run, mean over prompts",
+            "date": time.strftime("%Y-%m-%d"),
+        }
+        check_output_file("--output", matrix_path)
+        save_error_matrix(matrix_path, errors, provenance)
+        solved = solve_budgets(errors, budgets)
+    else:
+        provenance = loaded
+        matrix_path = args.error_matrix
+    record = {"model": args.model, "method": method, "error_matrix": matrix_path, "budgets": {},
+              "date": time.strftime("%Y-%m-%d"), "calibrated_with": "cached-diffusers calibrate",
+              "matrix_provenance": {k: v for k, v in provenance.items() if k != "schema"}}
+    for b in budgets:
+        steps = solved[b]
+        entry = {"computed_steps": steps, "sorted_edge_errors": list(path_costs(errors, steps))}
+        if method == "lemica":
+            config = LeMiCaConfig(computed_steps=steps, num_inference_steps=num_steps)
+        else:
+            windows, error = choose_meancache_windows(
+                pipe, prompts, kwargs, steps, candidates=tuple(args.windows), seed=args.seed, progress=say
+            )
+            config = MeanCacheConfig(computed_steps=steps, num_inference_steps=num_steps, windows=windows)
+            entry.update(windows=list(windows), final_latent_error=error)
+        with open(configs[b], "w", encoding="utf-8") as f:
+            json.dump(config.to_dict(), f, indent=2)
+            f.write("\n")
+        record["budgets"][str(b)] = {"cache_config": configs[b], **entry}
+        print(f"{method} B={b}: computed steps {steps}; largest edge error {entry['sorted_edge_errors'][0]:.4g}")
+    with open(provenance_path, "w", encoding="utf-8") as f:
+        json.dump(record, f, indent=2)
+        f.write("\n")
+    print(f"wrote {', '.join(configs[b] for b in budgets)}, {matrix_path} and {provenance_path}")
     return 0
 
 
@@ -714,7 +811,20 @@ def build_parser() -> argparse.ArgumentParser:
         "calibrate", help="fit TeaCache coefficients or MagCache ratios on uncached runs and save a cache config"
     )
     calibrate.add_argument("--model", required=True, help="diffusers directory or Hub id")
-    calibrate.add_argument("--method", choices=("teacache", "magcache"), default="teacache")
+    calibrate.add_argument("--method", choices=("teacache", "magcache", "lemica", "meancache"), default="teacache")
+    calibrate.add_argument(
+        "--budget", type=int, nargs="+", default=None,
+        help="lemica/meancache: computed steps per schedule, first and last included (e.g. --budget 25 17 10)",
+    )
+    calibrate.add_argument("--max-span", type=int, default=8, help="lemica/meancache: longest DAG edge measured, in steps (default: 8)")
+    calibrate.add_argument(
+        "--error-matrix", default=None, metavar="FILE",
+        help="lemica/meancache: solve from this saved error matrix (written by an earlier run) instead of measuring",
+    )
+    calibrate.add_argument(
+        "--windows", type=int, nargs="+", default=[1, 2, 4],
+        help="meancache: averaging windows tried per gap (1 to 6; default: 1 2 4)",
+    )
     calibrate.add_argument("--prompt", action="append", default=None, help="calibration prompt (repeat; default: a small built-in set)")
     calibrate.add_argument("--negative-prompt", default=None, help="negative prompt (true CFG for Qwen-Image: calibrates both branches)")
     _add_sampling_arguments(calibrate)
