@@ -527,8 +527,9 @@ def _calibrate_schedule(args: argparse.Namespace) -> int:
         raise ValueError(f"--method {method} needs --budget B [B ...]: the computed steps per schedule (e.g. 25 17 10)")
     _check_sampling_args(args)
     configs, matrix_path, provenance_path = _schedule_outputs(args, budgets)
-    for path in (*configs.values(), provenance_path):
+    for path in (*configs.values(), provenance_path, matrix_path):
         check_output_file("--output", path)
+    os.makedirs(os.path.dirname(os.path.abspath(provenance_path)), exist_ok=True)
     loaded = None
     if args.error_matrix is not None:
         errors, loaded = load_error_matrix(args.error_matrix)
@@ -564,7 +565,6 @@ def _calibrate_schedule(args: argparse.Namespace) -> int:
             "metric": "relative L1 of the final latents against the uncached run, mean over prompts",
             "date": time.strftime("%Y-%m-%d"),
         }
-        check_output_file("--output", matrix_path)
         save_error_matrix(matrix_path, errors, provenance)
         solved = solve_budgets(errors, budgets)
     else:
@@ -712,12 +712,30 @@ def cmd_bench(args: argparse.Namespace) -> int:
     check_output_dir("--output-dir", args.output_dir)
     for name in ("results.json", "results.md", "pareto.png"):
         check_output_file("--output-dir", os.path.join(args.output_dir, name))
+    if args.equal_budget is None and args.planned:
+        raise ValueError("--planned is for --equal-budget: the LeMiCa / MeanCache schedules to compare")
+    if args.equal_budget is not None:
+        if args.sweep:
+            raise ValueError("--sweep and --equal-budget exclude each other")
+        for name in EQUAL_BUDGET_FILES:
+            check_output_file("--output-dir", os.path.join(args.output_dir, name))
+        planned = [_load_config_file("--planned", path) for path in args.planned or ()]
+        for path, config in zip(args.planned or (), planned):
+            if config is None or config.method not in ("lemica", "meancache"):
+                raise ValueError(f"--planned {path}: not a LeMiCa or MeanCache config")
     if args.sweep and args.methods:
         raise ValueError("--sweep and --methods exclude each other: --sweep lists the configs to run")
     if args.sweep and args.calibrated:
         raise ValueError("--sweep and --calibrated exclude each other: --calibrated feeds the default sweep")
     configs = _bench_sweep(args.sweep) if args.sweep else None
     methods = _check_methods(args.methods)  # before loading anything
+    if args.equal_budget is not None:
+        from .equal_budget import BUDGET_METHODS
+
+        methods = tuple(m for m in (methods if args.methods else BUDGET_METHODS))
+        for m in methods:
+            if m not in BUDGET_METHODS:
+                raise ValueError(f"--methods {m}: not tunable to a budget; valid with --equal-budget: {', '.join(BUDGET_METHODS)}")
     calibrated = [_load_config_file("--calibrated", path) for path in args.calibrated or ()]
     if args.threads is not None:
         import torch
@@ -753,6 +771,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         configs = default_sweep(pipe, methods=methods, num_steps=steps, calibrated=calibrated)
     prompts = args.prompt or list(DEMO_PROMPTS)
     progress = None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
+    if args.equal_budget is not None:
+        return _bench_equal_budget(args, pipe, kwargs, prompts, model, methods, planned, calibrated, progress)
     result = run_benchmark(
         pipe, configs, prompts, kwargs, seed=args.seed, repeats=args.repeats, model=model, progress=progress
     )
@@ -760,6 +780,30 @@ def cmd_bench(args: argparse.Namespace) -> int:
     write_json(result, paths[0])
     text = write_markdown(result, paths[1])
     plot_pareto(result, paths[2])
+    print(text)
+    print(f"wrote {', '.join(paths)}")
+    return 0
+
+
+EQUAL_BUDGET_FILES = ("equal_budget.json", "equal_budget.md", "equal_budget.csv", "equal_budget.png")
+
+
+def _bench_equal_budget(args, pipe, kwargs, prompts, model, methods, planned, calibrated, progress) -> int:
+    """``bench --equal-budget``: see :mod:`cached_diffusers.equal_budget`."""
+    from .equal_budget import format_markdown, plot_equal_budget, run_equal_budget, write_csv, write_json
+
+    kwargs = {**kwargs, "num_inference_steps": int(_call_value(pipe, kwargs, "num_inference_steps"))}
+    result = run_equal_budget(
+        pipe, prompts, kwargs, args.equal_budget, planned=planned, methods=methods, calibrated=calibrated,
+        seed=args.seed, iterations=args.iterations, model=model, progress=progress,
+    )
+    paths = [os.path.join(args.output_dir, name) for name in EQUAL_BUDGET_FILES]
+    write_json(result, paths[0])
+    text = format_markdown(result)
+    with open(paths[1], "w", encoding="utf-8") as f:
+        f.write(text)
+    write_csv(result, paths[2])
+    plot_equal_budget(result, paths[3])
     print(text)
     print(f"wrote {', '.join(paths)}")
     return 0
@@ -869,6 +913,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="a cache config JSON written by `calibrate` (repeat): the sweep's TeaCache coefficients / MagCache ratios",
     )
     bench.add_argument("--sweep", default=None, metavar="JSON_OR_FILE", help="run these configs instead: a JSON list of cache configs")
+    bench.add_argument(
+        "--equal-budget", type=int, nargs="+", default=None, metavar="B",
+        help="compare every method at these computed-step budgets per branch (e.g. 25 17 10) instead of the sweep",
+    )
+    bench.add_argument(
+        "--planned", nargs="+", default=None, metavar="FILE",
+        help="with --equal-budget: LeMiCa / MeanCache cache configs written by `calibrate` (one per budget)",
+    )
+    bench.add_argument("--iterations", type=int, default=8, help="with --equal-budget: bisection steps per method and budget (default: 8)")
     bench.add_argument("--output-dir", default="bench", help="where results.json, results.md and pareto.png go (default: bench/)")
     bench.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     bench.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bfloat16 on GPU)")
