@@ -798,6 +798,7 @@ def _bench_equal_budget(args, pipe, kwargs, prompts, model, methods, planned, ca
         seed=args.seed, iterations=args.iterations, model=model, progress=progress,
     )
     paths = [os.path.join(args.output_dir, name) for name in EQUAL_BUDGET_FILES]
+    os.makedirs(args.output_dir, exist_ok=True)
     write_json(result, paths[0])
     text = format_markdown(result)
     with open(paths[1], "w", encoding="utf-8") as f:
