@@ -172,12 +172,12 @@ def choose_meancache_windows(
     candidates: Sequence[int] = (1, 2, 4),
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
-) -> tuple[tuple[int, ...], float]:
+) -> tuple[tuple[int, ...], float, float]:
     """MeanCache's window per gap of ``computed_steps`` (see the module docstring) and the resulting global error.
 
     Returns:
-        ``(windows, error)``: one window per gap (``len(computed_steps) - 1``) and the mean relative L1 error of the
-        final latents of the schedule with them.
+        ``(windows, error, plain_error)``: one window per gap (``len(computed_steps) - 1``), the mean relative L1 error
+        of the final latents of the schedule with them, and with window 1 everywhere (LeMiCa's plain reuse).
 
     Raises:
         ValueError: no prompts, or a candidate outside ``[1, 6]`` (from :class:`MeanCacheConfig`).
@@ -200,7 +200,7 @@ def choose_meancache_windows(
             ]))
 
         windows = [1] * (len(steps) - 1)
-        best = error_of(tuple(windows))
+        best = plain = error_of(tuple(windows))
         for gap in range(len(steps) - 1):
             if steps[gap + 1] - steps[gap] < 2:
                 continue  # nothing reused in this gap
@@ -214,7 +214,7 @@ def choose_meancache_windows(
             say(f"gap {steps[gap]} -> {steps[gap + 1]}: window {windows[gap]} (error {best:.4g})")
     finally:
         pipe.cache_config = original
-    return tuple(windows), best
+    return tuple(windows), best, plain
 
 
 def save_error_matrix(path: str | os.PathLike, errors: np.ndarray, provenance: Mapping[str, Any]) -> str:

@@ -579,11 +579,11 @@ def _calibrate_schedule(args: argparse.Namespace) -> int:
         if method == "lemica":
             config = LeMiCaConfig(computed_steps=steps, num_inference_steps=num_steps)
         else:
-            windows, error = choose_meancache_windows(
+            windows, error, plain = choose_meancache_windows(
                 pipe, prompts, kwargs, steps, candidates=tuple(args.windows), seed=args.seed, progress=say
             )
             config = MeanCacheConfig(computed_steps=steps, num_inference_steps=num_steps, windows=windows)
-            entry.update(windows=list(windows), final_latent_error=error)
+            entry.update(windows=list(windows), final_latent_error=error, final_latent_error_windows_1=plain)
         with open(configs[b], "w", encoding="utf-8") as f:
             json.dump(config.to_dict(), f, indent=2)
             f.write("\n")

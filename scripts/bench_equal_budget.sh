@@ -11,6 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 CLI="${CACHED_DIFFUSERS:-.venv/bin/cached-diffusers}"
 NAME="${1:-qwenimage}"
+shift || true
 MODEL="cached_diffusers/assets/reference-${NAME}-emoji"
 OUT="benchmarks/equal-budget/${NAME}"
 SAMPLING=(--model "$MODEL" --steps 50)

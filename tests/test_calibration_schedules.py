@@ -96,6 +96,7 @@ def test_meancache_calibration_chooses_a_window_per_gap(model, calibrated, tmp_p
     assert all(w in (1, 2) for w in config.windows) and len(config.windows) == 2
     record = json.loads((tmp_path / "meancache.calibration.json").read_text())["budgets"]["3"]
     assert record["windows"] == list(config.windows) and record["final_latent_error"] > 0
+    assert record["final_latent_error"] <= record["final_latent_error_windows_1"]  # a window is kept only if it helps
 
 
 @pytest.mark.parametrize(
