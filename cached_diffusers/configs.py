@@ -691,7 +691,7 @@ class PlannedScheduleConfig(StepCacheConfig):
             always computed); its length is the budget ``B``. The other ``N - B`` steps reuse.
         num_inference_steps (`int`, required, range >= 2):
             The step count the schedule was planned for. A call with another step count raises ``ValueError``
-            (re-solve the saved error matrix for it, see ``docs/calibration.md``).
+            (calibrate at that step count, see ``docs/calibration.md``).
         other fields: the shared guards of :class:`StepCacheConfig`; a guard that forces a compute (warm-up, caps)
             adds computed steps to the plan, so leave them at their defaults for an exact budget.
     """

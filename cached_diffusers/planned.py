@@ -38,9 +38,10 @@ class PlannedSchedulePolicy(CachePolicy):
         if ctx.num_steps != planned:
             raise ValueError(
                 f"{type(self.config).__name__} was planned for num_inference_steps={planned} "
-                f"(computed_steps={list(self.config.computed_steps)}), but this call runs {ctx.num_steps} steps: "
-                f"re-solve the saved error matrix for {ctx.num_steps} steps is not possible (the matrix is per step "
-                f"count); calibrate at {ctx.num_steps} steps or call with num_inference_steps={planned}"
+                f"(computed_steps={list(self.config.computed_steps)}), but this call runs {ctx.num_steps} steps: a "
+                f"plan and its error matrix hold for one step count; calibrate at {ctx.num_steps} steps "
+                f"(`cached-diffusers calibrate --method {self.config.method} --steps {ctx.num_steps} --budget ...`) "
+                f"or call with num_inference_steps={planned}"
             )
 
     def decide(self, ctx: StepContext, state: Any, measurement: float | None, gate: Gate, reason: str) -> Decision:
