@@ -234,7 +234,9 @@ def run_equal_budget(
     model: str | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> EqualBudgetResult:
-    """Tune every method to every budget and measure it (see the module docstring).
+    """Tune every method to every budget and measure it (see the module docstring). A greedy method the model
+    cannot run (TeaCache without coefficients, MagCache without ratios) is skipped, with the reason in
+    ``info["skipped"]``.
 
     Args:
         pipe: a cached pipeline.
@@ -270,6 +272,7 @@ def run_equal_budget(
     say = progress or (lambda line: None)
     original = pipe.cache_config
     result = EqualBudgetResult(info={})
+    skipped: list[dict[str, str]] = []
     try:
         evaluate = _Evaluator(pipe, prompts, call_kwargs, seed, say)
         for budget in budgets:
@@ -282,6 +285,12 @@ def run_equal_budget(
                 say(f"B={budget} {config.method}: {m['computed_steps']:g} computed, PSNR {result.rows[-1].psnr_mean:.2f}")
         for method in methods:
             base = _greedy_base(pipe, method, num_steps, calibrated)
+            try:  # the model's data and checks (TeaCache coefficients, MagCache ratios, Fn + Bn)
+                base.make_policy(pipe.transformer.cache_engine.defaults)
+            except ValueError as error:
+                skipped.append({"method": method, "reason": str(error)})
+                say(f"skipped {method}: {error}")
+                continue
             knob = KNOBS.get(method, "interval")
             measured: dict[Any, dict[str, Any]] = {}  # shared by the budgets: the bisection ends are evaluated once
 
@@ -316,7 +325,7 @@ def run_equal_budget(
         "num_inference_steps": num_steps, "budgets": budgets, "prompts": list(prompts),
         "seeds": [seed + i for i in range(len(prompts))], "call_kwargs": {k: v for k, v in call_kwargs.items()
                                                                         if isinstance(v, (int, float, str))},
-        "iterations": iterations, "environment": env,
+        "iterations": iterations, "environment": env, "skipped": skipped,
         "protocol": (
             "planned methods run their schedule for the budget (exact); greedy methods are tuned by geometric "
             "bisection of their threshold in [1e-3, 10] to the largest measured computed-step count <= budget "
@@ -350,6 +359,8 @@ def format_markdown(result: EqualBudgetResult) -> str:
             f"{row.transformer_speedup:.2f}x | {row.psnr_mean:.2f} / {min(finite) if finite else math.inf:.2f} | "
             f"{row.ssim_mean:.4f} / {min(row.ssim):.4f} | {kind} |"
         )
+    for item in info.get("skipped", []):
+        lines.append(f"\nSkipped {item['method']}: {item['reason']}")
     lines += ["", f"Best transformer speedup per method at mean PSNR >= {PSNR_THRESHOLD:g} dB:", "",
               "| method | speedup | at budget |", "|---|---|---|"]
     for method, row in result.best_speedup().items():

@@ -149,3 +149,16 @@ def test_equal_budget_bench_tunes_every_method_and_writes_table_csv_and_plot(mod
     assert "| 4 | lemica | planned | 4.0 |" in text and "Best transformer speedup" in text
     assert (out / "equal_budget.png").read_bytes()[:4] == b"\x89PNG"
 
+
+
+def test_a_method_the_model_cannot_run_is_skipped_with_its_reason(model, monkeypatch):
+    from cached_diffusers.equal_budget import format_markdown, run_equal_budget
+
+    pipe = CachedQwenImagePipeline.from_pretrained(model)
+    pipe.set_progress_bar_config(disable=True)
+    monkeypatch.delitem(pipe.transformer.cache_engine.defaults, "teacache_coefficients")
+    kwargs = dict(negative_prompt=" ", height=64, width=64, num_inference_steps=STEPS)
+    result = run_equal_budget(pipe, ["a red cat"], kwargs, [3], methods=["teacache"])
+    assert result.rows == [] and result.info["skipped"][0]["method"] == "teacache"
+    assert "no TeaCache coefficients are known" in result.info["skipped"][0]["reason"]
+    assert "Skipped teacache" in format_markdown(result)
