@@ -25,7 +25,10 @@ __all__ = [
     "NoCacheConfig",
     "DBCacheConfig",
     "FirstBlockCacheConfig",
+    "LeMiCaConfig",
     "MagCacheConfig",
+    "MeanCacheConfig",
+    "PlannedScheduleConfig",
     "ResidualCacheConfig",
     "StepCacheConfig",
     "TaylorSeerConfig",
@@ -625,3 +628,168 @@ class TaylorSeerConfig(StepCacheConfig):
         from .policies import TaylorSeerPolicy
 
         return TaylorSeerPolicy(self, spec if spec is not None else ModelCacheSpec())
+
+
+def _check_schedule(owner: str, computed_steps: Any, num_inference_steps: Any) -> tuple[int, tuple[int, ...]]:
+    num_steps = _check_int(owner, "num_inference_steps", num_inference_steps, low=2)
+    if computed_steps is None:
+        raise ValueError(
+            f"{owner}.computed_steps is required (the planned computed steps for num_inference_steps={num_steps}); "
+            f"solve one with `cached-diffusers calibrate --method {owner.replace('Config', '').lower()} --budget ...`"
+        )
+    raw = as_sequence(f"{owner}.computed_steps", computed_steps, f"step indices in [0, {num_steps})")
+    steps = tuple(_check_int(owner, f"computed_steps[{i}]", s, low=0) for i, s in enumerate(raw))
+    if any(b <= a for a, b in zip(steps, steps[1:])):
+        raise ValueError(f"{owner}.computed_steps must be strictly increasing, got {list(steps)}")
+    if len(steps) < 2 or steps[0] != 0 or steps[-1] != num_steps - 1:
+        raise ValueError(
+            f"{owner}.computed_steps must start at step 0 and end at the last step {num_steps - 1} "
+            f"(num_inference_steps={num_steps}), got {list(steps)}"
+        )
+    return num_steps, steps
+
+
+@dataclass(frozen=True, kw_only=True)
+class PlannedScheduleConfig(StepCacheConfig):
+    """A schedule planned offline: the steps to compute, fixed for one step count; every other step is reused.
+
+    Args:
+        computed_steps (sequence of int, required):
+            The computed denoising steps, strictly increasing, from 0 to ``num_inference_steps - 1`` (both ends are
+            always computed); its length is the budget ``B``. The other ``N - B`` steps reuse.
+        num_inference_steps (`int`, required, range >= 2):
+            The step count the schedule was planned for. A call with another step count raises ``ValueError``
+            (calibrate at that step count, see ``docs/calibration.md``).
+        other fields: the shared guards of :class:`StepCacheConfig`; a guard that forces a compute (warm-up, caps)
+            adds computed steps to the plan, so leave them at their defaults for an exact budget.
+    """
+
+    computed_steps: tuple[int, ...] | None = None
+    num_inference_steps: int | None = None
+
+    def validate(self) -> None:
+        super().validate()
+        owner = type(self).__name__
+        num_steps, steps = _check_schedule(owner, self.computed_steps, self.num_inference_steps)
+        object.__setattr__(self, "num_inference_steps", num_steps)
+        object.__setattr__(self, "computed_steps", steps)
+
+    @property
+    def budget(self) -> int:
+        """``B``: the number of computed steps per branch."""
+        return len(self.computed_steps)
+
+
+@register_cache_method
+@dataclass(frozen=True, kw_only=True)
+class LeMiCaConfig(PlannedScheduleConfig):
+    """LeMiCa: lexicographic-minimax path caching (Gao et al., NeurIPS 2025, arXiv 2511.00090; UnicomAI/LeMiCa).
+
+    A static schedule: the steps in ``computed_steps`` run the block stack; every other step adds the block-stack
+    residual of the branch's last computed step (as TeaCache does on a reused step). The schedule is the path of
+    ``B`` nodes through the DAG of steps whose edge costs (the global error of the final output when only the steps
+    strictly between the edge's ends reuse) are lexicographically minimax, solved exactly by
+    :func:`cached_diffusers.schedules.solve_lexicographic_minimax` from the error matrix that
+    ``cached-diffusers calibrate --method lemica`` measures on the model.
+
+    Args:
+        computed_steps, num_inference_steps: the plan, see :class:`PlannedScheduleConfig`.
+        other fields: shared guards, see :class:`StepCacheConfig`.
+
+    Raises:
+        ValueError: for a schedule that is not strictly increasing, misses step 0 or the last step, or (when run)
+            a call whose step count differs from ``num_inference_steps``.
+    """
+
+    method: ClassVar[str] = "lemica"
+    aliases: ClassVar[tuple[str, ...]] = ("le_mi_ca", "lexicographic-minimax")
+    source: ClassVar[str] = (
+        "Gao et al., LeMiCa: Lexicographic Minimax Path Caching, NeurIPS 2025 (arXiv 2511.00090); UnicomAI/LeMiCa"
+    )
+
+    def make_policy(self, spec: ModelCacheSpec | None = None):
+        from .planned import LeMiCaPolicy
+
+        return LeMiCaPolicy(self, spec if spec is not None else ModelCacheSpec())
+
+
+MEANCACHE_MAX_WINDOW = 6
+"""Largest averaging window of MeanCache's official schedules (``v_diff_mean_jvp1_s2`` .. ``_s6``,
+UnicomAI/MeanCache ``MeanCache4Qwen-Image/Mc_qwenimage.py``)."""
+
+
+@register_cache_method
+@dataclass(frozen=True, kw_only=True)
+class MeanCacheConfig(PlannedScheduleConfig):
+    """MeanCache: average-velocity caching (Gao et al., ICLR 2026, arXiv 2601.19961; UnicomAI/MeanCache).
+
+    A static schedule like :class:`LeMiCaConfig`, with another reuse rule. On a reused step ``i`` MeanCache does not
+    reuse the last instantaneous quantity ``u_{i-1}`` as it is, it corrects it with the trend of the *average*
+    velocity over a window of the last ``k`` steps ``i-k .. i-1`` (computed or reused):
+
+    * ``avg = sum_m u_m (sigma_{m+1} - sigma_m) / (sigma_i - sigma_{i-k})``, the average velocity over the window
+      (for the Euler flow-matching step, ``(x_i - x_{i-k}) / (sigma_i - sigma_{i-k})`` as in the official code);
+    * ``d = (u_{i-k} - avg) / (sigma_i - sigma_{i-k})``, its estimate of the derivative (the official "JVP");
+    * ``u_i = u_{i-1} - d * (sigma_{i+1} - sigma_i)``.
+
+    ``k = 1`` gives ``avg = u_{i-1}`` and plain reuse. The official code applies this to the guided velocity at the
+    pipeline; here ``u`` is the branch's block-stack residual (the quantity every method of this engine reuses), so
+    each guidance branch keeps its own history, and ``sigma`` is the pipeline scheduler's ``sigmas`` (uniform
+    ``1 - i/N`` for a transformer driven without a pipeline). The window is chosen per gap of the schedule.
+
+    Args:
+        computed_steps, num_inference_steps: the plan, see :class:`PlannedScheduleConfig`.
+        windows (`int` or sequence of int, defaults to 2, range 1 to ``MEANCACHE_MAX_WINDOW`` = 6):
+            The averaging window ``k``: one value for every gap, or one per gap between consecutive computed steps
+            (``len(computed_steps) - 1`` values; gaps without a reused step ignore theirs). The official Qwen-Image
+            schedules use 1 on most gaps and 2, 4 or 5 on a few; ``cached-diffusers calibrate --method meancache``
+            picks the best window per edge.
+        other fields: shared guards, see :class:`StepCacheConfig`.
+
+    Raises:
+        ValueError: as :class:`LeMiCaConfig`, and for a window outside ``[1, 6]`` or a window list of the wrong length.
+    """
+
+    method: ClassVar[str] = "meancache"
+    aliases: ClassVar[tuple[str, ...]] = ("mean_cache", "mean-cache")
+    source: ClassVar[str] = (
+        "Gao et al., MeanCache: From Instantaneous to Average Velocity for Accelerating Flow Matching Inference, "
+        "ICLR 2026 (arXiv 2601.19961); UnicomAI/MeanCache"
+    )
+
+    windows: int | tuple[int, ...] = 2
+    max_window: ClassVar[int] = MEANCACHE_MAX_WINDOW
+
+    def validate(self) -> None:
+        super().validate()
+        owner = type(self).__name__
+        gaps = len(self.computed_steps) - 1
+        windows = as_scalar(self.windows)
+        if isinstance(windows, (int, float)) and not isinstance(windows, bool):
+            values: tuple[Any, ...] = (windows,) * gaps
+        else:
+            values = as_sequence(f"{owner}.windows", windows, f"integers in [1, {MEANCACHE_MAX_WINDOW}]")
+            if len(values) != gaps:
+                raise ValueError(
+                    f"{owner}.windows must be one integer or one per gap ({gaps} = len(computed_steps) - 1), "
+                    f"got {len(values)} values"
+                )
+        checked = []
+        for i, w in enumerate(values):
+            w = _check_int(owner, f"windows[{i}]", w, low=1)
+            if w > MEANCACHE_MAX_WINDOW:
+                raise ValueError(f"{owner}.windows[{i}] must be an integer in [1, {MEANCACHE_MAX_WINDOW}], got {w}")
+            checked.append(w)
+        if isinstance(windows, (int, float)) and not isinstance(windows, bool):
+            object.__setattr__(self, "windows", checked[0] if checked else int(windows))
+        else:
+            object.__setattr__(self, "windows", tuple(checked))
+
+    def window_of_gap(self, gap: int) -> int:
+        """The window of gap ``gap`` (between ``computed_steps[gap]`` and ``computed_steps[gap + 1]``)."""
+        return self.windows if isinstance(self.windows, int) else self.windows[gap]
+
+    def make_policy(self, spec: ModelCacheSpec | None = None):
+        from .planned import MeanCachePolicy
+
+        return MeanCachePolicy(self, spec if spec is not None else ModelCacheSpec())

@@ -33,7 +33,7 @@ import torch
 from .configs import CacheConfig, resolve_cache_config
 from .parallel import sequence_group
 from .policies import CachePolicy, Decision, Gate, StepContext
-from .residuals import ResidualStore, make_store
+from .residuals import ResidualStore
 from .spec import BLOCK_STACK, WHOLE_CALL, ModelCacheSpec
 from .stats import CacheStats, StepRecord
 
@@ -132,6 +132,7 @@ class Generation:
     branches: dict[str, BranchState] = field(default_factory=dict)
     stats: CacheStats = field(default_factory=lambda: CacheStats("none"))
     step_source: Callable[[], tuple[int, int]] | None = None
+    sigma_source: Callable[[], Any] | None = None  # the running scheduler's sigmas (MeanCache's time weights)
 
     def __post_init__(self) -> None:
         self.reset()
@@ -425,7 +426,7 @@ class CacheEngine:
             # The inputs were changed behind the cache (a callback replaced the latents, the schedule changed): the
             # stored residual (and a TaylorSeer forecast's history) no longer describe this trajectory.
             gate, reason = Gate.COMPUTE, "input-changed"
-            state.store = make_store(policy.taylorseer_order)
+            state.store = policy.make_store(0, generation.sigma_source)
             state.invalidated = False
         decision = policy.decide(ctx, state.method_state, measurement, gate, reason)
         state.pending = _Pending(ctx, decision, indicator, tuple(inputs), num_blocks, front + back)
@@ -611,6 +612,6 @@ class CacheEngine:
         stats.num_steps, stats.num_blocks = ctx.num_steps, num_blocks
         if ctx.branch not in generation.branches:
             policy = generation.policy
-            store = make_store(policy.taylorseer_order, stats.first_step)
+            store = policy.make_store(stats.first_step, generation.sigma_source)
             generation.branches[ctx.branch] = BranchState(policy.new_state(), store)
         return generation.branches[ctx.branch]

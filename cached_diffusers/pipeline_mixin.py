@@ -273,6 +273,7 @@ class CachedPipelineMixin:
         engine = self.transformer.cache_engine
         with _exclusive(self), engine.generation(self.cache_config) as generation:
             self.__dict__["_cache_generation"] = generation
+            generation.sigma_source = lambda: getattr(self.scheduler, "sigmas", None)
             with engine.step_source(self._denoising_step):
                 yield _watch_callback(callback_on_step_end, generation)
 

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Mapping
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping
 
 import numpy as np
 import torch
 
 from .parallel import sequence_mean, sequence_sums
+from .residuals import ResidualStore, make_store
 from .scm import steps_mask
 from .spec import BLOCK_STACK, PATTERNS, WHOLE_CALL, ModelCacheSpec
 
@@ -213,6 +214,12 @@ class CachePolicy:
     def new_state(self) -> Any:
         """Fresh per-branch method state."""
         return None
+
+    def make_store(self, first_step: int = 0, sigmas: Callable[[], Any] | None = None) -> ResidualStore:
+        """Fresh per-branch residual store (``first_step``: the generation's first executed step; ``sigmas``: the
+        running schedule's sigmas, for stores that weight by time). Default: the last residual, or a TaylorSeer
+        forecast when ``taylorseer_order`` is set."""
+        return make_store(self.taylorseer_order, first_step)
 
     # -- shared guards -----------------------------------------------------------------------------------------------
     def scm_mask(self, num_steps: int) -> tuple[int, ...] | None:

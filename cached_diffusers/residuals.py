@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import math
+from typing import Any, Callable
 
 import torch
 
-__all__ = ["FIRST_DIFFERENCE_STEP", "ResidualStore", "TaylorSeerStore", "make_store"]
+__all__ = ["FIRST_DIFFERENCE_STEP", "MeanCacheStore", "ResidualStore", "TaylorSeerStore", "make_store", "sigma_at"]
 
 FIRST_DIFFERENCE_STEP = 3
 """No finite difference is formed at a computed step before this one: the first denoising steps change too fast for
@@ -87,3 +88,74 @@ def make_store(taylorseer_order: int | None, first_step: int = 0) -> ResidualSto
     """A plain store, or a TaylorSeer store of the given order (``first_step``: the generation's first executed
     step, from which :data:`FIRST_DIFFERENCE_STEP` counts)."""
     return ResidualStore() if taylorseer_order is None else TaylorSeerStore(taylorseer_order, first_step)
+
+
+def sigma_at(sigmas: Any, step: int, num_steps: int) -> float:
+    """``sigma_step`` of a flow-matching schedule: ``sigmas[step]`` of the scheduler's ``sigmas`` (``N`` or ``N + 1``
+    values; the terminal value is 0 when absent), or ``1 - step / N`` when ``sigmas`` is ``None`` (uniform time)."""
+    if sigmas is None or len(sigmas) < num_steps:
+        return 1.0 - step / num_steps
+    if step >= len(sigmas):
+        return 0.0
+    return float(sigmas[step])
+
+
+class MeanCacheStore(ResidualStore):
+    """MeanCache's average-velocity forecast of the residuals (Gao et al., ICLR 2026, arXiv 2601.19961;
+    UnicomAI/MeanCache ``MeanCache4Qwen-Image/Mc_qwenimage.py``, ``compute_current_jvp``).
+
+    Keeps ``u_m``, the residuals of the last :data:`~cached_diffusers.configs.MEANCACHE_MAX_WINDOW` steps of the
+    branch, computed or forecast (float32). At a reused step ``i`` with window ``k = window_for(i)`` (clipped to the
+    history held), over the window's steps ``m_0 < ... < m_{k-1}`` (the last ``k`` held):
+    ``avg = sum_j u_{m_j} (sigma_{m_{j+1}} - sigma_{m_j}) / (sigma_i - sigma_{m_0})`` with ``m_k = i``,
+    ``d = (u_{m_0} - avg) / (sigma_i - sigma_{m_0})`` and the forecast ``u_i = u_{m_{k-1}} - d (sigma_{i+1} - sigma_i)``,
+    which joins the history. ``k = 1`` returns the last residual unchanged.
+
+    Args:
+        window_for: ``window_for(step) -> k``, the window of the gap holding ``step``.
+        sigmas: ``sigmas() -> sequence or None``, the scheduler's sigmas of the running generation (``None``: uniform
+            ``1 - step / N``, see :func:`sigma_at`).
+        num_steps: ``N``, the step count of the schedule.
+        max_window: the longest window that can be asked for (history kept).
+    """
+
+    def __init__(
+        self, window_for: Callable[[int], int], sigmas: Callable[[], Any] | None, num_steps: int, max_window: int
+    ) -> None:
+        super().__init__()
+        self.window_for = window_for
+        self.sigmas = sigmas
+        self.num_steps = num_steps
+        self.max_window = max_window
+        self.history: list[tuple[int, Streams]] = []
+
+    def _sigma(self, step: int) -> float:
+        sigmas = self.sigmas() if self.sigmas is not None else None
+        return sigma_at(sigmas, step, self.num_steps)
+
+    def _remember(self, step: int, values: Streams) -> None:
+        if self.history and any(a.shape != b.shape for a, b in zip(values, self.history[-1][1])):
+            self.history = []
+        self.history.append((step, values))
+        del self.history[: -self.max_window]
+
+    def update(self, step: int, streams: Streams, residuals: Streams) -> None:
+        super().update(step, streams, residuals)
+        self._remember(step, tuple(r.detach().float() for r in residuals))
+
+    def get(self, step: int) -> Streams:
+        window = self.history[-min(self.window_for(step), len(self.history)):]
+        last = window[-1][1]
+        if len(window) == 1:
+            forecast = last
+        else:
+            ends = [m for m, _ in window[1:]] + [step]
+            span = self._sigma(step) - self._sigma(window[0][0])
+            average = [torch.zeros_like(v) for v in last]
+            for (m, values), end in zip(window, ends):
+                weight = (self._sigma(end) - self._sigma(m)) / span
+                average = [a + weight * v for a, v in zip(average, values)]
+            scale = (self._sigma(step + 1) - self._sigma(step)) / span
+            forecast = tuple(u - scale * (u0 - a) for u, u0, a in zip(last, window[0][1], average))
+        self._remember(step, forecast)
+        return tuple(f.to(r.dtype) for f, r in zip(forecast, self.residuals))

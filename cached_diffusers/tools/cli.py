@@ -449,6 +449,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from .tiny import DEFAULT_PROMPTS
 
     method = args.method
+    if method in ("lemica", "meancache"):
+        return _calibrate_schedule(args)
+    if args.budget is not None or args.error_matrix is not None:
+        raise ValueError(f"--budget and --error-matrix are for --method lemica or meancache, not {method}")
     _check_sampling_args(args)
     output = args.output or (
         os.path.join(args.model, "cache_config.json") if os.path.isdir(args.model) else "cache_config.json"
@@ -494,6 +498,99 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         json.dump(record, f, indent=2)
         f.write("\n")
     print(f"wrote {output} (and its provenance, {provenance})")
+    return 0
+
+
+def _schedule_outputs(args: argparse.Namespace, budgets: list[int]) -> tuple[dict[int, str], str, str]:
+    """``({budget: cache config path}, error matrix path, provenance path)`` of a planned-schedule calibration."""
+    output = args.output or (
+        os.path.join(args.model, "cache_config.json") if os.path.isdir(args.model) else "cache_config.json"
+    )
+    stem, ext = os.path.splitext(output)
+    configs = {b: output for b in budgets} if len(budgets) == 1 else {b: f"{stem}-b{b}{ext or '.json'}" for b in budgets}
+    return configs, f"{stem}.error_matrix.json", f"{stem}.calibration.json"
+
+
+def _calibrate_schedule(args: argparse.Namespace) -> int:
+    """``calibrate --method lemica|meancache``: measure (or load) the error matrix, solve every budget, write one cache
+    config per budget, the matrix and the provenance (see :mod:`cached_diffusers.calibration_schedules`)."""
+    from ..calibration_schedules import choose_meancache_windows, load_error_matrix, measure_edge_errors, save_error_matrix
+    from ..configs import LeMiCaConfig, MeanCacheConfig
+    from ..schedules import path_costs, solve_budgets
+    from .tiny import DEFAULT_PROMPTS
+
+    method = args.method
+    budgets = sorted(set(args.budget or ()), reverse=True)
+    if not budgets:
+        raise ValueError(f"--method {method} needs --budget B [B ...]: the computed steps per schedule (e.g. 25 17 10)")
+    _check_sampling_args(args)
+    configs, matrix_path, provenance_path = _schedule_outputs(args, budgets)
+    for path in (*configs.values(), provenance_path, matrix_path):
+        check_output_file("--output", path)
+    os.makedirs(os.path.dirname(os.path.abspath(provenance_path)), exist_ok=True)
+    loaded = None
+    if args.error_matrix is not None:
+        errors, loaded = load_error_matrix(args.error_matrix)
+        num_steps = errors.shape[0]
+        if args.steps is not None and args.steps != num_steps:
+            raise ValueError(f"--steps {args.steps} differs from the {num_steps} steps of --error-matrix {args.error_matrix}")
+        for b in budgets:
+            if not 2 <= b <= num_steps:
+                raise ValueError(f"--budget must be in [2, {num_steps}] (num_inference_steps), got {b}")
+        solved = solve_budgets(errors, budgets)  # fails before any model is loaded
+    prompts = args.prompt or list(DEFAULT_PROMPTS)
+    say = (lambda line: None) if args.quiet else print
+    pipe = None
+    if loaded is None or method == "meancache":
+        _device_and_dtype(args.device, args.dtype)
+        pipe = _load_pipeline(args, None)
+        kwargs = _sampling_kwargs(pipe, args, args.seed)
+        kwargs.pop("generator")
+        if loaded is None:
+            num_steps = int(_call_value(pipe, kwargs, "num_inference_steps"))
+        kwargs.pop("num_inference_steps", None)
+        for b in budgets:
+            if not 2 <= b <= num_steps:
+                raise ValueError(f"--budget must be in [2, {num_steps}] (num_inference_steps), got {b}")
+        settings = {name: _call_value(pipe, {**kwargs, "num_inference_steps": num_steps}, name)
+                    for name in SAMPLING_OPTIONS.values()}
+    if loaded is None:
+        errors = measure_edge_errors(
+            pipe, prompts, kwargs, num_steps, max_span=args.max_span, seed=args.seed, progress=say
+        )
+        provenance = {
+            "model": args.model, "prompts": prompts, **settings, "seed": args.seed, "max_span": args.max_span,
+            "metric": "relative L1 of the final latents against the uncached run, mean over prompts",
+            "date": time.strftime("%Y-%m-%d"),
+        }
+        save_error_matrix(matrix_path, errors, provenance)
+        solved = solve_budgets(errors, budgets)
+    else:
+        provenance = loaded
+        matrix_path = args.error_matrix
+    record = {"model": args.model, "method": method, "error_matrix": matrix_path, "budgets": {},
+              "date": time.strftime("%Y-%m-%d"), "calibrated_with": "cached-diffusers calibrate",
+              "matrix_provenance": {k: v for k, v in provenance.items() if k != "schema"}}
+    for b in budgets:
+        steps = solved[b]
+        entry = {"computed_steps": steps, "sorted_edge_errors": list(path_costs(errors, steps))}
+        if method == "lemica":
+            config = LeMiCaConfig(computed_steps=steps, num_inference_steps=num_steps)
+        else:
+            windows, error, plain = choose_meancache_windows(
+                pipe, prompts, kwargs, steps, candidates=tuple(args.windows), seed=args.seed, progress=say
+            )
+            config = MeanCacheConfig(computed_steps=steps, num_inference_steps=num_steps, windows=windows)
+            entry.update(windows=list(windows), final_latent_error=error, final_latent_error_windows_1=plain)
+        with open(configs[b], "w", encoding="utf-8") as f:
+            json.dump(config.to_dict(), f, indent=2)
+            f.write("\n")
+        record["budgets"][str(b)] = {"cache_config": configs[b], **entry}
+        print(f"{method} B={b}: computed steps {steps}; largest edge error {entry['sorted_edge_errors'][0]:.4g}")
+    with open(provenance_path, "w", encoding="utf-8") as f:
+        json.dump(record, f, indent=2)
+        f.write("\n")
+    print(f"wrote {', '.join(configs[b] for b in budgets)}, {matrix_path} and {provenance_path}")
     return 0
 
 
@@ -613,12 +710,30 @@ def cmd_bench(args: argparse.Namespace) -> int:
     check_output_dir("--output-dir", args.output_dir)
     for name in ("results.json", "results.md", "pareto.png"):
         check_output_file("--output-dir", os.path.join(args.output_dir, name))
+    if args.equal_budget is None and args.planned:
+        raise ValueError("--planned is for --equal-budget: the LeMiCa / MeanCache schedules to compare")
+    if args.equal_budget is not None:
+        if args.sweep:
+            raise ValueError("--sweep and --equal-budget exclude each other")
+        for name in EQUAL_BUDGET_FILES:
+            check_output_file("--output-dir", os.path.join(args.output_dir, name))
+        planned = [_load_config_file("--planned", path) for path in args.planned or ()]
+        for path, config in zip(args.planned or (), planned):
+            if config is None or config.method not in ("lemica", "meancache"):
+                raise ValueError(f"--planned {path}: not a LeMiCa or MeanCache config")
     if args.sweep and args.methods:
         raise ValueError("--sweep and --methods exclude each other: --sweep lists the configs to run")
     if args.sweep and args.calibrated:
         raise ValueError("--sweep and --calibrated exclude each other: --calibrated feeds the default sweep")
     configs = _bench_sweep(args.sweep) if args.sweep else None
     methods = check_methods(args.methods)  # before loading anything
+    if args.equal_budget is not None:
+        from .equal_budget import BUDGET_METHODS
+
+        methods = tuple(m for m in (methods if args.methods else BUDGET_METHODS))
+        for m in methods:
+            if m not in BUDGET_METHODS:
+                raise ValueError(f"--methods {m}: not tunable to a budget; valid with --equal-budget: {', '.join(BUDGET_METHODS)}")
     calibrated = [_load_config_file("--calibrated", path) for path in args.calibrated or ()]
     if args.threads is not None:
         import torch
@@ -654,6 +769,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         configs = default_sweep(pipe, methods=methods, num_steps=steps, calibrated=calibrated)
     prompts = args.prompt or list(DEMO_PROMPTS)
     progress = None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
+    if args.equal_budget is not None:
+        return _bench_equal_budget(args, pipe, kwargs, prompts, model, methods, planned, calibrated, progress)
     result = run_benchmark(
         pipe, configs, prompts, kwargs, seed=args.seed, repeats=args.repeats, model=model, progress=progress
     )
@@ -661,6 +778,31 @@ def cmd_bench(args: argparse.Namespace) -> int:
     write_json(result, paths[0])
     text = write_markdown(result, paths[1])
     plot_pareto(result, paths[2])
+    print(text)
+    print(f"wrote {', '.join(paths)}")
+    return 0
+
+
+EQUAL_BUDGET_FILES = ("equal_budget.json", "equal_budget.md", "equal_budget.csv", "equal_budget.png")
+
+
+def _bench_equal_budget(args, pipe, kwargs, prompts, model, methods, planned, calibrated, progress) -> int:
+    """``bench --equal-budget``: see :mod:`cached_diffusers.tools.equal_budget`."""
+    from .equal_budget import format_markdown, plot_equal_budget, run_equal_budget, write_csv, write_json
+
+    kwargs = {**kwargs, "num_inference_steps": int(_call_value(pipe, kwargs, "num_inference_steps"))}
+    result = run_equal_budget(
+        pipe, prompts, kwargs, args.equal_budget, planned=planned, methods=methods, calibrated=calibrated,
+        seed=args.seed, iterations=args.iterations, model=model, progress=progress,
+    )
+    paths = [os.path.join(args.output_dir, name) for name in EQUAL_BUDGET_FILES]
+    os.makedirs(args.output_dir, exist_ok=True)
+    write_json(result, paths[0])
+    text = format_markdown(result)
+    with open(paths[1], "w", encoding="utf-8") as f:
+        f.write(text)
+    write_csv(result, paths[2])
+    plot_equal_budget(result, paths[3])
     print(text)
     print(f"wrote {', '.join(paths)}")
     return 0
@@ -720,7 +862,20 @@ def build_parser() -> argparse.ArgumentParser:
         "calibrate", help="fit TeaCache coefficients or MagCache ratios on uncached runs and save a cache config"
     )
     calibrate.add_argument("--model", required=True, help="diffusers directory or Hub id")
-    calibrate.add_argument("--method", choices=("teacache", "magcache"), default="teacache")
+    calibrate.add_argument("--method", choices=("teacache", "magcache", "lemica", "meancache"), default="teacache")
+    calibrate.add_argument(
+        "--budget", type=int, nargs="+", default=None,
+        help="lemica/meancache: computed steps per schedule, first and last included (e.g. --budget 25 17 10)",
+    )
+    calibrate.add_argument("--max-span", type=int, default=8, help="lemica/meancache: longest DAG edge measured, in steps (default: 8)")
+    calibrate.add_argument(
+        "--error-matrix", default=None, metavar="FILE",
+        help="lemica/meancache: solve from this saved error matrix (written by an earlier run) instead of measuring",
+    )
+    calibrate.add_argument(
+        "--windows", type=int, nargs="+", default=[1, 2, 4],
+        help="meancache: averaging windows tried per gap (1 to 6; default: 1 2 4)",
+    )
     calibrate.add_argument("--prompt", action="append", default=None, help="calibration prompt (repeat; default: a small built-in set)")
     calibrate.add_argument("--negative-prompt", default=None, help="negative prompt (true CFG for Qwen-Image: calibrates both branches)")
     _add_sampling_arguments(calibrate)
@@ -765,6 +920,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="a cache config JSON written by `calibrate` (repeat): the sweep's TeaCache coefficients / MagCache ratios",
     )
     bench.add_argument("--sweep", default=None, metavar="JSON_OR_FILE", help="run these configs instead: a JSON list of cache configs")
+    bench.add_argument(
+        "--equal-budget", type=int, nargs="+", default=None, metavar="B",
+        help="compare every method at these computed-step budgets per branch (e.g. 25 17 10) instead of the sweep",
+    )
+    bench.add_argument(
+        "--planned", nargs="+", default=None, metavar="FILE",
+        help="with --equal-budget: LeMiCa / MeanCache cache configs written by `calibrate` (one per budget)",
+    )
+    bench.add_argument("--iterations", type=int, default=8, help="with --equal-budget: bisection steps per method and budget (default: 8)")
     bench.add_argument("--output-dir", default="bench", help="where results.json, results.md and pareto.png go (default: bench/)")
     bench.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     bench.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bfloat16 on GPU)")
