@@ -1,6 +1,7 @@
 """`calibrate --method lemica|meancache` and `bench --equal-budget` on the tiny Qwen-Image pipeline (few steps)."""
 
 import csv
+import dataclasses
 import json
 import math
 import re
@@ -156,7 +157,8 @@ def test_a_method_the_model_cannot_run_is_skipped_with_its_reason(model, monkeyp
 
     pipe = CachedQwenImagePipeline.from_pretrained(model)
     pipe.set_progress_bar_config(disable=True)
-    monkeypatch.delitem(pipe.transformer.cache_engine.defaults, "teacache_coefficients")
+    engine = pipe.transformer.cache_engine
+    monkeypatch.setattr(engine, "spec", dataclasses.replace(engine.spec, teacache_coefficients=None))
     kwargs = dict(negative_prompt=" ", height=64, width=64, num_inference_steps=STEPS)
     result = run_equal_budget(pipe, ["a red cat"], kwargs, [3], methods=["teacache"])
     assert result.rows == [] and result.info["skipped"][0]["method"] == "teacache"
