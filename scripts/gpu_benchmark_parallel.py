@@ -31,16 +31,7 @@ from pathlib import Path
 
 import torch
 
-from gpu_parallel_check import (
-    Workload,
-    add_common_arguments,
-    build_transformer,
-    magcache_ratios,
-    method_config,
-    parallel_config,
-    resolve,
-    setup_distributed,
-)
+from gpu_parallel_check import add_common_arguments, magcache_ratios, method_config, parallel_config, resolve, start_run
 
 
 def psnr(latents: torch.Tensor, reference: torch.Tensor) -> float:
@@ -64,14 +55,7 @@ def main() -> None:
 
     import torch.distributed as dist
 
-    rank, world_size, device = setup_distributed(args.device)
-    if world_size < 2:
-        sys.exit("run it with torchrun --nproc_per_node=N, N >= 2")
-    model = build_transformer(args.model, args.size, args.checkpoint, device, dtype, args.seed)
-    backend = args.attention_backend or ("_native_cudnn" if args.mode == "ring" else "native")
-    model.set_attention_backend(backend)
-    work = Workload(args.model, args.height, args.width, args.text_len, args.neg_text_len, args.steps,
-                    args.cfg_scale, args.seed)  # fmt: skip
+    rank, world_size, device, model, work = start_run(args, dtype)
     sync = torch.cuda.synchronize if device.type == "cuda" else None
 
     def timed(config, parallel: bool):

@@ -65,11 +65,17 @@ TINY_CONFIG = {**FULL_CONFIG, "num_layers": 4, "attention_head_dim": 32, "num_at
 
 def build_transformer(config: dict, device: torch.device, dtype: torch.dtype, seed: int):
     """The cached transformer with random weights: built on the meta device, materialised on ``device``."""
+    return random_transformer(CachedQwenImageTransformer2DModel, config, device, dtype, seed)
+
+
+def random_transformer(cls: type, config: dict, device: torch.device, dtype: torch.dtype, seed: int):
+    """``cls(**config)`` with random weights (normal std 0.02 for matrices, 1 for norm weights, 0 otherwise; the same
+    for a given ``seed`` on every device), built on the meta device and materialised on ``device`` in ``dtype``."""
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # parameters are created in ``dtype``: 20 B float32 parameters would not fit
     try:
         with torch.device("meta"):
-            model = CachedQwenImageTransformer2DModel(**config)
+            model = cls(**config)
     finally:
         torch.set_default_dtype(previous)
     model = model.to_empty(device=device)

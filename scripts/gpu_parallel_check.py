@@ -37,6 +37,8 @@ from typing import Any
 
 import torch
 
+from gpu_benchmark_qwenimage import random_transformer  # scripts/ is on sys.path when a script runs
+
 METHODS = ("teacache", "teacache-calibrate", "magcache", "magcache-calibrate", "dbcache", "fbcache", "taylorseer", "scm")
 
 QWEN_FULL = {
@@ -73,30 +75,21 @@ def build_transformer(family: str, size: str, checkpoint: str | None, device, dt
     cls = model_class(family)
     if checkpoint:
         return cls.from_pretrained(checkpoint, torch_dtype=dtype).to(device).eval()
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device("meta"):
-            model = cls(**CONFIGS[(family, size)])
-    finally:
-        torch.set_default_dtype(previous)
-    model = model.to_empty(device=device)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.ndim >= 2:
-                param.normal_(0.0, 0.02, generator=gen)
-            elif "norm" in name and name.endswith("weight"):
-                param.fill_(1.0)
-            else:
-                param.zero_()
-        for module in model.modules():  # Qwen-Image's RoPE tables are non-persistent buffers: rebuild them
-            if hasattr(module, "pos_freqs"):
-                fresh = type(module)(module.theta, module.axes_dim, getattr(module, "scale_rope", False))
-                for key, value in fresh.__dict__.items():
-                    if isinstance(value, torch.Tensor):
-                        setattr(module, key, value.to(device))
-    return model.to(dtype).eval()
+    return random_transformer(cls, CONFIGS[(family, size)], device, dtype, seed)
+
+
+def start_run(args: argparse.Namespace, dtype: torch.dtype):
+    """Join torchrun's group and build what every rank runs: ``(rank, world_size, device, model, workload)``, the
+    cached transformer with the attention backend the mode needs (ring: one that returns the log-sum-exp)."""
+    rank, world_size, device = setup_distributed(args.device)
+    if world_size < 2:
+        sys.exit("run it with torchrun --nproc_per_node=N, N >= 2")
+    model = build_transformer(args.model, args.size, args.checkpoint, device, dtype, args.seed)
+    backend = args.attention_backend or ("_native_cudnn" if args.mode == "ring" else "native")
+    model.set_attention_backend(backend)
+    work = Workload(args.model, args.height, args.width, args.text_len, args.neg_text_len, args.steps,
+                    args.cfg_scale, args.seed)  # fmt: skip
+    return rank, world_size, device, model, work
 
 
 @dataclass
@@ -274,14 +267,7 @@ def main() -> None:
 
     import torch.distributed as dist
 
-    rank, world_size, device = setup_distributed(args.device)
-    if world_size < 2:
-        sys.exit("run it with torchrun --nproc_per_node=N, N >= 2")
-    model = build_transformer(args.model, args.size, args.checkpoint, device, dtype, args.seed)
-    backend = args.attention_backend or ("_native_cudnn" if args.mode == "ring" else "native")
-    model.set_attention_backend(backend)
-    work = Workload(args.model, args.height, args.width, args.text_len, args.neg_text_len, args.steps,
-                    args.cfg_scale, args.seed)  # fmt: skip
+    rank, world_size, device, model, work = start_run(args, dtype)
 
     calibrations: dict[str, Any] = {}
     reference = {}
