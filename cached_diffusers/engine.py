@@ -405,12 +405,7 @@ class CacheEngine:
             )
         state = self._branch_state(generation, ctx, num_blocks)
         ctx = dataclasses.replace(ctx, first_step=generation.stats.first_step)
-        front, back = policy.front_blocks, policy.back_blocks
-        if front + back >= num_blocks:
-            raise ValueError(
-                f"cache method {generation.config.method!r} runs {front} front and {back} back blocks, which leaves "
-                f"no block to cache in a stack of {num_blocks}"
-            )
+        self._check_span(generation, num_blocks)
         indicator = self._indicator(generation, policy.indicator_kind, indicator)
         measurement = policy.observe(state.method_state, indicator)
         gate, reason = policy.gate(
@@ -429,7 +424,8 @@ class CacheEngine:
             state.store = policy.make_store(0, generation.sigma_source)
             state.invalidated = False
         decision = policy.decide(ctx, state.method_state, measurement, gate, reason)
-        state.pending = _Pending(ctx, decision, indicator, tuple(inputs), num_blocks, front + back)
+        cached_around = policy.front_blocks + policy.back_blocks
+        state.pending = _Pending(ctx, decision, indicator, tuple(inputs), num_blocks, cached_around)
         return decision
 
     @torch.compiler.disable(reason=_NOT_COMPILABLE)
@@ -511,14 +507,9 @@ class CacheEngine:
         num_blocks = stack.num_blocks
         if policy is None:
             return stack.run_blocks(0, num_blocks, streams)
+        ctx = self.step_context()  # an unknown step is reported first, before any block runs
+        self._check_span(generation, num_blocks)
         front, back = policy.front_blocks, policy.back_blocks
-        if front + back >= num_blocks:
-            self.step_context()  # an unknown step is reported first, as before any block runs
-            raise ValueError(
-                f"cache method {generation.config.method!r} runs {front} front and {back} back blocks, which leaves "
-                f"no block to cache in a stack of {num_blocks}"
-            )
-        ctx = self.step_context()
         span_in = stack.run_blocks(0, front, streams) if front else streams
         kind = policy.indicator_kind
         indicator = None
@@ -545,6 +536,16 @@ class CacheEngine:
                 raise
             self.commit(tuple(o - s for o, s in zip(span_out, span_in)), span_out, branch=ctx.branch)
         return stack.run_blocks(num_blocks - back, num_blocks, span_out) if back else span_out
+
+    @staticmethod
+    def _check_span(generation: Generation, num_blocks: int) -> None:
+        """Raise ``ValueError`` when the method's front and back blocks leave no block of ``num_blocks`` to cache."""
+        front, back = generation.policy.front_blocks, generation.policy.back_blocks
+        if front + back >= num_blocks:
+            raise ValueError(
+                f"cache method {generation.config.method!r} runs {front} front and {back} back blocks, which leaves "
+                f"no block to cache in a stack of {num_blocks}"
+            )
 
     def _pending(self, what: str, branch: str | None) -> tuple[Generation, BranchState, _Pending]:
         generation = self.current
