@@ -552,7 +552,7 @@ def _jsonable(value: Any) -> Any:
 
 
 # -- running ---------------------------------------------------------------------------------------------------------
-def _run_prompts(pipe, prompts: Sequence[str], call_kwargs: Mapping[str, Any], seed: int, collect: bool):
+def run_prompts(pipe, prompts: Sequence[str], call_kwargs: Mapping[str, Any], seed: int, collect: bool):
     """Generate every prompt (seed ``seed + i``); return the total wall time, uint8 images and stats per prompt."""
 
     total, images, stats = 0.0, [], []
@@ -673,9 +673,9 @@ def run_benchmark(
     try:
         pipe.cache_config = None
         say(f"warm-up: uncached, {prompts[0]!r}")
-        _run_prompts(pipe, prompts[:1], call_kwargs, seed, collect=False)
+        run_prompts(pipe, prompts[:1], call_kwargs, seed, collect=False)
         for r in range(repeats):
-            seconds, images, _ = _run_prompts(pipe, prompts, call_kwargs, seed, collect=True)
+            seconds, images, _ = run_prompts(pipe, prompts, call_kwargs, seed, collect=True)
             baseline_times.append(seconds)
             if r == 0:
                 reference = images
@@ -685,7 +685,7 @@ def run_benchmark(
             say(f"[{r + 1}/{repeats}] uncached: {seconds:.2f} s")
             for entry in entries:
                 pipe.cache_config = entry.config
-                seconds, images, stats = _run_prompts(pipe, prompts, call_kwargs, seed, collect=r == 0)
+                seconds, images, stats = run_prompts(pipe, prompts, call_kwargs, seed, collect=r == 0)
                 entry.times_s.append(seconds)
                 if r == 0:
                     _measure(entry, stats, reference, images, lpips_fn)

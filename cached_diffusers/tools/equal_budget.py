@@ -33,9 +33,9 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from .bench import PSNR_THRESHOLD, default_sweep, environment
+from .bench import PSNR_THRESHOLD, default_sweep, environment, run_prompts
 from ..configs import CacheConfig, MagCacheConfig, PlannedScheduleConfig, TaylorSeerConfig
-from .imaging import psnr, require_extra, ssim, to_uint8
+from .imaging import psnr, require_extra, ssim
 
 __all__ = [
     "BUDGET_METHODS",
@@ -133,15 +133,9 @@ class _Evaluator:
         self.runs = 0
 
     def _run(self, config):
-        import torch
-
         self.pipe.cache_config = config
-        out = []
-        for i, prompt in enumerate(self.prompts):
-            generator = torch.Generator(device="cpu").manual_seed(self.seed + i)
-            output = self.pipe(prompt=prompt, generator=generator, output_type="np", **self.kwargs)
-            out.append((to_uint8(output.images[0]), self.pipe.cache_stats))
-        return out
+        _, images, stats = run_prompts(self.pipe, self.prompts, self.kwargs, self.seed, collect=True)
+        return list(zip(images, stats))
 
     def __call__(self, config) -> dict[str, Any]:
         self.runs += 1
