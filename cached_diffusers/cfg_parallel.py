@@ -210,15 +210,19 @@ class CFGParallelCall:
             self._placeholder(hidden_states),
         )
         self.pending.append(record)
-        total = len(self.expected) if self.expected is not None else self.cfg.world_size
-        if len(self.pending) < total:
+        if len(self.pending) < self._branches_per_step:
             return _wrap(record.placeholder, kwargs)
         return self._finish_step(call, kwargs)
 
+    @property
+    def _branches_per_step(self) -> int:
+        """The branches of the current step: the declared ones (:meth:`expect`), else one per rank."""
+        return len(self.expected) if self.expected is not None else self.cfg.world_size
+
     def _count_message(self, names: list[str], step: int) -> str:
-        total = len(self.expected) if self.expected is not None else self.cfg.world_size
         return (
-            f"CFG-parallel on {self.cfg.world_size} ranks needs {total} guidance branches per step (one per rank), but "
+            f"CFG-parallel on {self.cfg.world_size} ranks needs {self._branches_per_step} guidance branches per step "
+            f"(one per rank), but "
             f"step {step} ran only {names}: turn guidance on (e.g. a negative prompt and true_cfg_scale > 1 for "
             f"Qwen-Image, guidance_scale > 1 on a FLUX.2 [klein] base checkpoint), or call pipe.disable_cfg_parallel()"
         )
