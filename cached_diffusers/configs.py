@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping
 
 from .spec import ModelCacheSpec
-from .validation import FrozenDict, as_scalar, as_sequence
+from .validation import MAX_STEPS, FrozenDict, as_scalar, as_sequence
 
 __all__ = [
     "CacheConfig",
@@ -632,6 +632,8 @@ class TaylorSeerConfig(StepCacheConfig):
 
 def _check_schedule(owner: str, computed_steps: Any, num_inference_steps: Any) -> tuple[int, tuple[int, ...]]:
     num_steps = _check_int(owner, "num_inference_steps", num_inference_steps, low=2)
+    if num_steps > MAX_STEPS:
+        raise ValueError(f"{owner}.num_inference_steps must be an integer in [2, {MAX_STEPS}], got {num_steps}")
     if computed_steps is None:
         raise ValueError(
             f"{owner}.computed_steps is required (the planned computed steps for num_inference_steps={num_steps}); "
