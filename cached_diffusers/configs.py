@@ -664,6 +664,11 @@ class PlannedScheduleConfig(StepCacheConfig):
             (calibrate at that step count, see ``docs/calibration.md``).
         other fields: the shared guards of :class:`StepCacheConfig`; a guard that forces a compute (warm-up, caps)
             adds computed steps to the plan, so leave them at their defaults for an exact budget.
+
+    At ``strength < 1`` (img2img, inpaint: only steps ``first .. N-1`` run) the first executed step always computes,
+    and so do the plan's steps after it: ``1 + |{s in computed_steps: s > first}|`` computed steps, not ``B``.
+    ``cached-diffusers calibrate --strength S`` plans for the executed steps: its plan is step 0 (never executed), the
+    first executed step and ``B - 1`` later steps, so that exactly ``B`` steps compute at that strength.
     """
 
     computed_steps: tuple[int, ...] | None = None
