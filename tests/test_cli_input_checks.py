@@ -257,3 +257,33 @@ def test_printing_never_fails_a_run_that_succeeded(tmp_path):
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "bild ü.png").exists()
     assert "wrote bild \\xfc.png" in done.stdout
+
+
+def test_a_plan_for_a_strength_computes_exactly_its_budget_there():
+    """Run on the img2img pipeline at strength 0.6 (steps 4..9 of 10 run), the plan computes exactly ``B`` steps per
+    branch; the plan for the full schedule computes another number."""
+    import numpy as np
+
+    from cached_diffusers import LeMiCaConfig
+    from cached_diffusers.tools.cli import _plan_for_strength, first_executed_step
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from families import CASES_BY_NAME, small_working_sizes
+
+    steps, budget, strength = 10, 3, 0.6
+    first = first_executed_step(steps, strength)
+    assert first == 4
+    errors = np.subtract.outer(np.arange(steps), np.arange(steps)).T.astype(float) ** 2  # longer edges cost more
+    errors = np.where(errors > 0, errors, np.inf)
+    case = CASES_BY_NAME["qwen-img2img"]
+    pipe = case.cached(**case.components())
+    computed = {}
+    for name, first_step in (("strength", first), ("full", 0)):
+        plan = _plan_for_strength(errors, [budget], first_step)[budget]
+        pipe.cache_config = LeMiCaConfig(computed_steps=plan, num_inference_steps=steps)
+        with small_working_sizes():
+            pipe(**case.inputs(steps=steps, strength=strength))
+        assert pipe.cache_stats.first_step == first
+        computed[name] = {b.branch: b.num_computed for b in pipe.cache_stats.branches.values()}
+    assert computed["strength"] and set(computed["strength"].values()) == {budget}
+    assert set(computed["full"].values()) != {budget}

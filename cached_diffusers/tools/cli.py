@@ -573,8 +573,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     _check_threads(args)
     if method in ("lemica", "meancache"):
         return _calibrate_schedule(args)
-    if args.budget is not None or args.error_matrix is not None or args.strength is not None:
-        raise ValueError(f"--budget, --strength and --error-matrix are for --method lemica or meancache, not {method}")
+    given = [flag for flag, value in (("--budget", args.budget), ("--strength", args.strength),
+                                      ("--error-matrix", args.error_matrix)) if value is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)}: for --method lemica or meancache only, not {method}")
     _check_sampling_args(args)
     output = _default_output(args)
     provenance = os.path.splitext(output)[0] + ".calibration.json"
