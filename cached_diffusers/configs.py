@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping
 
 from .spec import ModelCacheSpec
-from .validation import FrozenDict, as_scalar, as_sequence
+from .validation import MAX_STEPS, FrozenDict, as_scalar, as_sequence
 
 __all__ = [
     "CacheConfig",
@@ -632,6 +632,8 @@ class TaylorSeerConfig(StepCacheConfig):
 
 def _check_schedule(owner: str, computed_steps: Any, num_inference_steps: Any) -> tuple[int, tuple[int, ...]]:
     num_steps = _check_int(owner, "num_inference_steps", num_inference_steps, low=2)
+    if num_steps > MAX_STEPS:
+        raise ValueError(f"{owner}.num_inference_steps must be an integer in [2, {MAX_STEPS}], got {num_steps}")
     if computed_steps is None:
         raise ValueError(
             f"{owner}.computed_steps is required (the planned computed steps for num_inference_steps={num_steps}); "
@@ -662,6 +664,11 @@ class PlannedScheduleConfig(StepCacheConfig):
             (calibrate at that step count, see ``docs/calibration.md``).
         other fields: the shared guards of :class:`StepCacheConfig`; a guard that forces a compute (warm-up, caps)
             adds computed steps to the plan, so leave them at their defaults for an exact budget.
+
+    At ``strength < 1`` (img2img, inpaint: only steps ``first .. N-1`` run) the first executed step always computes,
+    and so do the plan's steps after it: ``1 + |{s in computed_steps: s > first}|`` computed steps, not ``B``.
+    ``cached-diffusers calibrate --strength S`` plans for the executed steps: its plan is step 0 (never executed), the
+    first executed step and ``B - 1`` later steps, so that exactly ``B`` steps compute at that strength.
     """
 
     computed_steps: tuple[int, ...] | None = None

@@ -24,6 +24,7 @@ __all__ = [
     "CACHE_CONFIG_NAME",
     "GENERATION_DEFAULTS_NAME",
     "check_local_path",
+    "hub_unavailable_reason",
     "load_cache_config",
     "load_generation_defaults",
     "parse_cache_config",
@@ -148,6 +149,38 @@ def check_local_path(pretrained_model_name_or_path: str | os.PathLike) -> None:
         raise FileNotFoundError(
             f"no such model directory: {location!r} (a local path; Hub repository ids look like 'namespace/name')"
         )
+
+
+def hub_unavailable_reason(repo_id: str, timeout: float = 3.0) -> str | None:
+    """Why the Hub repository ``repo_id`` cannot be loaded from here, in a few seconds, else ``None``.
+
+    ``None`` when the Hub's local cache holds the repository's ``model_index.json`` (it loads offline) or the Hub's
+    server accepts a connection within ``timeout`` seconds (or a proxy is configured, which this does not try). Else
+    the reason: ``HF_HUB_OFFLINE`` is set, or the server cannot be reached (instead of the Hub client's retries).
+    """
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    try:
+        if isinstance(try_to_load_from_cache(repo_id, "model_index.json"), str):
+            return None
+    except ValueError:  # not a valid repo id: the Hub client says so itself
+        return None
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    if offline or getattr(constants, "HF_HUB_OFFLINE", False):
+        return "HF_HUB_OFFLINE is set and the Hub cache holds no copy of it"
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    endpoint = urlsplit(constants.ENDPOINT)
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    import socket
+
+    try:
+        socket.create_connection((endpoint.hostname, port), timeout=timeout).close()
+    except OSError as error:
+        return f"the Hub ({constants.ENDPOINT}) cannot be reached ({error.strerror or error})"
+    return None
 
 
 def _hf_hub_download(*args: Any, **kwargs: Any) -> str:

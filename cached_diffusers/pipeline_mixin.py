@@ -276,6 +276,11 @@ class CachedPipelineMixin:
             generation.sigma_source = lambda: getattr(self.scheduler, "sigmas", None)
             with engine.step_source(self._denoising_step):
                 yield _watch_callback(callback_on_step_end, generation)
+            if generation.config is None and generation.stats.num_steps is None:  # caching off records no step
+                timesteps = getattr(self.scheduler, "timesteps", None)
+                if timesteps is not None:
+                    generation.stats.num_steps = len(timesteps)
+                    generation.stats.first_step = getattr(self.scheduler, "begin_index", None) or 0
 
     # -- CFG-parallel ------------------------------------------------------------------------------------------------
     def enable_cfg_parallel(self, group: Any = None) -> None:

@@ -4,7 +4,8 @@ A mask has one entry per denoising step: ``1`` means the step is always computed
 (``"dynamic"`` policy: if the method's own test agrees; ``"static"``: always). Masks come from a preset name
 (``"slow"``, ``"medium"``, ``"fast"``, ``"ultra"``), from alternating run lengths (``compute_bins``, ``cache_bins``:
 ``[4, 2, 1]`` and ``[2, 3, 4]`` give ``1111 00 11 000 1 0000``) or from an explicit 0/1 list, and are fitted to any
-step count. The first and the last step of every mask are computed.
+step count. A mask describes at most :data:`~cached_diffusers.validation.MAX_STEPS` steps (the bins' sum, the list's
+length), and is built only as far as the run's step count. The first and the last step of every mask are computed.
 
 Presets follow cache-dit 1.5.3 exactly where it defines them (4, 6 and >= 8 steps: 28-step bins stretched bin by
 bin above 28 steps and truncated from the tail below, dedicated tables for 8 to 15 steps; see
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-from .validation import FrozenDict, as_scalar, as_sequence
+from .validation import MAX_STEPS, FrozenDict, as_scalar, as_sequence
 
 __all__ = ["PRESET_BINS", "steps_mask", "validate_mask_spec", "mask_from_bins"]
 
@@ -34,6 +35,8 @@ PRESET_BINS: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
 def _positive_ints(owner: str, name: str, values: Any) -> tuple[int, ...]:
 
     values = as_sequence(f"{owner}['{name}']", values, "integers >= 1")
+    if len(values) > MAX_STEPS:
+        raise ValueError(f"{owner}['{name}'] must have at most {MAX_STEPS} bins, got {len(values)}")
     if not values:
         raise ValueError(f"{owner}['{name}'] must be a non-empty sequence of integers >= 1, got {values!r}")
     out = []
@@ -67,6 +70,11 @@ def validate_mask_spec(owner: str, spec: Any) -> str | tuple[int, ...] | Mapping
         cache = _positive_ints(owner, "cache_bins", spec["cache_bins"])
         if len(cache) > len(compute):
             raise ValueError(f"{owner}: cache_bins ({len(cache)}) must not be longer than compute_bins ({len(compute)})")
+        if sum(compute) + sum(cache) > MAX_STEPS:
+            raise ValueError(
+                f"{owner}: compute_bins and cache_bins must cover at most {MAX_STEPS} steps together, "
+                f"got {sum(compute) + sum(cache)}"
+            )
         return FrozenDict(compute_bins=compute, cache_bins=cache)
     if (
         (isinstance(spec, Sequence) and not isinstance(spec, (bytes, bytearray)))
@@ -77,6 +85,8 @@ def validate_mask_spec(owner: str, spec: Any) -> str | tuple[int, ...] | Mapping
         values = tuple(as_scalar(v) for v in as_sequence(owner, spec, "0 and 1"))
         if not values or any(isinstance(v, bool) or not isinstance(v, (int, float)) or v not in (0, 1) for v in values):
             raise ValueError(f"{owner} as a list must be a non-empty sequence of 0 and 1, got {spec!r}")
+        if len(values) > MAX_STEPS:
+            raise ValueError(f"{owner} as a list must have at most {MAX_STEPS} entries (steps), got {len(values)}")
         return tuple(int(v) for v in values)
     raise ValueError(f"{owner} must be a preset name, a 0/1 list or a compute_bins/cache_bins dict, got {spec!r}")
 
@@ -160,14 +170,17 @@ def _preset_mask(name: str, num_steps: int) -> tuple[int, ...]:
     return _interleave(compute, cache)[:num_steps]
 
 
-def _interleave(compute: Sequence[int], cache: Sequence[int]) -> tuple[int, ...]:
-    """Runs of ``compute[0]`` ones, ``cache[0]`` zeros, ``compute[1]`` ones, ...; surplus cache bins follow back to back."""
+def _interleave(compute: Sequence[int], cache: Sequence[int], limit: int | None = None) -> tuple[int, ...]:
+    """Runs of ``compute[0]`` ones, ``cache[0]`` zeros, ``compute[1]`` ones, ...; surplus cache bins follow back to back.
+    With ``limit``, only the first ``limit`` entries are built."""
     mask: list[int] = []
     for i in range(max(len(compute), len(cache))):
-        if i < len(compute):
-            mask += [1] * compute[i]
-        if i < len(cache):
-            mask += [0] * cache[i]
+        for bins, value in ((compute, 1), (cache, 0)):
+            if i < len(bins):
+                room = bins[i] if limit is None else min(bins[i], limit - len(mask))
+                mask += [value] * room
+        if limit is not None and len(mask) >= limit:
+            break
     return tuple(mask)
 
 
@@ -190,8 +203,8 @@ def steps_mask(spec: str | Sequence[int] | Mapping[str, Sequence[int]], num_step
     if isinstance(spec, str):
         mask = list(_preset_mask(spec, num_steps))
     elif isinstance(spec, Mapping):
-        mask = mask_from_bins(spec["compute_bins"], spec["cache_bins"])
-        mask = list(mask[:num_steps] if len(mask) >= num_steps else _resample(mask, num_steps))
+        mask = _interleave(spec["compute_bins"], spec["cache_bins"], limit=num_steps)  # never longer than the run
+        mask = list(mask if len(mask) == num_steps else _resample(mask, num_steps))
     else:
         mask = list(_resample(spec, num_steps))
     mask[0] = mask[-1] = 1

@@ -81,7 +81,8 @@ class CacheStats:
     Attributes:
         method: the cache method's name.
         value_name: what the per-step decision ``values`` measure.
-        num_steps: denoising steps of the generation's full schedule (``None`` before the first transformer call).
+        num_steps: denoising steps of the generation's full schedule (``None`` before the first transformer call;
+            with caching off, a pipeline call records it when the call ends).
         first_step: the first executed step (0 for a full schedule; ``> 0`` for img2img / inpaint at
             ``strength < 1``, which run steps ``first_step .. num_steps - 1``). Step indices in the records are
             absolute indices of the full schedule.
@@ -139,6 +140,11 @@ class CacheStats:
     def summary(self) -> str:
         """A few human-readable lines: per branch, computed and reused steps with their indices."""
         start = f" (from step {self.first_step}: a partial schedule)" if self.first_step else ""
+        if self.method == "none":
+            if self.num_steps is None:
+                return "cache: none (caching off; no denoising step recorded yet)"
+            ran = self.num_steps - (self.first_step or 0)
+            return f"cache: none (caching off): {ran} of {self.num_steps} steps run{start}, every step computed"
         lines = [f"cache: {self.method}, {self.num_steps} steps{start}, {self.num_blocks} blocks"]
         for b in self.branches.values():
             lines.append(

@@ -6,7 +6,12 @@ from __future__ import annotations
 from collections.abc import Sequence, Set as AbstractSet
 from typing import Any, Mapping
 
-__all__ = ["FrozenDict", "as_scalar", "as_sequence"]
+__all__ = ["MAX_STEPS", "FrozenDict", "as_scalar", "as_sequence"]
+
+MAX_STEPS = 10_000
+"""The most denoising steps a config or a model directory's file may describe (an SCM mask's length or bins, a planned
+schedule's ``num_inference_steps``, ``generation_defaults.json``'s ``num_inference_steps``): far above any real run,
+and small enough that nothing built from such a number can exhaust memory."""
 
 
 class FrozenDict(dict):

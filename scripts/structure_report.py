@@ -123,8 +123,8 @@ def is_package_root(module: str) -> bool:
 
 def kind(module: str) -> str:
     """``"tooling"``, ``"models"``, ``"pipelines"`` or ``"core"``."""
-    if module == TOOLING or module.startswith(TOOLING + "."):
-        return "tooling"
+    if module == TOOLING or module.startswith(TOOLING + ".") or module == f"{PACKAGE}.__main__":
+        return "tooling"  # __main__: ``python -m cached_diffusers``, the command line's entry point
     for sub in ("models", "pipelines"):
         if module.startswith(f"{PACKAGE}.{sub}"):
             return sub

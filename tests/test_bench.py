@@ -3,6 +3,7 @@
 Timings on a shared CPU are noise: these tests check structure and fidelity facts, never that caching is faster.
 """
 
+import dataclasses
 import json
 import math
 
@@ -268,3 +269,21 @@ def test_default_sweep_takes_calibrated_coefficients_and_ratios():
 def test_cli_bench_rejects_a_missing_calibrated_file(tmp_path, capsys):
     assert main(["bench", "--calibrated", str(tmp_path / "nope.json"), "--output-dir", str(tmp_path)]) == 2
     assert "--calibrated: no such file" in capsys.readouterr().err
+
+
+def test_a_speedup_above_the_ideal_one_is_flagged_as_timing_noise(bench):
+    """Skipping blocks cannot save more than their time: a measured speedup above the ideal one is noise, said so
+    in the row and under the table with the number of repeats."""
+    result = bench[0]
+    teacache = result.entries[1]
+    assert teacache.ideal_speedup is not None
+    clean = dataclasses.replace(teacache, speedup=teacache.ideal_speedup * 0.5)
+    noisy = dataclasses.replace(teacache, speedup=teacache.ideal_speedup * 1.5)
+    assert not clean.timing_noise and noisy.timing_noise and noisy.to_dict()["timing_noise"] is True
+    markdown = format_markdown(dataclasses.replace(result, entries=[clean]))
+    assert "(noise)" not in markdown
+    markdown = format_markdown(dataclasses.replace(result, entries=[clean, noisy]))
+    assert f"| {noisy.speedup:.2f}x (noise) | {noisy.ideal_speedup:.2f}x |" in markdown
+    assert f"| {clean.speedup:.2f}x | {clean.ideal_speedup:.2f}x |" in markdown
+    assert "(noise): 1 row(s) measured a speedup above the ideal one" in markdown
+    assert "timing noise of the median of 1 repeat(s)" in markdown

@@ -104,7 +104,9 @@ def test_meancache_calibration_chooses_a_window_per_gap(model, calibrated, tmp_p
     "argv, message",
     [
         (["--method", "lemica"], "needs --budget"),
-        (["--method", "teacache", "--budget", "3"], "--budget and --error-matrix are for --method lemica or meancache"),
+        (["--method", "teacache", "--budget", "3"], "--budget: for --method lemica or meancache only, not teacache"),
+        (["--method", "magcache", "--strength", "0.5"], "--strength: for --method lemica or meancache only"),
+        (["--method", "lemica", "--budget", "3", "--strength", "0"], r"--strength must be a number in \(0, 1\], got 0"),
         (["--method", "lemica", "--budget", "9"], r"--budget must be in \[2, 6\]"),
     ],
 )

@@ -7,6 +7,8 @@ few steps). ``cached-diffusers`` command lines are parsed by the real parser, so
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import re
 import shlex
 import subprocess
@@ -59,14 +61,36 @@ def test_python_blocks_run(page, tmp_path):
     assert done.returncode == 0, f"{page.name}:\n{done.stderr[-3000:]}"
 
 
+def torchrun_command(words: list[str]) -> list[str]:
+    """The command line a ``torchrun ...`` line runs, as ``["cached-diffusers", ...]``, after checking with torchrun's
+    own parser that what it starts exists: ``-m MODULE`` a module runnable with ``python -m``, ``--no-python NAME``
+    a program on ``PATH``, else a Python file (torchrun runs no console script without ``--no-python``)."""
+    from torch.distributed.run import get_args_parser
+
+    parsed = get_args_parser().parse_args(words[1:])
+    target = parsed.training_script
+    if parsed.module:
+        spec = importlib.util.find_spec(target)
+        assert spec is not None, f"torchrun -m {target}: no such module"
+        if spec.submodule_search_locations is not None:  # a package runs its __main__
+            assert importlib.util.find_spec(f"{target}.__main__") is not None, f"torchrun -m {target}: no {target}.__main__"
+        assert target in ("cached_diffusers", "cached_diffusers.tools.cli"), target
+    elif parsed.no_python:
+        assert target == "cached-diffusers", target
+    else:
+        raise AssertionError(f"torchrun runs {target!r} as a Python file, which does not exist: use -m cached_diffusers")
+    return ["cached-diffusers", *parsed.training_script_args]
+
+
 def command_lines(page: Path) -> list[list[str]]:
-    """The ``cached-diffusers ...`` commands of a page's bash blocks, continuation lines joined, comments dropped."""
+    """The ``cached-diffusers ...`` commands of a page's bash blocks (``torchrun`` lines checked and unwrapped by
+    :func:`torchrun_command`), continuation lines joined, comments dropped."""
     commands = []
     for block in blocks(page, "bash"):
         for line in block.replace("\\\n", " ").splitlines():
             words = shlex.split(line, comments=True)
-            if words[:1] == ["torchrun"] and "cached-diffusers" in words:  # torchrun's options, then the command
-                words = words[words.index("cached-diffusers") :]
+            if words[:1] == ["torchrun"]:
+                words = torchrun_command(words)
             if words[:1] == ["cached-diffusers"]:
                 commands.append(words[1:])
     return commands
@@ -80,3 +104,51 @@ def test_shell_commands_parse(page):
             continue
         args = parser.parse_args(argv)
         assert args.command == argv[0]
+
+
+def test_the_readme_torchrun_line_starts_the_command_line():
+    """torchrun runs a Python file unless told otherwise: the README's line names the module (``-m cached_diffusers``),
+    and the line of the old README (the console script's name as a file) is refused."""
+    lines = [line for block in blocks(ROOT / "README.md", "bash") for line in block.splitlines() if line.startswith("torchrun")]
+    assert lines and all(" -m cached_diffusers " in line for line in lines)
+    argv = torchrun_command(shlex.split(lines[0]))
+    assert build_parser().parse_args(argv[1:]).command == "generate"
+    with pytest.raises(AssertionError, match="as a Python file, which does not exist"):
+        torchrun_command(shlex.split("torchrun --nproc_per_node=4 cached-diffusers generate --model m --prompt p"))
+
+
+@pytest.mark.slow
+def test_torchrun_runs_the_command_line_on_two_processes(tmp_path):
+    """The README's torchrun form, on two CPU processes (gloo, one guidance branch each) and the shipped model."""
+    from cached_diffusers.tools.reference_model import REFERENCE_MODEL_DIR
+
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+               "cached_diffusers", "generate", "--model", os.fspath(REFERENCE_MODEL_DIR), "--prompt", "rocket",
+               "--cfg-parallel", "--steps", "4", "--threads", "1", "--quiet", "--output", "out.png"]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "out.png").exists() and "rank 1: cache: teacache, 4 steps" in done.stdout
+
+
+IMAGE = re.compile(r"!\[([^\]]+)\]\(([^)\s]+\.png)\)")
+
+
+def test_the_readme_shows_a_picture_that_exists():
+    """A markdown image GitHub renders (``![alt](relative/path.png)``), whose file is a PNG in the repository."""
+    images = IMAGE.findall((ROOT / "README.md").read_text(encoding="utf-8"))
+    assert images
+    for alt, path in images:
+        assert alt.strip() and not path.startswith(("/", "http")), path
+        assert (ROOT / path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", path
+
+
+@pytest.mark.slow
+def test_the_readme_calibrate_example_runs_on_the_shipped_model(tmp_path):
+    """The README's LeMiCa calibration, as written, from the repository root's layout (the model path is relative)."""
+    (line,) = [words for words in command_lines(ROOT / "README.md") if words[0] == "calibrate"]
+    (tmp_path / "cached_diffusers").symlink_to(ROOT / "cached_diffusers")
+    done = subprocess.run([sys.executable, "-m", "cached_diffusers", *line], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "schedules" / "lemica-b10.json").exists() and (tmp_path / "schedules" / "lemica-b7.json").exists()

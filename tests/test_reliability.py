@@ -240,9 +240,10 @@ def generate_args(model, tmp_path, *extra):
 @pytest.mark.parametrize(
     "extra, code, message",
     [
-        (["--steps", "0"], 2, r"--steps must be an integer >= 1, got 0"),
-        (["--steps", "-1"], 2, r"--steps must be an integer >= 1, got -1"),
-        (["--height", "0"], 2, r"--height must be a positive number of pixels"),
+        (["--steps", "0"], 2, r"--steps must be an integer in \[1, 10000\], got 0"),
+        (["--steps", "-1"], 2, r"--steps must be an integer in \[1, 10000\], got -1"),
+        (["--steps", "10001"], 2, r"--steps must be an integer in \[1, 10000\], got 10001"),
+        (["--height", "0"], 2, r"--height must be an integer >= 1 \(pixels\), got 0"),
         (["--device", "nonsense"], 2, r"--device 'nonsense' is not a device"),
         (["--cache-config", "[1, 2]"], 2, r"--cache-config must be a JSON object .*got list"),
         (["--cache-config", "null"], 2, r"--cache-config must be a JSON object .*got NoneType"),
@@ -275,16 +276,18 @@ def test_a_model_directory_that_does_not_load_is_a_failed_run(tmp_path, capsys):
     empty.mkdir()
     garbage.mkdir()
     (garbage / "model_index.json").write_text("{not json")
-    for model in (empty, garbage):
-        got, err, last = run_cli(generate_args(model, tmp_path), capsys)
-        assert got == 1 and "Traceback" not in err
-        assert last.startswith("cached-diffusers generate: error: OSError: ") and str(model) in last
+    got, err, last = run_cli(generate_args(garbage, tmp_path), capsys)
+    assert got == 1 and "Traceback" not in err
+    assert last.startswith("cached-diffusers generate: error: OSError: ") and str(garbage) in last
+    # a folder without model_index.json is no model directory: a usage error, before anything is loaded
+    got, err, last = run_cli(generate_args(empty, tmp_path), capsys)
+    assert got == 2 and "Traceback" not in err and "it has no model_index.json" in last
 
 
 def test_a_size_the_pipeline_cannot_make_names_the_option(model_dir, tmp_path, capsys):
     got, err, last = run_cli(generate_args(model_dir, tmp_path, "--height", "7"), capsys)
     assert got == 2 and "Traceback" not in err
-    assert re.search(r"--height must be at least 16 pixels for CachedQwenImagePipeline", last)
+    assert re.search(r"--height must be a multiple of 16 pixels for CachedQwenImagePipeline, got 7", last)
     assert not (tmp_path / "out.png").exists()
 
 
@@ -301,8 +304,9 @@ def test_output_paths_of_calibrate_demo_and_bench_are_checked_first(tmp_path, ca
 
 
 def test_debug_shows_the_traceback(tmp_path):
-    with pytest.raises(ValueError, match=r"--steps must be an integer >= 1"):
+    with pytest.raises(ValueError, match=r"--steps must be an integer in \[1, 10000\]"):
         main([str(a) for a in generate_args(tmp_path / "no-model", tmp_path, "--steps", "0", "--debug")])
+    (tmp_path / "model_index.json").write_text("{not json")
     with pytest.raises(OSError):
         main([str(a) for a in generate_args(tmp_path, tmp_path / "o", "--debug")])
 

@@ -360,6 +360,13 @@ class BenchEntry:
         return 1.0 / self.block_fraction if self.block_fraction else None
 
     @property
+    def timing_noise(self) -> bool:
+        """Whether the measured speedup exceeds :attr:`ideal_speedup`: skipping blocks cannot save more than their
+        time, so the excess is timing noise (a slow baseline round, another process on the cores)."""
+        ideal = self.ideal_speedup
+        return ideal is not None and math.isfinite(self.speedup) and self.speedup > ideal
+
+    @property
     def psnr_mean(self) -> float:
         """Mean PSNR over the prompts whose image differs from uncached (``inf`` when none differs)."""
         return _finite_mean(self.psnr)
@@ -391,6 +398,7 @@ class BenchEntry:
             "seconds": self.seconds,
             "speedup": self.speedup,
             "ideal_speedup": self.ideal_speedup,
+            "timing_noise": self.timing_noise,
             "block_fraction": self.block_fraction,
             "blocks_computed": self.blocks_computed,
             "uncached_blocks": self.uncached_blocks,
@@ -821,12 +829,20 @@ def format_markdown(result: BenchResult) -> str:
         f"| uncached | | {result.baseline_seconds:.2f} | 1.00x | 1.00x | 1.000 | - | inf | 1.0000 |",
     ]
     for e in result.entries:
+        noise = " (noise)" if e.timing_noise else ""
         lines.append(
-            f"| {e.label} | {e.params} | {e.seconds:.2f} | {_fmt(e.speedup, '.2f', 'x')} | "
+            f"| {e.label} | {e.params} | {e.seconds:.2f} | {_fmt(e.speedup, '.2f', 'x')}{noise} | "
             f"{_fmt(e.ideal_speedup, '.2f', 'x')} | {_fmt(e.block_fraction, '.3f')} | {_reused_text(e)} | "
             f"{_fmt(e.psnr_mean, '.2f')} / {_fmt(e.psnr_min, '.2f')} | "
             f"{_fmt(e.ssim_mean, '.4f')} / {_fmt(e.ssim_min, '.4f')} |"
         )
+    noisy = [e for e in result.entries if e.timing_noise]
+    if noisy:
+        lines += ["", (
+            f"(noise): {len(noisy)} row(s) measured a speedup above the ideal one, which skipping blocks cannot give: "
+            f"timing noise of the median of {info['repeats']} repeat(s). Rerun with more --repeats, or --threads 1 "
+            "on a CPU shared with other processes."
+        )]
     if any(e.lpips is not None for e in result.entries):
         lines += ["", "LPIPS mean / max: " + "; ".join(
             f"{e.label} {e.params}: {np.mean(e.lpips):.4f} / {max(e.lpips):.4f}" for e in result.entries if e.lpips

@@ -12,7 +12,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -146,7 +148,15 @@ def _json_argument(flag: str, text: str, what: str):
     try:
         return json.loads(text)
     except (ValueError, RecursionError) as error:  # JSONDecodeError, too many digits, nested too deeply
+        if not source and _looks_like_a_path(text):
+            raise ValueError(f"{flag}: no such file {text!r} (give {what} inline, or the path of a JSON file)") from None
         raise ValueError(f"{flag}{source} is neither {what} nor a readable JSON file: {error}") from None
+
+
+def _looks_like_a_path(text: str) -> bool:
+    """Whether an option value that is not JSON was meant as a file name (``x.json``, ``dir/x``), not inline JSON."""
+    text = text.strip()
+    return bool(text) and text[0] not in "{[\"" and (text.lower().endswith(".json") or os.sep in text or "/" in text)
 
 
 def _device_and_dtype(device: str | None, dtype: str | None):
@@ -222,31 +232,63 @@ def check_output_dir(flag: str, directory: str, describe: str | None = None) -> 
         with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as error:
-        raise ValueError(f"{flag} {what!r}: the folder {existing!r} is not writable ({error.strerror or error})") from None
+        reason = error.strerror or error
+        wanted = os.path.abspath(directory)
+        if wanted != existing:  # name the missing folder first: it is what the user typed
+            raise ValueError(
+                f"{flag} {what!r}: the folder {wanted!r} does not exist and cannot be created ({existing!r} is not "
+                f"writable: {reason})"
+            ) from None
+        raise ValueError(f"{flag} {what!r}: the folder {existing!r} is not writable ({reason})") from None
+
+
+def _check_call_value(label: str, name: str, value: Any) -> None:
+    """One sampling argument of the pipeline call (``name``), from an option or a ``generation_defaults.json``;
+    ``label`` names where it came from (``--steps``, or the file and key).
+
+    Raises:
+        ValueError: naming ``label`` and the valid range.
+    """
+    from ..validation import MAX_STEPS
+
+    if name in ("num_inference_steps", "height", "width", "max_sequence_length"):
+        high = MAX_STEPS if name == "num_inference_steps" else None
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1 or (high is not None and value > high):
+            bounds = f"in [1, {high}]" if high is not None else ">= 1"
+            unit = " (pixels)" if name in ("height", "width") else ""
+            raise ValueError(f"{label} must be an integer {bounds}{unit}, got {value!r}")
+    elif name in ("true_cfg_scale", "guidance_scale"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{label} must be a finite number, got {value!r}")
+    elif name == "negative_prompt":
+        if not isinstance(value, str) and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            raise ValueError(f"{label} must be a string or a list of strings, got {value!r}")
 
 
 def _check_sampling_args(args: argparse.Namespace) -> None:
-    """The numeric sampling options, checked before anything is loaded; ``ValueError`` naming the option."""
-    if getattr(args, "steps", None) is not None and args.steps < 1:
-        raise ValueError(f"--steps must be an integer >= 1, got {args.steps}")
-    for name in ("height", "width"):
-        value = getattr(args, name, None)
-        if value is not None and value < 1:
-            raise ValueError(f"--{name} must be a positive number of pixels, got {value}")
+    """The sampling options, checked before anything is loaded; ``ValueError`` naming the option."""
+    for dest, name in SAMPLING_OPTIONS.items():
+        value = getattr(args, dest, None)
+        if value is not None:
+            _check_call_value("--" + dest.replace("_", "-"), name, value)
 
 
-def _check_size_for(pipe, args: argparse.Namespace) -> None:
-    """``--height`` / ``--width`` against the pipeline's size granularity (twice the VAE scale factor)."""
+def _check_size_for(pipe, values: dict[str, tuple[str, Any]]) -> None:
+    """Height and width against the pipeline's size granularity (twice the VAE scale factor): the pipelines would
+    silently round another size down. ``values``: ``{"height": (label, value), ...}`` as given."""
     scale = getattr(pipe, "vae_scale_factor", None)
     if not isinstance(scale, int) or scale < 1:
         return
     multiple = 2 * scale
     for name in ("height", "width"):
-        value = getattr(args, name, None)
-        if value is not None and value < multiple:
+        if name not in values:
+            continue
+        label, value = values[name]
+        if value % multiple:
+            lower, upper = max(multiple, value - value % multiple), value - value % multiple + multiple
             raise ValueError(
-                f"--{name} must be at least {multiple} pixels for {type(pipe).__name__} (sizes are multiples of "
-                f"{multiple}), got {value}"
+                f"{label} must be a multiple of {multiple} pixels for {type(pipe).__name__}, got {value} "
+                f"(nearest: {lower} or {upper})"
             )
 
 
@@ -268,13 +310,28 @@ def _quiet_loading() -> None:
 
 
 def _check_model(model: str) -> None:
-    """Raises ``ValueError`` naming ``--model`` for a local-looking path that does not exist (no Hub lookup)."""
-    from ..hub import check_local_path
+    """``--model`` before anything is loaded: a diffusers directory (it has ``model_index.json``), or a Hub id the
+    Hub can serve (cached, or the Hub reachable within seconds).
 
+    Raises:
+        ValueError: naming ``--model``, for a local-looking path that does not exist, a folder or file that is not a
+            diffusers model directory, or a Hub id while offline or with the Hub out of reach.
+    """
+    from ..hub import check_local_path, hub_unavailable_reason
+
+    if os.path.isdir(model):
+        if not os.path.isfile(os.path.join(model, "model_index.json")):
+            raise ValueError(f"--model {model!r} is not a diffusers model directory: it has no model_index.json")
+        return
+    if os.path.exists(model):
+        raise ValueError(f"--model {model!r} is a file; give a diffusers model directory or a Hub id")
     try:
         check_local_path(model)
     except FileNotFoundError as error:
         raise ValueError(f"--model: {error}") from None
+    reason = hub_unavailable_reason(model)
+    if reason is not None:
+        raise ValueError(f"--model {model!r} is not a local directory, and as a Hub id it cannot be loaded: {reason}")
 
 
 def _pipeline_class_for(model: str):
@@ -318,16 +375,29 @@ NOT_DEFAULTS = ("prompt", "generator", "latents", "callback_on_step_end", "outpu
 """Call arguments a ``generation_defaults.json`` may not set (per-call values, or what the command line decides)."""
 
 
-def _generation_defaults(pipeline_class: type, model: str | None) -> dict[str, Any]:
-    """The model directory's ``generation_defaults.json`` (``{}`` without one), checked against ``pipeline_class``.
+def _checked_generation_defaults(model: str | None) -> tuple[dict[str, Any], str | None]:
+    """``(defaults, file)``: the model directory's ``generation_defaults.json`` (``({}, None)`` without one), its
+    values checked as the matching options are (no torch is imported).
 
     Raises:
-        ValueError: naming the file, when it is not a JSON object or sets an argument the pipeline's ``__call__``
-            does not take (or one of :data:`NOT_DEFAULTS`).
+        ValueError: naming the file and the key, for a value the matching option would refuse.
     """
     from ..hub import load_generation_defaults
 
     defaults, source = load_generation_defaults(model) if model is not None else ({}, None)
+    for name, value in defaults.items():
+        _check_call_value(f"{source}: {name!r}", name, value)
+    return defaults, source
+
+
+def _generation_defaults(pipeline_class: type, model: str | None) -> dict[str, Any]:
+    """The model directory's ``generation_defaults.json`` (``{}`` without one), checked against ``pipeline_class``.
+
+    Raises:
+        ValueError: naming the file, when it is not a JSON object, holds a value the matching option would refuse,
+            or sets an argument the pipeline's ``__call__`` does not take (or one of :data:`NOT_DEFAULTS`).
+    """
+    defaults, source = _checked_generation_defaults(model)
     accepted = _call_parameters(pipeline_class) - set(NOT_DEFAULTS) - {"self"}
     for name in defaults:
         if name not in accepted:
@@ -346,17 +416,19 @@ def _sampling_kwargs(pipe, args: argparse.Namespace, seed: int, num_prompts: int
     Raises:
         ValueError: for an option (or, naming the file, a default) the pipeline's ``__call__`` does not take.
     """
-    _check_size_for(pipe, args)
     accepted = _call_parameters(type(pipe))
     kwargs = dict(_generation_defaults(type(pipe), args.model))
+    _, source = _checked_generation_defaults(args.model)
+    labels = {name: (f"{source}: {name!r}", value) for name, value in kwargs.items()}
     for dest, name in SAMPLING_OPTIONS.items():
         value = getattr(args, dest, None)
         if value is None:
             continue
+        flag = "--" + dest.replace("_", "-")
         if name not in accepted:
-            flag = "--" + dest.replace("_", "-")
             raise ValueError(f"{flag} is not an argument of {type(pipe).__name__} (from {args.model})")
-        kwargs[name] = value
+        kwargs[name], labels[name] = value, (flag, value)
+    _check_size_for(pipe, labels)
     if isinstance(kwargs.get("negative_prompt"), str) and num_prompts > 1:
         kwargs["negative_prompt"] = [kwargs["negative_prompt"]] * num_prompts
     kwargs["generator"] = make_generator(pipe.device.type, seed)
@@ -394,9 +466,9 @@ def with_saved_calibration(config, saved):
 
 
 def _load_pipeline(args: argparse.Namespace, cache_config):
+    """The cached pipeline of ``--model`` (checked with :func:`_check_model` by the caller, before any other work)."""
     from ..hub import load_cache_config
 
-    _check_model(args.model)
     device, dtype = _device_and_dtype(args.device, args.dtype)
     pipeline_class = _pipeline_class_for(args.model)
     _generation_defaults(pipeline_class, args.model)  # a bad file fails before any weight is loaded
@@ -412,10 +484,14 @@ def _load_pipeline(args: argparse.Namespace, cache_config):
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    _check_threads(args)
     _check_sampling_args(args)
     check_output_file("--output", args.output, image=True)
-    _device_and_dtype(args.device, args.dtype)
     config = cache_config_from_args(args)
+    _set_threads(args)
+    _device_and_dtype(args.device, args.dtype)
+    _check_model(args.model)  # after the options: they are quicker to fix, and a Hub id may take seconds
+    _checked_generation_defaults(args.model)
     rank = 0
     if args.cfg_parallel or args.ulysses_degree != 1:  # under torchrun: join the group before loading (device)
         from ..multi_gpu import cfg_degree_of, init_distributed, parallelize
@@ -430,7 +506,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     kwargs = {"prompt": args.prompt, **_sampling_kwargs(pipe, args, args.seed, num_prompts=len(args.prompt))}
     output, seconds = timed_call(pipe, **kwargs)
     if rank != 0:  # every rank returns the same images; rank 0 writes them. Each rank's stats are its branches'.
-        print(f"rank {rank}: {pipe.cache_stats.summary() if pipe.cache_config is not None else 'cache: none'}")
+        print(f"rank {rank}: {pipe.cache_stats.summary()}")
         return 0
     paths = _output_paths(args.output, len(output.images))
     for image, path in zip(output.images, paths):
@@ -438,28 +514,79 @@ def cmd_generate(args: argparse.Namespace) -> int:
         image.save(path)
     print(f"wrote {', '.join(paths)}")
     print(f"wall time: {seconds:.2f} s ({_call_value(pipe, kwargs, 'num_inference_steps')} steps)")
-    print(pipe.cache_stats.summary() if pipe.cache_config is not None else "cache: none")
+    print(pipe.cache_stats.summary())
     return 0
 
 
 # -- calibrate -------------------------------------------------------------------------------------------------------
+def _shipped_models_folder() -> str:
+    """The installed package's folder of shipped models (``cached_diffusers/assets``), resolved."""
+    return os.path.realpath(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets"))
+
+
+def _check_calibration_output(path: str, overwrite: bool) -> None:
+    """A file ``calibrate`` is about to write: never inside the shipped models, never an existing file unless
+    ``--overwrite`` (which keeps the old one as ``.bak``, see :func:`_write_json`).
+
+    Raises:
+        ValueError: naming ``--output`` and the path.
+    """
+    shipped = _shipped_models_folder()
+    if os.path.commonpath([os.path.realpath(path), shipped]) == shipped:
+        raise ValueError(
+            f"--output {path!r} is inside the installed package's shipped models ({shipped}), which calibrate never "
+            "changes: give --output a path elsewhere"
+        )
+    check_output_file("--output", path)
+    if os.path.exists(path) and not overwrite:
+        raise ValueError(
+            f"--output {path!r} exists: pass --overwrite to replace it (the old file is kept as {path}.bak), "
+            "or give another --output"
+        )
+
+
+def _keep_backup(path: str) -> None:
+    """Copy an existing file (one ``--overwrite`` lets calibrate replace) to ``path.bak``."""
+    if os.path.exists(path):
+        shutil.copy2(path, path + ".bak")
+
+
+def _write_json(path: str, data: Any) -> None:
+    """Write ``data`` as indented JSON, after :func:`_keep_backup`."""
+    _keep_backup(path)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+
+
+def _default_output(args: argparse.Namespace) -> str:
+    return args.output or (
+        os.path.join(args.model, "cache_config.json") if os.path.isdir(args.model) else "cache_config.json"
+    )
+
+
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from ..calibration import fit_teacache, teacache_pairs
     from ..configs import MagCacheConfig, TeaCacheConfig
-    from .tiny import DEFAULT_PROMPTS
 
     method = args.method
+    _check_threads(args)
     if method in ("lemica", "meancache"):
         return _calibrate_schedule(args)
-    if args.budget is not None or args.error_matrix is not None:
-        raise ValueError(f"--budget and --error-matrix are for --method lemica or meancache, not {method}")
+    given = [flag for flag, value in (("--budget", args.budget), ("--strength", args.strength),
+                                      ("--error-matrix", args.error_matrix)) if value is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)}: for --method lemica or meancache only, not {method}")
     _check_sampling_args(args)
-    output = args.output or (
-        os.path.join(args.model, "cache_config.json") if os.path.isdir(args.model) else "cache_config.json"
-    )
+    output = _default_output(args)
     provenance = os.path.splitext(output)[0] + ".calibration.json"
-    check_output_file("--output", output)
-    check_output_file("--output", provenance)
+    _check_calibration_output(output, args.overwrite)
+    _check_calibration_output(provenance, args.overwrite)
+    _check_model(args.model)
+    _checked_generation_defaults(args.model)
+    from .tiny import DEFAULT_PROMPTS  # torch, after every check
+
+    _set_threads(args)
     _device_and_dtype(args.device, args.dtype)
     calibration = TeaCacheConfig(calibrate=True) if method == "teacache" else MagCacheConfig(calibrate=True)
     pipe = _load_pipeline(args, calibration)
@@ -487,28 +614,49 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         for branch, values in ratios.items():
             print(f"MagCache ratios ({branch}): {list(values)}")
         quality = {}
-    with open(output, "w", encoding="utf-8") as f:
-        json.dump(config.to_dict(), f, indent=2)
-        f.write("\n")
-    with open(provenance, "w", encoding="utf-8") as f:
-        record = {
-            "model": args.model, "method": method, "prompts": prompts, **settings, "seed": args.seed,
-            "fit": quality, "date": time.strftime("%Y-%m-%d"), "calibrated_with": "cached-diffusers calibrate",
-        }
-        json.dump(record, f, indent=2)
-        f.write("\n")
+    _write_json(output, config.to_dict())
+    _write_json(provenance, {
+        "model": args.model, "method": method, "prompts": prompts, **settings, "seed": args.seed,
+        "fit": quality, "date": time.strftime("%Y-%m-%d"), "calibrated_with": "cached-diffusers calibrate",
+    })
     print(f"wrote {output} (and its provenance, {provenance})")
     return 0
 
 
 def _schedule_outputs(args: argparse.Namespace, budgets: list[int]) -> tuple[dict[int, str], str, str]:
     """``({budget: cache config path}, error matrix path, provenance path)`` of a planned-schedule calibration."""
-    output = args.output or (
-        os.path.join(args.model, "cache_config.json") if os.path.isdir(args.model) else "cache_config.json"
-    )
+    output = _default_output(args)
     stem, ext = os.path.splitext(output)
     configs = {b: output for b in budgets} if len(budgets) == 1 else {b: f"{stem}-b{b}{ext or '.json'}" for b in budgets}
     return configs, f"{stem}.error_matrix.json", f"{stem}.calibration.json"
+
+
+def first_executed_step(num_steps: int, strength: float | None) -> int:
+    """The first step that runs at ``strength`` (``None``: 1) of an ``num_steps`` schedule, as diffusers' img2img and
+    inpaint pipelines compute it (``get_timesteps``: ``t_start = int(max(N - min(N * strength, N), 0))``)."""
+    if strength is None:
+        return 0
+    return int(max(num_steps - min(num_steps * strength, num_steps), 0))
+
+
+def _check_budgets(budgets: list[int], num_steps: int, source: str, strength: float | None = None) -> None:
+    """``--budget`` values against the steps that run (``ValueError`` naming the step count and where it came from)."""
+    executed = num_steps - first_executed_step(num_steps, strength)
+    where = f"{source}" if strength is None else f"the steps run at --strength {strength:g} of {num_steps}, {source}"
+    if executed < 2:
+        raise ValueError(f"--strength {strength:g} runs {executed} of {num_steps} steps: a schedule needs at least 2")
+    for b in budgets:
+        if not 2 <= b <= executed:
+            raise ValueError(f"--budget must be in [2, {executed}] ({where}), got {b}")
+
+
+def _plan_for_strength(errors, budgets: list[int], first: int) -> dict[int, list[int]]:
+    """``{budget: computed steps}``: the lexicographic-minimax plan over the executed steps ``first .. N-1`` (the
+    error matrix's lower right block), with step 0 in front when ``first > 0`` (never executed; configs start at 0)."""
+    from ..schedules import solve_budgets
+
+    solved = solve_budgets(errors[first:, first:], budgets)
+    return {b: ([0] if first else []) + [first + s for s in steps] for b, steps in solved.items()}
 
 
 def _calibrate_schedule(args: argparse.Namespace) -> int:
@@ -516,17 +664,25 @@ def _calibrate_schedule(args: argparse.Namespace) -> int:
     config per budget, the matrix and the provenance (see :mod:`cached_diffusers.calibration_schedules`)."""
     from ..calibration_schedules import choose_meancache_windows, load_error_matrix, measure_edge_errors, save_error_matrix
     from ..configs import LeMiCaConfig, MeanCacheConfig
-    from ..schedules import path_costs, solve_budgets
-    from .tiny import DEFAULT_PROMPTS
+    from ..schedules import path_costs
 
     method = args.method
     budgets = sorted(set(args.budget or ()), reverse=True)
     if not budgets:
         raise ValueError(f"--method {method} needs --budget B [B ...]: the computed steps per schedule (e.g. 25 17 10)")
+    if args.strength is not None and not (math.isfinite(args.strength) and 0 < args.strength <= 1):
+        raise ValueError(f"--strength must be a number in (0, 1], got {args.strength:g}")
     _check_sampling_args(args)
     configs, matrix_path, provenance_path = _schedule_outputs(args, budgets)
-    for path in (*configs.values(), provenance_path, matrix_path):
-        check_output_file("--output", path)
+    for path in (*configs.values(), provenance_path, *(() if args.error_matrix else (matrix_path,))):
+        _check_calibration_output(path, args.overwrite)
+    if args.error_matrix is None or method == "meancache":  # these load the model
+        _check_model(args.model)
+    if args.error_matrix is None:
+        defaults, source = _checked_generation_defaults(args.model)
+        known = (args.steps, "--steps") if args.steps is not None else (defaults.get("num_inference_steps"), source)
+        if known[0] is not None:  # the budgets, before torch is imported and the model loaded
+            _check_budgets(budgets, known[0], f"num_inference_steps, from {known[1]}", args.strength)
     os.makedirs(os.path.dirname(os.path.abspath(provenance_path)), exist_ok=True)
     loaded = None
     if args.error_matrix is not None:
@@ -534,14 +690,16 @@ def _calibrate_schedule(args: argparse.Namespace) -> int:
         num_steps = errors.shape[0]
         if args.steps is not None and args.steps != num_steps:
             raise ValueError(f"--steps {args.steps} differs from the {num_steps} steps of --error-matrix {args.error_matrix}")
-        for b in budgets:
-            if not 2 <= b <= num_steps:
-                raise ValueError(f"--budget must be in [2, {num_steps}] (num_inference_steps), got {b}")
-        solved = solve_budgets(errors, budgets)  # fails before any model is loaded
-    prompts = args.prompt or list(DEFAULT_PROMPTS)
+        _check_budgets(budgets, num_steps, f"num_inference_steps, from --error-matrix {args.error_matrix}", args.strength)
+        first = first_executed_step(num_steps, args.strength)
+        solved = _plan_for_strength(errors, budgets, first)  # fails before any model is loaded
     say = (lambda line: None) if args.quiet else print
     pipe = None
-    if loaded is None or method == "meancache":
+    if loaded is None or method == "meancache":  # runs the model (torch, after every check)
+        from .tiny import DEFAULT_PROMPTS
+
+        prompts = args.prompt or list(DEFAULT_PROMPTS)
+        _set_threads(args)
         _device_and_dtype(args.device, args.dtype)
         pipe = _load_pipeline(args, None)
         kwargs = _sampling_kwargs(pipe, args, args.seed)
@@ -549,9 +707,7 @@ def _calibrate_schedule(args: argparse.Namespace) -> int:
         if loaded is None:
             num_steps = int(_call_value(pipe, kwargs, "num_inference_steps"))
         kwargs.pop("num_inference_steps", None)
-        for b in budgets:
-            if not 2 <= b <= num_steps:
-                raise ValueError(f"--budget must be in [2, {num_steps}] (num_inference_steps), got {b}")
+        _check_budgets(budgets, num_steps, "num_inference_steps", args.strength)
         settings = {name: _call_value(pipe, {**kwargs, "num_inference_steps": num_steps}, name)
                     for name in SAMPLING_OPTIONS.values()}
     if loaded is None:
@@ -563,17 +719,21 @@ def _calibrate_schedule(args: argparse.Namespace) -> int:
             "metric": "relative L1 of the final latents against the uncached run, mean over prompts",
             "date": time.strftime("%Y-%m-%d"),
         }
+        _keep_backup(matrix_path)
         save_error_matrix(matrix_path, errors, provenance)
-        solved = solve_budgets(errors, budgets)
+        first = first_executed_step(num_steps, args.strength)
+        solved = _plan_for_strength(errors, budgets, first)
     else:
         provenance = loaded
         matrix_path = args.error_matrix
     record = {"model": args.model, "method": method, "error_matrix": matrix_path, "budgets": {},
+              "strength": args.strength, "first_executed_step": first,
               "date": time.strftime("%Y-%m-%d"), "calibrated_with": "cached-diffusers calibrate",
               "matrix_provenance": {k: v for k, v in provenance.items() if k != "schema"}}
     for b in budgets:
         steps = solved[b]
-        entry = {"computed_steps": steps, "sorted_edge_errors": list(path_costs(errors, steps))}
+        executed = [s for s in steps if s >= first]  # the plan's edges that run
+        entry = {"computed_steps": steps, "sorted_edge_errors": list(path_costs(errors, executed))}
         if method == "lemica":
             config = LeMiCaConfig(computed_steps=steps, num_inference_steps=num_steps)
         else:
@@ -582,14 +742,10 @@ def _calibrate_schedule(args: argparse.Namespace) -> int:
             )
             config = MeanCacheConfig(computed_steps=steps, num_inference_steps=num_steps, windows=windows)
             entry.update(windows=list(windows), final_latent_error=error, final_latent_error_windows_1=plain)
-        with open(configs[b], "w", encoding="utf-8") as f:
-            json.dump(config.to_dict(), f, indent=2)
-            f.write("\n")
+        _write_json(configs[b], config.to_dict())
         record["budgets"][str(b)] = {"cache_config": configs[b], **entry}
         print(f"{method} B={b}: computed steps {steps}; largest edge error {entry['sorted_edge_errors'][0]:.4g}")
-    with open(provenance_path, "w", encoding="utf-8") as f:
-        json.dump(record, f, indent=2)
-        f.write("\n")
+    _write_json(provenance_path, record)
     print(f"wrote {', '.join(configs[b] for b in budgets)}, {matrix_path} and {provenance_path}")
     return 0
 
@@ -612,9 +768,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise ValueError("demo compares a cached run with an uncached one: choose a --cache method other than 'none'")
     if args.repeats < 1:
         raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
-    if args.threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {args.threads}")
-    torch.set_num_threads(args.threads)
+    _set_threads(args)
     if args.quiet:
         _quiet_loading()
     pipe = load_reference_pipeline()
@@ -735,12 +889,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             if m not in BUDGET_METHODS:
                 raise ValueError(f"--methods {m}: not tunable to a budget; valid with --equal-budget: {', '.join(BUDGET_METHODS)}")
     calibrated = [_load_config_file("--calibrated", path) for path in args.calibrated or ()]
-    if args.threads is not None:
-        import torch
-
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    _set_threads(args)
     device, dtype = _device_and_dtype(args.device, args.dtype)
     args = argparse.Namespace(**vars(args))
     if args.quiet:
@@ -829,11 +978,43 @@ def _add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+THREADS_HELP = (
+    "torch CPU threads (default: {default}); on a CPU shared with other processes, 1 avoids stalls of seconds and "
+    "is often the fastest"
+)
+
+
+def _run_options(default_threads: int | None) -> argparse.ArgumentParser:
+    """The options every command shares (a parent parser): ``--threads`` (with this command's default), ``--debug``."""
+    shared = argparse.ArgumentParser(add_help=False)
+    default = "torch's, one per core" if default_threads is None else f"{default_threads}, stable timings on a shared CPU"
+    shared.add_argument("--threads", type=int, default=default_threads, help=THREADS_HELP.format(default=default))
+    shared.add_argument("--debug", action="store_true", help="on an error, show the Python traceback")
+    return shared
+
+
+def _check_threads(args: argparse.Namespace) -> None:
+    """``--threads`` before any work (``ValueError`` naming it)."""
+    if args.threads is not None and (isinstance(args.threads, bool) or args.threads < 1):
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+
+
+def _set_threads(args: argparse.Namespace) -> None:
+    """Apply ``--threads`` to torch (after :func:`_check_threads`; nothing when not given)."""
+    _check_threads(args)
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cached-diffusers", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
-    generate = commands.add_parser("generate", help="generate images with a cached pipeline")
+    generate = commands.add_parser(
+        "generate", help="generate images with a cached pipeline", parents=[_run_options(default_threads=None)]
+    )
     generate.add_argument(
         "--model", required=True,
         help="diffusers pipeline directory or Hub id (e.g. Qwen/Qwen-Image, or a shipped reference model: "
@@ -859,13 +1040,21 @@ def build_parser() -> argparse.ArgumentParser:
     generate.set_defaults(func=cmd_generate)
 
     calibrate = commands.add_parser(
-        "calibrate", help="fit TeaCache coefficients or MagCache ratios on uncached runs and save a cache config"
+        "calibrate",
+        help="fit TeaCache coefficients or MagCache ratios, or plan LeMiCa / MeanCache schedules, on uncached runs, "
+        "and save the cache config(s)",
+        parents=[_run_options(default_threads=None)],
     )
     calibrate.add_argument("--model", required=True, help="diffusers directory or Hub id")
     calibrate.add_argument("--method", choices=("teacache", "magcache", "lemica", "meancache"), default="teacache")
     calibrate.add_argument(
         "--budget", type=int, nargs="+", default=None,
         help="lemica/meancache: computed steps per schedule, first and last included (e.g. --budget 25 17 10)",
+    )
+    calibrate.add_argument(
+        "--strength", type=float, default=None,
+        help="lemica/meancache: plan for img2img / inpaint at this strength in (0, 1]: the budget counts the steps "
+        "that run (the first executed one and those after it), not the full schedule's (default: 1, text-to-image)",
     )
     calibrate.add_argument("--max-span", type=int, default=8, help="lemica/meancache: longest DAG edge measured, in steps (default: 8)")
     calibrate.add_argument(
@@ -884,11 +1073,22 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--mag-threshold", type=float, default=0.06, help="MagCache threshold written with the ratios (default: 0.06)")
     calibrate.add_argument("--device", default=None)
     calibrate.add_argument("--dtype", default=None)
-    calibrate.add_argument("--output", default=None, help="cache config path (default: <model>/cache_config.json for a directory)")
+    calibrate.add_argument(
+        "--output", default=None,
+        help="cache config path (default: <model>/cache_config.json for a directory; never inside the installed "
+        "package's shipped models)",
+    )
+    calibrate.add_argument(
+        "--overwrite", action="store_true",
+        help="replace files that exist (each old one is kept as FILE.bak); without it, an existing file is an error",
+    )
     calibrate.add_argument("--quiet", action="store_true", help="no progress bar")
     calibrate.set_defaults(func=cmd_calibrate)
 
-    demo = commands.add_parser("demo", help="cached vs uncached on the embedded default model (no download)")
+    demo = commands.add_parser(
+        "demo", help="cached vs uncached on the embedded default model (no download)",
+        parents=[_run_options(default_threads=1)],
+    )
     demo.add_argument("--prompt", action="append", default=None, help="text prompt (repeat for several)")
     demo.add_argument("--steps", type=int, default=None, help="num_inference_steps (default: 20, the model's)")
     demo.add_argument("--height", type=int, default=None, help="image height in pixels (default: 32, the model's)")
@@ -896,14 +1096,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--true-cfg-scale", type=float, default=None, help="true CFG scale (default: 4.0, the model's)")
     demo.add_argument("--repeats", type=int, default=5, help="timed rounds, uncached and cached interleaved; the median counts (default: 5)")
-    demo.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1, stable timings on a shared CPU)")
     demo.add_argument("--output", default="demo.png", help="side-by-side PNG (default: demo.png)")
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_cache_arguments(demo, default_method="teacache")
     demo.set_defaults(func=cmd_demo)
 
     bench = commands.add_parser(
-        "bench", help="sweep cache methods and thresholds against uncached: time, work, PSNR/SSIM, Pareto plot"
+        "bench", help="sweep cache methods and thresholds against uncached: time, work, PSNR/SSIM, Pareto plot",
+        parents=[_run_options(default_threads=None)],
     )
     bench.add_argument("--model", default=None, help="diffusers directory or Hub id (default: the embedded reference model)")
     bench.add_argument("--prompt", action="append", default=None, help="prompt (repeat; default: 4 captions of the reference model)")
@@ -932,14 +1132,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--output-dir", default="bench", help="where results.json, results.md and pareto.png go (default: bench/)")
     bench.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     bench.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bfloat16 on GPU)")
-    bench.add_argument(
-        "--threads", type=int, default=None,
-        help="torch CPU threads (default: torch's); 1 avoids stalls when other processes share the cores",
-    )
     bench.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     bench.set_defaults(func=cmd_bench)
-    for command in (generate, calibrate, demo, bench):
-        command.add_argument("--debug", action="store_true", help="on an error, show the Python traceback")
     return parser
 
 
@@ -956,6 +1150,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     exception (the run failed: a model directory that does not load, an error while generating) with 1. ``--debug``
     raises instead, with the traceback.
     """
+    for stream in (sys.stdout, sys.stderr):  # a path or prompt the terminal cannot encode must not fail the run
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            reconfigure(errors="backslashreplace")
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -1,19 +1,20 @@
 """Image helpers for the command line and benchmarks: fidelity metrics and side-by-side sheets.
 
-The metrics use scikit-image and the plots matplotlib, which the ``bench`` extra installs
-(``pip install "cached-diffusers[bench]"``); without them these helpers raise :class:`MissingExtraError`.
+The metrics use scikit-image and the plots matplotlib, which the ``bench`` extra installs (from a clone of the
+repository, ``pip install -e ".[bench]"`` in its root); without them these helpers raise :class:`MissingExtraError`.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 from types import ModuleType
 from typing import Sequence
 
 import numpy as np
 from PIL import Image
 
-__all__ = ["MissingExtraError", "psnr", "require_extra", "side_by_side", "ssim", "to_uint8"]
+__all__ = ["MissingExtraError", "install_command", "psnr", "require_extra", "side_by_side", "source_checkout", "ssim", "to_uint8"]
 
 
 class MissingExtraError(ImportError):
@@ -24,15 +25,30 @@ def require_extra(module: str, package: str, extra: str = "bench") -> ModuleType
     """``importlib.import_module(module)``, or a :class:`MissingExtraError` saying how to install it.
 
     Raises:
-        MissingExtraError: naming ``package`` and the ``pip install "cached-diffusers[<extra>]"`` that brings it.
+        MissingExtraError: naming ``package`` and the command that installs it (see :func:`install_command`).
     """
     try:
         return importlib.import_module(module)
     except ImportError:
         raise MissingExtraError(
-            f"{package} is not installed: fidelity metrics and plots need the {extra!r} extra, "
-            f'pip install "cached-diffusers[{extra}]"'
+            f"{package} is not installed: fidelity metrics and plots need the {extra!r} extra: "
+            f"{install_command(package, extra)}"
         ) from None
+
+
+def source_checkout() -> str | None:
+    """The repository root when the package runs from a clone (its ``setup.py`` beside the package), else ``None``."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    return root if os.path.isfile(os.path.join(root, "setup.py")) else None
+
+
+def install_command(package: str, extra: str) -> str:
+    """How to install ``package`` of ``extra``: from a clone, the extra of the editable install (the package is not
+    on an index); else the package itself."""
+    root = source_checkout()
+    if root is not None:
+        return f'pip install -e ".[{extra}]" (in {root})'
+    return f"pip install {package}"
 
 
 def to_uint8(image: Image.Image | np.ndarray) -> np.ndarray:
