@@ -38,7 +38,13 @@ from .engine import BlockStack, CacheEngine
 from .spec import ModelCacheSpec
 from .stats import CacheStats
 
-__all__ = ["CachedTransformerMixin", "MirroredForward", "diffusers_parent", "mirrored_forward_mismatch"]
+__all__ = [
+    "CachedTransformerMixin",
+    "MirroredForward",
+    "diffusers_parent",
+    "mirrored_forward_mismatch",
+    "property_keeping_cause",
+]
 
 
 def diffusers_parent(cls: type, mixin: type) -> type:
@@ -99,6 +105,34 @@ def mirrored_forward_mismatch(cls: type) -> str | None:
     )
 
 
+_NOT_OURS = object()
+
+
+@functools.lru_cache(maxsize=None)
+def _family_property(cls: type, name: str, mixin: type) -> property | None:
+    """The property ``name`` of ``cls`` when a class of ``mixin``'s family defines it (else ``None``)."""
+    klass = next((k for k in cls.__mro__ if name in k.__dict__), None)
+    attribute = klass.__dict__[name] if klass is not None else None
+    return attribute if isinstance(attribute, property) and issubclass(klass, mixin) else None
+
+
+def property_keeping_cause(obj: Any, name: str, mixin: type) -> Any:
+    """For ``__getattr__``: the value of ``obj``'s property ``name`` when one of ``mixin``'s family defines it, else
+    ``_NOT_OURS``.
+
+    Python calls ``__getattr__`` when a property's getter raised ``AttributeError``, and the error it then reports
+    ("object has no attribute 'cache_engine'") hides the real one; the getter is run once more here, and an
+    ``AttributeError`` it raises becomes a ``RuntimeError`` naming the property, with the original as its cause.
+    """
+    prop = _family_property(type(obj), name, mixin)
+    if prop is None:
+        return _NOT_OURS
+    try:
+        return prop.__get__(obj, type(obj))
+    except AttributeError as error:
+        raise RuntimeError(f"{type(obj).__name__}.{name} failed: AttributeError: {error}") from error
+
+
 _WARNED_MIRRORS: set[type] = set()
 
 _CALL_ROUTES: contextvars.ContextVar[dict[int, Callable[..., Any]]] = contextvars.ContextVar(
@@ -121,6 +155,31 @@ class CachedTransformerMixin:
 
     cache_spec: ClassVar[ModelCacheSpec] = ModelCacheSpec()
     mirrored_forward: ClassVar[MirroredForward | None] = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # The engine is created with the model (its constructor, `from_base`, a copy), never on first use inside a
+        # forward that TorchDynamo traces (`torch.compile(fullgraph=True)` cannot trace the engine's lock). The
+        # parent's constructor keeps its signature (`functools.wraps`), which diffusers reads to build configs.
+        super().__init_subclass__(**kwargs)
+        init = cls.__init__
+        if getattr(init, "_creates_cache_engine", False):
+            return
+
+        @functools.wraps(init)
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            init(self, *args, **kwargs)
+            if "_cache_engine" not in self.__dict__:
+                self.__dict__["_cache_engine"] = self._new_cache_engine()
+
+        __init__._creates_cache_engine = True
+        cls.__init__ = __init__
+
+    def __getattr__(self, name: str) -> Any:
+        # Python re-routes an AttributeError raised inside a property getter to `__getattr__`, whose own error
+        # ("object has no attribute 'cache_engine'") would hide the real one: for this class's properties, run the
+        # getter again and report what it raises, with its cause.
+        value = property_keeping_cause(self, name, CachedTransformerMixin)
+        return super().__getattr__(name) if value is _NOT_OURS else value
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         # A call routed by `route_calls` (CFG-parallel) goes to its route, which decides when and whether to run it;
@@ -177,15 +236,19 @@ class CachedTransformerMixin:
 
     @property
     def cache_engine(self) -> CacheEngine:
-        """This model's :class:`~cached_diffusers.engine.CacheEngine` (created on first use)."""
+        """This model's :class:`~cached_diffusers.engine.CacheEngine` (created with the model; a model whose
+        ``__dict__`` lost it, e.g. a shallow copy, gets a new one here)."""
         engine = self.__dict__.get("_cache_engine")
         if engine is None:
-            spec = self.cache_spec
-            if spec.model_name == ModelCacheSpec.model_name:
-                spec = dataclasses.replace(spec, model_name=type(self).__name__)
-            engine = CacheEngine(dataclasses.replace(spec, num_blocks=self.num_cache_blocks))
-            self.__dict__["_cache_engine"] = engine
+            engine = self.__dict__["_cache_engine"] = self._new_cache_engine()
         return engine
+
+    def _new_cache_engine(self) -> CacheEngine:
+        """A new engine (caching off) with this model's spec and block count."""
+        spec = self.cache_spec
+        if spec.model_name == ModelCacheSpec.model_name:
+            spec = dataclasses.replace(spec, model_name=type(self).__name__)
+        return CacheEngine(dataclasses.replace(spec, num_blocks=self.num_cache_blocks))
 
     @property
     def cache_config(self) -> CacheConfig | None:
@@ -310,6 +373,7 @@ class CachedTransformerMixin:
                 f"{cls.__name__} caches steps itself and would cache twice. Call `model.disable_cache()` first."
             )
         model.__class__ = cls
+        model.__dict__["_cache_engine"] = model._new_cache_engine()
         if "_old_forward" in model.__dict__:
             # accelerate's hooks (device_map, offloading) call the forward they wrapped: point it at ours.
             model._old_forward = cls.forward.__get__(model)
