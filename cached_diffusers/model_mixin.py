@@ -108,12 +108,22 @@ def mirrored_forward_mismatch(cls: type) -> str | None:
 _NOT_OURS = object()
 
 
-@functools.lru_cache(maxsize=None)
-def _family_property(cls: type, name: str, mixin: type) -> property | None:
-    """The property ``name`` of ``cls`` when a class of ``mixin``'s family defines it (else ``None``)."""
-    klass = next((k for k in cls.__mro__ if name in k.__dict__), None)
-    attribute = klass.__dict__[name] if klass is not None else None
-    return attribute if isinstance(attribute, property) and issubclass(klass, mixin) else None
+_FAMILY_PROPERTIES: dict[tuple[type, type], frozenset[str]] = {}
+
+
+def _family_properties(cls: type, mixin: type) -> frozenset[str]:
+    """Names of the properties that classes of ``mixin``'s family define on ``cls`` (memoised per class)."""
+    names = _FAMILY_PROPERTIES.get((cls, mixin))
+    if names is None:
+        found: set[str] = set()
+        for klass in reversed(cls.__mro__):  # the nearest definition wins
+            for name, attribute in vars(klass).items():
+                if isinstance(attribute, property) and issubclass(klass, mixin):
+                    found.add(name)
+                else:
+                    found.discard(name)
+        names = _FAMILY_PROPERTIES[(cls, mixin)] = frozenset(found)
+    return names
 
 
 def property_keeping_cause(obj: Any, name: str, mixin: type) -> Any:
@@ -124,11 +134,12 @@ def property_keeping_cause(obj: Any, name: str, mixin: type) -> Any:
     ("object has no attribute 'cache_engine'") hides the real one; the getter is run once more here, and an
     ``AttributeError`` it raises becomes a ``RuntimeError`` naming the property, with the original as its cause.
     """
-    prop = _family_property(type(obj), name, mixin)
-    if prop is None:
+    cls = type(obj)
+    if name not in _family_properties(cls, mixin):
         return _NOT_OURS
+    prop = next(vars(klass)[name] for klass in cls.__mro__ if name in vars(klass))
     try:
-        return prop.__get__(obj, type(obj))
+        return prop.__get__(obj, cls)
     except AttributeError as error:
         raise RuntimeError(f"{type(obj).__name__}.{name} failed: AttributeError: {error}") from error
 
