@@ -14,6 +14,8 @@ Working with the rest of the ecosystem:
   ``transformer.compile_repeated_blocks(fullgraph=True)`` (each block is one full graph, and the engine calls the
   compiled blocks on the steps it computes).
 * diffusers' own cache hooks (``enable_cache``) are refused: this class caches through ``cache_config``.
+* ``copy.deepcopy``, ``pickle`` and ``torch.save`` work as for the parent; the copy owns its cache state (see
+  :class:`~cached_diffusers.engine.CacheEngine`).
 * accelerate's offloading hooks (``enable_model_cpu_offload``, ``enable_sequential_cpu_offload``) and PEFT LoRA
   layers (``load_lora_weights``) wrap the modules the cached forward calls, so they work unchanged.
 """
@@ -351,10 +353,10 @@ class CachedTransformerMixin:
 
     def stock_view(self):
         """This model as an instance of its diffusers parent class, sharing its parameters, buffers and submodules
-        (no copy) but not its cache: e.g. ``QwenImagePipeline.from_pipe(cached_pipe,
-        transformer=cached_pipe.transformer.stock_view())`` (diffusers' ``from_pipe`` carries over only components of
-        exactly the annotated class). A module replaced later in one of the two (e.g. by LoRA loading) is seen by
-        both, as for any shared component; accelerate's offloading hooks are not carried over to the view.
+        (no copy) but not its cache: what diffusers' ``QwenImagePipeline.from_pipe(cached_pipe)`` gets (it carries
+        over only components of exactly the annotated class; see ``CachedPipelineMixin.components``). A module
+        replaced later in one of the two (e.g. by LoRA loading) is seen by both, as for any shared component;
+        accelerate's offloading hooks are not carried over to the view.
         """
         import copy
 
