@@ -95,10 +95,10 @@ class CachedPipelineMixin:
 
         Raises:
             FileNotFoundError: naming the path, when it looks local (not ``namespace/name``) and does not exist.
-            ValueError: for an invalid ``cache_config`` argument (before any weight is loaded); naming the file, for a ``cache_config.json`` that is
-                not a valid config (unknown method or field, coefficients of the wrong length, ...) or that the model
-                cannot run (e.g. TeaCache without coefficients on a model that has none, DBCache with more ``Fn + Bn``
-                blocks than the model has).
+            ValueError: for an invalid ``cache_config`` argument (before any weight is loaded); naming the file, for
+                a ``cache_config.json`` that is not a valid config (unknown method or field, coefficients of the wrong
+                length, ...) or that the model cannot run (e.g. TeaCache without coefficients on a model that has
+                none, DBCache with more ``Fn + Bn`` blocks than the model has).
         """
         check_local_path(pretrained_model_name_or_path)
         if "cache_config" in kwargs:
@@ -164,7 +164,8 @@ class CachedPipelineMixin:
 
         Raises:
             TypeError: for a transformer that is neither the cached transformer class nor its diffusers parent.
-            ValueError: when the pipeline's cache config cannot run on the new transformer (nothing is assigned).
+            ValueError: when the pipeline's cache config cannot run on the new transformer (it is converted, but
+                not assigned).
         """
         if name != "transformer" or not isinstance(value, torch.nn.Module):
             super().__setattr__(name, value)

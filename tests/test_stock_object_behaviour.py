@@ -45,7 +45,7 @@ TEACACHE = TeaCacheConfig(rel_l1_thresh=0.3)
 KLEIN_TEACACHE = TeaCacheConfig(rel_l1_thresh=0.3, coefficients=LINEAR)
 
 
-# -- tiny transformers of every family, and one forward of each ----------------------------------------------------------
+# -- tiny transformers of every family, and one forward of each ------------------------------------------------------
 def qwen_transformer(cls=CachedQwenImageTransformer2DModel):
     torch.manual_seed(0)
     return cls(**{**TRANSFORMER_CONFIG, "num_layers": 2}).eval()
@@ -73,7 +73,8 @@ def klein_transformer(cls=CachedFlux2Transformer2DModel):
 
 def klein_step(model, step, steps=STEPS):
     g = torch.Generator().manual_seed(0)
-    channels, text_dim = FLUX2_KLEIN_TRANSFORMER_CONFIG["in_channels"], FLUX2_KLEIN_TRANSFORMER_CONFIG["joint_attention_dim"]
+    config = FLUX2_KLEIN_TRANSFORMER_CONFIG
+    channels, text_dim = config["in_channels"], config["joint_attention_dim"]
     noise, data = torch.randn(1, 16, channels, generator=g), torch.randn(1, 16, channels, generator=g)
     sigma = 1.0 - step / steps
     img_ids = torch.cartesian_prod(torch.tensor([0]), torch.arange(4), torch.arange(4), torch.arange(1))
@@ -114,6 +115,12 @@ TRANSFORMERS = {
     "bagel": (bagel_transformer, bagel_step, TEACACHE),
     "hunyuanimage3": (hunyuan_transformer, None, TEACACHE),
 }
+
+
+def teacache(case):
+    """A TeaCache config the case's transformer runs (the FLUX.2 cases have no published coefficients)."""
+    coefficients = case.teacache_coefficients
+    return TeaCacheConfig(rel_l1_thresh=0.3, coefficients=coefficients) if coefficients else TEACACHE
 
 
 def run_steps(model, step_fn, steps):
@@ -174,7 +181,7 @@ def test_a_copy_made_mid_generation_runs_identically_and_owns_its_cache_state(fa
 @pytest.mark.parametrize("case", ["qwen-txt2img", "flux2-klein"])
 def test_a_deep_copied_pipeline_generates_identically_with_its_own_cache(case):
     case = CASES_BY_NAME[case]
-    config = TeaCacheConfig(rel_l1_thresh=0.3, coefficients=case.teacache_coefficients) if case.teacache_coefficients else TEACACHE
+    config = teacache(case)
     pipe = case.cached(**case.components(), cache_config=config)
     pipe.set_progress_bar_config(disable=True)
     expected = pipe(**case.inputs(steps=STEPS)).images
@@ -229,7 +236,7 @@ def test_a_stock_transformer_assigned_to_a_cached_pipeline_is_converted_in_place
         pipe.register_modules(transformer=transformer)
     assert pipe.transformer is transformer and isinstance(transformer, case.cached.cached_transformer_class)
     assert torch.equal(pipe(**case.inputs(steps=STEPS)).images, expected)
-    config = TeaCacheConfig(rel_l1_thresh=0.3, coefficients=case.teacache_coefficients) if case.teacache_coefficients else TEACACHE
+    config = teacache(case)
     pipe.cache_config = config
     pipe.transformer = other["transformer"]  # a swap keeps the pipeline's config and applies it
     assert pipe.cache_config == config and pipe.transformer.cache_config == config
@@ -254,7 +261,7 @@ def test_from_pipe_of_a_cached_pipeline_to_its_stock_class_needs_no_argument(cas
     cached = case.cached(**case.components(), cache_config=None)
     cached.set_progress_bar_config(disable=True)
     expected = cached(**case.inputs(steps=STEPS)).images
-    config = TeaCacheConfig(rel_l1_thresh=0.3, coefficients=case.teacache_coefficients) if case.teacache_coefficients else TEACACHE
+    config = teacache(case)
     cached.cache_config = config
     stock = case.stock.from_pipe(cached)
     stock.set_progress_bar_config(disable=True)
@@ -276,7 +283,7 @@ def test_a_directory_saved_by_a_stock_pipeline_of_cached_components_loads(case, 
     reference.set_progress_bar_config(disable=True)
     expected = reference(**case.inputs(steps=STEPS)).images
     case.stock(**cached.components).save_pretrained(tmp_path / "stock")
-    assert "Cached" in (tmp_path / "stock" / "model_index.json").read_text()  # what stock diffusers writes for our class
+    assert "Cached" in (tmp_path / "stock" / "model_index.json").read_text()  # what stock diffusers writes
     for loader in (case.cached, CachedDiffusionPipeline):
         loaded = loader.from_pretrained(tmp_path / "stock")
         loaded.set_progress_bar_config(disable=True)
@@ -314,7 +321,8 @@ def stock_dir(tmp_path_factory):
     [({"method": "teacache", "rel_l1_thresh": 0.2, "bogus": 1}, "bogus"), ({"method": "warpcache"}, "warpcache"),
      ("teacache-fast", "teacache-fast")],
 )
-def test_an_invalid_cache_config_argument_fails_before_any_weight_is_loaded(stock_dir, monkeypatch, loader, value, field):
+def test_an_invalid_cache_config_argument_fails_before_any_weight_is_loaded(stock_dir, monkeypatch, loader, value,
+                                                                          field):
     def refuse(*args, **kwargs):
         raise AssertionError("weights were loaded before the cache_config was checked")
 
