@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import copy
 import dataclasses
 import functools
 import threading
@@ -175,6 +176,10 @@ class CacheEngine:
         spec: the model's :class:`~cached_diffusers.spec.ModelCacheSpec` (its name, block count, TeaCache
             coefficients, MagCache ratios, calibration hint and wiring patterns); ``None``: a model providing none.
 
+    Copies (``copy.deepcopy``, ``pickle``, ``torch.save`` of the model) own their cache state: they keep the config,
+    policy and the engine's own generation (its stored residuals and statistics, copied), get a lock of their own
+    and no open generation (those belong to the callers that opened them, in the original's threads).
+
     Raises:
         TypeError: when ``spec`` is not a ``ModelCacheSpec``.
     """
@@ -190,6 +195,19 @@ class CacheEngine:
         self._own = Generation(None, None)
         self._last_stats: CacheStats = self._own.stats
         self._open_caching = 0  # generations open (in any thread) whose config caches; see `active`
+        self._open_lock = threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        del state["_open_lock"]  # a lock cannot be copied or pickled; the copy gets its own (`__setstate__`)
+        state["_open_caching"] = 0  # generations opened on this engine stay with it
+        own = copy.copy(self._own)  # the step and sigma sources are installed by a caller's context, not copied
+        own.step_source = own.sigma_source = None
+        state["_own"] = own
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
         self._open_lock = threading.Lock()
 
     # -- configuration -------------------------------------------------------------------------------------------

@@ -14,6 +14,8 @@ Working with the rest of the ecosystem:
   ``transformer.compile_repeated_blocks(fullgraph=True)`` (each block is one full graph, and the engine calls the
   compiled blocks on the steps it computes).
 * diffusers' own cache hooks (``enable_cache``) are refused: this class caches through ``cache_config``.
+* ``copy.deepcopy``, ``pickle`` and ``torch.save`` work as for the parent; the copy owns its cache state (see
+  :class:`~cached_diffusers.engine.CacheEngine`).
 * accelerate's offloading hooks (``enable_model_cpu_offload``, ``enable_sequential_cpu_offload``) and PEFT LoRA
   layers (``load_lora_weights``) wrap the modules the cached forward calls, so they work unchanged.
 """
@@ -38,7 +40,13 @@ from .engine import BlockStack, CacheEngine
 from .spec import ModelCacheSpec
 from .stats import CacheStats
 
-__all__ = ["CachedTransformerMixin", "MirroredForward", "diffusers_parent", "mirrored_forward_mismatch"]
+__all__ = [
+    "CachedTransformerMixin",
+    "MirroredForward",
+    "diffusers_parent",
+    "mirrored_forward_mismatch",
+    "property_keeping_cause",
+]
 
 
 def diffusers_parent(cls: type, mixin: type) -> type:
@@ -99,6 +107,45 @@ def mirrored_forward_mismatch(cls: type) -> str | None:
     )
 
 
+_NOT_OURS = object()
+
+
+_FAMILY_PROPERTIES: dict[tuple[type, type], frozenset[str]] = {}
+
+
+def _family_properties(cls: type, mixin: type) -> frozenset[str]:
+    """Names of the properties that classes of ``mixin``'s family define on ``cls`` (memoised per class)."""
+    names = _FAMILY_PROPERTIES.get((cls, mixin))
+    if names is None:
+        found: set[str] = set()
+        for klass in reversed(cls.__mro__):  # the nearest definition wins
+            for name, attribute in vars(klass).items():
+                if isinstance(attribute, property) and issubclass(klass, mixin):
+                    found.add(name)
+                else:
+                    found.discard(name)
+        names = _FAMILY_PROPERTIES[(cls, mixin)] = frozenset(found)
+    return names
+
+
+def property_keeping_cause(obj: Any, name: str, mixin: type) -> Any:
+    """For ``__getattr__``: the value of ``obj``'s property ``name`` when one of ``mixin``'s family defines it, else
+    ``_NOT_OURS``.
+
+    Python calls ``__getattr__`` when a property's getter raised ``AttributeError``, and the error it then reports
+    ("object has no attribute 'cache_engine'") hides the real one; the getter is run once more here, and an
+    ``AttributeError`` it raises becomes a ``RuntimeError`` naming the property, with the original as its cause.
+    """
+    cls = type(obj)
+    if name not in _family_properties(cls, mixin):
+        return _NOT_OURS
+    prop = next(vars(klass)[name] for klass in cls.__mro__ if name in vars(klass))
+    try:
+        return prop.__get__(obj, cls)
+    except AttributeError as error:
+        raise RuntimeError(f"{type(obj).__name__}.{name} failed: AttributeError: {error}") from error
+
+
 _WARNED_MIRRORS: set[type] = set()
 
 _CALL_ROUTES: contextvars.ContextVar[dict[int, Callable[..., Any]]] = contextvars.ContextVar(
@@ -121,6 +168,31 @@ class CachedTransformerMixin:
 
     cache_spec: ClassVar[ModelCacheSpec] = ModelCacheSpec()
     mirrored_forward: ClassVar[MirroredForward | None] = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # The engine is created with the model (its constructor, `from_base`, a copy), never on first use inside a
+        # forward that TorchDynamo traces (`torch.compile(fullgraph=True)` cannot trace the engine's lock). The
+        # parent's constructor keeps its signature (`functools.wraps`), which diffusers reads to build configs.
+        super().__init_subclass__(**kwargs)
+        init = cls.__init__
+        if getattr(init, "_creates_cache_engine", False):
+            return
+
+        @functools.wraps(init)
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            init(self, *args, **kwargs)
+            if "_cache_engine" not in self.__dict__:
+                self.__dict__["_cache_engine"] = self._new_cache_engine()
+
+        __init__._creates_cache_engine = True
+        cls.__init__ = __init__
+
+    def __getattr__(self, name: str) -> Any:
+        # Python re-routes an AttributeError raised inside a property getter to `__getattr__`, whose own error
+        # ("object has no attribute 'cache_engine'") would hide the real one: for this class's properties, run the
+        # getter again and report what it raises, with its cause.
+        value = property_keeping_cause(self, name, CachedTransformerMixin)
+        return super().__getattr__(name) if value is _NOT_OURS else value
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         # A call routed by `route_calls` (CFG-parallel) goes to its route, which decides when and whether to run it;
@@ -177,15 +249,19 @@ class CachedTransformerMixin:
 
     @property
     def cache_engine(self) -> CacheEngine:
-        """This model's :class:`~cached_diffusers.engine.CacheEngine` (created on first use)."""
+        """This model's :class:`~cached_diffusers.engine.CacheEngine` (created with the model; a model whose
+        ``__dict__`` lost it, e.g. a shallow copy, gets a new one here)."""
         engine = self.__dict__.get("_cache_engine")
         if engine is None:
-            spec = self.cache_spec
-            if spec.model_name == ModelCacheSpec.model_name:
-                spec = dataclasses.replace(spec, model_name=type(self).__name__)
-            engine = CacheEngine(dataclasses.replace(spec, num_blocks=self.num_cache_blocks))
-            self.__dict__["_cache_engine"] = engine
+            engine = self.__dict__["_cache_engine"] = self._new_cache_engine()
         return engine
+
+    def _new_cache_engine(self) -> CacheEngine:
+        """A new engine (caching off) with this model's spec and block count."""
+        spec = self.cache_spec
+        if spec.model_name == ModelCacheSpec.model_name:
+            spec = dataclasses.replace(spec, model_name=type(self).__name__)
+        return CacheEngine(dataclasses.replace(spec, num_blocks=self.num_cache_blocks))
 
     @property
     def cache_config(self) -> CacheConfig | None:
@@ -277,10 +353,10 @@ class CachedTransformerMixin:
 
     def stock_view(self):
         """This model as an instance of its diffusers parent class, sharing its parameters, buffers and submodules
-        (no copy) but not its cache: e.g. ``QwenImagePipeline.from_pipe(cached_pipe,
-        transformer=cached_pipe.transformer.stock_view())`` (diffusers' ``from_pipe`` carries over only components of
-        exactly the annotated class). A module replaced later in one of the two (e.g. by LoRA loading) is seen by
-        both, as for any shared component; accelerate's offloading hooks are not carried over to the view.
+        (no copy) but not its cache: what diffusers' ``QwenImagePipeline.from_pipe(cached_pipe)`` gets (it carries
+        over only components of exactly the annotated class; see ``CachedPipelineMixin.components``). A module
+        replaced later in one of the two (e.g. by LoRA loading) is seen by both, as for any shared component;
+        accelerate's offloading hooks are not carried over to the view.
         """
         import copy
 
@@ -310,6 +386,7 @@ class CachedTransformerMixin:
                 f"{cls.__name__} caches steps itself and would cache twice. Call `model.disable_cache()` first."
             )
         model.__class__ = cls
+        model.__dict__["_cache_engine"] = model._new_cache_engine()
         if "_old_forward" in model.__dict__:
             # accelerate's hooks (device_map, offloading) call the forward they wrapped: point it at ours.
             model._old_forward = cls.forward.__get__(model)

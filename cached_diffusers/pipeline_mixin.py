@@ -23,17 +23,18 @@ import functools
 import inspect
 import json
 import os
+import sys
 import threading
 import typing
 from typing import Any, Callable, ClassVar, Iterator, Mapping, TextIO
 
 import torch
 
-from .configs import CacheConfig
+from .configs import CacheConfig, resolve_cache_config
 from .hub import check_local_path, load_cache_config
 from .hub import save_cache_config as save_cache_config_file
 from .engine import Generation
-from .model_mixin import CachedTransformerMixin, diffusers_parent
+from .model_mixin import _NOT_OURS, CachedTransformerMixin, diffusers_parent, property_keeping_cause
 from .progress import progress_postfix, summary
 from .stats import CacheStats
 
@@ -87,15 +88,21 @@ class CachedPipelineMixin:
         before. The file is read and validated before any weights are loaded. With ``transformer=None`` (e.g. to
         encode prompts only) the saved config is ignored, as the parent ignores the transformer's weights.
 
+        A directory whose ``model_index.json`` names a cached transformer class (what a stock pipeline built from a
+        cached pipeline's components writes, e.g. ``QwenImagePipeline(**cached.components).save_pretrained(d)``)
+        loads as well: the cached model modules expose ``ModelMixin``, which is how diffusers finds the loading
+        method of a class from another library.
+
         Raises:
             FileNotFoundError: naming the path, when it looks local (not ``namespace/name``) and does not exist.
-            ValueError: for an invalid ``cache_config`` argument; naming the file, for a ``cache_config.json`` that is
-                not a valid config (unknown method or field, coefficients of the wrong length, ...) or that the model
-                cannot run (e.g. TeaCache without coefficients on a model that has none, DBCache with more ``Fn + Bn``
-                blocks than the model has).
+            ValueError: for an invalid ``cache_config`` argument (before any weight is loaded); naming the file, for
+                a ``cache_config.json`` that is not a valid config (unknown method or field, coefficients of the wrong
+                length, ...) or that the model cannot run (e.g. TeaCache without coefficients on a model that has
+                none, DBCache with more ``Fn + Bn`` blocks than the model has).
         """
         check_local_path(pretrained_model_name_or_path)
         if "cache_config" in kwargs:
+            resolve_cache_config(kwargs["cache_config"])  # refused before any weight is loaded
             return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         saved, source = load_cache_config(pretrained_model_name_or_path, **kwargs)
         pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
@@ -130,9 +137,9 @@ class CachedPipelineMixin:
         place. When ``pipeline`` is itself a cached pipeline, the new one starts with its cache config unless
         ``cache_config`` is passed. A transformer wrapped by accelerate's offloading hooks is shared as it is
         (converted in place when stock). The other direction, ``XPipeline.from_pipe(cached_pipe)``, is diffusers'
-        own: it carries over only components of exactly the annotated classes, so pass the transformer as a stock view,
-        ``XPipeline.from_pipe(cached_pipe, transformer=cached_pipe.transformer.stock_view())`` (same weights, no
-        cache; the source keeps its cache config).
+        own, which carries over only components of exactly the annotated classes: there the cached pipeline's
+        :attr:`components` hand it the transformer's stock view (same weights, no cache; the source keeps its cache
+        config).
         """
         if "transformer" in kwargs:
             return super().from_pipe(pipeline, **kwargs)
@@ -150,6 +157,64 @@ class CachedPipelineMixin:
         if self.transformer is not None:
             self.cached_transformer_class.from_base(self.transformer)
         self.cache_config = cache_config
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """``pipe.transformer = model`` (and ``register_modules(transformer=model)``) converts a stock ``model`` in
+        place, as the constructor does, and applies the pipeline's :attr:`cache_config` to it.
+
+        Raises:
+            TypeError: for a transformer that is neither the cached transformer class nor its diffusers parent.
+            ValueError: when the pipeline's cache config cannot run on the new transformer (it is converted, but
+                not assigned).
+        """
+        if name != "transformer" or not isinstance(value, torch.nn.Module):
+            super().__setattr__(name, value)
+            return
+        from diffusers.pipelines.pipeline_loading_utils import _unwrap_model
+
+        model = _unwrap_model(value)  # a torch.compile'd transformer is assigned as it is, its module converted
+        cached_class = self.cached_transformer_class
+        if not isinstance(model, cached_class):
+            if type(model) not in cached_class.__mro__:
+                parent = diffusers_parent(cached_class, CachedTransformerMixin).__name__
+                raise TypeError(
+                    f"{type(self).__name__}.transformer must be a {parent} (converted in place to "
+                    f"{cached_class.__name__}) or a {cached_class.__name__}, got {type(model).__name__}"
+                )
+            cached_class.from_base(model)
+        initialised = "_pipeline_cache_config" in self.__dict__
+        config = self.cache_config if initialised else None
+        if config is not None:
+            try:
+                model.cache_engine.make_policy(config)
+            except ValueError as error:
+                raise ValueError(f"this pipeline's cache_config cannot run on the new transformer: {error}") from None
+        super().__setattr__(name, value)
+        if initialised:
+            model.cache_config = config
+
+    def __getattr__(self, name: str) -> Any:
+        # As for cached models: an AttributeError raised inside one of this class's properties keeps its cause.
+        value = property_keeping_cause(self, name, CachedPipelineMixin)
+        return super().__getattr__(name) if value is _NOT_OURS else value
+
+    @property
+    def components(self) -> dict[str, Any]:
+        """The parent's ``components`` (``CachedX(**pipe.components)`` shares this pipeline's cached transformer).
+
+        Read by diffusers' own ``from_pipe`` (``XPipeline.from_pipe(cached_pipe)``, to a stock class), which carries
+        over only models of exactly the annotated classes: there, a cached transformer is handed as its
+        :meth:`~cached_diffusers.CachedTransformerMixin.stock_view` (the same weights, no cache).
+        """
+        from diffusers import DiffusionPipeline
+
+        components = super().components
+        if sys._getframe(1).f_code is DiffusionPipeline.from_pipe.__func__.__code__:
+            components = {
+                name: value.stock_view() if isinstance(value, CachedTransformerMixin) else value
+                for name, value in components.items()
+            }
+        return components
 
     @property
     def cache_config(self) -> CacheConfig | None:
@@ -274,8 +339,11 @@ class CachedPipelineMixin:
         with _exclusive(self), engine.generation(self.cache_config) as generation:
             self.__dict__["_cache_generation"] = generation
             generation.sigma_source = lambda: getattr(self.scheduler, "sigmas", None)
-            with engine.step_source(self._denoising_step):
-                yield _watch_callback(callback_on_step_end, generation)
+            try:
+                with engine.step_source(self._denoising_step):
+                    yield _watch_callback(callback_on_step_end, generation)
+            finally:
+                generation.sigma_source = None  # the kept generation (statistics) holds no reference to this pipeline
             if generation.config is None and generation.stats.num_steps is None:  # caching off records no step
                 timesteps = getattr(self.scheduler, "timesteps", None)
                 if timesteps is not None:
@@ -530,6 +598,6 @@ def _cached_view(model, cached_class: type):
     if not isinstance(model, cached_class) and type(model) not in cached_class.__mro__:
         return cached_class.from_base(model)  # raises the TypeError naming the expected class
     view = copy.copy(model)
-    view.__dict__.pop("_cache_engine", None)  # a cache of its own
     view.__class__ = cached_class if not isinstance(model, cached_class) else type(model)
+    view.__dict__["_cache_engine"] = view._new_cache_engine()  # a cache of its own
     return view

@@ -18,6 +18,9 @@ from diffusers.models.transformers.transformer_flux2 import (
     _blend_single_block_mods,
 )
 from diffusers.utils.peft_utils import apply_lora_scale
+# A stock pipeline built from a cached pipeline's components saves ["cached_diffusers.models.<module>", "Cached..."]
+# in model_index.json; diffusers loads a component of such a library through the ModelMixin it finds in the module.
+from diffusers.models.modeling_utils import ModelMixin  # noqa: F401
 
 from cached_diffusers.model_mixin import CachedTransformerMixin, MirroredForward
 from cached_diffusers.parallel import context_parallel_group

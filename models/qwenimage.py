@@ -9,6 +9,9 @@ import numpy as np
 import torch
 from diffusers import QwenImageTransformer2DModel
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
+# A stock pipeline built from a cached pipeline's components saves ["cached_diffusers.models.<module>", "Cached..."]
+# in model_index.json; diffusers loads a component of such a library through the ModelMixin it finds in the module.
+from diffusers.models.modeling_utils import ModelMixin  # noqa: F401
 from diffusers.models.transformers.transformer_qwenimage import compute_text_seq_len_from_mask
 from diffusers.utils.peft_utils import apply_lora_scale
 
