@@ -444,8 +444,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 # -- calibrate -------------------------------------------------------------------------------------------------------
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from ..calibration import fit_teacache, teacache_pairs
-    from ..configs import MagCacheConfig, TeaCacheConfig
+    from ..calibration import fit_teacache, suggest_sea_threshold, teacache_pairs
+    from ..configs import MagCacheConfig, SeaCacheConfig, TeaCacheConfig
     from .tiny import DEFAULT_PROMPTS
 
     method = args.method
@@ -453,6 +453,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         return _calibrate_schedule(args)
     if args.budget is not None or args.error_matrix is not None:
         raise ValueError(f"--budget and --error-matrix are for --method lemica or meancache, not {method}")
+    if (method == "seacache") != (args.computed_steps is not None):
+        raise ValueError(
+            "--method seacache needs --computed-steps N (the target computed steps per branch), and only it takes it"
+        )
     _check_sampling_args(args)
     output = args.output or (
         os.path.join(args.model, "cache_config.json") if os.path.isdir(args.model) else "cache_config.json"
@@ -461,7 +465,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     check_output_file("--output", output)
     check_output_file("--output", provenance)
     _device_and_dtype(args.device, args.dtype)
-    calibration = TeaCacheConfig(calibrate=True) if method == "teacache" else MagCacheConfig(calibrate=True)
+    calibration = {"teacache": TeaCacheConfig, "magcache": MagCacheConfig, "seacache": SeaCacheConfig}[method](
+        calibrate=True
+    )
     pipe = _load_pipeline(args, calibration)
     pipe.cache_config = calibration  # whatever the directory held: calibration never reuses
     prompts = args.prompt or list(DEFAULT_PROMPTS)
@@ -481,6 +487,11 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         print(fit.summary())
         config = TeaCacheConfig(rel_l1_thresh=args.rel_l1_thresh, coefficients=fit.coefficients)
         quality = {"num_pairs": fit.num_pairs, "rmse": fit.rmse, "r2": fit.r2, "x_range": list(fit.x_range)}
+    elif method == "seacache":
+        suggestion = suggest_sea_threshold(runs, args.computed_steps)
+        print(suggestion.summary())
+        config = SeaCacheConfig(threshold=suggestion.threshold)
+        quality = {"target_computed_steps": args.computed_steps, "replayed_computed_steps": suggestion.computed_steps}
     else:
         config = MagCacheConfig.from_calibration(runs, mag_threshold=args.mag_threshold)
         ratios = config.mag_ratios if isinstance(config.mag_ratios, dict) else {"all branches": config.mag_ratios}
@@ -859,10 +870,18 @@ def build_parser() -> argparse.ArgumentParser:
     generate.set_defaults(func=cmd_generate)
 
     calibrate = commands.add_parser(
-        "calibrate", help="fit TeaCache coefficients or MagCache ratios on uncached runs and save a cache config"
+        "calibrate",
+        help="fit TeaCache coefficients or MagCache ratios, or find a SeaCache threshold, on uncached runs and save a "
+        "cache config",
     )
     calibrate.add_argument("--model", required=True, help="diffusers directory or Hub id")
-    calibrate.add_argument("--method", choices=("teacache", "magcache", "lemica", "meancache"), default="teacache")
+    calibrate.add_argument(
+        "--method", choices=("teacache", "magcache", "seacache", "lemica", "meancache"), default="teacache"
+    )
+    calibrate.add_argument(
+        "--computed-steps", type=int, default=None, metavar="N",
+        help="seacache: the largest threshold whose replay on the uncached runs computes at least N steps per branch",
+    )
     calibrate.add_argument(
         "--budget", type=int, nargs="+", default=None,
         help="lemica/meancache: computed steps per schedule, first and last included (e.g. --budget 25 17 10)",
@@ -913,7 +932,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=int, default=3, help="timed repeats of every run; the median counts (default: 3)")
     bench.add_argument(
         "--methods", nargs="+", default=None, metavar="METHOD",
-        help="methods to sweep: teacache magcache fbcache dbcache dbcache+scm taylorseer (default: all)",
+        help="methods to sweep: teacache magcache fbcache dbcache dbcache+scm taylorseer seacache (default: all)",
     )
     bench.add_argument(
         "--calibrated", action="append", default=None, metavar="FILE",
