@@ -209,7 +209,7 @@ class SeaThreshold:
         )
 
 
-def suggest_sea_threshold(stats: Any, computed_steps: int, config: Any = None) -> SeaThreshold:
+def suggest_sea_threshold(stats: Any, computed_steps: int, config: Any) -> SeaThreshold:
     """The largest SeaCache threshold that still computes at least ``computed_steps`` steps per branch.
 
     The accumulated distance only changes a decision when the threshold crosses one of its values, the sums of
@@ -220,14 +220,11 @@ def suggest_sea_threshold(stats: Any, computed_steps: int, config: Any = None) -
     Args:
         stats: one ``CacheStats`` or a list, from ``SeaCacheConfig(calibrate=True)`` runs.
         computed_steps: the target, ``>= 1``.
-        config: the ``SeaCacheConfig`` whose guards to replay (default: the defaults).
+        config: the ``SeaCacheConfig`` whose guards to replay (``SeaCacheConfig()`` for the hook's defaults).
 
     Raises:
         ValueError: without a SeaCache calibration, or for ``computed_steps`` < 1 or above the step count.
     """
-    from .configs import SeaCacheConfig
-
-    config = SeaCacheConfig() if config is None else config
     runs = sea_distances(stats)
     first_steps = [getattr(run, "first_step", None) or 0 for run in _as_list(stats)]
     num_steps = min(len(d) for run in runs for d in run.values())

@@ -292,4 +292,4 @@ def test_calibrate_suggests_a_threshold_for_a_target_of_computed_steps():
         first_reuse = next(i for i in range(10) if i not in replayed)
         assert stats.reused_steps[0] == first_reuse
     with pytest.raises(ValueError, match="computed_steps must be an integer in"):
-        suggest_sea_threshold(calibration, 11)
+        suggest_sea_threshold(calibration, 11, config)

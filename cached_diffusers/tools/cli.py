@@ -488,7 +488,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         config = TeaCacheConfig(rel_l1_thresh=args.rel_l1_thresh, coefficients=fit.coefficients)
         quality = {"num_pairs": fit.num_pairs, "rmse": fit.rmse, "r2": fit.r2, "x_range": list(fit.x_range)}
     elif method == "seacache":
-        suggestion = suggest_sea_threshold(runs, args.computed_steps)
+        suggestion = suggest_sea_threshold(runs, args.computed_steps, SeaCacheConfig())
         print(suggestion.summary())
         config = SeaCacheConfig(threshold=suggestion.threshold)
         quality = {"target_computed_steps": args.computed_steps, "replayed_computed_steps": suggestion.computed_steps}
