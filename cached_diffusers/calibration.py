@@ -7,6 +7,10 @@ vllm-omni's ``coefficient_estimator.py`` do, but with pairs formed per branch). 
 2506.09045): per-step magnitude ratios per branch, averaged over the calibration prompts.
 
 Both come from runs with ``TeaCacheConfig(calibrate=True)`` / ``MagCacheConfig(calibrate=True)``, which never reuse.
+
+SeaCache (arXiv 2602.18993) needs no fit: ``SeaCacheConfig(calibrate=True)`` records each branch's filtered-latent
+distance at every step, and :func:`suggest_sea_threshold` replays the rule on them to find the threshold that computes
+a target number of steps.
 """
 
 from __future__ import annotations
@@ -16,7 +20,16 @@ from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["PolynomialFit", "average_mag_ratios", "fit_teacache", "teacache_pairs"]
+__all__ = [
+    "PolynomialFit",
+    "SeaThreshold",
+    "average_mag_ratios",
+    "fit_teacache",
+    "replay_seacache",
+    "sea_distances",
+    "suggest_sea_threshold",
+    "teacache_pairs",
+]
 
 
 def _as_list(stats: Any) -> list[Any]:
@@ -107,3 +120,132 @@ def average_mag_ratios(stats: Any) -> dict[str, tuple[float, ...]]:
             raise ValueError(f"MagCache calibration runs of branch {name!r} differ in step count: {[len(r) for r in runs]}")
         averaged[name] = tuple(round(float(v), 5) for v in np.mean(np.asarray(runs, dtype=np.float64), axis=0))
     return averaged
+
+
+def sea_distances(stats: Any) -> list[dict[str, list[float | None]]]:
+    """Per run, ``{branch: distances}`` recorded by ``SeaCacheConfig(calibrate=True)`` runs (``None`` where a step had
+    no previous one).
+
+    Raises:
+        ValueError: if no run holds a SeaCache calibration.
+    """
+    runs = []
+    for run in _as_list(stats):
+        recorded = {
+            name: list(branch.calibration["sea_distances"])
+            for name, branch in run.branches.items()
+            if "sea_distances" in branch.calibration
+        }
+        if recorded:
+            runs.append(recorded)
+    if not runs:
+        raise ValueError("these statistics hold no SeaCache calibration: run once with SeaCacheConfig(calibrate=True)")
+    return runs
+
+
+def replay_seacache(distances: Sequence[float | None], config: Any, first_step: int = 0) -> list[int]:
+    """The steps SeaCache computes on recorded distances (one per step of the schedule), as the policy decides them.
+
+    Replays the rule of :class:`~cached_diffusers.SeaCacheConfig` with its guards: the first executed step,
+    ``compute_last_step``, ``max_warmup_steps``, ``retention_steps``, ``cache_end_steps``, steps without a distance,
+    ``max_consecutive_cached``, ``max_continuous_cached_steps``, ``max_cached_steps`` and the threshold (SCM masks are
+    not replayed). The distances of an uncached run are an estimate: reusing changes the later latents.
+
+    Args:
+        distances: ``distances[step]``, the filtered-latent distance to the previous step (``None``: none).
+        config: a ``SeaCacheConfig``.
+        first_step: the first executed step (img2img / inpaint start later).
+
+    Returns:
+        The computed steps, increasing.
+    """
+    num_steps = len(distances)
+    num_executed = num_steps - first_step
+    computed, accumulated, consecutive, reused = [], 0.0, 0, 0
+    for step in range(first_step, num_steps):
+        executed = step - first_step
+        distance = distances[step]
+        forced = (
+            executed == 0
+            or (executed < config.max_warmup_steps and executed % config.warmup_interval == 0)
+            or (config.compute_last_step and step == num_steps - 1)
+            or (config.max_cached_steps is not None and reused >= config.max_cached_steps)
+            or (config.max_continuous_cached_steps is not None and consecutive >= config.max_continuous_cached_steps)
+            or executed < config.retention_steps
+            or executed >= num_executed - config.cache_end_steps
+            or distance is None
+            or (config.max_consecutive_cached and consecutive >= config.max_consecutive_cached)
+        )
+        if not forced:
+            accumulated += distance
+            if accumulated < config.threshold:
+                consecutive += 1
+                reused += 1
+                continue
+        computed.append(step)
+        accumulated, consecutive = 0.0, 0
+    return computed
+
+
+@dataclass(frozen=True)
+class SeaThreshold:
+    """A SeaCache threshold suggested by replay.
+
+    Attributes:
+        threshold: the largest threshold whose replay computes at least the target steps in every branch and run.
+        computed_steps: per run and branch, the number of computed steps at that threshold.
+        target: the requested number of computed steps.
+    """
+
+    threshold: float
+    computed_steps: list[dict[str, int]]
+    target: int
+
+    def summary(self) -> str:
+        counts = sorted({n for run in self.computed_steps for n in run.values()})
+        return (
+            f"SeaCache threshold {self.threshold:.6g}: {', '.join(map(str, counts))} computed steps per branch "
+            f"(target at least {self.target})"
+        )
+
+
+def suggest_sea_threshold(stats: Any, computed_steps: int, config: Any) -> SeaThreshold:
+    """The largest SeaCache threshold that still computes at least ``computed_steps`` steps per branch.
+
+    The accumulated distance only changes a decision when the threshold crosses one of its values, the sums of
+    consecutive recorded distances, so the candidates are those sums (and 0); each is replayed with
+    :func:`replay_seacache` on every run and branch, and the largest whose every replay computes at least
+    ``computed_steps`` steps is returned.
+
+    Args:
+        stats: one ``CacheStats`` or a list, from ``SeaCacheConfig(calibrate=True)`` runs.
+        computed_steps: the target, ``>= 1``.
+        config: the ``SeaCacheConfig`` whose guards to replay (``SeaCacheConfig()`` for the hook's defaults).
+
+    Raises:
+        ValueError: without a SeaCache calibration, or for ``computed_steps`` < 1 or above the step count.
+    """
+    runs = sea_distances(stats)
+    first_steps = [getattr(run, "first_step", None) or 0 for run in _as_list(stats)]
+    num_steps = min(len(d) for run in runs for d in run.values())
+    if not 1 <= computed_steps <= num_steps:
+        raise ValueError(f"computed_steps must be an integer in [1, {num_steps}] (the step count), got {computed_steps}")
+    candidates = {0.0}
+    for run in runs:
+        for distances in run.values():
+            values = [d for d in distances if d is not None]
+            for start in range(len(values)):
+                total = 0.0
+                for value in values[start:]:
+                    total += value
+                    candidates.add(total)
+    best = None
+    for threshold in sorted(candidates):
+        trial = config.replace(threshold=threshold, calibrate=False)
+        counts = [
+            {name: len(replay_seacache(d, trial, first)) for name, d in run.items()}
+            for run, first in zip(runs, first_steps)
+        ]
+        if all(n >= computed_steps for run in counts for n in run.values()):
+            best = SeaThreshold(threshold, counts, computed_steps)
+    return best

@@ -30,6 +30,7 @@ __all__ = [
     "MeanCacheConfig",
     "PlannedScheduleConfig",
     "ResidualCacheConfig",
+    "SeaCacheConfig",
     "StepCacheConfig",
     "TaylorSeerConfig",
     "TeaCacheConfig",
@@ -800,3 +801,86 @@ class MeanCacheConfig(PlannedScheduleConfig):
         from .planned import MeanCachePolicy
 
         return MeanCachePolicy(self, spec if spec is not None else ModelCacheSpec())
+
+
+@register_cache_method
+@dataclass(frozen=True)
+class SeaCacheConfig(StepCacheConfig):
+    """SeaCache: Spectral-Evolution-Aware Cache (Chung et al., CVPR 2026, arXiv 2602.18993; diffusers 0.42
+    ``diffusers/hooks/sea_cache.py``, whose parameter names and defaults these are).
+
+    Per guidance branch, the indicator is the *raw latent* entering the transformer on its grid ``(B, C, H, W)``
+    (packed patch tokens unpacked; see ``docs/methods.md`` for each model), passed through the SEA filter at the
+    step's noise level ``sigma`` (:func:`cached_diffusers.sea.sea_filter`: an FFT over the grid per channel, a
+    per-axis Wiener-like gain ``s / (s^2 + sigma^2 |f|^power_exp)`` with ``s = 1 - sigma``, normalised to unit mean).
+    The relative L1 distance between consecutive steps' filtered latents (mean over batch rows of
+    ``mean|a - b| / (mean|b| + 1e-16)``) accumulates; a step reuses while the sum stays below ``threshold``; when it
+    reaches ``threshold`` the step computes and the sum restarts from 0. The previous filtered latent is updated at
+    every step. The first ``retention_steps`` and the last ``cache_end_steps`` executed steps always compute, and
+    after ``max_consecutive_cached`` reused steps in a row the next one computes. A reused step adds the residual of
+    the last computed step (``residual_order=0``) or its linear extrapolation from the last two computed steps
+    ``s_1 < s_2`` (``residual_order=1``): ``R(s) = R_2 + (R_2 - R_1) (s - s_2) / (s_2 - s_1)``.
+
+    ``sigma`` is the running scheduler's ``sigmas[step]`` (the value diffusers' pipelines pass to the hook's
+    ``cache_context(..., sigma=...)``), or ``1 - step / N`` for a transformer driven without a pipeline.
+
+    Args:
+        threshold (`float`, defaults to 0.25, range >= 0):
+            Accumulated filtered-latent distance at which a step computes; larger reuses more. 0 computes every step.
+        residual_order (`int`, defaults to 1, 0 or 1):
+            0 reuses the last computed residual; 1 extrapolates linearly from the last two computed steps.
+        retention_steps (`int`, defaults to 1, range >= 0):
+            The first executed steps that always compute (step 0 of a branch computes regardless).
+        cache_end_steps (`int`, defaults to 1, range >= 0):
+            The last steps that always compute.
+        max_consecutive_cached (`int`, defaults to 2, range >= 0):
+            After this many reused steps in a row, the next step computes; 0 means no limit.
+        power_exp (`float`, defaults to 3.0, range > 0):
+            Exponent of the clean signal's power-law prior ``|f|^-power_exp`` per grid axis (the hook's default, for
+            video features; kept for images, see ``docs/methods.md``).
+        calibrate (`bool`, defaults to `False`):
+            Calibration mode: never reuse; record each branch's distance at every step in
+            ``stats.branches[b].calibration["sea_distances"]`` (``None`` where there is no previous step), from
+            which :func:`cached_diffusers.calibration.suggest_sea_threshold` replays the rule.
+        other fields: the shared guards of :class:`StepCacheConfig` (``compute_last_step`` duplicates
+            ``cache_end_steps >= 1``; ``max_continuous_cached_steps`` is the engine's cap, independent of
+            ``max_consecutive_cached``).
+
+    Raises:
+        ValueError: for a value outside its range, naming the field.
+    """
+
+    method: ClassVar[str] = "seacache"
+    aliases: ClassVar[tuple[str, ...]] = ("sea_cache", "sea-cache")
+    source: ClassVar[str] = (
+        "Chung et al., SeaCache: Spectral-Evolution-Aware Cache for Accelerating Diffusion Models, CVPR 2026 "
+        "(arXiv 2602.18993); huggingface/diffusers 0.42 hooks/sea_cache.py"
+    )
+
+    threshold: float = 0.25
+    residual_order: int = 1
+    retention_steps: int = 1
+    cache_end_steps: int = 1
+    max_consecutive_cached: int = 2
+    power_exp: float = 3.0
+    calibrate: bool = False
+
+    def validate(self) -> None:
+        super().validate()
+        owner = type(self).__name__
+        object.__setattr__(self, "threshold", _check_number(owner, "threshold", self.threshold, low=0.0))
+        order = _check_int(owner, "residual_order", self.residual_order, low=0)
+        if order > 1:
+            raise ValueError(f"{owner}.residual_order must be 0 or 1, got {order}")
+        object.__setattr__(self, "residual_order", order)
+        for name in ("retention_steps", "cache_end_steps", "max_consecutive_cached"):
+            object.__setattr__(self, name, _check_int(owner, name, getattr(self, name), low=0))
+        object.__setattr__(
+            self, "power_exp", _check_number(owner, "power_exp", self.power_exp, low=0.0, low_open=True)
+        )
+        _set_bool(self, "calibrate")
+
+    def make_policy(self, spec: ModelCacheSpec | None = None):
+        from .policies import SeaCachePolicy
+
+        return SeaCachePolicy(self, spec if spec is not None else ModelCacheSpec())

@@ -380,7 +380,7 @@ class CacheEngine:
         num_inference_steps: int | None = None,
         *,
         inputs: Streams,
-        indicator: torch.Tensor | Callable[[], torch.Tensor] | None = None,
+        indicator: torch.Tensor | Callable[[], torch.Tensor] | Mapping[str, Any] | None = None,
         num_blocks: int = 1,
         pattern: str = WHOLE_CALL,
     ) -> Decision:
@@ -395,7 +395,9 @@ class CacheEngine:
             indicator: the method's decision indicator (kind ``policy.indicator_kind``): TeaCache's
                 ``"teacache_indicator"`` (e.g. block 0's modulated input ``(B, L, D)``; any shape constant over the
                 steps), DBCache's ``"front_residual"`` (the image-stream residual of the front blocks, block stack
-                only); a tensor, or a function computing it, called only when the method needs one.
+                only), SeaCache's ``"sea_latent"`` (the raw latent on its grid ``(B, C, H, W)``); a tensor, or a
+                function computing it, called only when the method needs one, or ``{kind: tensor or function}``
+                offering several kinds.
             num_blocks: blocks a compute runs, for the statistics (a whole call counts as 1).
             pattern: the wiring pattern of the caller (:data:`~cached_diffusers.spec.BLOCK_STACK` or
                 :data:`~cached_diffusers.spec.WHOLE_CALL`).
@@ -425,7 +427,7 @@ class CacheEngine:
         ctx = dataclasses.replace(ctx, first_step=generation.stats.first_step)
         self._check_span(generation, num_blocks)
         indicator = self._indicator(generation, policy.indicator_kind, indicator)
-        measurement = policy.observe(state.method_state, indicator)
+        measurement = policy.observe_step(ctx, generation.sigma_source, state.method_state, indicator)
         gate, reason = policy.gate(
             ctx,
             has_residual=state.store.fits(inputs),
@@ -589,6 +591,8 @@ class CacheEngine:
     ) -> torch.Tensor | None:
         if kind is None:
             return None
+        if isinstance(indicator, Mapping):  # {kind: tensor or function}: the caller offers several kinds
+            indicator = indicator.get(kind)
         if indicator is None:
             raise ValueError(
                 f"cache method {generation.config.method!r} needs the {kind!r} indicator, which "

@@ -27,7 +27,14 @@ from typing import Any, Iterator
 
 import torch
 
-__all__ = ["context_parallel_group", "sequence_group", "sequence_mean", "sequence_sums", "shard_sequence"]
+__all__ = [
+    "context_parallel_group",
+    "gather_sequence",
+    "sequence_group",
+    "sequence_mean",
+    "sequence_sums",
+    "shard_sequence",
+]
 
 _SEQUENCE_GROUP: contextvars.ContextVar[Any] = contextvars.ContextVar("cached_diffusers_sequence_group", default=None)
 """The process group the sequence of the current decision is sharded over, or ``None`` (whole sequence here)."""
@@ -110,3 +117,31 @@ def sequence_mean(values: torch.Tensor) -> float:
         return values.mean().item()
     total, count = sequence_sums(values.sum(), values.new_tensor(float(values.numel())))
     return total / count
+
+
+def gather_sequence(tensor: torch.Tensor, group: Any, dim: int = 1) -> torch.Tensor:
+    """The whole sequence of a tensor sharded along ``dim`` over ``group``: every rank's shard, in rank order.
+
+    The inverse of the plan's split (equal chunks, or the uneven ones of ``ulysses_anything`` / ``ring_anything``):
+    the shards' lengths are exchanged first, then the shards, padded to the longest. ``group=None`` returns
+    ``tensor`` unchanged. Every rank of ``group`` must call it at the same point (SeaCache's indicator under context
+    parallelism, which needs the whole latent grid for its FFT).
+    """
+    if group is None:
+        return tensor
+    import torch.distributed as dist
+
+    world = dist.get_world_size(group)
+    length = torch.tensor([tensor.shape[dim]], device=tensor.device, dtype=torch.int64)
+    lengths = [torch.zeros_like(length) for _ in range(world)]
+    dist.all_gather(lengths, length, group=group)
+    lengths = [int(n.item()) for n in lengths]
+    longest = max(lengths)
+    moved = tensor.movedim(dim, 0).contiguous()
+    if moved.shape[0] < longest:
+        padding = moved.new_zeros((longest - moved.shape[0], *moved.shape[1:]))
+        moved = torch.cat([moved, padding], dim=0)
+    shards = [torch.empty_like(moved) for _ in range(world)]
+    dist.all_gather(shards, moved, group=group)
+    whole = torch.cat([shard[:n] for shard, n in zip(shards, lengths)], dim=0)
+    return whole.movedim(0, dim)

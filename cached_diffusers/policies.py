@@ -20,12 +20,20 @@ import numpy as np
 import torch
 
 from .parallel import sequence_mean, sequence_sums
-from .residuals import ResidualStore, make_store
+from .residuals import LinearExtrapolationStore, ResidualStore, make_store, sigma_at
 from .scm import steps_mask
+from .sea import sea_distance, sea_filter
 from .spec import BLOCK_STACK, PATTERNS, WHOLE_CALL, ModelCacheSpec
 
 if TYPE_CHECKING:  # annotations only: the configs build their policies (configs -> policies), not the reverse
-    from .configs import DBCacheConfig, MagCacheConfig, StepCacheConfig, TaylorSeerConfig, TeaCacheConfig
+    from .configs import (
+        DBCacheConfig,
+        MagCacheConfig,
+        SeaCacheConfig,
+        StepCacheConfig,
+        TaylorSeerConfig,
+        TeaCacheConfig,
+    )
 
 __all__ = [
     "CachePolicy",
@@ -33,6 +41,7 @@ __all__ = [
     "Decision",
     "Gate",
     "MagCachePolicy",
+    "SeaCachePolicy",
     "StepContext",
     "TaylorSeerPolicy",
     "TeaCachePolicy",
@@ -159,7 +168,8 @@ class CachePolicy:
     Class attributes:
         indicator_kind: the decision indicator the method needs: ``"teacache_indicator"`` (TeaCache; the model's,
             e.g. block 0's modulated input), ``"front_residual"`` (DBCache; the image-stream residual of the first
-            ``front_blocks`` blocks), or ``None``.
+            ``front_blocks`` blocks), ``"sea_latent"`` (SeaCache; the raw latent entering the transformer on its grid,
+            ``(B, C, H, W)``, the same on every rank of a context-parallel group), or ``None``.
         value_name: what ``Decision.value`` measures, for the statistics.
         patterns: the wiring patterns the method works with (:data:`~cached_diffusers.spec.BLOCK_STACK`,
             :data:`~cached_diffusers.spec.WHOLE_CALL`); a model whose spec uses none of them is refused here.
@@ -271,6 +281,13 @@ class CachePolicy:
     def observe(self, state: Any, indicator: torch.Tensor | None) -> float | None:
         """Turn the step's indicator tensor into the scalar the decision uses, updating tensor state. Default: none."""
         return None
+
+    def observe_step(
+        self, ctx: StepContext, sigmas: Callable[[], Any] | None, state: Any, indicator: torch.Tensor | None
+    ) -> float | None:
+        """:meth:`observe` with the step and the running schedule's sigmas (``sigmas() -> sequence or None``), for
+        methods whose measurement depends on the noise level (SeaCache). Default: :meth:`observe`."""
+        return self.observe(state, indicator)
 
     def decide(self, ctx: StepContext, state: Any, measurement: float | None, gate: Gate, reason: str) -> Decision:
         raise NotImplementedError
@@ -564,3 +581,103 @@ class TaylorSeerPolicy(CachePolicy):
         if phase % self.config.interval == 0:
             return Decision(False, "interval")
         return Decision(True, "forecast")
+
+
+# -- SeaCache ---------------------------------------------------------------------------------------------------------
+@dataclass
+class SeaCacheState:
+    """Per-branch SeaCache state: the previous step's filtered latent and step, the accumulated distance, the reused
+    steps in a row; in calibration mode the distance recorded at every step."""
+
+    previous: torch.Tensor | None = None
+    previous_step: int | None = None
+    accumulated: float = 0.0
+    consecutive: int = 0
+    why_none: str = "no-previous-indicator"
+    distances: list[float | None] = field(default_factory=list)
+
+
+class SeaCachePolicy(CachePolicy):
+    """SeaCache's rule (see :class:`~cached_diffusers.SeaCacheConfig`) on the SEA-filtered raw latent.
+
+    The model's indicator (kind ``"sea_latent"``) is the raw latent on its grid, ``(B, C, *grid)``; it is filtered
+    over the grid axes (:func:`cached_diffusers.sea.sea_filter`) at the step's ``sigma``. The latent is whole on every
+    rank (models gather a sharded one), so the distance is local: no reduction over the sequence group.
+    """
+
+    indicator_kind = "sea_latent"
+    value_name = "accumulated relative L1 distance of the SEA-filtered raw latent"
+
+    def __init__(self, config: SeaCacheConfig, spec: ModelCacheSpec):
+        super().__init__(config, spec)
+
+    def new_state(self) -> SeaCacheState:
+        return SeaCacheState()
+
+    def make_store(self, first_step: int = 0, sigmas: Callable[[], Any] | None = None) -> ResidualStore:
+        return LinearExtrapolationStore() if self.config.residual_order == 1 else ResidualStore()
+
+    def observe_step(
+        self, ctx: StepContext, sigmas: Callable[[], Any] | None, state: SeaCacheState, indicator: torch.Tensor | None
+    ) -> float | None:
+        if indicator is None:
+            raise ValueError("SeaCache needs the model's raw latent ('sea_latent' indicator), but the model provided none")
+        if indicator.ndim < 3:
+            raise ValueError(
+                f"SeaCache's indicator must be a latent grid (B, C, *grid), got shape {tuple(indicator.shape)}"
+            )
+        sigma = sigma_at(sigmas() if sigmas is not None else None, ctx.step, ctx.num_steps)
+        filtered = sea_filter(indicator, sigma, self.config.power_exp, grid_dims=indicator.ndim - 2)
+        previous, previous_step = state.previous, state.previous_step
+        state.previous, state.previous_step = filtered, ctx.step
+        distance = None
+        if previous is None:
+            state.why_none = "no-previous-indicator"
+        elif previous_step != ctx.step - 1:
+            # diffusers' gate resets its trajectory on non-adjacent steps and runs full
+            state.why_none = "non-adjacent-step"
+        elif previous.shape != filtered.shape:
+            state.why_none = "indicator-changed-shape"
+        else:
+            distance = sea_distance(filtered, previous)
+        if self.config.calibrate:
+            if len(state.distances) != ctx.num_steps:
+                state.distances = [None] * ctx.num_steps
+            state.distances[ctx.step] = distance
+        return distance
+
+    def _compute(self, state: SeaCacheState, reason: str, value: float | None = None) -> Decision:
+        state.accumulated = 0.0
+        state.consecutive = 0
+        return Decision(False, reason, value)
+
+    def decide(
+        self, ctx: StepContext, state: SeaCacheState, measurement: float | None, gate: Gate, reason: str
+    ) -> Decision:
+        config = self.config
+        if config.calibrate:
+            return self._compute(state, "calibration", measurement)
+        if gate is Gate.COMPUTE:
+            return self._compute(state, reason)
+        if gate is Gate.REUSE:  # a static SCM mask
+            state.accumulated += measurement or 0.0
+            state.consecutive += 1
+            return Decision(True, reason, state.accumulated)
+        # the hook's forced computes (diffusers SeaCacheSharedState.resolve_gate), counted in executed steps
+        if ctx.executed < config.retention_steps:
+            return self._compute(state, "retention")
+        if ctx.executed >= ctx.num_executed - config.cache_end_steps:
+            return self._compute(state, "cache-end")
+        if measurement is None:
+            return self._compute(state, state.why_none)
+        if config.max_consecutive_cached and state.consecutive >= config.max_consecutive_cached:
+            return self._compute(state, "max-consecutive-cached")
+        accumulated = state.accumulated + measurement
+        if accumulated >= config.threshold:
+            return self._compute(state, "above-threshold", accumulated)
+        state.accumulated = accumulated
+        state.consecutive += 1
+        return Decision(True, "below-threshold", accumulated)
+
+    def calibration(self, state: SeaCacheState) -> dict[str, Any]:
+        return {"sea_distances": list(state.distances)} if self.config.calibrate else {}

@@ -7,7 +7,15 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["FIRST_DIFFERENCE_STEP", "MeanCacheStore", "ResidualStore", "TaylorSeerStore", "make_store", "sigma_at"]
+__all__ = [
+    "FIRST_DIFFERENCE_STEP",
+    "LinearExtrapolationStore",
+    "MeanCacheStore",
+    "ResidualStore",
+    "TaylorSeerStore",
+    "make_store",
+    "sigma_at",
+]
 
 FIRST_DIFFERENCE_STEP = 3
 """No finite difference is formed at a computed step before this one: the first denoising steps change too fast for
@@ -82,6 +90,32 @@ class TaylorSeerStore(ResidualStore):
             scale = distance**k / math.factorial(k)
             forecast = [f + scale * d for f, d in zip(forecast, self.factors[k])]
         return tuple(f.to(r.dtype) for f, r in zip(forecast, self.residuals))
+
+
+class LinearExtrapolationStore(ResidualStore):
+    """SeaCache's ``residual_order=1``: the residual extrapolated linearly from the last two computed steps.
+
+    With residuals ``R_1``, ``R_2`` computed at steps ``s_1 < s_2``, a reused step ``s`` gets
+    ``R_2 + (R_2 - R_1) * (s - s_2) / (s_2 - s_1)``, in the residuals' dtype (as diffusers'
+    ``hooks/sea_cache.py``, ``SeaCacheLeaderBlockHook.new_forward``); with one computed step, ``R_2`` as it is. A
+    change of the inputs' shapes restarts the history.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.previous: tuple[int, Streams] | None = None
+
+    def update(self, step: int, streams: Streams, residuals: Streams) -> None:
+        keep = self.residuals is not None and self.input_shapes == tuple(s.shape for s in streams)
+        self.previous = (self.last_step, self.residuals) if keep and self.last_step != step else None
+        super().update(step, streams, residuals)
+
+    def get(self, step: int) -> Streams:
+        if self.previous is None:
+            return self.residuals
+        previous_step, previous = self.previous
+        scale = (step - self.last_step) / (self.last_step - previous_step)
+        return tuple(r + (r - p) * scale for r, p in zip(self.residuals, previous))
 
 
 def make_store(taylorseer_order: int | None, first_step: int = 0) -> ResidualStore:

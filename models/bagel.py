@@ -56,6 +56,7 @@ from transformers.models.qwen2.modeling_qwen2 import (
 )
 
 from cached_diffusers.model_mixin import CachedTransformerMixin
+from cached_diffusers.sea import unpack_patch_tokens
 from cached_diffusers.spec import ModelCacheSpec
 
 __all__ = [
@@ -477,7 +478,7 @@ class BagelTransformer2DModel(ModelMixin, ConfigMixin, CacheMixin):
         if kv_cache.key_mask is not None:
             query_mask = torch.ones(batch, num_query, dtype=torch.bool, device=latents.device)
             mask = torch.cat([kv_cache.key_mask, query_mask], dim=1)[:, None, None, :]
-        context = (cos, sin, kv_cache, mask)
+        context = (cos, sin, kv_cache, mask, (hidden_states, latent_grid))  # last: SeaCache's raw latent
         latents, markers = self._run_block_stack((latents, markers), context)
         latents = self.norm_moe_gen(latents)
         velocity = self.llm2vae(latents)
@@ -492,7 +493,7 @@ class BagelTransformer2DModel(ModelMixin, ConfigMixin, CacheMixin):
 
     def _run_blocks(self, start: int, end: int, streams, context):
         """Run decoder layers ``start .. end - 1`` on the query streams ``(latents, markers)``."""
-        cos, sin, kv_cache, mask = context
+        cos, sin, kv_cache, mask = context[:4]
         latents, markers = streams
         for index in range(start, end):
             latents, markers = self.layers[index].forward_gen(
@@ -538,7 +539,14 @@ class CachedBagelTransformer2DModel(CachedTransformerMixin, BagelTransformer2DMo
         return len(self.layers)
 
     def _cache_indicators(self, context):
-        return {"teacache_indicator": _packed_query}
+        hidden_states, (height, width) = context[4]
+        patch = self.config.latent_patch_size
+
+        def raw_latent(streams) -> torch.Tensor:
+            # x_t: (B, h*w, p*p*C) tokens, features (p_row, p_col, c), unpacked to the VAE grid (B, C, h*p, w*p)
+            return unpack_patch_tokens(hidden_states, height, width, patch, channel_last=True)
+
+        return {"teacache_indicator": _packed_query, "sea_latent": raw_latent}
 
 
 def _packed_query(streams) -> torch.Tensor:

@@ -23,10 +23,11 @@ from diffusers.utils.peft_utils import apply_lora_scale
 from diffusers.models.modeling_utils import ModelMixin  # noqa: F401
 
 from cached_diffusers.model_mixin import CachedTransformerMixin, MirroredForward
-from cached_diffusers.parallel import context_parallel_group
+from cached_diffusers.parallel import context_parallel_group, gather_sequence
+from cached_diffusers.sea import unpack_patch_tokens
 from cached_diffusers.spec import ModelCacheSpec
 
-__all__ = ["CachedFlux2Transformer2DModel", "FLUX2_CALIBRATION_HINT"]
+__all__ = ["CachedFlux2Transformer2DModel", "FLUX2_CALIBRATION_HINT", "flux2_latent_grid"]
 
 FLUX2_CALIBRATION_HINT = (
     "No TeaCache coefficients and no MagCache ratios are published or calibrated for FLUX.2 [klein] (the FLUX.1 "
@@ -162,6 +163,7 @@ class CachedFlux2Transformer2DModel(CachedTransformerMixin, Flux2Transformer2DMo
             )
 
         # 2. Input projections.
+        raw_hidden_states = hidden_states  # SeaCache's indicator (this rank's shard under context parallelism)
         hidden_states = self.x_embedder(hidden_states)
         encoder_hidden_states = self.context_embedder(encoder_hidden_states)
 
@@ -214,6 +216,7 @@ class CachedFlux2Transformer2DModel(CachedTransformerMixin, Flux2Transformer2DMo
             kv_attn_kwargs=kv_attn_kwargs,
             kv_attn_kwargs_single=kv_attn_kwargs_single,
             kv_cache=kv_cache if kv_cache_mode is not None else None,
+            raw_latents=(raw_hidden_states, img_ids),
         )
 
         hidden_states, _ = self._run_block_stack(
@@ -237,15 +240,19 @@ class CachedFlux2Transformer2DModel(CachedTransformerMixin, Flux2Transformer2DMo
         return Flux2Transformer2DModelOutput(sample=output)
 
     def _cache_indicators(self, context: _StackContext):
-        if not len(self.transformer_blocks):
-            return {}
-
         def modulated_input(streams: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
             block = self.transformer_blocks[0]
             (shift_msa, scale_msa, _), _ = Flux2Modulation.split(context.double_stream_mod_img, 2)
             return (1 + scale_msa) * block.norm1(streams[0]) + shift_msa
 
-        return {"teacache_indicator": modulated_input}
+        def raw_latent(streams) -> torch.Tensor:
+            hidden_states, img_ids = context.raw_latents
+            group = context_parallel_group(self)  # the plan shards both at the model's input: gather the whole grid
+            return flux2_latent_grid(gather_sequence(hidden_states, group, 1), gather_sequence(img_ids, group, 0))
+
+        if not len(self.transformer_blocks):
+            return {"sea_latent": raw_latent}
+        return {"teacache_indicator": modulated_input, "sea_latent": raw_latent}
 
     def _run_blocks(
         self, start: int, end: int, streams: tuple[torch.Tensor, torch.Tensor], context: _StackContext
@@ -327,8 +334,35 @@ class _StackContext:
         "kv_attn_kwargs",
         "kv_attn_kwargs_single",
         "kv_cache",
+        "raw_latents",
     )
 
     def __init__(self, **values: Any) -> None:
         for name, value in values.items():
             setattr(self, name, value)
+
+
+def flux2_latent_grid(hidden_states: torch.Tensor, img_ids: torch.Tensor) -> torch.Tensor:
+    """SeaCache's raw latent of a FLUX.2 call: the generated image's tokens unpacked to the VAE grid ``(B, C, 2h, 2w)``.
+
+    Args:
+        hidden_states: the transformer's input ``(B, L, 4 C)``: the patchified latent (2x2 patches, features in
+            ``(c, p_row, p_col)`` order, ``Flux2Pipeline._patchify_latents``) packed as tokens, possibly with
+            reference-image tokens (Klein editing, the KV pipeline's extract call).
+        img_ids: ``(L, 4)`` or ``(B, L, 4)`` token coordinates ``(t, h, w, l)``; the generated image has the smallest
+            ``t`` (0; reference images 10, 20, ...), and its ``(h, w)`` place each token on the grid.
+
+    Raises:
+        ValueError: when the generated image's tokens do not fill a rectangular grid.
+    """
+    ids = img_ids[0] if img_ids.ndim == 3 else img_ids
+    ids = ids.to(device=hidden_states.device, dtype=torch.long)
+    generated = ids[:, 0] == ids[:, 0].min()
+    rows, cols = ids[generated, 1], ids[generated, 2]
+    rows, cols = rows - rows.min(), cols - cols.min()
+    height, width = int(rows.max()) + 1, int(cols.max()) + 1
+    if int(generated.sum()) != height * width:
+        raise ValueError(f"FLUX.2 image ids do not form a {height}x{width} grid for SeaCache's latent")
+    order = torch.argsort(rows * width + cols)
+    tokens = hidden_states[:, generated][:, order]
+    return unpack_patch_tokens(tokens, height, width)

@@ -17,9 +17,15 @@ from diffusers.utils.peft_utils import apply_lora_scale
 
 from cached_diffusers.model_mixin import CachedTransformerMixin, MirroredForward
 from cached_diffusers.parallel import context_parallel_group, shard_sequence
+from cached_diffusers.sea import unpack_patch_tokens
 from cached_diffusers.spec import ModelCacheSpec
 
-__all__ = ["CachedQwenImageTransformer2DModel", "QWENIMAGE_MAG_RATIOS", "QWENIMAGE_TEACACHE_COEFFICIENTS"]
+__all__ = [
+    "CachedQwenImageTransformer2DModel",
+    "QWENIMAGE_MAG_RATIOS",
+    "QWENIMAGE_TEACACHE_COEFFICIENTS",
+    "qwenimage_latent_grid",
+]
 
 QWENIMAGE_TEACACHE_COEFFICIENTS = (-4.5e02, 2.8e02, -4.5e01, 3.2e00, -2.0e-02)
 """TeaCache rescaling polynomial for Qwen-Image, ``[c4, c3, c2, c1, c0]`` (highest order first).
@@ -133,6 +139,7 @@ class CachedQwenImageTransformer2DModel(CachedTransformerMixin, QwenImageTransfo
                 return_dict=return_dict,
             )
 
+        raw_hidden_states = hidden_states
         hidden_states = self.img_in(hidden_states)
         timestep = timestep.to(hidden_states.dtype)
         modulate_index = None
@@ -169,7 +176,8 @@ class CachedQwenImageTransformer2DModel(CachedTransformerMixin, QwenImageTransfo
             streams = tuple(shard_sequence(self, s, dim=1) for s in streams)
             if modulate_index is not None:
                 indicator_modulate_index = shard_sequence(self, modulate_index, dim=1)
-        context = (block_kwargs, controlnet_block_samples, indicator_modulate_index)
+        raw_latents = (raw_hidden_states, img_shapes)  # SeaCache's indicator: the whole raw latent, on every rank
+        context = (block_kwargs, controlnet_block_samples, indicator_modulate_index, raw_latents)
         hidden_states, _ = self._run_block_stack(streams, context, sequence_group=cp_group)
 
         if self.zero_cond_t:
@@ -180,23 +188,27 @@ class CachedQwenImageTransformer2DModel(CachedTransformerMixin, QwenImageTransfo
         return Transformer2DModelOutput(sample=output)
 
     def _cache_indicators(self, context):
-        block_kwargs, _, modulate_index = context  # the modulation index of this rank's shard under CP
+        block_kwargs, _, modulate_index, (raw_hidden_states, img_shapes) = context  # modulate_index: this rank's shard
 
         def modulated_input(streams: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
             block = self.transformer_blocks[0]
             img_mod1 = block.img_mod(block_kwargs["temb"]).chunk(2, dim=-1)[0]
             return block._modulate(block.img_norm1(streams[0]), img_mod1, modulate_index)[0]
 
-        return {"teacache_indicator": modulated_input}
+        def raw_latent(streams) -> torch.Tensor:
+            return qwenimage_latent_grid(raw_hidden_states, img_shapes)
+
+        return {"teacache_indicator": modulated_input, "sea_latent": raw_latent}
 
     def _run_blocks(
         self, start: int, end: int, streams: tuple[torch.Tensor, torch.Tensor], context
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Run ``transformer_blocks[start:end]`` on ``(image tokens, text tokens)`` exactly as the parent's loop does.
 
-        ``context`` is ``(block_kwargs, controlnet_block_samples, indicator_modulate_index)`` of this forward.
+        ``context`` is ``(block_kwargs, controlnet_block_samples, indicator_modulate_index, raw_latents)`` of this
+        forward.
         """
-        block_kwargs, controlnet_block_samples, _ = context
+        block_kwargs, controlnet_block_samples = context[:2]
         hidden_states, encoder_hidden_states = streams
         for index in range(start, end):
             block = self.transformer_blocks[index]
@@ -217,3 +229,32 @@ class CachedQwenImageTransformer2DModel(CachedTransformerMixin, QwenImageTransfo
                 interval = int(np.ceil(len(self.transformer_blocks) / len(controlnet_block_samples)))
                 hidden_states = hidden_states + controlnet_block_samples[index // interval]
         return hidden_states, encoder_hidden_states
+
+
+def qwenimage_latent_grid(hidden_states: torch.Tensor, img_shapes) -> torch.Tensor:
+    """SeaCache's raw latent of a Qwen-Image call: the generated image's packed tokens unpacked to the VAE grid.
+
+    Args:
+        hidden_states: the transformer's input ``(B, L, 4 C)``: 2x2 patches of the ``C``-channel latent, features in
+            ``(c, p_row, p_col)`` order (``QwenImagePipeline._pack_latents``), the generated image's tokens first,
+            then any conditioning image's (Qwen-Image-Edit).
+        img_shapes: the pipeline's ``img_shapes``, per sample a list of ``(frames, h, w)`` token grids (or one such
+            list for every sample); the first grid is the generated image's.
+
+    Returns:
+        ``(B, C, 2h, 2w)`` for one frame, ``(B, C, frames, 2h, 2w)`` otherwise. Conditioning images (the later
+        grids) are left out, as diffusers' SeaCache hook leaves out visual hints that are not part of the output.
+
+    Raises:
+        ValueError: when the tokens do not fit the first grid.
+    """
+    shapes = img_shapes
+    while isinstance(shapes, (list, tuple)) and shapes and isinstance(shapes[0], (list, tuple)):
+        shapes = shapes[0]
+    frames, height, width = (int(v) for v in shapes)
+    tokens = hidden_states[:, : frames * height * width]
+    if frames == 1:
+        return unpack_patch_tokens(tokens, height, width)
+    per_frame = tokens.reshape(tokens.shape[0] * frames, height * width, tokens.shape[-1])
+    grid = unpack_patch_tokens(per_frame, height, width)
+    return grid.reshape(tokens.shape[0], frames, *grid.shape[1:]).transpose(1, 2)

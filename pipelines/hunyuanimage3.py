@@ -497,8 +497,10 @@ class CachedHunyuanImage3Pipeline(CachedPipelineMixin, DiffusionPipeline):
                 embedded.append(embedder(timestep).float())
             return embedded[0]
 
+        # SeaCache's indicator: the raw latent (B, C, h, w) entering the transformer (already on its grid)
+        indicators = {"teacache_indicator": indicator, "sea_latent": latents}
         decisions = {
-            branch: engine.decide(branch, i, num_steps, inputs=(latents,), indicator=indicator) for branch in branches
+            branch: engine.decide(branch, i, num_steps, inputs=(latents,), indicator=indicators) for branch in branches
         }
         computing = [branch for branch in branches if not decisions[branch].reuse]
         preds: dict[str, torch.Tensor] = {}

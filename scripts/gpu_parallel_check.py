@@ -39,7 +39,10 @@ import torch
 
 from gpu_benchmark_qwenimage import random_transformer  # scripts/ is on sys.path when a script runs
 
-METHODS = ("teacache", "teacache-calibrate", "magcache", "magcache-calibrate", "dbcache", "fbcache", "taylorseer", "scm")
+METHODS = (
+    "teacache", "teacache-calibrate", "magcache", "magcache-calibrate", "dbcache", "fbcache", "taylorseer", "scm",
+    "seacache",
+)  # fmt: skip
 
 QWEN_FULL = {
     "patch_size": 2, "in_channels": 64, "out_channels": 16, "num_layers": 60, "attention_head_dim": 128,
@@ -159,6 +162,7 @@ def method_config(name: str, family: str, thresholds: dict[str, float], calibrat
         DBCacheConfig,
         FirstBlockCacheConfig,
         MagCacheConfig,
+        SeaCacheConfig,
         TaylorSeerConfig,
         TeaCacheConfig,
     )
@@ -181,6 +185,8 @@ def method_config(name: str, family: str, thresholds: dict[str, float], calibrat
         return TaylorSeerConfig(order=1, interval=3, max_warmup_steps=2)
     if name == "scm":
         return DBCacheConfig(Fn=1, Bn=0, residual_diff_threshold=thresholds["dbcache"], scm_steps_mask="fast")
+    if name == "seacache":  # the raw latent is whole on every rank (gathered under context parallelism)
+        return SeaCacheConfig(threshold=thresholds.get("seacache", SeaCacheConfig.threshold))
     raise ValueError(f"unknown method {name!r}; valid: {', '.join(METHODS)}")
 
 
@@ -240,6 +246,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--teacache-thresh", type=float, default=0.2)
     parser.add_argument("--magcache-thresh", type=float, default=0.06)
     parser.add_argument("--dbcache-thresh", type=float, default=0.08)
+    parser.add_argument("--seacache-thresh", type=float, default=0.25)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", type=Path, help="JSON report (written by rank 0)")
 
@@ -252,7 +259,8 @@ def resolve(args: argparse.Namespace) -> tuple[torch.dtype, list[str], dict[str,
     unknown = [m for m in names if m not in METHODS]
     if unknown:
         sys.exit(f"--methods: unknown {unknown}; valid: {', '.join(METHODS)}")
-    thresholds = {"teacache": args.teacache_thresh, "magcache": args.magcache_thresh, "dbcache": args.dbcache_thresh}
+    thresholds = {"teacache": args.teacache_thresh, "magcache": args.magcache_thresh, "dbcache": args.dbcache_thresh,
+                  "seacache": args.seacache_thresh}  # fmt: skip
     return getattr(torch, args.dtype), names, thresholds
 
 

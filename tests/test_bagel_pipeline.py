@@ -15,6 +15,7 @@ from cached_diffusers import (
     DBCacheConfig,
     FirstBlockCacheConfig,
     MagCacheConfig,
+    SeaCacheConfig,
     TaylorSeerConfig,
     TeaCacheConfig,
 )
@@ -252,8 +253,9 @@ def test_branch_outside_the_interval_does_not_disturb_a_run_of_that_branch_alone
         DBCacheConfig(Fn=1, Bn=0, residual_diff_threshold=0.5, max_warmup_steps=1, enable_taylorseer=True),
         TaylorSeerConfig(order=2, interval=3, max_warmup_steps=2),
         TeaCacheConfig(rel_l1_thresh=0.5, scm_steps_mask="fast", scm_steps_policy="static"),
+        SeaCacheConfig(threshold=10.0),
     ],
-    ids=["teacache", "fbcache", "dbcache-taylorseer", "taylorseer", "scm"],
+    ids=["teacache", "fbcache", "dbcache-taylorseer", "taylorseer", "scm", "seacache"],
 )
 def test_every_method_runs_with_per_branch_state(pipe, ref, config):
     pipe.cache_config = config

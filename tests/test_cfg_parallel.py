@@ -17,6 +17,7 @@ from cached_diffusers import (
     DBCacheConfig,
     FirstBlockCacheConfig,
     MagCacheConfig,
+    SeaCacheConfig,
     TaylorSeerConfig,
     TeaCacheConfig,
 )
@@ -36,6 +37,7 @@ QWEN_CONFIGS = [
     FirstBlockCacheConfig(residual_diff_threshold=0.73, max_warmup_steps=1, max_continuous_cached_steps=2),
     TaylorSeerConfig(order=2, interval=3, max_warmup_steps=2),
     FirstBlockCacheConfig(residual_diff_threshold=10.0, scm_steps_mask="fast", scm_steps_policy="static"),
+    SeaCacheConfig(threshold=0.3),
 ]
 KLEIN_CONFIGS = [
     TeaCacheConfig(rel_l1_thresh=1e6, coefficients=KLEIN_COEFFICIENTS, max_continuous_cached_steps=2),

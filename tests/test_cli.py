@@ -101,7 +101,13 @@ def test_generate_on_a_flux2_klein_directory(tmp_path, capsys):
 def test_calibrate_writes_a_loadable_cache_config(tmp_path, capsys):
     import json
 
-    from cached_diffusers import CachedQwenImagePipeline, MagCacheConfig, TeaCacheConfig, cache_config_from_dict
+    from cached_diffusers import (
+        CachedQwenImagePipeline,
+        MagCacheConfig,
+        SeaCacheConfig,
+        TeaCacheConfig,
+        cache_config_from_dict,
+    )
 
     model = save_tiny_qwenimage_pipeline(tmp_path / "model")
     base = ["calibrate", "--model", str(model), "--steps", "6", "--height", "64", "--width", "64",
@@ -123,6 +129,18 @@ def test_calibrate_writes_a_loadable_cache_config(tmp_path, capsys):
     config = cache_config_from_dict(json.loads(out.read_text()))
     assert isinstance(config, MagCacheConfig) and set(config.mag_ratios) == {"cond", "uncond"}  # branches differ
     assert all(len(r) == 6 and r[0] == 1.0 for r in config.mag_ratios.values())
+
+    out = tmp_path / "sea.json"
+    assert main(base + ["--method", "seacache", "--computed-steps", "4", "--output", str(out)]) == 0
+    text = capsys.readouterr().out
+    config = cache_config_from_dict(json.loads(out.read_text()))
+    assert isinstance(config, SeaCacheConfig) and config.threshold > 0
+    assert re.search(r"SeaCache threshold [0-9.e-]+: [0-9, ]+ computed steps per branch \(target at least 4\)", text)
+    replayed = json.loads((tmp_path / "sea.calibration.json").read_text())["fit"]["replayed_computed_steps"]
+    assert len(replayed) == 2 and all(n >= 4 for run in replayed for n in run.values())
+    assert main(base + ["--method", "seacache", "--output", str(out)]) == 2
+    assert "--method seacache needs --computed-steps N" in capsys.readouterr().err
+    assert main(base + ["--computed-steps", "4", "--output", str(out)]) == 2
 
 
 def test_generate_uses_the_directorys_cache_config_unless_told_otherwise(tmp_path, capsys):

@@ -22,6 +22,7 @@ from cached_diffusers import (
     DBCacheConfig,
     FirstBlockCacheConfig,
     MagCacheConfig,
+    SeaCacheConfig,
     TaylorSeerConfig,
     TeaCacheConfig,
 )
@@ -72,6 +73,8 @@ def methods(family):
             Fn=1, Bn=0, residual_diff_threshold=db, max_warmup_steps=1, enable_taylorseer=True, taylorseer_order=1
         ),
         "scm": DBCacheConfig(Fn=1, Bn=0, residual_diff_threshold=db, scm_steps_mask=[1, 1, 0, 1, 0, 0, 1, 1]),
+        # the raw latent is whole on every rank (Klein's is gathered from the plan's shards): no reduction needed
+        "seacache": SeaCacheConfig(threshold=0.3),
     }
 
 
@@ -221,7 +224,7 @@ def _assert_same_calibration(got, expected, where):
             assert torch.allclose(flat_got, flat_expected, rtol=1e-5, atol=1.1e-5), f"{where}: {key}"
 
 
-FAMILY_METHODS = {"qwen": METHOD_NAMES, "klein": METHOD_NAMES, "qwen-edit": ("teacache", "dbcache")}
+FAMILY_METHODS = {"qwen": METHOD_NAMES, "klein": METHOD_NAMES, "qwen-edit": ("teacache", "dbcache", "seacache")}
 
 
 @pytest.fixture(scope="module")

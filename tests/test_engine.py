@@ -11,6 +11,7 @@ from cached_diffusers import (
     DBCacheConfig,
     FirstBlockCacheConfig,
     MagCacheConfig,
+    SeaCacheConfig,
     TaylorSeerConfig,
     TeaCacheConfig,
 )
@@ -38,7 +39,9 @@ class ToyStack:
         return image, text
 
     def as_stack(self):
-        return BlockStack(self.num_blocks, self.run_blocks, {"teacache_indicator": lambda s: s[0] * 2.0})
+        # SeaCache's raw latent: the image stream seen as a one-channel (6 x 3) grid
+        indicators = {"teacache_indicator": lambda s: s[0] * 2.0, "sea_latent": lambda s: s[0][:, None]}
+        return BlockStack(self.num_blocks, self.run_blocks, indicators)
 
 
 def streams_at(step, scale=0.01, seed=0):
@@ -204,8 +207,9 @@ def composed_generation(engine, toy, num_steps, branches, scales):
             span_in = toy.run_blocks(0, front, streams) if front else streams
             if policy.indicator_kind == "front_residual":
                 indicator = span_in[0] - streams[0]
-            else:
-                indicator = lambda s=streams: s[0] * 2.0  # noqa: E731 (computed only when the method needs it)
+            else:  # the stack's indicator of the method's kind, computed only when the method needs it
+                kind = policy.indicator_kind or "teacache_indicator"
+                indicator = lambda s=streams, k=kind: toy.as_stack().indicators[k](s)  # noqa: E731
             decision = engine.decide(
                 b, step, num_steps, inputs=span_in, indicator=indicator, num_blocks=4, pattern=BLOCK_STACK
             )
@@ -227,8 +231,9 @@ def composed_generation(engine, toy, num_steps, branches, scales):
         MagCacheConfig(mag_ratios=[1.0, 0.99, 0.98, 1.02] * 3, mag_threshold=0.1, mag_retention_ratio=0.0),
         TaylorSeerConfig(order=2, interval=2, max_warmup_steps=1),
         TeaCacheConfig(calibrate=True, coefficients=IDENTITY),
+        SeaCacheConfig(threshold=0.05, max_consecutive_cached=2),
     ],
-    ids=["teacache", "teacache+taylorseer", "dbcache", "magcache", "taylorseer", "teacache-calibrate"],
+    ids=["teacache", "teacache+taylorseer", "dbcache", "magcache", "taylorseer", "teacache-calibrate", "seacache"],
 )
 def test_run_is_the_composition_of_decide_commit_recall(config):
     scales = {"cond": 0.01, "uncond": 0.05}

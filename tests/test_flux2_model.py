@@ -11,6 +11,7 @@ from cached_diffusers import (
     DBCacheConfig,
     FirstBlockCacheConfig,
     MagCacheConfig,
+    SeaCacheConfig,
     TaylorSeerConfig,
     TeaCacheConfig,
 )
@@ -93,6 +94,7 @@ NEVER_REUSING = [
     DBCacheConfig(Fn=2, Bn=0, residual_diff_threshold=0.0, max_warmup_steps=0),  # boundary between the two stacks
     DBCacheConfig(Fn=3, Bn=2, residual_diff_threshold=0.0, max_warmup_steps=0),  # boundaries inside the single stack
     TaylorSeerConfig(interval=1, max_warmup_steps=0),
+    SeaCacheConfig(threshold=0.0),
 ]
 
 

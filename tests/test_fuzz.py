@@ -47,7 +47,8 @@ class Toy:
                 text = text * 0.9
             return image, text
 
-        return BlockStack(4, run_blocks, {"teacache_indicator": lambda s: s[0] * 2.0})
+        indicators = {"teacache_indicator": lambda s: s[0] * 2.0, "sea_latent": lambda s: s[0][:, None]}
+        return BlockStack(4, run_blocks, indicators)
 
 
 def run_toy_generation(config, steps=4):

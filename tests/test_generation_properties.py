@@ -22,6 +22,7 @@ from cached_diffusers import (
     DBCacheConfig,
     FirstBlockCacheConfig,
     MagCacheConfig,
+    SeaCacheConfig,
     TaylorSeerConfig,
     TeaCacheConfig,
 )
@@ -102,7 +103,7 @@ def residual_options(draw):
 
 @st.composite
 def cache_configs(draw):
-    method = draw(st.sampled_from(["none", "teacache", "magcache", "dbcache", "fbcache", "taylorseer"]))
+    method = draw(st.sampled_from(["none", "teacache", "magcache", "dbcache", "fbcache", "taylorseer", "seacache"]))
     if method == "none":
         return None
     common = draw(guards())
@@ -127,6 +128,12 @@ def cache_configs(draw):
     if method == "fbcache":
         return FirstBlockCacheConfig(
             residual_diff_threshold=draw(st.sampled_from([0.05, 0.5, 1e6])), **common, **residual_options(draw)
+        )
+    if method == "seacache":
+        return SeaCacheConfig(
+            threshold=draw(st.sampled_from([0.0, 0.1, 1.0, 1e6])), residual_order=draw(st.integers(0, 1)),
+            retention_steps=draw(st.integers(0, 2)), cache_end_steps=draw(st.integers(0, 2)),
+            max_consecutive_cached=draw(st.integers(0, 3)), power_exp=draw(st.sampled_from([1.0, 3.0])), **common,
         )
     return TaylorSeerConfig(order=draw(st.integers(1, 3)), interval=draw(st.integers(1, 4)), **common)
 

@@ -48,7 +48,7 @@ def test_every_method_name_builds_a_config(family):
                for name in gpu_parallel_check.METHODS}  # fmt: skip
     assert methods == {"teacache": "teacache", "teacache-calibrate": "teacache", "magcache": "magcache",
                        "magcache-calibrate": "magcache", "dbcache": "dbcache", "fbcache": "fbcache",
-                       "taylorseer": "taylorseer", "scm": "dbcache"}  # fmt: skip
+                       "taylorseer": "taylorseer", "scm": "dbcache", "seacache": "seacache"}  # fmt: skip
     with pytest.raises(ValueError, match="unknown method 'turbo'"):
         gpu_parallel_check.method_config("turbo", family, thresholds, calibrations)
 

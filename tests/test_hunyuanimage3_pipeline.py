@@ -15,6 +15,7 @@ from cached_diffusers import (
     DBCacheConfig,
     FirstBlockCacheConfig,
     MagCacheConfig,
+    SeaCacheConfig,
     TaylorSeerConfig,
     TeaCacheConfig,
 )
@@ -206,8 +207,9 @@ def test_branches_that_disagree_run_only_the_computing_rows_and_keep_the_kv_cach
         TaylorSeerConfig(order=1, interval=3, max_warmup_steps=2),
         TeaCacheConfig(rel_l1_thresh=1e-9, scm_steps_mask="fast", scm_steps_policy="static"),
         "magcache",
+        SeaCacheConfig(threshold=10.0),
     ],
-    ids=["teacache", "teacache+taylorseer", "taylorseer", "scm-static", "magcache-calibrated"],
+    ids=["teacache", "teacache+taylorseer", "taylorseer", "scm-static", "magcache-calibrated", "seacache"],
 )
 def test_every_applicable_method_runs(pipe, config):
     steps = 12

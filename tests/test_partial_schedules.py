@@ -5,7 +5,14 @@ steps that ran."""
 import pytest
 import torch
 
-from cached_diffusers import DBCacheConfig, MagCacheConfig, TaylorSeerConfig, TeaCacheConfig, steps_mask
+from cached_diffusers import (
+    DBCacheConfig,
+    MagCacheConfig,
+    SeaCacheConfig,
+    TaylorSeerConfig,
+    TeaCacheConfig,
+    steps_mask,
+)
 
 from families import CASES_BY_NAME, small_working_sizes
 
@@ -52,6 +59,11 @@ def expected_reason(config, executed, num_executed, is_last):
         return "scm-compute" if steps_mask(config.scm_steps_mask, num_executed)[executed] else "scm-static"
     if isinstance(config, MagCacheConfig) and executed < int(config.mag_retention_ratio * num_executed + 0.5):
         return "retention"
+    if isinstance(config, SeaCacheConfig):
+        if executed < config.retention_steps:
+            return "retention"
+        if executed >= num_executed - config.cache_end_steps:
+            return "cache-end"
     return None  # the method's own test: reuses with these thresholds
 
 
@@ -66,6 +78,9 @@ def configs(case):
             mag_threshold=100.0, mag_max_skip_steps=100, mag_retention_ratio=0.5, mag_ratios=(1.0,) * N
         ),
         "taylorseer": TaylorSeerConfig(order=1, interval=2, max_warmup_steps=1),
+        "seacache-retention": SeaCacheConfig(
+            threshold=100.0, retention_steps=2, cache_end_steps=2, max_consecutive_cached=0
+        ),
     }
 
 
@@ -78,7 +93,9 @@ def case_and_pipe(request):
 
 
 @pytest.mark.parametrize("strength", STRENGTHS)
-@pytest.mark.parametrize("method", ["dbcache-warmup", "scm-static", "magcache-retention", "taylorseer"])
+@pytest.mark.parametrize(
+    "method", ["dbcache-warmup", "scm-static", "magcache-retention", "taylorseer", "seacache-retention"]
+)
 def test_guards_count_from_the_first_executed_step(case_and_pipe, method, strength):
     case, pipe = case_and_pipe
     config = configs(case)[method]

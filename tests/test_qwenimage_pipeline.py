@@ -14,6 +14,7 @@ from cached_diffusers import (
     DBCacheConfig,
     FirstBlockCacheConfig,
     MagCacheConfig,
+    SeaCacheConfig,
     TaylorSeerConfig,
     TeaCacheConfig,
 )
@@ -225,6 +226,7 @@ def test_pil_output_and_stats_without_cfg(pipe):
         DBCacheConfig(Fn=1, Bn=0, residual_diff_threshold=10.0, max_warmup_steps=0, enable_taylorseer=True, taylorseer_order=2),
         FirstBlockCacheConfig(residual_diff_threshold=10.0, scm_steps_mask="fast", scm_steps_policy="static"),
         TaylorSeerConfig(order=2, interval=3, max_warmup_steps=2),
+        SeaCacheConfig(threshold=10.0),
     ],
     ids=lambda c: c.method,
 )

@@ -16,6 +16,7 @@ from cached_diffusers import (
     DBCacheConfig,
     FirstBlockCacheConfig,
     MagCacheConfig,
+    SeaCacheConfig,
     TaylorSeerConfig,
     TeaCacheConfig,
 )
@@ -177,6 +178,7 @@ REUSING = {
     "magcache": MagCacheConfig(mag_ratios=[1.0] * STEPS, mag_threshold=10.0, mag_retention_ratio=0.0, mag_max_skip_steps=10),
     "dbcache": DBCacheConfig(Fn=1, Bn=1, residual_diff_threshold=1e9, max_warmup_steps=0),
     "taylorseer": TaylorSeerConfig(interval=10, max_warmup_steps=1),
+    "seacache": SeaCacheConfig(threshold=1e9, retention_steps=0, max_consecutive_cached=0),
     "static-scm": FirstBlockCacheConfig(
         residual_diff_threshold=0.0, scm_steps_mask=[1, 0, 0, 0, 0, 1], scm_steps_policy="static"
     ),

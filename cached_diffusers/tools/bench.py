@@ -42,6 +42,7 @@ from ..configs import (
     DBCacheConfig,
     FirstBlockCacheConfig,
     MagCacheConfig,
+    SeaCacheConfig,
     TaylorSeerConfig,
     TeaCacheConfig,
     resolve_cache_config,
@@ -77,7 +78,7 @@ SSIM_THRESHOLD = 0.9
 
 LPIPS_UNAVAILABLE_NOTE = "LPIPS weights are not available offline on this machine"
 
-SWEEP_METHODS = ("teacache", "magcache", "fbcache", "dbcache", "dbcache+scm", "taylorseer")
+SWEEP_METHODS = ("teacache", "magcache", "fbcache", "dbcache", "dbcache+scm", "taylorseer", "seacache")
 """Labels :func:`default_sweep` knows; each is one curve of the Pareto plot."""
 
 SCHEMA = "cached-diffusers-bench/1"
@@ -91,6 +92,8 @@ MAGCACHE_THRESHOLDS = (0.03, 0.06, 0.12, 0.24)
 FBCACHE_THRESHOLDS = (0.05, 0.1, 0.2, 0.4, 0.8)
 DBCACHE_THRESHOLDS = (0.08, 0.16, 0.32, 0.64)
 TAYLORSEER_INTERVALS = (2, 3, 5)
+# SeaCache: diffusers' hook default 0.25; an SGLang pull request reports 0.3 on FLUX.1-dev at 50 steps.
+SEACACHE_THRESHOLDS = (0.1, 0.25, 0.5, 1.0)
 SCM_PRESETS = ("slow", "medium", "fast", "ultra")
 
 # The parameter each method's sweep varies: always shown in the table, used to label the plot's points.
@@ -100,6 +103,7 @@ _KNOBS = {
     "fbcache": "residual_diff_threshold",
     "dbcache": "residual_diff_threshold",
     "taylorseer": "interval",
+    "seacache": "threshold",
 }
 
 
@@ -151,7 +155,9 @@ def default_sweep(
       ``residual_diff_threshold`` in :data:`DBCACHE_THRESHOLDS`;
     * ``dbcache+scm``: the same DBCache with each SCM preset of :data:`SCM_PRESETS`, ``scm_steps_policy="static"``
       and no warm-up (the mask alone decides: a fixed compute budget);
-    * ``taylorseer``: ``TaylorSeerConfig(order=1, interval=k)`` for ``k`` in :data:`TAYLORSEER_INTERVALS`.
+    * ``taylorseer``: ``TaylorSeerConfig(order=1, interval=k)`` for ``k`` in :data:`TAYLORSEER_INTERVALS`;
+    * ``seacache``: ``SeaCacheConfig(threshold=t)`` (the hook's other defaults) for ``t`` in
+      :data:`SEACACHE_THRESHOLDS`.
 
     TeaCache and MagCache take the model's published coefficients / ratios; when ``pipe``'s current cache config
     carries its own (e.g. a calibrated ``cache_config.json`` loaded with the model), or one of ``calibrated`` does
@@ -188,6 +194,7 @@ def default_sweep(
             for preset in SCM_PRESETS
         ],
         "taylorseer": [TaylorSeerConfig(order=1, interval=k) for k in TAYLORSEER_INTERVALS],
+        "seacache": [SeaCacheConfig(threshold=t) for t in SEACACHE_THRESHOLDS],
     }
     return [config for label in chosen for config in sweeps[label]]
 

@@ -566,8 +566,8 @@ def _default_output(args: argparse.Namespace) -> str:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from ..calibration import fit_teacache, teacache_pairs
-    from ..configs import MagCacheConfig, TeaCacheConfig
+    from ..calibration import fit_teacache, suggest_sea_threshold, teacache_pairs
+    from ..configs import MagCacheConfig, SeaCacheConfig, TeaCacheConfig
 
     method = args.method
     _check_threads(args)
@@ -577,6 +577,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                                       ("--error-matrix", args.error_matrix)) if value is not None]
     if given:
         raise ValueError(f"{', '.join(given)}: for --method lemica or meancache only, not {method}")
+    if (method == "seacache") != (args.computed_steps is not None):
+        raise ValueError(
+            "--method seacache needs --computed-steps N (the target computed steps per branch), and only it takes it"
+        )
     _check_sampling_args(args)
     output = _default_output(args)
     provenance = os.path.splitext(output)[0] + ".calibration.json"
@@ -588,7 +592,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     _set_threads(args)
     _device_and_dtype(args.device, args.dtype)
-    calibration = TeaCacheConfig(calibrate=True) if method == "teacache" else MagCacheConfig(calibrate=True)
+    calibration = {"teacache": TeaCacheConfig, "magcache": MagCacheConfig, "seacache": SeaCacheConfig}[method](
+        calibrate=True
+    )
     pipe = _load_pipeline(args, calibration)
     pipe.cache_config = calibration  # whatever the directory held: calibration never reuses
     prompts = args.prompt or list(DEFAULT_PROMPTS)
@@ -608,6 +614,11 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         print(fit.summary())
         config = TeaCacheConfig(rel_l1_thresh=args.rel_l1_thresh, coefficients=fit.coefficients)
         quality = {"num_pairs": fit.num_pairs, "rmse": fit.rmse, "r2": fit.r2, "x_range": list(fit.x_range)}
+    elif method == "seacache":
+        suggestion = suggest_sea_threshold(runs, args.computed_steps, SeaCacheConfig())
+        print(suggestion.summary())
+        config = SeaCacheConfig(threshold=suggestion.threshold)
+        quality = {"target_computed_steps": args.computed_steps, "replayed_computed_steps": suggestion.computed_steps}
     else:
         config = MagCacheConfig.from_calibration(runs, mag_threshold=args.mag_threshold)
         ratios = config.mag_ratios if isinstance(config.mag_ratios, dict) else {"all branches": config.mag_ratios}
@@ -667,6 +678,8 @@ def _calibrate_schedule(args: argparse.Namespace) -> int:
     from ..schedules import path_costs
 
     method = args.method
+    if args.computed_steps is not None:
+        raise ValueError(f"--computed-steps: for --method seacache only, not {method} (its budget is --budget)")
     budgets = sorted(set(args.budget or ()), reverse=True)
     if not budgets:
         raise ValueError(f"--method {method} needs --budget B [B ...]: the computed steps per schedule (e.g. 25 17 10)")
@@ -1041,12 +1054,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     calibrate = commands.add_parser(
         "calibrate",
-        help="fit TeaCache coefficients or MagCache ratios, or plan LeMiCa / MeanCache schedules, on uncached runs, "
-        "and save the cache config(s)",
+        help="fit TeaCache coefficients or MagCache ratios, find a SeaCache threshold, or plan LeMiCa / MeanCache "
+        "schedules, on uncached runs, and save the cache config(s)",
         parents=[_run_options(default_threads=None)],
     )
     calibrate.add_argument("--model", required=True, help="diffusers directory or Hub id")
-    calibrate.add_argument("--method", choices=("teacache", "magcache", "lemica", "meancache"), default="teacache")
+    calibrate.add_argument(
+        "--method", choices=("teacache", "magcache", "seacache", "lemica", "meancache"), default="teacache"
+    )
+    calibrate.add_argument(
+        "--computed-steps", type=int, default=None, metavar="N",
+        help="seacache: the largest threshold whose replay on the uncached runs computes at least N steps per branch",
+    )
     calibrate.add_argument(
         "--budget", type=int, nargs="+", default=None,
         help="lemica/meancache: computed steps per schedule, first and last included (e.g. --budget 25 17 10)",
@@ -1113,7 +1132,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=int, default=3, help="timed repeats of every run; the median counts (default: 3)")
     bench.add_argument(
         "--methods", nargs="+", default=None, metavar="METHOD",
-        help="methods to sweep: teacache magcache fbcache dbcache dbcache+scm taylorseer (default: all)",
+        help="methods to sweep: teacache magcache fbcache dbcache dbcache+scm taylorseer seacache (default: all)",
     )
     bench.add_argument(
         "--calibrated", action="append", default=None, metavar="FILE",

@@ -5,7 +5,7 @@ guidance branch, of ``N``):
 
 * the planned methods (LeMiCa, MeanCache) run their schedule for ``B``: the budget is exact;
 * every greedy method is tuned to ``B`` by bisection of its threshold (TeaCache ``rel_l1_thresh``, MagCache
-  ``mag_threshold``, First-Block-Cache and DBCache ``residual_diff_threshold``, log scale): the result is the
+  ``mag_threshold``, First-Block-Cache and DBCache ``residual_diff_threshold``, SeaCache ``threshold``, log scale): the result is the
   evaluated threshold whose measured computed steps (mean over prompts and branches) is the largest one ``<= B``
   (or the smallest measured, flagged ``reached: false``, when no threshold gets down to ``B``); TaylorSeer's
   integer ``interval`` is chosen the same way, from its exact (static) count. The budget of a greedy method is
@@ -13,7 +13,9 @@ guidance branch, of ``N``):
   count, never the images).
 
 MagCache is tuned with ``mag_max_skip_steps = N`` and ``mag_retention_ratio = 0.1`` (the official FLUX.1 value), so
-that its own caps do not keep it above small budgets; the others keep their defaults (DBCache: the sweep's ``F{n}B0``
+that its own caps do not keep it above small budgets; SeaCache likewise with ``max_consecutive_cached = 0`` (no limit;
+the hook's other defaults kept: ``retention_steps = cache_end_steps = 1``, ``residual_order = 1``, ``power_exp = 3``);
+the others keep their defaults (DBCache: the sweep's ``F{n}B0``
 and warm-up, see :func:`cached_diffusers.tools.bench.default_sweep`).
 
 Fidelity is PSNR / SSIM of each image against the uncached image of the same prompt and seed (computed once per
@@ -34,7 +36,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from .bench import PSNR_THRESHOLD, default_sweep, environment, run_prompts
-from ..configs import CacheConfig, MagCacheConfig, PlannedScheduleConfig, TaylorSeerConfig
+from ..configs import CacheConfig, MagCacheConfig, PlannedScheduleConfig, SeaCacheConfig, TaylorSeerConfig
 from .imaging import psnr, require_extra, ssim
 
 __all__ = [
@@ -50,7 +52,7 @@ __all__ = [
     "write_json",
 ]
 
-BUDGET_METHODS = ("teacache", "magcache", "fbcache", "dbcache", "taylorseer")
+BUDGET_METHODS = ("teacache", "magcache", "fbcache", "dbcache", "taylorseer", "seacache")
 """The greedy (or fixed-interval) methods tuned to each budget."""
 
 KNOBS = {
@@ -58,6 +60,7 @@ KNOBS = {
     "magcache": "mag_threshold",
     "fbcache": "residual_diff_threshold",
     "dbcache": "residual_diff_threshold",
+    "seacache": "threshold",
 }
 THRESHOLD_RANGE = (1e-3, 10.0)
 """Bisection interval of every threshold (log scale)."""
@@ -211,6 +214,8 @@ def _greedy_base(pipe, method: str, num_steps: int, calibrated: Sequence[CacheCo
     config = default_sweep(pipe, methods=[method], num_steps=num_steps, calibrated=calibrated)[0]
     if isinstance(config, MagCacheConfig):
         config = config.replace(mag_max_skip_steps=num_steps, mag_retention_ratio=0.1)
+    if isinstance(config, SeaCacheConfig):
+        config = config.replace(max_consecutive_cached=0)
     return config
 
 
