@@ -379,6 +379,7 @@ def test_cli_parallel_flags_parse_and_need_torchrun(tmp_path, monkeypatch, capsy
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     model = tmp_path / "model"
     model.mkdir()
+    (model / "model_index.json").write_text('{"_class_name": "QwenImagePipeline"}')  # passes the model-folder check
     code = main(["generate", "--model", str(model), "--prompt", "p", "--cfg-parallel", "--output", str(tmp_path / "x.png")])
     assert code == EXIT_USAGE
     assert "torchrun --nproc_per_node=N" in capsys.readouterr().err
