@@ -185,6 +185,10 @@ class TuneResult:
             )
         if self.bound:
             lines.append(f"every setting searched passed: {self.bound}")
+        for d in self.defaults:
+            steps_d = ", ".join(f"{b} {v:g}" for b, v in d.computed_steps.items())
+            lines.append(f"default {d.method}: computed steps {steps_d}; ideal speedup {d.ideal_speedup:.2f}x; "
+                         f"tuning worst PSNR {d.worst_psnr:.2f} dB, mean {d.mean_psnr:.2f} dB")
         cost = ", ".join(f"{k} {v}" for k, v in self.generations.items() if k != "total")
         lines.append(f"cost: {self.generations['total']} generations ({cost})")
         ho = self.held_out
