@@ -217,3 +217,16 @@ def test_the_gpu_script_parses_its_arguments():
     argv = module.tune_argv(args, 40.0)
     assert argv[:5] == ["tune", "--model", "Qwen/Qwen-Image", "--target-psnr", "40"]
     assert "--measure-latency" in argv and os.path.join("out", "psnr40") in argv
+
+
+def test_published_defaults_are_measured_beside_the_choice(pipe):
+    result = tune(pipe, 0.0, prompts=PROMPTS, held_out_prompts=HELD_OUT, call_kwargs=KWARGS,
+                  methods=["teacache", "dbcache"], compare_defaults=True)
+    assert [d.method for d in result.defaults] == ["teacache"]
+    shipped = tuple(pipe.cache_config.coefficients)  # the reference model's calibrated TeaCache coefficients
+    assert result.defaults[0].config["rel_l1_thresh"] == 0.2
+    assert tuple(result.defaults[0].config["coefficients"]) == shipped
+    assert all(tuple(c.config["coefficients"]) == shipped for c in result.candidates if c.method == "teacache")
+    # DBCache's published Fn=8 cannot run on the 8-block reference model: recorded, not raised
+    assert any(s["method"] == "dbcache (default)" and "Fn + Bn" in s["reason"] for s in result.skipped)
+    assert result.generations["defaults"] == len(PROMPTS)

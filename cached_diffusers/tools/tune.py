@@ -433,6 +433,8 @@ def tune(
         say(f"LPIPS skipped: {lpips_note}")
     seed_list = list(range(seeds))
     original = pipe.cache_config
+    if original is not None:  # its calibrated coefficients / ratios, before the candidates replace it on the pipe
+        calibrated = [original, *calibrated]
     runner = _Runner(pipe, kwargs, seed_list, lpips_fn, say)
     ok = lambda c: _meets(c, target_psnr, target_ssim)  # noqa: E731
     skipped: list[dict[str, str]] = []
@@ -542,7 +544,12 @@ def tune(
                 if method in best:
                     try:
                         cfg = _default_config(pipe, method, num_steps, calibrated)
-                    except ValueError as error:
+                        reason = None if cfg is None else _skip_reason(pipe, cfg)
+                        if reason is not None:
+                            raise ValueError(reason)
+                        if cfg is not None:  # the model's checks (DBCache's Fn + Bn against its blocks, ...)
+                            cfg.make_policy(pipe.transformer.cache_engine.spec)
+                    except (ValueError, TypeError) as error:
                         skipped.append({"method": f"{method} (default)", "reason": str(error)})
                         continue
                     if cfg is None:
