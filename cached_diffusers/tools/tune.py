@@ -505,8 +505,10 @@ def tune(
             passing = [c for c in seen if c.passes]
             best[method] = max(passing, key=lambda c: (c.ideal_speedup, c.worst_psnr)) if passing else None
             if best[method] is not None and best[method].value == fast_end:
+                where = (f"the smallest budget the error matrix solves, {fast_end} (its longest measured edge bounds "
+                         "it)" if knob.kind == "budget" else f"{fast_end:g}")
                 bounds[method] = (
-                    f"{best[method].knob} at the fast end of its search range ({fast_end:g}); computed steps forced by "
+                    f"{best[method].knob} at the fast end of its search range ({where}); computed steps forced by "
                     f"{_forcing_guards(getattr(best[method], '_stats', []))}"
                 )
             b = best[method]
