@@ -230,3 +230,12 @@ def test_published_defaults_are_measured_beside_the_choice(pipe):
     # DBCache's published Fn=8 cannot run on the 8-block reference model: recorded, not raised
     assert any(s["method"] == "dbcache (default)" and "Fn + Bn" in s["reason"] for s in result.skipped)
     assert result.generations["defaults"] == len(PROMPTS)
+
+
+def test_a_margin_tightens_the_search_but_not_the_held_out_check(pipe, matrix, results):
+    result = tune(pipe, 25.0, margin=10.0, prompts=PROMPTS, held_out_prompts=HELD_OUT, call_kwargs=KWARGS,
+                  methods=METHODS, error_matrix=matrix, iterations=3)
+    assert result.chosen.worst_psnr >= 35.0 and result.info["margin"] == 10.0
+    assert result.held_out["held"] == (result.held_out["worst_psnr"] >= 25.0)
+    assert "margin 10 dB" in result.summary()
+    assert result.chosen.ideal_speedup <= results[25.0].chosen.ideal_speedup

@@ -985,6 +985,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
         raise ValueError(f"--target-ssim must be in [0, 1], got {args.target_ssim}")
     if args.seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
+    if not (math.isfinite(args.margin) and args.margin >= 0):
+        raise ValueError(f"--margin must be a number of dB >= 0, got {args.margin}")
     if args.measure_latency is not None and args.measure_latency < 1:
         raise ValueError(f"--measure-latency must be >= 1 (timed rounds), got {args.measure_latency}")
     if args.prompts and args.held_out_prompts:
@@ -1026,7 +1028,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
         pipe, args.target_psnr, prompts=args.prompts, held_out_prompts=args.held_out_prompts, seeds=args.seeds,
         target_ssim=args.target_ssim, methods=args.methods, call_kwargs=kwargs, calibrated=calibrated,
         error_matrix=args.error_matrix, max_span=args.max_span, iterations=args.iterations,
-        measure_latency=args.measure_latency or 0, compare_defaults=args.compare_defaults, model=args.model,
+        measure_latency=args.measure_latency or 0, compare_defaults=args.compare_defaults, margin=args.margin,
+        model=args.model,
         progress=progress,
     )
     paths = write_outputs(result, output, overwrite=args.overwrite)
@@ -1237,6 +1240,10 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--target-psnr", type=float, required=True, metavar="DB",
                       help="worst tuning-prompt PSNR against uncached, in dB")
     tune.add_argument("--target-ssim", type=float, default=None, metavar="S", help="also require worst SSIM >= S")
+    tune.add_argument(
+        "--margin", type=float, default=0.0, metavar="DB",
+        help="tune to --target-psnr + DB on the tuning prompts; the held-out check stays at --target-psnr (default: 0)",
+    )
     _add_sampling_arguments(tune)
     tune.add_argument("--negative-prompt", default=None, help=f"negative prompt {DEFAULTS_HELP}")
     tune.add_argument("--prompts", nargs="+", default=None, metavar="P", help="tuning prompts (default: a built-in pair)")

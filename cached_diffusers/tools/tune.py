@@ -183,6 +183,9 @@ class TuneResult:
                 f"measured speedup: {lat['speedup']:.2f}x (median of {lat['repeats']} interleaved rounds, per-round "
                 f"{lat['ratio_min']:.2f}x-{lat['ratio_max']:.2f}x) beside ideal {c.ideal_speedup:.2f}x"
             )
+        if self.info.get("margin"):
+            lines.append(f"tuned to {self.target_psnr + self.info['margin']:g} dB on the tuning prompts (target "
+                         f"{self.target_psnr:g} dB + margin {self.info['margin']:g} dB)")
         if self.bound:
             lines.append(f"every setting searched passed: {self.bound}")
         for d in self.defaults:
@@ -367,6 +370,7 @@ def tune(
     iterations: int = 6,
     measure_latency: int = 0,
     compare_defaults: bool = False,
+    margin: float = 0.0,
     model: str | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> TuneResult:
@@ -390,6 +394,8 @@ def tune(
         iterations: bisection steps of a threshold.
         measure_latency: interleaved timed rounds of the chosen config against uncached (0: none).
         compare_defaults: also measure every searchable method's default config (what a user who does not tune gets).
+        margin: dB added to the target on the tuning prompts (the held-out check is against ``target_psnr``): the
+            search lands near its boundary, and unseen prompts scatter around it.
         model: a name for the records.
         progress: called with a line now and then.
 
@@ -408,6 +414,8 @@ def tune(
         raise ValueError(f"tune needs num_inference_steps >= 3 (an integer), got {num_steps!r}")
     if not (isinstance(target_psnr, (int, float)) and math.isfinite(target_psnr)):
         raise ValueError(f"target_psnr must be a finite number of dB, got {target_psnr!r}")
+    if not (isinstance(margin, (int, float)) and math.isfinite(margin) and margin >= 0):
+        raise ValueError(f"margin must be a finite number of dB >= 0, got {margin!r}")
     if target_ssim is not None and not 0 <= target_ssim <= 1:
         raise ValueError(f"target_ssim must be in [0, 1], got {target_ssim!r}")
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
@@ -436,7 +444,8 @@ def tune(
     if original is not None:  # its calibrated coefficients / ratios, before the candidates replace it on the pipe
         calibrated = [original, *calibrated]
     runner = _Runner(pipe, kwargs, seed_list, lpips_fn, say)
-    ok = lambda c: _meets(c, target_psnr, target_ssim)  # noqa: E731
+    search_psnr = target_psnr + margin
+    ok = lambda c: _meets(c, search_psnr, target_ssim)  # noqa: E731
     skipped: list[dict[str, str]] = []
     candidates: list[Candidate] = []
     best: dict[str, Candidate | None] = {}
@@ -500,7 +509,7 @@ def tune(
                 seen = _search(evaluate, None, lo, hi, iterations, ok)
                 fast_end = float(hi)
             for c in seen:
-                c.passes = _passes(c, target_psnr, target_ssim)
+                c.passes = _passes(c, search_psnr, target_ssim)
             candidates += seen
             passing = [c for c in seen if c.passes]
             best[method] = max(passing, key=lambda c: (c.ideal_speedup, c.worst_psnr)) if passing else None
@@ -522,7 +531,7 @@ def tune(
             caching = [c for c in candidates if c.reuses] or candidates
             top = max(caching, key=lambda c: c.worst_psnr)
             raise UnreachableTarget(
-                f"target PSNR {target_psnr:g} dB is unreachable with caching on this model: the best worst-prompt PSNR "
+                f"target PSNR {search_psnr:g} dB is unreachable with caching on this model: the best worst-prompt PSNR "
                 f"of any config reusing a step was {top.worst_psnr:.2f} dB ({top.method} {top.setting()}, "
                 f"{len(candidates)} configs measured)"
             )
@@ -567,7 +576,7 @@ def tune(
         "model": model or type(pipe).__name__, "pipeline": type(pipe).__name__, "num_inference_steps": num_steps,
         "call_kwargs": {k: v for k, v in kwargs.items() if isinstance(v, (int, float, str))},
         "prompts": prompts, "held_out_prompts": held_out, "seeds": seed_list, "methods": wanted,
-        "iterations": iterations, "lpips": lpips_note if lpips_fn is None else "LPIPS measured: " + lpips_note,
+        "iterations": iterations, "margin": margin, "lpips": lpips_note if lpips_fn is None else "LPIPS measured: " + lpips_note,
         "error_matrix": matrix_info, "seconds": round(time.time() - started, 1), "environment": env,
         "protocol": (
             "per method, bisection of its knob for the fastest setting whose worst (prompt, seed) PSNR against the "
