@@ -4,7 +4,8 @@
 # built-in tuning prompts ("red apple", "rocket") and held-out prompts ("dog face", "sun with face", "snowman",
 # "cat face"), seed 0, with the wall-time check and every method's default setting beside it. The planned methods
 # solve their budgets from the error matrix of the equal-budget comparison (measured on a third caption, "ghost");
-# TeaCache / MagCache take the calibrated data that comparison used. Outputs: benchmarks/tuning/<model>/psnr<T>/.
+# TeaCache / MagCache take the calibrated data that comparison used. Outputs: benchmarks/tuning/<model>$TAG/psnr<T>/;
+# extra arguments go to every run (e.g. `TAG=-margin2 bash scripts/tune_reference_models.sh qwenimage --margin 2`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CLI="${CACHED_DIFFUSERS:-.venv/bin/cached-diffusers}"
@@ -19,7 +20,7 @@ else
 fi
 export OMP_NUM_THREADS=1
 for TARGET in 40 35 30; do
-  OUT="benchmarks/tuning/${NAME}/psnr${TARGET}"
+  OUT="benchmarks/tuning/${NAME}${TAG:-}/psnr${TARGET}"
   mkdir -p "$OUT"
   "$CLI" tune --model "$MODEL" --target-psnr "$TARGET" --steps 50 --error-matrix "$EB/lemica.error_matrix.json" \
       "${CALIBRATED[@]}" --measure-latency 5 --compare-defaults --threads 1 --output "$OUT" --overwrite "$@" \
