@@ -15,7 +15,6 @@ import cached_diffusers
 from cached_diffusers.configs import available_cache_methods
 from cached_diffusers.hub import read_cache_config
 from cached_diffusers.tools import reference_model as ref
-from cached_diffusers.tools.cli import main
 from cached_diffusers.tools.tune import (
     DEFAULT_HELD_OUT_PROMPTS,
     TUNABLE,

@@ -224,7 +224,6 @@ class _Runner:
         self.count: Counter = Counter()
         self.references: dict[tuple[str, int], np.ndarray] = {}
         self.memo: dict[tuple[str, str], Candidate] = {}
-        self.last_stats: list = []
 
     def generate(self, prompt: str, seed: int, config, kind: str):
         self.pipe.cache_config = config
@@ -257,7 +256,6 @@ class _Runner:
                 uncached += (stats.num_computed + stats.num_reused) * (stats.num_blocks or 0)
                 for name, branch in stats.branches.items():
                     per_branch.setdefault(name, []).append(branch.num_computed)
-        self.last_stats = stats_seen
         candidate = Candidate(
             method, knob, value, config.to_dict(), {b: float(np.mean(v)) for b, v in per_branch.items()},
             blocks / uncached if uncached else math.nan, psnrs, ssims, lpipses if self.lpips_fn else None,
