@@ -69,6 +69,7 @@ _import_structure = {
     ],
     "auto": ["CachedDiffusionPipeline", "cached_pipeline_class", "cached_pipeline_class_for", "supported_pipelines"],
     "pipeline_mixin": ["CachedPipelineMixin"],
+    "tools.tune": ["TuneResult", "tune"],  # tooling, imported only when the name is used (the core never imports it)
 }
 
 __getattr__, __dir__, __all__ = lazy_attributes(__name__, _import_structure)
@@ -101,3 +102,4 @@ if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
     from .scm import steps_mask
     from .spec import BLOCK_STACK, WHOLE_CALL, ModelCacheSpec
     from .stats import BranchStats, CacheStats, StepRecord
+    from .tools.tune import TuneResult, tune

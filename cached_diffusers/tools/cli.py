@@ -970,6 +970,84 @@ def _bench_equal_budget(args, pipe, kwargs, prompts, model, methods, planned, ca
     return 0
 
 
+# -- tune ------------------------------------------------------------------------------------------------------------
+def cmd_tune(args: argparse.Namespace) -> int:
+    """``tune``: the fastest cache config whose worst tuning prompt keeps PSNR >= --target-psnr (see
+    :mod:`cached_diffusers.tools.tune`); writes it with its record, then checks it on held-out prompts."""
+    from .imaging import require_extra
+
+    require_extra("skimage.metrics", "scikit-image"), require_extra("matplotlib", "matplotlib")  # before any work
+    _check_threads(args)
+    _check_sampling_args(args)
+    if not math.isfinite(args.target_psnr):
+        raise ValueError(f"--target-psnr must be a finite number of dB, got {args.target_psnr}")
+    if args.target_ssim is not None and not 0 <= args.target_ssim <= 1:
+        raise ValueError(f"--target-ssim must be in [0, 1], got {args.target_ssim}")
+    if args.seeds < 1:
+        raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
+    if not (math.isfinite(args.margin) and args.margin >= 0):
+        raise ValueError(f"--margin must be a number of dB >= 0, got {args.margin}")
+    if args.measure_latency is not None and args.measure_latency < 1:
+        raise ValueError(f"--measure-latency must be >= 1 (timed rounds), got {args.measure_latency}")
+    if args.prompts and args.held_out_prompts:
+        overlap = sorted(set(args.prompts) & set(args.held_out_prompts))
+        if overlap:
+            raise ValueError(f"--held-out-prompts must be disjoint from --prompts; both have {overlap}")
+    if args.methods:
+        from ..configs import available_cache_methods
+
+        registered = available_cache_methods()
+        for m in args.methods:
+            if m not in registered:
+                raise ValueError(f"--methods {m}: not a registered cache method ({', '.join(registered)})")
+    output = args.output or (args.model if os.path.isdir(args.model) else "tuned")
+    if os.path.exists(output) and not os.path.isdir(output):
+        raise ValueError(f"--output {output!r} is a file, not a folder")
+    from .tune import OUTPUT_FILES
+
+    for name in OUTPUT_FILES[:2]:  # never overwrite without --overwrite; never into the shipped models
+        _check_calibration_output(os.path.join(output, name), args.overwrite)
+    calibrated = [_load_config_file("--calibrated", path) for path in args.calibrated or ()]
+    if args.error_matrix is not None and not os.path.isfile(args.error_matrix):
+        raise ValueError(f"--error-matrix: no such file {args.error_matrix!r}")
+    _check_model(args.model)
+    _checked_generation_defaults(args.model)
+    _set_threads(args)
+    _device_and_dtype(args.device, args.dtype)
+    from .tune import tune, write_outputs
+
+    args = argparse.Namespace(**vars(args))
+    pipe = _load_pipeline(args, UNSET)  # a cache_config.json beside the model supplies calibrated data
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = _sampling_kwargs(pipe, args, 0)
+    kwargs.pop("generator")
+    steps = int(_call_value(pipe, kwargs, "num_inference_steps"))
+    kwargs["num_inference_steps"] = steps
+    progress = (lambda line: None) if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
+    result = tune(
+        pipe, args.target_psnr, prompts=args.prompts, held_out_prompts=args.held_out_prompts, seeds=args.seeds,
+        target_ssim=args.target_ssim, methods=args.methods, call_kwargs=kwargs, calibrated=calibrated,
+        error_matrix=args.error_matrix, max_span=args.max_span, iterations=args.iterations,
+        measure_latency=args.measure_latency or 0, compare_defaults=args.compare_defaults, margin=args.margin,
+        model=args.model,
+        progress=progress,
+    )
+    paths = write_outputs(result, output, overwrite=args.overwrite)
+    for item in result.skipped:
+        print(f"skipped {item['method']}: {item['reason']}")
+    print(f"wrote {', '.join(paths)}")
+    print(result.summary())
+    margin = result.held_out["worst_psnr"] - args.target_psnr
+    if result.held:
+        print(f"target {args.target_psnr:g} dB held on every held-out prompt (worst margin {margin:+.2f} dB)")
+    else:
+        print(
+            f"WARNING: target {args.target_psnr:g} dB did NOT hold on every held-out prompt (worst "
+            f"{result.held_out['worst_psnr']:.2f} dB, margin {margin:+.2f} dB); the config was written anyway"
+        )
+    return 0
+
+
 # -- entry point -----------------------------------------------------------------------------------------------------
 DEFAULTS_HELP = "(default: the model directory's generation_defaults.json, else the pipeline's)"
 
@@ -1153,6 +1231,52 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bfloat16 on GPU)")
     bench.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     bench.set_defaults(func=cmd_bench)
+
+    tune = commands.add_parser(
+        "tune", help="find the fastest cache config whose worst prompt keeps PSNR >= a target, check it on held-out "
+        "prompts, and save it", parents=[_run_options(default_threads=None)],
+    )
+    tune.add_argument("--model", required=True, help="diffusers directory or Hub id")
+    tune.add_argument("--target-psnr", type=float, required=True, metavar="DB",
+                      help="worst tuning-prompt PSNR against uncached, in dB")
+    tune.add_argument("--target-ssim", type=float, default=None, metavar="S", help="also require worst SSIM >= S")
+    tune.add_argument(
+        "--margin", type=float, default=0.0, metavar="DB",
+        help="tune to --target-psnr + DB on the tuning prompts; the held-out check stays at --target-psnr (default: 0)",
+    )
+    _add_sampling_arguments(tune)
+    tune.add_argument("--negative-prompt", default=None, help=f"negative prompt {DEFAULTS_HELP}")
+    tune.add_argument("--prompts", nargs="+", default=None, metavar="P", help="tuning prompts (default: a built-in pair)")
+    tune.add_argument(
+        "--held-out-prompts", nargs="+", default=None, metavar="P",
+        help="verification prompts, disjoint from --prompts (default: a built-in set without the tuning prompts)",
+    )
+    tune.add_argument("--seeds", type=int, default=1, metavar="K", help="seeds 0..K-1 per prompt (default: 1)")
+    tune.add_argument("--methods", nargs="+", default=None, metavar="M", help="methods to search (default: every registered one)")
+    tune.add_argument(
+        "--calibrated", action="append", default=None, metavar="FILE",
+        help="a cache config JSON written by `calibrate` (repeat): TeaCache coefficients / MagCache ratios",
+    )
+    tune.add_argument(
+        "--error-matrix", default=None, metavar="FILE",
+        help="LeMiCa's error matrix (from `calibrate --method lemica`) for the planned methods (default: measured on "
+        "the first tuning prompt)",
+    )
+    tune.add_argument("--max-span", type=int, default=6, help="longest edge of a measured error matrix (default: 6)")
+    tune.add_argument("--iterations", type=int, default=6, help="bisection steps of a threshold (default: 6)")
+    tune.add_argument(
+        "--measure-latency", type=int, nargs="?", const=5, default=None, metavar="R",
+        help="also time the chosen config against uncached, R interleaved rounds (default R: 5)",
+    )
+    tune.add_argument("--compare-defaults", action="store_true",
+                      help="also measure every method's default setting (what a user who does not tune gets)")
+    tune.add_argument("--output", default=None, metavar="DIR",
+                      help="folder of cache_config.json and its record (default: the model directory)")
+    tune.add_argument("--overwrite", action="store_true", help="replace existing files (each old one is kept as FILE.bak)")
+    tune.add_argument("--device", default=None)
+    tune.add_argument("--dtype", default=None)
+    tune.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    tune.set_defaults(func=cmd_tune)
     return parser
 
 

@@ -1,0 +1,66 @@
+#!/usr/bin/env python
+"""Markdown tables of docs/tuning.md from the records `cached-diffusers tune` wrote under benchmarks/tuning/.
+
+    python scripts/tuning_report.py benchmarks/tuning/qwenimage
+
+One row per target (the chosen config, its computed steps, ideal and measured speedup, held-out worst and mean PSNR,
+generations run), then every method's published default setting at the same model and steps (from the first record
+that measured them: `tune --compare-defaults`).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import sys
+
+
+def _steps(computed: dict) -> str:
+    values = sorted(set(computed.values()))
+    text = " / ".join(f"{v:g}" for v in values)
+    return text if len(values) == 1 else f"{text} (per branch)"
+
+
+def report(folder: str) -> str:
+    records = []
+    for path in glob.glob(os.path.join(folder, "psnr*", "cache_config.tuning.json")):
+        with open(path, encoding="utf-8") as f:
+            records.append(json.load(f))
+    records.sort(key=lambda r: -r["target_psnr"])
+    if not records:
+        raise SystemExit(f"no cache_config.tuning.json under {folder}/psnr*/")
+    lines = [
+        "| target | chosen | setting | computed steps of "
+        f"{records[0]['num_inference_steps']} | ideal speedup | measured speedup | tuning worst PSNR | held-out worst / "
+        "mean PSNR | held | generations |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in records:
+        c, h, lat = r["chosen"], r["held_out"], r.get("latency") or {}
+        measured = f"{lat['speedup']:.2f}x ({lat['ratio_min']:.2f}-{lat['ratio_max']:.2f})" if lat else "-"
+        lines.append(
+            f"| {r['target_psnr']:g} dB | {c['method']} | {c['setting']} | {_steps(c['computed_steps'])} | "
+            f"{c['ideal_speedup']:.2f}x | {measured} | {c['worst_psnr']:.2f} dB | {h['worst_psnr']:.2f} / "
+            f"{h['mean_psnr']:.2f} dB | {'yes' if h['held'] else '**no**'} | {r['generations']['total']} |"
+        )
+    defaults = next((r["defaults"] for r in records if r.get("defaults")), [])
+    skipped = next((r["skipped"] for r in records if r.get("defaults")), [])
+    if defaults:
+        lines += ["", "Published default settings at the same model and steps (tuning prompts, no tuning):", "",
+                  "| method | setting | computed steps | ideal speedup | worst / mean PSNR |", "|---|---|---|---|---|"]
+        for d in defaults:
+            cfg = d["config"]
+            knob = {"teacache": "rel_l1_thresh", "magcache": "mag_threshold", "fbcache": "residual_diff_threshold",
+                    "dbcache": "residual_diff_threshold", "seacache": "threshold", "taylorseer": "interval"}.get(d["method"])
+            setting = f"{knob}={cfg[knob]:g}" if knob in cfg else "default"
+            lines.append(f"| {d['method']} | {setting} | {_steps(d['computed_steps'])} | {d['ideal_speedup']:.2f}x | "
+                         f"{d['worst_psnr']:.2f} / {d['mean_psnr']:.2f} dB |")
+        for s in skipped:
+            lines.append(f"\n{s['method']}: {s['reason']}")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    for folder in sys.argv[1:]:
+        print(report(folder))
