@@ -128,7 +128,7 @@ class CachedFlux2Transformer2DModel(CachedTransformerMixin, Flux2Transformer2DMo
                 "Flux2KleinKVPipeline calls it"
             )
         # the parent's plan shards the sequence at the model's input: this rank's text length and raw latent shard
-        context = (encoder_hidden_states.shape[1], hidden_states, img_ids)
+        context = (encoder_hidden_states.shape[1], hidden_states, img_ids[0] if img_ids.ndim == 3 else img_ids)
         return self._run_parent_forward(call, context, sequence_group=context_parallel_group(self))
 
     def _block_io(self, context) -> tuple[BlockIO, BlockIO]:

@@ -2,7 +2,8 @@
 
 Each test here guards one thing a new user met on a fresh clone: generating with only ``--prompt`` drew noise, a
 mistyped local path ended in a Hub traceback, ``dtype=`` was refused by two loaders, importing the package took
-seconds, and nothing noticed when diffusers' parent ``forward`` changed under our mirror of it.
+seconds, and nothing noticed when diffusers' parent ``forward`` changed under our copy of it (now there is no copy:
+a changed parent ``forward`` caches unchanged).
 """
 
 from __future__ import annotations
