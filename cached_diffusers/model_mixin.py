@@ -112,6 +112,17 @@ _CALL_ROUTES: contextvars.ContextVar[dict[int, Callable[..., Any]]] = contextvar
 """``{id(transformer): route}`` of the transformers whose calls are routed in this thread (see ``route_calls``)."""
 
 
+@functools.lru_cache(maxsize=None)
+def _parent_context_takes_kwargs() -> bool:
+    """Whether diffusers' ``CacheMixin.cache_context`` takes the loop's keywords (0.41 on; 0.40 takes the name only)."""
+    import inspect
+
+    from diffusers.models.cache_utils import CacheMixin
+
+    parameters = inspect.signature(CacheMixin.cache_context).parameters.values()
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+
+
 class CachedTransformerMixin:
     """Mixin for a diffusers ``ModelMixin`` subclass whose overridden ``forward`` calls :attr:`cache_engine`.
 
@@ -341,7 +352,8 @@ class CachedTransformerMixin:
         step_index = kwargs.get("step_index")
         num_inference_steps = kwargs.get("num_inference_steps")
         with self.cache_engine.context(name, step_index=step_index, num_inference_steps=num_inference_steps):
-            with super().cache_context(name, **kwargs):
+            # diffusers before 0.41 takes the name only (its hooks know no step)
+            with super().cache_context(name, **(kwargs if _parent_context_takes_kwargs() else {})):
                 yield
 
     def stock_view(self):
@@ -447,11 +459,12 @@ class BlockCalls:
     <cached_diffusers.engine.CacheEngine.run>`'s step, taken call by call.
 
     The front blocks run as usual; the first block of the cached span measures the indicator and decides (block 0's
-    call gives the stack's input and the model's indicators, :meth:`CachedTransformerMixin._block_indicators`). On a
-    computed step the span's blocks run and its last block's output minus the span's input is committed, less what
-    the parent's loop added between the span's blocks (e.g. ControlNet residuals, which it adds on every step). On a
-    reused step the span's blocks are not run: each returns its inputs untouched, and the last returns its inputs plus
-    the recalled residual. Then the back blocks run as usual.
+    call gives the stack's input and the model's indicators, :meth:`CachedTransformerMixin._block_indicators`). The
+    cached span runs from its first block's input to its last block's output, whatever the parent's loop does
+    between its blocks (e.g. Qwen-Image's ControlNet residuals). On a computed step the span's blocks run and the last
+    one's output minus the first one's input is committed. On a reused step the span's blocks are not run: each
+    returns its inputs untouched (no copy), and the last returns the span's input plus the recalled residual. Then
+    the back blocks run as usual, and what the parent's loop does after the span's last block, it does on every step.
     """
 
     def __init__(self, model: "CachedTransformerMixin", io: tuple[BlockIO, ...], context: Any, group: Any) -> None:
@@ -465,8 +478,7 @@ class BlockCalls:
             self.ctx = engine.step_context()  # an unknown step is reported first, before any block runs
             engine._check_span(self.generation, num_blocks)
             self.front, self.end = policy.front_blocks, num_blocks - policy.back_blocks
-        self.stack_in = self.indicators = self.span_in = self.recalled = self.previous = None
-        self.added: list[tuple[tuple, tuple]] = []  # (streams in, previous block's streams out) where they differ
+        self.stack_in = self.indicators = self.span_in = self.recalled = None
         self.reuse = None
         self.open = False  # a compute decision awaiting its commit
 
@@ -513,15 +525,10 @@ class BlockCalls:
         if self.reuse:
             if index < self.end - 1:
                 return io.passthrough(args, kwargs)
-            return io.result(tuple(s + r for s, r in zip(io.streams(args, kwargs), self.recalled)), args, kwargs)
-        if index > self.front:
-            streams_in = io.streams(args, kwargs)
-            if any(a is not b for a, b in zip(streams_in, self.previous)):
-                self.added.append((streams_in, self.previous))
+            return io.result(tuple(s + r for s, r in zip(self.span_in, self.recalled)), args, kwargs)
         result = block(*args, **kwargs)
-        self.previous = io.result_streams(result, args, kwargs)
         if index == self.end - 1:
-            self._commit(self.previous)
+            self._commit(io.result_streams(result, args, kwargs))
         return result
 
     @torch.compiler.disable
@@ -545,9 +552,7 @@ class BlockCalls:
 
     @torch.compiler.disable
     def _commit(self, span_out: tuple) -> None:
-        residuals = [o - s for o, s in zip(span_out, self.span_in)]
-        for streams_in, previous in self.added:  # what the parent's loop added between blocks is not the span's
-            residuals = [r - (i - p) for r, i, p in zip(residuals, streams_in, previous)]
+        residuals = tuple(o - s for o, s in zip(span_out, self.span_in))
         with _sequence_group(self.group):
-            self.engine.commit(tuple(residuals), span_out, branch=self.ctx.branch)
+            self.engine.commit(residuals, span_out, branch=self.ctx.branch)
         self.open = False

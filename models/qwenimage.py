@@ -61,8 +61,9 @@ class CachedQwenImageTransformer2DModel(CachedTransformerMixin, QwenImageTransfo
     ``forward`` runs the parent's own ``forward`` (whatever the installed diffusers' is) and caches through the calls
     of its blocks (:class:`~cached_diffusers.model_mixin.BlockCalls`): block 0's call gives TeaCache's indicator and
     the decision; on a reused step the cached blocks return their inputs untouched and the span's last one adds the
-    stored residual. ControlNet residuals, which the parent's loop adds after the blocks, are added on every step,
-    reused or not (they are not part of the stored residual).
+    stored residual to the span's input. The ControlNet residuals the parent's loop adds between the blocks are
+    part of the stored residual (as the whole stack's output minus its input); the one added after the last block is
+    added on every step.
 
     Context parallelism (``enable_parallelism(config=ContextParallelConfig(...))``): the parent's ``_cp_plan`` shards
     the two streams inside ``transformer_blocks.0``'s forward, after the call the cache sees, so that a stack's
