@@ -49,8 +49,8 @@ calls ``cache_context``."""
 
 _NOT_COMPILABLE = (
     "cached-diffusers: the cache engine decides each step in host-side Python, so with caching on the "
-    "transformer cannot be compiled with fullgraph=True; compile it without fullgraph (one graph break "
-    "around the block stack), or its blocks with transformer.compile_repeated_blocks(fullgraph=True), or set "
+    "transformer cannot be compiled with fullgraph=True; compile it without fullgraph (the cached forward "
+    "then runs eagerly), or its blocks with transformer.compile_repeated_blocks(fullgraph=True), or set "
     "cache_config=None"
 )
 

@@ -6,13 +6,16 @@ arguments, so the diffusers class's checkpoints, configs and loading code apply 
 
 Working with the rest of the ecosystem:
 
-* ``torch.compile``: the engine's step (decision, residual store, statistics, ``CacheEngine.run``) is opaque to
-  TorchDynamo (``torch.compiler.disable``), because its decisions are data-dependent host-side Python (``Tensor.item()`` on the
+* ``torch.compile``: the engine's step (decision, residual store, statistics) is opaque to TorchDynamo
+  (``torch.compiler.disable``), because its decisions are data-dependent host-side Python (``Tensor.item()`` on the
   decision indicator, per-branch counters, step indices) that would otherwise break the graph and recompile on every
-  step. ``torch.compile(transformer)`` therefore compiles the embeddings and the output head, with one graph break
-  around the block stack; compile the blocks themselves with regional compilation,
-  ``transformer.compile_repeated_blocks(fullgraph=True)`` (each block is one full graph, and the engine calls the
-  compiled blocks on the steps it computes).
+  step. With caching on, the cached forward (the parent's own forward, its block calls intercepted) therefore runs
+  eagerly under ``torch.compile(transformer)``; compile the blocks themselves with regional compilation,
+  ``transformer.compile_repeated_blocks(fullgraph=True)`` (each block is one full graph, called compiled on the steps
+  the cache computes). With caching off the parent's forward is traced as usual, ``fullgraph=True`` included.
+* Block-call caching keeps the model's modules as they are: the lists of cached blocks become
+  :class:`CachedBlockList` (the class of the ``nn.ModuleList`` only: same modules, state-dict keys and hooks), which
+  the parent's loop iterates.
 * diffusers' own cache hooks (``enable_cache``) are refused: this class caches through ``cache_config``.
 * ``copy.deepcopy``, ``pickle`` and ``torch.save`` work as for the parent; the copy owns its cache state (see
   :class:`~cached_diffusers.engine.CacheEngine`).
@@ -26,25 +29,24 @@ import contextlib
 import contextvars
 import dataclasses
 import functools
-import hashlib
-import inspect
 import json
-import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Iterator, Mapping, TextIO
 
 import torch
 
 from .configs import CacheConfig, available_cache_methods
-from .engine import BlockStack, CacheEngine
+from .engine import _NOT_COMPILABLE, BlockStack, CacheEngine
+from .parallel import sequence_group as _sequence_group
+from .spec import BLOCK_STACK as _BLOCK_STACK
 from .spec import ModelCacheSpec
 from .stats import CacheStats
 
 __all__ = [
     "CachedTransformerMixin",
-    "MirroredForward",
+    "BlockCalls",
+    "CachedBlockList",
     "diffusers_parent",
-    "mirrored_forward_mismatch",
     "property_keeping_cause",
 ]
 
@@ -63,48 +65,6 @@ def stock_class_name_json(text: str, cls: type, mixin: type) -> str:
     data = json.loads(text)
     data["_class_name"] = diffusers_parent(cls, mixin).__name__
     return json.dumps(data, indent=2, sort_keys=True) + "\n"
-
-
-@dataclass(frozen=True)
-class MirroredForward:
-    """The diffusers ``forward`` that a cached model's own ``forward`` mirrors with caching on.
-
-    Attributes:
-        sha256: hex SHA-256 of ``inspect.getsource(parent.forward)`` (decorators included) as it was mirrored.
-        diffusers_version: the diffusers release it was taken from.
-        file: the repository file holding the mirror, to re-sync when the parent's ``forward`` changes.
-    """
-
-    sha256: str
-    diffusers_version: str
-    file: str
-
-
-def forward_source_sha256(cls: type) -> str:
-    """Hex SHA-256 of the source of ``cls.forward`` (decorators included)."""
-    return hashlib.sha256(inspect.getsource(cls.forward).encode("utf-8")).hexdigest()
-
-
-def mirrored_forward_mismatch(cls: type) -> str | None:
-    """Why ``cls``'s mirrored forward may be stale, or ``None`` when the installed parent's source is the mirrored one.
-
-    ``cls`` is a cached model class with a :class:`MirroredForward` in ``cls.mirrored_forward`` (``None``: nothing
-    mirrored, nothing to check).
-    """
-    mirrored = getattr(cls, "mirrored_forward", None)
-    if mirrored is None:
-        return None
-    import diffusers
-
-    parent = diffusers_parent(cls, CachedTransformerMixin)
-    if forward_source_sha256(parent) == mirrored.sha256:
-        return None
-    return (
-        f"{parent.__name__}.forward of the installed diffusers {diffusers.__version__} differs from the one "
-        f"{cls.__name__} mirrors (diffusers {mirrored.diffusers_version}, in {mirrored.file}): with caching on, "
-        f"{cls.__name__} may compute differently from the parent. Install diffusers=={mirrored.diffusers_version}, "
-        f"or re-sync {mirrored.file} with the installed forward and update its MirroredForward"
-    )
 
 
 _NOT_OURS = object()
@@ -146,12 +106,21 @@ def property_keeping_cause(obj: Any, name: str, mixin: type) -> Any:
         raise RuntimeError(f"{type(obj).__name__}.{name} failed: AttributeError: {error}") from error
 
 
-_WARNED_MIRRORS: set[type] = set()
-
 _CALL_ROUTES: contextvars.ContextVar[dict[int, Callable[..., Any]]] = contextvars.ContextVar(
     "cached_diffusers_call_routes", default={}
 )
 """``{id(transformer): route}`` of the transformers whose calls are routed in this thread (see ``route_calls``)."""
+
+
+@functools.lru_cache(maxsize=None)
+def _parent_context_takes_kwargs() -> bool:
+    """Whether diffusers' ``CacheMixin.cache_context`` takes the loop's keywords (0.41 on; 0.40 takes the name only)."""
+    import inspect
+
+    from diffusers.models.cache_utils import CacheMixin
+
+    parameters = inspect.signature(CacheMixin.cache_context).parameters.values()
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
 
 
 class CachedTransformerMixin:
@@ -161,19 +130,25 @@ class CachedTransformerMixin:
         cache_spec: the model's :class:`~cached_diffusers.spec.ModelCacheSpec` (TeaCache coefficients, MagCache
             ratios and their sources, calibration hint, wiring patterns); the engine gets it with ``num_blocks`` set
             to this instance's :attr:`num_cache_blocks`.
-        mirrored_forward: for a model whose cached ``forward`` re-implements its diffusers parent's, which parent
-            source it follows (:class:`MirroredForward`); when the installed diffusers' differs, turning caching on
-            warns once per class (``UserWarning``), and ``tests/test_first_hour.py`` fails naming the file.
+        cached_block_lists: for a model whose cached ``forward`` runs its diffusers parent's own ``forward`` and
+            caches through the calls of the parent's blocks (:class:`BlockCalls`), the names of the ``nn.ModuleList``
+            attributes holding the cached stack, in execution order (``()``: none).
     """
 
     cache_spec: ClassVar[ModelCacheSpec] = ModelCacheSpec()
-    mirrored_forward: ClassVar[MirroredForward | None] = None
+    cached_block_lists: ClassVar[tuple[str, ...]] = ()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         # The engine is created with the model (its constructor, `from_base`, a copy), never on first use inside a
         # forward that TorchDynamo traces (`torch.compile(fullgraph=True)` cannot trace the engine's lock). The
         # parent's constructor keeps its signature (`functools.wraps`), which diffusers reads to build configs.
         super().__init_subclass__(**kwargs)
+        parent = next((c for c in cls.__mro__ if not issubclass(c, CachedTransformerMixin)), None)
+        forward = getattr(parent, "forward", None)
+        # The parent's own forward, found in the MRO when the class is made (whatever the installed diffusers' is),
+        # without its `apply_lora_scale` decorator (the cached forward applies the scale once). A plain function on
+        # the class: TorchDynamo traces it with caching off (`torch.compile(transformer, fullgraph=True)`).
+        cls._parent_forward = staticmethod(getattr(forward, "__wrapped__", forward))
         init = cls.__init__
         if getattr(init, "_creates_cache_engine", False):
             return
@@ -247,6 +222,37 @@ class CachedTransformerMixin:
         stack = BlockStack(self.num_cache_blocks, run_blocks, self._cache_indicators(context), sequence_group)
         return self.cache_engine.run(stack, streams)
 
+    # -- pattern BLOCK_STACK through the parent's own forward (the diffusers models) ------------------------------
+    # The model's ``forward`` keeps its parent's signature and returns ``self._run_parent_forward(call, context)``,
+    # where ``call()`` runs the parent's own forward; it declares ``cached_block_lists`` and implements
+    # ``_block_io()`` (one :class:`BlockIO` per list) and ``_block_indicators``.
+
+    def _block_io(self, context: Any) -> tuple[BlockIO, ...]:
+        """One :class:`BlockIO` per list of ``cached_block_lists``, for this forward's ``context``."""
+        raise NotImplementedError
+
+    def _block_indicators(self, args: tuple, kwargs: dict, context: Any) -> Mapping[str, Callable[[tuple], torch.Tensor]]:
+        """The decision indicators (``{"teacache_indicator": fn(streams)}``, ...) of this forward, from the call of
+        block 0 (``args``, ``kwargs``) and the ``context`` the model's ``forward`` passed. Default: none."""
+        return {}
+
+    def _prepare_first_block_call(self, args: tuple, kwargs: dict, context: Any) -> tuple[tuple, dict]:
+        """Block 0's call arguments as the stack receives them (e.g. sharded under context parallelism). Default: as
+        given."""
+        return args, kwargs
+
+    @torch.compiler.disable(reason=_NOT_COMPILABLE)
+    def _run_parent_forward(self, call: Callable[[], Any], context: Any = None, sequence_group: Any = None) -> Any:
+        """Run ``call()`` (the parent's own forward) with its block calls intercepted by a :class:`BlockCalls`.
+
+        Runs eagerly (``torch.compiler.disable``): the decision is data-dependent host-side Python; blocks compiled
+        on their own (``compile_repeated_blocks``) run compiled inside it.
+        """
+        kind = self.__dict__.get("_block_calls_type", BlockCalls)  # a test may record through a subclass
+        calls = kind(self, self._block_io(context), context, sequence_group)
+        with calls.active():
+            return call()
+
     @property
     def cache_engine(self) -> CacheEngine:
         """This model's :class:`~cached_diffusers.engine.CacheEngine` (created with the model; a model whose
@@ -258,6 +264,10 @@ class CachedTransformerMixin:
 
     def _new_cache_engine(self) -> CacheEngine:
         """A new engine (caching off) with this model's spec and block count."""
+        for name in self.cached_block_lists:  # the parent's loops iterate them: see CachedBlockList
+            blocks = getattr(self, name)
+            if type(blocks) is torch.nn.ModuleList:
+                blocks.__class__ = CachedBlockList
         spec = self.cache_spec
         if spec.model_name == ModelCacheSpec.model_name:
             spec = dataclasses.replace(spec, model_name=type(self).__name__)
@@ -277,12 +287,6 @@ class CachedTransformerMixin:
     @cache_config.setter
     def cache_config(self, value: CacheConfig | Mapping[str, Any] | str | None) -> None:
         self.cache_engine.config = value
-        cls = type(self)
-        if self.cache_engine.active and cls not in _WARNED_MIRRORS:
-            _WARNED_MIRRORS.add(cls)
-            problem = mirrored_forward_mismatch(cls)
-            if problem is not None:
-                warnings.warn(problem, UserWarning, stacklevel=2)
 
     @property
     def cache_stats(self) -> CacheStats:
@@ -348,7 +352,8 @@ class CachedTransformerMixin:
         step_index = kwargs.get("step_index")
         num_inference_steps = kwargs.get("num_inference_steps")
         with self.cache_engine.context(name, step_index=step_index, num_inference_steps=num_inference_steps):
-            with super().cache_context(name, **kwargs):
+            # diffusers before 0.41 takes the name only (its hooks know no step)
+            with super().cache_context(name, **(kwargs if _parent_context_takes_kwargs() else {})):
                 yield
 
     def stock_view(self):
@@ -391,3 +396,163 @@ class CachedTransformerMixin:
             # accelerate's hooks (device_map, offloading) call the forward they wrapped: point it at ours.
             model._old_forward = cls.forward.__get__(model)
         return model
+
+
+# -- block-call caching: the parent's own forward runs, the calls of its blocks are intercepted ----------------------
+_BLOCK_CALLS: contextvars.ContextVar[dict[int, tuple["BlockCalls", int]]] = contextvars.ContextVar(
+    "cached_diffusers_block_calls", default={}
+)
+"""``{id(block list): (this forward's BlockCalls, index of the list's first block in the stack)}`` in this thread."""
+
+
+class CachedBlockList(torch.nn.ModuleList):
+    """The ``nn.ModuleList`` of a cached transformer's blocks (its class only is swapped, in place: same modules,
+    same state-dict keys, same hooks). Iterated by the parent's ``forward`` inside the cached ``forward``, it yields
+    each block's intercepted call (:class:`BlockCalls`) instead of the block; everywhere else (caching off, another
+    thread, TorchDynamo tracing, indexing) it is the plain list."""
+
+    def __iter__(self):
+        if not torch.compiler.is_compiling():
+            entry = _BLOCK_CALLS.get().get(id(self))
+            if entry is not None:
+                calls, offset = entry
+                return calls.iterate(self, offset)
+        return super().__iter__()
+
+
+class _InterceptedBlock:
+    """What the parent's loop gets for one block: calling it goes through :meth:`BlockCalls.call`; attributes are the
+    block's."""
+
+    __slots__ = ("_calls", "_index", "_block")
+
+    def __init__(self, calls: "BlockCalls", index: int, block: torch.nn.Module) -> None:
+        self._calls, self._index, self._block = calls, index, block
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._calls.call(self._index, self._block, args, kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._block, name)
+
+
+@dataclass(frozen=True)
+class BlockIO:
+    """How a cached model reads the residual streams from one block list's calls and builds what its blocks return.
+
+    Attributes:
+        streams: ``streams(args, kwargs) -> tuple``: the streams entering a call, in the stack's canonical order
+            (the same structure for every block of the stack, e.g. ``(image tokens, text tokens)``).
+        result_streams: ``result_streams(result, args, kwargs) -> tuple``: the streams a call returned.
+        result: ``result(streams, args, kwargs)``: what a block of this list returns for the canonical ``streams``.
+        passthrough: ``passthrough(args, kwargs)``: what a skipped block returns: its inputs, untouched (no copy).
+    """
+
+    streams: Callable[[tuple, dict], tuple]
+    result_streams: Callable[[Any, tuple, dict], tuple]
+    result: Callable[[tuple, tuple, dict], Any]
+    passthrough: Callable[[tuple, dict], Any]
+
+
+class BlockCalls:
+    """One cached forward's interception of its parent's block calls: :meth:`CacheEngine.run
+    <cached_diffusers.engine.CacheEngine.run>`'s step, taken call by call.
+
+    The front blocks run as usual; the first block of the cached span measures the indicator and decides (block 0's
+    call gives the stack's input and the model's indicators, :meth:`CachedTransformerMixin._block_indicators`). The
+    cached span runs from its first block's input to its last block's output, whatever the parent's loop does
+    between its blocks (e.g. Qwen-Image's ControlNet residuals). On a computed step the span's blocks run and the last
+    one's output minus the first one's input is committed. On a reused step the span's blocks are not run: each
+    returns its inputs untouched (no copy), and the last returns the span's input plus the recalled residual. Then
+    the back blocks run as usual, and what the parent's loop does after the span's last block, it does on every step.
+    """
+
+    def __init__(self, model: "CachedTransformerMixin", io: tuple[BlockIO, ...], context: Any, group: Any) -> None:
+        self.model, self.io, self.context, self.group = model, io, context, group
+        self.engine = engine = model.cache_engine
+        self.generation = engine.current
+        self.policy = policy = self.generation.policy
+        self.num_blocks = num_blocks = model.num_cache_blocks
+        self.lists = tuple(getattr(model, name) for name in model.cached_block_lists)
+        if policy is not None:
+            self.ctx = engine.step_context()  # an unknown step is reported first, before any block runs
+            engine._check_span(self.generation, num_blocks)
+            self.front, self.end = policy.front_blocks, num_blocks - policy.back_blocks
+        self.stack_in = self.indicators = self.span_in = self.recalled = None
+        self.reuse = None
+        self.open = False  # a compute decision awaiting its commit
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        offsets, offset = {}, 0
+        for blocks in self.lists:
+            offsets[id(blocks)] = (self, offset)
+            offset += len(blocks)
+        token = _BLOCK_CALLS.set({**_BLOCK_CALLS.get(), **offsets})
+        try:
+            yield
+        except BaseException:
+            if self.open:  # the step did not happen; the next one decides anew
+                self.generation.branches[self.ctx.branch].pending = None
+            raise
+        finally:
+            _BLOCK_CALLS.reset(token)
+
+    def iterate(self, blocks: torch.nn.ModuleList, offset: int) -> Iterator[_InterceptedBlock]:
+        for index, block in enumerate(torch.nn.ModuleList.__iter__(blocks)):
+            yield _InterceptedBlock(self, offset + index, block)
+
+    def _io(self, index: int) -> BlockIO:
+        for io, blocks in zip(self.io, self.lists):
+            if index < len(blocks):
+                return io
+            index -= len(blocks)
+        raise IndexError(index)
+
+    def call(self, index: int, block: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
+        if index == 0:
+            args, kwargs = self.model._prepare_first_block_call(args, kwargs, self.context)
+        if self.policy is None or not (index == 0 or self.front <= index < self.end):
+            return block(*args, **kwargs)
+        io = self._io(index)
+        if index == 0:
+            self.stack_in = io.streams(args, kwargs)
+            self.indicators = self.model._block_indicators(args, kwargs, self.context)
+            if self.front > 0:
+                return block(*args, **kwargs)
+        if index == self.front:
+            self._decide(io.streams(args, kwargs) if index else self.stack_in)
+        if self.reuse:
+            if index < self.end - 1:
+                return io.passthrough(args, kwargs)
+            return io.result(tuple(s + r for s, r in zip(self.span_in, self.recalled)), args, kwargs)
+        result = block(*args, **kwargs)
+        if index == self.end - 1:
+            self._commit(io.result_streams(result, args, kwargs))
+        return result
+
+    @torch.compiler.disable
+    def _decide(self, span_in: tuple) -> None:
+        kind = self.policy.indicator_kind
+        indicator = None
+        if kind == "front_residual":
+            indicator = span_in[0] - self.stack_in[0]
+        elif kind in self.indicators:
+            indicator = functools.partial(self.indicators[kind], self.stack_in)
+        with _sequence_group(self.group):
+            decision = self.engine.decide(
+                self.ctx.branch, self.ctx.step, self.ctx.num_steps, inputs=span_in, indicator=indicator,
+                num_blocks=self.num_blocks, pattern=_BLOCK_STACK,
+            )  # fmt: skip
+            self.span_in, self.reuse = span_in, decision.reuse
+            if decision.reuse:
+                self.recalled = self.engine.recall(branch=self.ctx.branch)
+            else:
+                self.open = True
+
+    @torch.compiler.disable
+    def _commit(self, span_out: tuple) -> None:
+        residuals = tuple(o - s for o, s in zip(span_out, self.span_in))
+        with _sequence_group(self.group):
+            self.engine.commit(residuals, span_out, branch=self.ctx.branch)
+        self.open = False

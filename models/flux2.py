@@ -6,23 +6,18 @@ checkpoint in diffusers uses, so it loads any of them.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
 from diffusers import Flux2Transformer2DModel
-from diffusers.models.transformers.transformer_flux2 import (
-    Flux2KVCache,
-    Flux2Modulation,
-    Flux2Transformer2DModelOutput,
-    _blend_double_block_mods,
-    _blend_single_block_mods,
-)
+from diffusers.models.transformers.transformer_flux2 import Flux2KVCache, Flux2Modulation, Flux2Transformer2DModelOutput
 from diffusers.utils.peft_utils import apply_lora_scale
 # A stock pipeline built from a cached pipeline's components saves ["cached_diffusers.models.<module>", "Cached..."]
 # in model_index.json; diffusers loads a component of such a library through the ModelMixin it finds in the module.
 from diffusers.models.modeling_utils import ModelMixin  # noqa: F401
 
-from cached_diffusers.model_mixin import CachedTransformerMixin, MirroredForward
+from cached_diffusers.model_mixin import BlockIO, CachedTransformerMixin
 from cached_diffusers.parallel import context_parallel_group, gather_sequence
 from cached_diffusers.sea import unpack_patch_tokens
 from cached_diffusers.spec import ModelCacheSpec
@@ -41,11 +36,6 @@ FLUX2_CALIBRATION_HINT = (
 without coefficients or ratios (none exist for Klein)."""
 
 
-_PARENT_FORWARD = Flux2Transformer2DModel.forward.__wrapped__
-"""The parent's forward without its ``apply_lora_scale`` decorator (ours applies the scale once). Taken here, at
-import, as a plain function: TorchDynamo cannot trace ``super().forward.__wrapped__``, and with caching off
-``torch.compile(transformer, fullgraph=True)`` traces this call."""
-
 class CachedFlux2Transformer2DModel(CachedTransformerMixin, Flux2Transformer2DModel):
     """``Flux2Transformer2DModel`` whose ``forward`` skips the block stack on steps the cache method reuses.
 
@@ -54,10 +44,15 @@ class CachedFlux2Transformer2DModel(CachedTransformerMixin, Flux2Transformer2DMo
     run on every call. The cached stack is the double-stream blocks followed by the single-stream blocks, in
     execution order (``num_cache_blocks = num_layers + num_single_layers``; DBCache's ``Fn`` / ``Bn`` count in this
     order). At every span boundary the stack carries two residual streams, image tokens ``(B, L_img, inner_dim)``
-    and text tokens ``(B, L_txt, inner_dim)``: a span of single-stream blocks concatenates ``[text; image]`` as the
-    parent does and splits the joint sequence back at its end. So the whole-stack residual is the image tokens of
+    and text tokens ``(B, L_txt, inner_dim)``: at a single-stream block they are the two parts of the joint
+    ``[text; image]`` sequence the parent passes it and gets back. So the whole-stack residual is the image tokens of
     the last single block's output minus the ``x_embedder`` output (and the same for text), and a reused step adds
     exactly that residual before the output head: it is never a no-op.
+
+    ``forward`` runs the parent's own ``forward`` (whatever the installed diffusers' is) and caches through the calls
+    of its blocks (:class:`~cached_diffusers.model_mixin.BlockCalls`): on a reused step the cached blocks of both
+    lists return their inputs untouched (a single-stream block its joint sequence) and the span's last one adds the
+    stored residual to each stream.
 
     TeaCache's indicator is block 0's modulated image input ``(1 + scale_msa) * norm1(h) + shift_msa``, with
     ``(shift_msa, scale_msa)`` from the shared ``double_stream_modulation_img(temb)``. ``temb`` depends on the
@@ -80,11 +75,7 @@ class CachedFlux2Transformer2DModel(CachedTransformerMixin, Flux2Transformer2DMo
     """
 
     cache_spec = ModelCacheSpec(model_name="CachedFlux2Transformer2DModel", calibration_hint=FLUX2_CALIBRATION_HINT)
-    mirrored_forward = MirroredForward(
-        sha256="d141ddb68f537de00c25bf7833a6acb4c5614a73166c1a1cfda5ef0c08338751",
-        diffusers_version="0.42.1",
-        file="models/flux2.py",
-    )
+    cached_block_lists = ("transformer_blocks", "single_transformer_blocks")
 
     @property
     def num_cache_blocks(self) -> int:
@@ -106,240 +97,122 @@ class CachedFlux2Transformer2DModel(CachedTransformerMixin, Flux2Transformer2DMo
         num_ref_tokens: int = 0,
         ref_fixed_timestep: float = 0.0,
     ) -> torch.Tensor | Flux2Transformer2DModelOutput:
-        """The parent's forward, with the block stack run through the cache engine. Arguments and returns as there.
+        """The parent's own forward, its block calls intercepted by the cache. Arguments and returns as there.
 
         Raises:
             ValueError: when caching is on and the denoising step is unknown (see ``cache_context``), or
                 ``kv_cache_mode="extract"`` is used at a step other than 0.
         """
+        call = functools.partial(
+            type(self)._parent_forward,
+            self,
+            hidden_states,
+            encoder_hidden_states=encoder_hidden_states,
+            timestep=timestep,
+            img_ids=img_ids,
+            txt_ids=txt_ids,
+            guidance=guidance,
+            joint_attention_kwargs=joint_attention_kwargs,
+            return_dict=return_dict,
+            kv_cache=kv_cache,
+            kv_cache_mode=kv_cache_mode,
+            num_ref_tokens=num_ref_tokens,
+            ref_fixed_timestep=ref_fixed_timestep,
+        )
         if not self.cache_engine.active:
-            return _PARENT_FORWARD(
-                self,
-                hidden_states,
-                encoder_hidden_states=encoder_hidden_states,
-                timestep=timestep,
-                img_ids=img_ids,
-                txt_ids=txt_ids,
-                guidance=guidance,
-                joint_attention_kwargs=joint_attention_kwargs,
-                return_dict=return_dict,
-                kv_cache=kv_cache,
-                kv_cache_mode=kv_cache_mode,
-                num_ref_tokens=num_ref_tokens,
-                ref_fixed_timestep=ref_fixed_timestep,
-            )
-
-        extract = kv_cache_mode == "extract" and num_ref_tokens > 0
-        if extract and self.cache_engine.step_context().step != 0:
+            return call()
+        if kv_cache_mode == "extract" and num_ref_tokens > 0 and self.cache_engine.step_context().step != 0:
             raise ValueError(
                 "kv_cache_mode='extract' fills the reference-image KV cache and must run every block, so with caching "
                 "on it is accepted only at denoising step 0 (which every cache method computes), as "
                 "Flux2KleinKVPipeline calls it"
             )
-        num_txt_tokens = encoder_hidden_states.shape[1]
+        # the parent's plan shards the sequence at the model's input: this rank's text length and raw latent shard
+        context = (encoder_hidden_states.shape[1], hidden_states, img_ids[0] if img_ids.ndim == 3 else img_ids)
+        return self._run_parent_forward(call, context, sequence_group=context_parallel_group(self))
 
-        # 1. Timestep embedding and the shared modulations (as in the parent, same ops in the same order).
-        timestep = timestep.to(hidden_states.dtype) * 1000
-        if guidance is not None:
-            guidance = guidance.to(hidden_states.dtype) * 1000
-        temb = self.time_guidance_embed(timestep, guidance)
+    def _block_io(self, context) -> tuple[BlockIO, BlockIO]:
+        return _DOUBLE_STREAM_IO, _single_stream_io(context[0])
 
-        double_stream_mod_img = self.double_stream_modulation_img(temb)
-        double_stream_mod_txt = self.double_stream_modulation_txt(temb)
-        single_stream_mod = self.single_stream_modulation(temb)
-
-        if extract:
-            num_img_tokens = hidden_states.shape[1]  # includes the reference tokens
-            kv_cache = Flux2KVCache(
-                num_double_layers=len(self.transformer_blocks), num_single_layers=len(self.single_transformer_blocks)
-            )
-            kv_cache.num_ref_tokens = num_ref_tokens
-            ref_timestep = torch.full_like(timestep, ref_fixed_timestep * 1000)
-            ref_temb = self.time_guidance_embed(ref_timestep, guidance)
-            ref_double_mod_img = self.double_stream_modulation_img(ref_temb)
-            ref_single_mod = self.single_stream_modulation(ref_temb)
-            double_stream_mod_img = _blend_double_block_mods(
-                double_stream_mod_img, ref_double_mod_img, num_ref_tokens, num_img_tokens
-            )
-
-        # 2. Input projections.
-        raw_hidden_states = hidden_states  # SeaCache's indicator (this rank's shard under context parallelism)
-        hidden_states = self.x_embedder(hidden_states)
-        encoder_hidden_states = self.context_embedder(encoder_hidden_states)
-
-        # 3. RoPE for [text; image].
-        if img_ids.ndim == 3:
-            img_ids = img_ids[0]
-        if txt_ids.ndim == 3:
-            txt_ids = txt_ids[0]
-        image_rotary_emb = self.pos_embed(img_ids)
-        text_rotary_emb = self.pos_embed(txt_ids)
-        concat_rotary_emb = (
-            torch.cat([text_rotary_emb[0], image_rotary_emb[0]], dim=0),
-            torch.cat([text_rotary_emb[1], image_rotary_emb[1]], dim=0),
-        )
-
-        # 4. Attention kwargs with the KV-cache fields, as the parent builds them.
-        if kv_cache_mode == "extract":
-            kv_attn_kwargs = {
-                **(joint_attention_kwargs or {}),
-                "kv_cache": None,
-                "kv_cache_mode": "extract",
-                "num_ref_tokens": num_ref_tokens,
-            }
-        elif kv_cache_mode == "cached" and kv_cache is not None:
-            kv_attn_kwargs = {
-                **(joint_attention_kwargs or {}),
-                "kv_cache": None,
-                "kv_cache_mode": "cached",
-                "num_ref_tokens": kv_cache.num_ref_tokens,
-            }
-        else:
-            kv_attn_kwargs = joint_attention_kwargs
-        if extract:
-            # [txt_mod, ref_mod, img_mod] over the joint sequence of the single-stream blocks
-            single_stream_mod = _blend_single_block_mods(
-                single_stream_mod, ref_single_mod, num_txt_tokens, num_ref_tokens,
-                num_txt_tokens + hidden_states.shape[1],
-            )
-        if kv_cache_mode is not None:
-            kv_attn_kwargs_single = {**kv_attn_kwargs, "num_txt_tokens": num_txt_tokens}
-        else:
-            kv_attn_kwargs_single = kv_attn_kwargs
-
-        context = _StackContext(
-            num_txt_tokens=num_txt_tokens,
-            double_stream_mod_img=double_stream_mod_img,
-            double_stream_mod_txt=double_stream_mod_txt,
-            single_stream_mod=single_stream_mod,
-            rotary_emb=concat_rotary_emb,
-            kv_attn_kwargs=kv_attn_kwargs,
-            kv_attn_kwargs_single=kv_attn_kwargs_single,
-            kv_cache=kv_cache if kv_cache_mode is not None else None,
-            raw_latents=(raw_hidden_states, img_ids),
-        )
-
-        hidden_states, _ = self._run_block_stack(
-            (hidden_states, encoder_hidden_states), context, sequence_group=context_parallel_group(self)
-        )
-
-        # The image stream still holds the reference tokens in extract mode.
-        if extract:
-            hidden_states = hidden_states[:, num_ref_tokens:, ...]
-
-        # 7. Output layers.
-        hidden_states = self.norm_out(hidden_states, temb)
-        output = self.proj_out(hidden_states)
-
-        if kv_cache_mode == "extract":
-            if not return_dict:
-                return (output, kv_cache)
-            return Flux2Transformer2DModelOutput(sample=output, kv_cache=kv_cache)
-        if not return_dict:
-            return (output,)
-        return Flux2Transformer2DModelOutput(sample=output)
-
-    def _cache_indicators(self, context: _StackContext):
-        def modulated_input(streams: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-            block = self.transformer_blocks[0]
-            (shift_msa, scale_msa, _), _ = Flux2Modulation.split(context.double_stream_mod_img, 2)
-            return (1 + scale_msa) * block.norm1(streams[0]) + shift_msa
+    def _block_indicators(self, args, kwargs, context):
+        _, hidden_states, img_ids = context
 
         def raw_latent(streams) -> torch.Tensor:
-            hidden_states, img_ids = context.raw_latents
             group = context_parallel_group(self)  # the plan shards both at the model's input: gather the whole grid
             return flux2_latent_grid(gather_sequence(hidden_states, group, 1), gather_sequence(img_ids, group, 0))
 
         if not len(self.transformer_blocks):
             return {"sea_latent": raw_latent}
+        temb_mod_img = _argument(args, kwargs, 2, "temb_mod_img")
+
+        def modulated_input(streams: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+            block = self.transformer_blocks[0]
+            (shift_msa, scale_msa, _), _ = Flux2Modulation.split(temb_mod_img, 2)
+            return (1 + scale_msa) * block.norm1(streams[0]) + shift_msa
+
         return {"teacache_indicator": modulated_input, "sea_latent": raw_latent}
 
-    def _run_blocks(
-        self, start: int, end: int, streams: tuple[torch.Tensor, torch.Tensor], context: _StackContext
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run blocks ``start .. end - 1`` of the stack (double-stream blocks first) exactly as the parent's loops do.
 
-        ``streams`` is ``(image tokens, text tokens)`` in and out; single-stream blocks run on ``[text; image]``.
-        """
-        hidden_states, encoder_hidden_states = streams
-        num_double = len(self.transformer_blocks)
-        kv_cache = context.kv_cache
-        checkpointing = torch.is_grad_enabled() and self.gradient_checkpointing
-
-        for index in range(start, min(end, num_double)):
-            block = self.transformer_blocks[index]
-            kv_attn_kwargs = context.kv_attn_kwargs
-            if kv_cache is not None:
-                kv_attn_kwargs["kv_cache"] = kv_cache.get_double(index)
-            if checkpointing:
-                encoder_hidden_states, hidden_states = self._gradient_checkpointing_func(
-                    block,
-                    hidden_states,
-                    encoder_hidden_states,
-                    context.double_stream_mod_img,
-                    context.double_stream_mod_txt,
-                    context.rotary_emb,
-                    kv_attn_kwargs,
-                )
-            else:
-                encoder_hidden_states, hidden_states = block(
-                    hidden_states=hidden_states,
-                    encoder_hidden_states=encoder_hidden_states,
-                    temb_mod_img=context.double_stream_mod_img,
-                    temb_mod_txt=context.double_stream_mod_txt,
-                    image_rotary_emb=context.rotary_emb,
-                    joint_attention_kwargs=kv_attn_kwargs,
-                )
-
-        if end <= num_double:
-            return hidden_states, encoder_hidden_states
-
-        hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
-        for index in range(max(start, num_double), end):
-            single_index = index - num_double
-            block = self.single_transformer_blocks[single_index]
-            kv_attn_kwargs_single = context.kv_attn_kwargs_single
-            if kv_cache is not None:
-                kv_attn_kwargs_single["kv_cache"] = kv_cache.get_single(single_index)
-            if checkpointing:
-                hidden_states = self._gradient_checkpointing_func(
-                    block,
-                    hidden_states,
-                    None,
-                    context.single_stream_mod,
-                    context.rotary_emb,
-                    kv_attn_kwargs_single,
-                )
-            else:
-                hidden_states = block(
-                    hidden_states=hidden_states,
-                    encoder_hidden_states=None,
-                    temb_mod=context.single_stream_mod,
-                    image_rotary_emb=context.rotary_emb,
-                    joint_attention_kwargs=kv_attn_kwargs_single,
-                )
-        num_txt_tokens = context.num_txt_tokens
-        return hidden_states[:, num_txt_tokens:, ...], hidden_states[:, :num_txt_tokens, ...]
+_MISSING = object()
 
 
-class _StackContext:
-    """What the blocks of one forward share (modulations, RoPE, attention kwargs, the KV cache)."""
+def _argument(args: tuple, kwargs: dict, position: int, name: str, default: Any = _MISSING) -> Any:
+    """A block call's argument ``name`` (keyword, else at ``position``: gradient checkpointing passes positionals)."""
+    if name in kwargs:
+        return kwargs[name]
+    if position < len(args):
+        return args[position]
+    if default is _MISSING:
+        raise TypeError(f"block call without {name!r}")
+    return default
 
-    __slots__ = (
-        "num_txt_tokens",
-        "double_stream_mod_img",
-        "double_stream_mod_txt",
-        "single_stream_mod",
-        "rotary_emb",
-        "kv_attn_kwargs",
-        "kv_attn_kwargs_single",
-        "kv_cache",
-        "raw_latents",
-    )
 
-    def __init__(self, **values: Any) -> None:
-        for name, value in values.items():
-            setattr(self, name, value)
+def _double_stream_streams(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    return _argument(args, kwargs, 0, "hidden_states"), _argument(args, kwargs, 1, "encoder_hidden_states")
+
+
+_DOUBLE_STREAM_IO = BlockIO(
+    # (hidden_states, encoder_hidden_states, ...) -> (encoder_hidden_states, hidden_states); the stack's streams are
+    # (image tokens, text tokens)
+    streams=_double_stream_streams,
+    result_streams=lambda result, args, kwargs: (result[1], result[0]),
+    result=lambda streams, args, kwargs: (streams[1], streams[0]),
+    passthrough=lambda args, kwargs: _double_stream_streams(args, kwargs)[::-1],
+)
+
+
+def _single_stream_io(num_txt_tokens: int) -> BlockIO:
+    """A single-stream block's calls as the stack's two streams: the parent passes the joint ``[text; image]``
+    sequence (``encoder_hidden_states=None``) and gets it back; the streams are its image and text parts."""
+
+    def joint(args, kwargs):
+        return _argument(args, kwargs, 1, "encoder_hidden_states", None) is None
+
+    def split(args, kwargs):
+        return bool(_argument(args, kwargs, 5, "split_hidden_states", False))
+
+    def streams(args, kwargs):
+        hidden_states = _argument(args, kwargs, 0, "hidden_states")
+        if joint(args, kwargs):
+            return hidden_states[:, num_txt_tokens:], hidden_states[:, :num_txt_tokens]
+        return hidden_states, _argument(args, kwargs, 1, "encoder_hidden_states")
+
+    def result_streams(result, args, kwargs):
+        if isinstance(result, tuple):
+            return result[1], result[0]
+        return result[:, num_txt_tokens:], result[:, :num_txt_tokens]
+
+    def result(streams, args, kwargs):
+        if split(args, kwargs):
+            return streams[1], streams[0]
+        return torch.cat([streams[1], streams[0]], dim=1)
+
+    def passthrough(args, kwargs):
+        if joint(args, kwargs) and not split(args, kwargs):
+            return _argument(args, kwargs, 0, "hidden_states")
+        return result(streams(args, kwargs), args, kwargs)
+
+    return BlockIO(streams=streams, result_streams=result_streams, result=result, passthrough=passthrough)
 
 
 def flux2_latent_grid(hidden_states: torch.Tensor, img_ids: torch.Tensor) -> torch.Tensor:

@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-from math import prod
+import functools
 from typing import Any
 
-import numpy as np
 import torch
 from diffusers import QwenImageTransformer2DModel
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 # A stock pipeline built from a cached pipeline's components saves ["cached_diffusers.models.<module>", "Cached..."]
 # in model_index.json; diffusers loads a component of such a library through the ModelMixin it finds in the module.
 from diffusers.models.modeling_utils import ModelMixin  # noqa: F401
-from diffusers.models.transformers.transformer_qwenimage import compute_text_seq_len_from_mask
 from diffusers.utils.peft_utils import apply_lora_scale
 
-from cached_diffusers.model_mixin import CachedTransformerMixin, MirroredForward
+from cached_diffusers.model_mixin import BlockIO, CachedTransformerMixin
 from cached_diffusers.parallel import context_parallel_group, shard_sequence
 from cached_diffusers.sea import unpack_patch_tokens
 from cached_diffusers.spec import ModelCacheSpec
@@ -50,11 +48,6 @@ imply 37 of 50 steps computed per branch.
 """
 
 
-_PARENT_FORWARD = QwenImageTransformer2DModel.forward.__wrapped__
-"""The parent's forward without its ``apply_lora_scale`` decorator (ours applies the scale once). Taken here, at
-import, as a plain function: TorchDynamo cannot trace ``super().forward.__wrapped__``, and with caching off
-``torch.compile(transformer, fullgraph=True)`` traces this call."""
-
 class CachedQwenImageTransformer2DModel(CachedTransformerMixin, QwenImageTransformer2DModel):
     """``QwenImageTransformer2DModel`` whose ``forward`` skips the block stack on steps the cache method reuses.
 
@@ -65,14 +58,21 @@ class CachedQwenImageTransformer2DModel(CachedTransformerMixin, QwenImageTransfo
     image input ``LN(h) * (1 + scale) + shift`` (shift and scale from ``transformer_blocks[0].img_mod(temb)``), which
     depends on the latents and the timestep only, so the conditional and unconditional branches see the same indicator.
 
+    ``forward`` runs the parent's own ``forward`` (whatever the installed diffusers' is) and caches through the calls
+    of its blocks (:class:`~cached_diffusers.model_mixin.BlockCalls`): block 0's call gives TeaCache's indicator and
+    the decision; on a reused step the cached blocks return their inputs untouched and the span's last one adds the
+    stored residual to the span's input. The ControlNet residuals the parent's loop adds between the blocks are
+    part of the stored residual (as the whole stack's output minus its input); the one added after the last block is
+    added on every step.
+
     Context parallelism (``enable_parallelism(config=ContextParallelConfig(...))``): the parent's ``_cp_plan`` shards
-    the two streams at the input of ``transformer_blocks.0``, inside the cached stack, so that a stack's output would
-    be a shard while its input is the whole sequence. This class's :attr:`_cp_plan` drops that one entry and its
-    ``forward`` shards both streams itself before the stack (:func:`~cached_diffusers.parallel.shard_sequence`, the
-    plan's own splitter), with caching on or off; the rest of the parent's plan (the per-block masks and modulation
-    index, RoPE, the gather at ``proj_out``) applies unchanged. Each rank then caches the residual of its shard, and
-    every decision is taken from statistics summed over the context-parallel group, so all ranks take the
-    single-process decisions.
+    the two streams inside ``transformer_blocks.0``'s forward, after the call the cache sees, so that a stack's
+    output would be a shard while its input is the whole sequence. This class's :attr:`_cp_plan` drops that one
+    entry and shards both streams in block 0's intercepted call instead
+    (:func:`~cached_diffusers.parallel.shard_sequence`, the plan's own splitter), with caching on or off; the rest of
+    the parent's plan (the per-block masks and modulation index, RoPE, the gather at ``proj_out``) applies unchanged.
+    Each rank then caches the residual of its shard, and every decision is taken from statistics summed over the
+    context-parallel group, so all ranks take the single-process decisions.
 
     With ``cache_config=None`` (and no context parallelism) ``forward`` is the parent's.
     """
@@ -82,8 +82,8 @@ class CachedQwenImageTransformer2DModel(CachedTransformerMixin, QwenImageTransfo
         for name, entry in QwenImageTransformer2DModel._cp_plan.items()
         if name != "transformer_blocks.0"
     }
-    """The parent's context-parallel plan without its split of the streams at ``transformer_blocks.0`` (``forward``
-    shards them before the cached stack instead)."""
+    """The parent's context-parallel plan without its split of the streams at ``transformer_blocks.0`` (block 0's
+    intercepted call shards them before the cached stack instead)."""
 
     cache_spec = ModelCacheSpec(
         model_name="CachedQwenImageTransformer2DModel",
@@ -94,11 +94,7 @@ class CachedQwenImageTransformer2DModel(CachedTransformerMixin, QwenImageTransfo
         mag_ratios=QWENIMAGE_MAG_RATIOS,
         mag_ratios_source="Zehong-Ma/MagCache MagCache4QwenImage/magcache_generate.py (50 steps, true CFG 4.0)",
     )
-    mirrored_forward = MirroredForward(
-        sha256="a80c88db6acadbebc3ac929b2ff511994fe2fc9b5f122713a5d0440e00a73501",
-        diffusers_version="0.42.1",
-        file="models/qwenimage.py",
-    )
+    cached_block_lists = ("transformer_blocks",)
 
     @property
     def num_cache_blocks(self) -> int:
@@ -118,81 +114,53 @@ class CachedQwenImageTransformer2DModel(CachedTransformerMixin, QwenImageTransfo
         additional_t_cond=None,
         return_dict: bool = True,
     ) -> torch.Tensor | Transformer2DModelOutput:
-        """The parent's forward, with the block stack run through the cache engine. Arguments and returns as there.
+        """The parent's own forward, its block calls intercepted by the cache. Arguments and returns as there.
 
         Raises:
             ValueError: when caching is on and the denoising step is unknown (see ``cache_context``).
         """
+        call = functools.partial(
+            type(self)._parent_forward,
+            self,
+            hidden_states,
+            encoder_hidden_states=encoder_hidden_states,
+            encoder_hidden_states_mask=encoder_hidden_states_mask,
+            timestep=timestep,
+            img_shapes=img_shapes,
+            guidance=guidance,
+            attention_kwargs=attention_kwargs,
+            controlnet_block_samples=controlnet_block_samples,
+            additional_t_cond=additional_t_cond,
+            return_dict=return_dict,
+        )
         cp_group = context_parallel_group(self)
         if not self.cache_engine.active and cp_group is None:
-            return _PARENT_FORWARD(
-                self,
-                hidden_states,
-                encoder_hidden_states=encoder_hidden_states,
-                encoder_hidden_states_mask=encoder_hidden_states_mask,
-                timestep=timestep,
-                img_shapes=img_shapes,
-                guidance=guidance,
-                attention_kwargs=attention_kwargs,
-                controlnet_block_samples=controlnet_block_samples,
-                additional_t_cond=additional_t_cond,
-                return_dict=return_dict,
-            )
+            return call()
+        # SeaCache's indicator: the whole raw latent, on every rank (the plan shards inside the stack)
+        return self._run_parent_forward(call, (hidden_states, img_shapes, cp_group), sequence_group=cp_group)
 
-        raw_hidden_states = hidden_states
-        hidden_states = self.img_in(hidden_states)
-        timestep = timestep.to(hidden_states.dtype)
-        modulate_index = None
-        if self.zero_cond_t:
-            timestep = torch.cat([timestep, timestep * 0], dim=0)
-            modulate_index = torch.tensor(
-                [[0] * prod(sample[0]) + [1] * sum(prod(s) for s in sample[1:]) for sample in img_shapes],
-                device=timestep.device,
-                dtype=torch.int,
-            )
-        encoder_hidden_states = self.txt_in(self.txt_norm(encoder_hidden_states))
-        text_seq_len, _, encoder_hidden_states_mask = compute_text_seq_len_from_mask(
-            encoder_hidden_states, encoder_hidden_states_mask
-        )
-        if guidance is None:
-            temb = self.time_text_embed(timestep, hidden_states, additional_t_cond)
-        else:
-            guidance = guidance.to(hidden_states.dtype) * 1000
-            temb = self.time_text_embed(timestep, guidance, hidden_states, additional_t_cond)
-        image_rotary_emb = self.pos_embed(img_shapes, max_txt_seq_len=text_seq_len, device=hidden_states.device)
+    def _block_io(self, context) -> tuple[BlockIO]:
+        return (_DUAL_STREAM_IO,)
 
-        block_kwargs = {
-            "encoder_hidden_states_mask": encoder_hidden_states_mask,
-            "temb": temb,
-            "image_rotary_emb": image_rotary_emb,
-            "joint_attention_kwargs": attention_kwargs,
-            "modulate_index": modulate_index,
-        }
+    def _prepare_first_block_call(self, args, kwargs, context):
+        cp_group = context[2]
+        if cp_group is None:
+            return args, kwargs
+        # What the parent's plan does at transformer_blocks.0, done before the stack (see the class docstring).
+        for position, name in enumerate(("hidden_states", "encoder_hidden_states")):
+            args, kwargs = _replace_argument(args, kwargs, position, name, lambda s: shard_sequence(self, s, dim=1))
+        return args, kwargs
 
-        streams = (hidden_states, encoder_hidden_states)
-        indicator_modulate_index = modulate_index
-        if cp_group is not None:
-            # What the parent's plan does at transformer_blocks.0, done before the stack (see the class docstring).
-            streams = tuple(shard_sequence(self, s, dim=1) for s in streams)
-            if modulate_index is not None:
-                indicator_modulate_index = shard_sequence(self, modulate_index, dim=1)
-        raw_latents = (raw_hidden_states, img_shapes)  # SeaCache's indicator: the whole raw latent, on every rank
-        context = (block_kwargs, controlnet_block_samples, indicator_modulate_index, raw_latents)
-        hidden_states, _ = self._run_block_stack(streams, context, sequence_group=cp_group)
-
-        if self.zero_cond_t:
-            temb = temb.chunk(2, dim=0)[0]
-        output = self.proj_out(self.norm_out(hidden_states, temb))
-        if not return_dict:
-            return (output,)
-        return Transformer2DModelOutput(sample=output)
-
-    def _cache_indicators(self, context):
-        block_kwargs, _, modulate_index, (raw_hidden_states, img_shapes) = context  # modulate_index: this rank's shard
+    def _block_indicators(self, args, kwargs, context):
+        raw_hidden_states, img_shapes, cp_group = context
+        temb = _argument(args, kwargs, 3, "temb")
+        modulate_index = _argument(args, kwargs, 6, "modulate_index", None)
+        if modulate_index is not None and cp_group is not None:
+            modulate_index = shard_sequence(self, modulate_index, dim=1)  # this rank's shard, as its tokens
 
         def modulated_input(streams: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
             block = self.transformer_blocks[0]
-            img_mod1 = block.img_mod(block_kwargs["temb"]).chunk(2, dim=-1)[0]
+            img_mod1 = block.img_mod(temb).chunk(2, dim=-1)[0]
             return block._modulate(block.img_norm1(streams[0]), img_mod1, modulate_index)[0]
 
         def raw_latent(streams) -> torch.Tensor:
@@ -200,35 +168,39 @@ class CachedQwenImageTransformer2DModel(CachedTransformerMixin, QwenImageTransfo
 
         return {"teacache_indicator": modulated_input, "sea_latent": raw_latent}
 
-    def _run_blocks(
-        self, start: int, end: int, streams: tuple[torch.Tensor, torch.Tensor], context
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run ``transformer_blocks[start:end]`` on ``(image tokens, text tokens)`` exactly as the parent's loop does.
 
-        ``context`` is ``(block_kwargs, controlnet_block_samples, indicator_modulate_index, raw_latents)`` of this
-        forward.
-        """
-        block_kwargs, controlnet_block_samples = context[:2]
-        hidden_states, encoder_hidden_states = streams
-        for index in range(start, end):
-            block = self.transformer_blocks[index]
-            if torch.is_grad_enabled() and self.gradient_checkpointing:
-                encoder_hidden_states, hidden_states = self._gradient_checkpointing_func(
-                    block,
-                    hidden_states,
-                    encoder_hidden_states,
-                    block_kwargs["encoder_hidden_states_mask"],
-                    block_kwargs["temb"],
-                    block_kwargs["image_rotary_emb"],
-                    block_kwargs["joint_attention_kwargs"],
-                    block_kwargs["modulate_index"],
-                )
-            else:
-                encoder_hidden_states, hidden_states = block(hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states, **block_kwargs)
-            if controlnet_block_samples is not None:
-                interval = int(np.ceil(len(self.transformer_blocks) / len(controlnet_block_samples)))
-                hidden_states = hidden_states + controlnet_block_samples[index // interval]
-        return hidden_states, encoder_hidden_states
+_MISSING = object()
+
+
+def _argument(args: tuple, kwargs: dict, position: int, name: str, default: Any = _MISSING) -> Any:
+    """A block call's argument ``name`` (keyword, else at ``position``: gradient checkpointing passes positionals)."""
+    if name in kwargs:
+        return kwargs[name]
+    if position < len(args):
+        return args[position]
+    if default is _MISSING:
+        raise TypeError(f"block call without {name!r}")
+    return default
+
+
+def _replace_argument(args: tuple, kwargs: dict, position: int, name: str, fn) -> tuple[tuple, dict]:
+    if name in kwargs:
+        return args, {**kwargs, name: fn(kwargs[name])}
+    return args[:position] + (fn(args[position]),) + args[position + 1 :], kwargs
+
+
+def _dual_stream_streams(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    return _argument(args, kwargs, 0, "hidden_states"), _argument(args, kwargs, 1, "encoder_hidden_states")
+
+
+_DUAL_STREAM_IO = BlockIO(
+    # a dual-stream block takes (hidden_states, encoder_hidden_states, ...) and returns (encoder_hidden_states,
+    # hidden_states); the stack's streams are (image tokens, text tokens)
+    streams=_dual_stream_streams,
+    result_streams=lambda result, args, kwargs: (result[1], result[0]),
+    result=lambda streams, args, kwargs: (streams[1], streams[0]),
+    passthrough=lambda args, kwargs: _dual_stream_streams(args, kwargs)[::-1],
+)
 
 
 def qwenimage_latent_grid(hidden_states: torch.Tensor, img_shapes) -> torch.Tensor:

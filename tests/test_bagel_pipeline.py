@@ -20,7 +20,7 @@ from cached_diffusers import (
     TeaCacheConfig,
 )
 from cached_diffusers.pipelines.bagel import pack_latents, unpack_latents
-from helpers import record_calls, teacache_reference
+from helpers import record_calls, stop_recording, teacache_reference
 from reference import reference_dir
 
 TOL = dict(atol=1e-4, rtol=1e-4)  # the reference README's float32 tolerances
@@ -201,7 +201,7 @@ def test_each_branch_keeps_its_own_state_and_residuals(pipe, ref):
     try:
         pipe(**reference_kwargs(ref, output_type="latent", num_timesteps=steps + 1, cfg_img_scale=1.5))
     finally:
-        del pipe.transformer.cache_engine.run
+        stop_recording(pipe)
     sigmas = pipe.scheduler.sigmas[:-1]
     active = [i for i in range(steps) if 0.4 < sigmas[i] <= 1.0]
     assert active == list(range(len(active))) and len(active) < steps  # the interval ends before the last step

@@ -33,7 +33,7 @@ from cached_diffusers.tools.tiny import (
     write_tiny_qwen3_tokenizer,
 )
 
-from helpers import record_calls, teacache_reference
+from helpers import record_calls, stop_recording, teacache_reference
 
 SIZE = dict(height=64, width=64)
 
@@ -256,7 +256,7 @@ def test_reused_calls_add_their_own_branch_residual(pipe):
     try:
         pipe(**call_kwargs(steps=8))
     finally:
-        del pipe.transformer.cache_engine.run
+        stop_recording(pipe)
     stats = pipe.cache_stats
     assert stats.branches["cond"].reused_steps == stats.branches["uncond"].reused_steps == [1, 2, 4, 5]
     residuals, checked = {}, 0
