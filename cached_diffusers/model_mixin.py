@@ -454,6 +454,40 @@ class BlockIO:
     passthrough: Callable[[tuple, dict], Any]
 
 
+_MISSING = object()
+
+
+def block_argument(args: tuple, kwargs: dict, position: int, name: str, default: Any = _MISSING) -> Any:
+    """A block call's argument ``name``: the keyword, else the positional at ``position`` (gradient checkpointing
+    passes positionals), else ``default``.
+
+    Raises:
+        TypeError: when the call has no such argument and no ``default`` is given.
+    """
+    if name in kwargs:
+        return kwargs[name]
+    if position < len(args):
+        return args[position]
+    if default is _MISSING:
+        raise TypeError(f"block call without {name!r}")
+    return default
+
+
+def _dual_stream_streams(args: tuple, kwargs: dict) -> tuple[Any, Any]:
+    return block_argument(args, kwargs, 0, "hidden_states"), block_argument(args, kwargs, 1, "encoder_hidden_states")
+
+
+DUAL_STREAM_IO = BlockIO(
+    streams=_dual_stream_streams,
+    result_streams=lambda result, args, kwargs: (result[1], result[0]),
+    result=lambda streams, args, kwargs: (streams[1], streams[0]),
+    passthrough=lambda args, kwargs: _dual_stream_streams(args, kwargs)[::-1],
+)
+"""The calls of a dual-stream (MMDiT) block, ``block(hidden_states, encoder_hidden_states, ...) ->
+(encoder_hidden_states, hidden_states)`` (Qwen-Image's blocks, FLUX.2's double-stream blocks), as the stack's streams
+``(image tokens, text tokens)``."""
+
+
 class BlockCalls:
     """One cached forward's interception of its parent's block calls: :meth:`CacheEngine.run
     <cached_diffusers.engine.CacheEngine.run>`'s step, taken call by call.

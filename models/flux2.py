@@ -17,7 +17,7 @@ from diffusers.utils.peft_utils import apply_lora_scale
 # in model_index.json; diffusers loads a component of such a library through the ModelMixin it finds in the module.
 from diffusers.models.modeling_utils import ModelMixin  # noqa: F401
 
-from cached_diffusers.model_mixin import BlockIO, CachedTransformerMixin
+from cached_diffusers.model_mixin import DUAL_STREAM_IO, BlockIO, CachedTransformerMixin, block_argument
 from cached_diffusers.parallel import context_parallel_group, gather_sequence
 from cached_diffusers.sea import unpack_patch_tokens
 from cached_diffusers.spec import ModelCacheSpec
@@ -132,7 +132,7 @@ class CachedFlux2Transformer2DModel(CachedTransformerMixin, Flux2Transformer2DMo
         return self._run_parent_forward(call, context, sequence_group=context_parallel_group(self))
 
     def _block_io(self, context) -> tuple[BlockIO, BlockIO]:
-        return _DOUBLE_STREAM_IO, _single_stream_io(context[0])
+        return DUAL_STREAM_IO, _single_stream_io(context[0])
 
     def _block_indicators(self, args, kwargs, context):
         _, hidden_states, img_ids = context
@@ -143,7 +143,7 @@ class CachedFlux2Transformer2DModel(CachedTransformerMixin, Flux2Transformer2DMo
 
         if not len(self.transformer_blocks):
             return {"sea_latent": raw_latent}
-        temb_mod_img = _argument(args, kwargs, 2, "temb_mod_img")
+        temb_mod_img = block_argument(args, kwargs, 2, "temb_mod_img")
 
         def modulated_input(streams: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
             block = self.transformer_blocks[0]
@@ -153,49 +153,21 @@ class CachedFlux2Transformer2DModel(CachedTransformerMixin, Flux2Transformer2DMo
         return {"teacache_indicator": modulated_input, "sea_latent": raw_latent}
 
 
-_MISSING = object()
-
-
-def _argument(args: tuple, kwargs: dict, position: int, name: str, default: Any = _MISSING) -> Any:
-    """A block call's argument ``name`` (keyword, else at ``position``: gradient checkpointing passes positionals)."""
-    if name in kwargs:
-        return kwargs[name]
-    if position < len(args):
-        return args[position]
-    if default is _MISSING:
-        raise TypeError(f"block call without {name!r}")
-    return default
-
-
-def _double_stream_streams(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    return _argument(args, kwargs, 0, "hidden_states"), _argument(args, kwargs, 1, "encoder_hidden_states")
-
-
-_DOUBLE_STREAM_IO = BlockIO(
-    # (hidden_states, encoder_hidden_states, ...) -> (encoder_hidden_states, hidden_states); the stack's streams are
-    # (image tokens, text tokens)
-    streams=_double_stream_streams,
-    result_streams=lambda result, args, kwargs: (result[1], result[0]),
-    result=lambda streams, args, kwargs: (streams[1], streams[0]),
-    passthrough=lambda args, kwargs: _double_stream_streams(args, kwargs)[::-1],
-)
-
-
 def _single_stream_io(num_txt_tokens: int) -> BlockIO:
     """A single-stream block's calls as the stack's two streams: the parent passes the joint ``[text; image]``
     sequence (``encoder_hidden_states=None``) and gets it back; the streams are its image and text parts."""
 
     def joint(args, kwargs):
-        return _argument(args, kwargs, 1, "encoder_hidden_states", None) is None
+        return block_argument(args, kwargs, 1, "encoder_hidden_states", None) is None
 
     def split(args, kwargs):
-        return bool(_argument(args, kwargs, 5, "split_hidden_states", False))
+        return bool(block_argument(args, kwargs, 5, "split_hidden_states", False))
 
     def streams(args, kwargs):
-        hidden_states = _argument(args, kwargs, 0, "hidden_states")
+        hidden_states = block_argument(args, kwargs, 0, "hidden_states")
         if joint(args, kwargs):
             return hidden_states[:, num_txt_tokens:], hidden_states[:, :num_txt_tokens]
-        return hidden_states, _argument(args, kwargs, 1, "encoder_hidden_states")
+        return hidden_states, block_argument(args, kwargs, 1, "encoder_hidden_states")
 
     def result_streams(result, args, kwargs):
         if isinstance(result, tuple):
@@ -209,7 +181,7 @@ def _single_stream_io(num_txt_tokens: int) -> BlockIO:
 
     def passthrough(args, kwargs):
         if joint(args, kwargs) and not split(args, kwargs):
-            return _argument(args, kwargs, 0, "hidden_states")
+            return block_argument(args, kwargs, 0, "hidden_states")
         return result(streams(args, kwargs), args, kwargs)
 
     return BlockIO(streams=streams, result_streams=result_streams, result=result, passthrough=passthrough)

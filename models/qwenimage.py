@@ -13,7 +13,7 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin  # noqa: F401
 from diffusers.utils.peft_utils import apply_lora_scale
 
-from cached_diffusers.model_mixin import BlockIO, CachedTransformerMixin
+from cached_diffusers.model_mixin import DUAL_STREAM_IO, BlockIO, CachedTransformerMixin, block_argument
 from cached_diffusers.parallel import context_parallel_group, shard_sequence
 from cached_diffusers.sea import unpack_patch_tokens
 from cached_diffusers.spec import ModelCacheSpec
@@ -140,7 +140,7 @@ class CachedQwenImageTransformer2DModel(CachedTransformerMixin, QwenImageTransfo
         return self._run_parent_forward(call, (hidden_states, img_shapes, cp_group), sequence_group=cp_group)
 
     def _block_io(self, context) -> tuple[BlockIO]:
-        return (_DUAL_STREAM_IO,)
+        return (DUAL_STREAM_IO,)
 
     def _prepare_first_block_call(self, args, kwargs, context):
         cp_group = context[2]
@@ -153,8 +153,8 @@ class CachedQwenImageTransformer2DModel(CachedTransformerMixin, QwenImageTransfo
 
     def _block_indicators(self, args, kwargs, context):
         raw_hidden_states, img_shapes, cp_group = context
-        temb = _argument(args, kwargs, 3, "temb")
-        modulate_index = _argument(args, kwargs, 6, "modulate_index", None)
+        temb = block_argument(args, kwargs, 3, "temb")
+        modulate_index = block_argument(args, kwargs, 6, "modulate_index", None)
         if modulate_index is not None and cp_group is not None:
             modulate_index = shard_sequence(self, modulate_index, dim=1)  # this rank's shard, as its tokens
 
@@ -169,38 +169,10 @@ class CachedQwenImageTransformer2DModel(CachedTransformerMixin, QwenImageTransfo
         return {"teacache_indicator": modulated_input, "sea_latent": raw_latent}
 
 
-_MISSING = object()
-
-
-def _argument(args: tuple, kwargs: dict, position: int, name: str, default: Any = _MISSING) -> Any:
-    """A block call's argument ``name`` (keyword, else at ``position``: gradient checkpointing passes positionals)."""
-    if name in kwargs:
-        return kwargs[name]
-    if position < len(args):
-        return args[position]
-    if default is _MISSING:
-        raise TypeError(f"block call without {name!r}")
-    return default
-
-
 def _replace_argument(args: tuple, kwargs: dict, position: int, name: str, fn) -> tuple[tuple, dict]:
     if name in kwargs:
         return args, {**kwargs, name: fn(kwargs[name])}
     return args[:position] + (fn(args[position]),) + args[position + 1 :], kwargs
-
-
-def _dual_stream_streams(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    return _argument(args, kwargs, 0, "hidden_states"), _argument(args, kwargs, 1, "encoder_hidden_states")
-
-
-_DUAL_STREAM_IO = BlockIO(
-    # a dual-stream block takes (hidden_states, encoder_hidden_states, ...) and returns (encoder_hidden_states,
-    # hidden_states); the stack's streams are (image tokens, text tokens)
-    streams=_dual_stream_streams,
-    result_streams=lambda result, args, kwargs: (result[1], result[0]),
-    result=lambda streams, args, kwargs: (streams[1], streams[0]),
-    passthrough=lambda args, kwargs: _dual_stream_streams(args, kwargs)[::-1],
-)
 
 
 def qwenimage_latent_grid(hidden_states: torch.Tensor, img_shapes) -> torch.Tensor:
