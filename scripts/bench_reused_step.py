@@ -1,0 +1,87 @@
+#!/usr/bin/env python
+"""What a reused step costs next to a computed one, on the tiny 12-block cached Qwen-Image transformer (CPU).
+
+    python scripts/bench_reused_step.py [--side 16] [--steps 40] [--repeats 3] [--threads 1]
+
+Direct transformer calls (no pipeline) with TeaCache at two thresholds: one that computes every step and one that
+reuses every step it may (the first and last steps compute). Each repeat runs both generations, interleaved, after
+one warm-up generation of each; the script prints the median time of a computed step and of a reused step and their
+ratio in percent. A reused step still runs the embeddings, the output head and the decision indicator; the cached
+blocks are passed through (block-call caching, ``cached_diffusers.model_mixin.BlockCalls``), so the ratio measures
+what the pass-through and the engine add. No target is asserted here: the numbers are printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--side", type=int, default=16, help="latent tokens per side: side x side image tokens (default 16)")
+    parser.add_argument("--steps", type=int, default=40, help="steps per generation, >= 4 (default 40)")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats after the warm-up (default 3)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    args = parser.parse_args(argv)
+    for name, low in (("side", 1), ("steps", 4), ("repeats", 1), ("threads", 1)):
+        if getattr(args, name) < low:
+            parser.error(f"--{name} must be >= {low}, got {getattr(args, name)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    args = parse_args(argv)
+    import torch
+
+    from cached_diffusers import CachedQwenImageTransformer2DModel, TeaCacheConfig
+    from cached_diffusers.tools.tiny import build_tiny_qwenimage_components
+
+    torch.set_num_threads(args.threads)
+    model = CachedQwenImageTransformer2DModel.from_base(build_tiny_qwenimage_components()["transformer"])
+    generator = torch.Generator().manual_seed(0)
+    tokens, text = args.side * args.side, 12
+    inputs = dict(
+        hidden_states=torch.randn(1, tokens, model.config.in_channels, generator=generator),
+        encoder_hidden_states=torch.randn(1, text, model.config.joint_attention_dim, generator=generator),
+        encoder_hidden_states_mask=torch.ones(1, text, dtype=torch.long),
+        timestep=torch.tensor([0.5]),
+        img_shapes=[[(1, args.side, args.side)]],
+        return_dict=False,
+    )
+    configs = {"computed": TeaCacheConfig(rel_l1_thresh=1e-12), "reused": TeaCacheConfig(rel_l1_thresh=1e6)}
+    times: dict[str, list[float]] = {name: [] for name in configs}
+
+    def generation(name: str, record: bool) -> None:
+        model.cache_config = configs[name]
+        model.reset_cache()
+        with torch.no_grad():
+            for step in range(args.steps):
+                with model.cache_context("cond", step_index=step, num_inference_steps=args.steps):
+                    start = time.perf_counter()
+                    model(**inputs)
+                    elapsed = time.perf_counter() - start
+                reused = step in model.cache_stats.branches["cond"].reused_steps
+                if record and reused == (name == "reused"):
+                    times[name].append(elapsed)
+
+    for name in configs:  # warm-up
+        generation(name, record=False)
+    for _ in range(args.repeats):
+        for name in configs:
+            generation(name, record=True)
+    if not times["reused"]:
+        raise SystemExit("no step was reused: the reuse config did not take effect")
+    computed, reused = statistics.median(times["computed"]), statistics.median(times["reused"])
+    ratio = 100 * reused / computed
+    print(
+        f"tiny Qwen-Image, {model.num_cache_blocks} blocks, {tokens} image tokens, {args.threads} thread(s), "
+        f"{args.repeats} interleaved repeats: computed step {computed * 1e3:.3f} ms, reused step {reused * 1e3:.3f} ms "
+        f"(median of {len(times['computed'])} / {len(times['reused'])}), reused / computed = {ratio:.2f} %"
+    )
+    return {"computed_s": computed, "reused_s": reused, "ratio_percent": ratio}
+
+
+if __name__ == "__main__":
+    main()
