@@ -321,7 +321,8 @@ def lpips_metric() -> tuple[Callable[[np.ndarray, np.ndarray], float] | None, st
 
 
 # -- results ---------------------------------------------------------------------------------------------------------
-def _finite_mean(values: Sequence[float]) -> float:
+def finite_mean(values: Sequence[float]) -> float:
+    """The mean of the finite values (a PSNR of identical images is ``inf``); ``inf`` when none is finite."""
     finite = [v for v in values if math.isfinite(v)]
     return float(np.mean(finite)) if finite else float("inf")
 
@@ -376,7 +377,7 @@ class BenchEntry:
     @property
     def psnr_mean(self) -> float:
         """Mean PSNR over the prompts whose image differs from uncached (``inf`` when none differs)."""
-        return _finite_mean(self.psnr)
+        return finite_mean(self.psnr)
 
     @property
     def psnr_min(self) -> float:

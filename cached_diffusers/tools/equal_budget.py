@@ -35,7 +35,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from .bench import PSNR_THRESHOLD, default_sweep, environment, run_prompts
+from .bench import PSNR_THRESHOLD, default_sweep, environment, finite_mean, run_prompts
 from ..configs import CacheConfig, MagCacheConfig, PlannedScheduleConfig, SeaCacheConfig, TaylorSeerConfig
 from .imaging import psnr, require_extra, ssim
 
@@ -89,8 +89,7 @@ class BudgetRow:
 
     @property
     def psnr_mean(self) -> float:
-        finite = [p for p in self.psnr if math.isfinite(p)]
-        return float(np.mean(finite)) if finite else math.inf
+        return finite_mean(self.psnr)
 
     @property
     def ssim_mean(self) -> float:

@@ -36,7 +36,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from ..configs import CacheConfig, LeMiCaConfig, MeanCacheConfig, available_cache_methods
-from .bench import _skip_reason, environment, lpips_metric
+from .bench import _skip_reason, environment, finite_mean, lpips_metric
 from .equal_budget import KNOBS, THRESHOLD_RANGE, _greedy_base
 from .imaging import psnr, ssim, to_uint8
 from .timing import make_generator, timed_call
@@ -125,8 +125,7 @@ class Candidate:
 
     @property
     def mean_psnr(self) -> float:
-        finite = [p for p in self.psnr if math.isfinite(p)]
-        return float(np.mean(finite)) if finite else math.inf
+        return finite_mean(self.psnr)
 
     @property
     def worst_ssim(self) -> float:
