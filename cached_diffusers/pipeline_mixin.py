@@ -173,15 +173,10 @@ class CachedPipelineMixin:
         from diffusers.pipelines.pipeline_loading_utils import _unwrap_model
 
         model = _unwrap_model(value)  # a torch.compile'd transformer is assigned as it is, its module converted
-        cached_class = self.cached_transformer_class
-        if not isinstance(model, cached_class):
-            if type(model) not in cached_class.__mro__:
-                parent = diffusers_parent(cached_class, CachedTransformerMixin).__name__
-                raise TypeError(
-                    f"{type(self).__name__}.transformer must be a {parent} (converted in place to "
-                    f"{cached_class.__name__}) or a {cached_class.__name__}, got {type(model).__name__}"
-                )
-            cached_class.from_base(model)
+        try:
+            self.cached_transformer_class.from_base(model)  # in place; a cached one is kept as it is
+        except TypeError as error:
+            raise TypeError(f"{type(self).__name__}.transformer: {error}") from None
         initialised = "_pipeline_cache_config" in self.__dict__
         config = self.cache_config if initialised else None
         if config is not None:
