@@ -243,6 +243,8 @@ class StepCacheConfig(CacheConfig):
     calibration: ClassVar[str | None] = None
     """``"runs"``: ``calibrate=True`` runs and ``from_calibration``; ``"schedule"``: a planned schedule solved from
     an error matrix; ``None``: nothing to calibrate."""
+    calibration_target: ClassVar[str | None] = None
+    """The option a ``"runs"`` calibration needs besides the runs (SeaCache: ``"computed_steps"``), or ``None``."""
 
     max_warmup_steps: int = 0
     max_cached_steps: int | None = None
@@ -286,6 +288,17 @@ class StepCacheConfig(CacheConfig):
         return self.policy_class(self, spec if spec is not None else ModelCacheSpec())
 
     @classmethod
+    def calibrated(cls, runs: list[Any], options: Mapping[str, Any]) -> tuple[StepCacheConfig, dict[str, Any], list[str]]:
+        """A ``"runs"`` calibration's result: ``(config, fit quality for the provenance record, lines to print)``
+        from the statistics of ``calibrate=True`` runs and the ``calibrate`` command's options (``rel_l1_thresh``,
+        ``mag_threshold``, ``computed_steps``, ...).
+
+        Raises:
+            NotImplementedError: for a method without a ``"runs"`` calibration.
+        """
+        raise NotImplementedError(f"{cls.__name__} has no calibration from runs")
+
+    @classmethod
     def sweep_config(cls, value: Any, **context: Any) -> StepCacheConfig:
         """The config a sweep runs at knob value ``value`` (``cls.sweep.knob``), the other fields at their defaults.
 
@@ -293,6 +306,21 @@ class StepCacheConfig(CacheConfig):
         ``mag_ratios``; ``None`` where unknown) lets a method adapt its other fields to the model; the default
         ignores it."""
         return cls(**{cls.sweep.knob: value})
+
+    def calibrated_data(self) -> dict[str, Any]:
+        """The model data this config carries from a calibration (TeaCache's ``coefficients``, MagCache's
+        ``mag_ratios``), as sweep context: ``{}`` for a method that needs none."""
+        return {}
+
+    def missing_model_data(self, spec: ModelCacheSpec | None, model: str) -> str | None:
+        """Why ``model`` (its ``spec``) cannot run this config for lack of data (no published coefficients or ratios),
+        as a short reason for the tools' "skipped" records; ``None`` when nothing is missing."""
+        return None
+
+    def for_budget_search(self, num_steps: int) -> StepCacheConfig:
+        """This config as a base for tuning to a computed-step budget (``bench --equal-budget``, ``tune``): a method
+        whose own caps would keep it above small budgets lifts them here; the default changes nothing."""
+        return self
 
     @classmethod
     def sweep_curves(cls, **context: Any) -> dict[str, list[StepCacheConfig]]:

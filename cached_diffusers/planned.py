@@ -11,7 +11,7 @@ last computed residual (:class:`~cached_diffusers.residuals.ResidualStore`), Mea
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from .configs import StepCacheConfig, _check_int
 from .policies import CachePolicy, Decision, Gate, StepContext
@@ -67,6 +67,16 @@ class PlannedScheduleConfig(StepCacheConfig):
 
     computed_steps: tuple[int, ...] | None = None
     num_inference_steps: int | None = None
+
+    calibration_needs_model: ClassVar[bool] = False
+    """Whether :meth:`planned` runs the model (besides the error matrix) to finish a config."""
+
+    @classmethod
+    def planned(cls, computed_steps: list[int], num_inference_steps: int, **measure: Any) -> tuple[PlannedScheduleConfig, dict[str, Any]]:
+        """``calibrate``'s config for one solved plan, and what to add to its record. ``measure`` holds what a
+        method that runs the model needs (``pipe``, ``prompts``, ``kwargs``, ``candidates``, ``seed``, ``progress``);
+        the default uses none of it."""
+        return cls(computed_steps=computed_steps, num_inference_steps=num_inference_steps), {}
 
     def validate(self) -> None:
         super().validate()

@@ -74,6 +74,11 @@ class Sweep:
     published_source: str = ""
     rank: int = 100
 
+    @property
+    def name(self) -> str:
+        """The knob (as the tools' ``Knob.name``)."""
+        return self.knob
+
     def __post_init__(self) -> None:
         if self.kind not in ("log", "int", "budget"):
             raise ValueError(f"Sweep.kind must be 'log', 'int' or 'budget', got {self.kind!r}")

@@ -130,6 +130,33 @@ class DBCacheConfig(ResidualCacheConfig):
     max_accumulated_residual_diff_threshold: float | None = None
     max_warmup_steps: int = 8
 
+    scm_presets: ClassVar[tuple[str, ...]] = ("slow", "medium", "fast", "ultra")
+    """The SCM presets of the benchmark's ``dbcache+scm`` curve (:data:`cached_diffusers.scm.PRESET_BINS`)."""
+
+    @classmethod
+    def _sweep_shape(cls, num_blocks: int | None, num_steps: int | None) -> dict[str, int]:
+        """``F{n}B0`` with ``n = clamp(blocks // 6, 1, 8)`` (cache-dit's ``Fn=8`` on large models, fewer front blocks
+        on small ones) and a warm-up of ``clamp(num_steps // 4, 1, 8)`` steps (cache-dit: 8); unknown: 8 and 8."""
+        fn = 8 if num_blocks is None else max(1, min(8, num_blocks // 6))
+        warmup = 8 if num_steps is None else max(1, min(8, num_steps // 4))
+        return {"Fn": fn, "Bn": 0, "max_warmup_steps": warmup}
+
+    @classmethod
+    def sweep_config(cls, value: Any, *, num_blocks: int | None = None, num_steps: int | None = None, **context: Any):
+        """DBCache at ``residual_diff_threshold=value`` in the shape of :meth:`_sweep_shape`."""
+        return cls(residual_diff_threshold=value, **cls._sweep_shape(num_blocks, num_steps))
+
+    @classmethod
+    def sweep_curves(cls, **context: Any) -> dict[str, list[Any]]:
+        """The threshold curve, and ``dbcache+scm``: the same DBCache with each SCM preset of :attr:`scm_presets`,
+        ``scm_steps_policy="static"`` and no warm-up (the mask alone decides: a fixed compute budget)."""
+        curves = super().sweep_curves(**context)
+        shape = {**cls._sweep_shape(context.get("num_blocks"), context.get("num_steps")), "max_warmup_steps": 0}
+        curves[f"{cls.method}+scm"] = [
+            cls(**shape, scm_steps_mask=preset, scm_steps_policy="static") for preset in cls.scm_presets
+        ]
+        return curves
+
     def validate(self) -> None:
         super().validate()
         owner = type(self).__name__
@@ -172,6 +199,16 @@ class FirstBlockCacheConfig(DBCacheConfig):
     Fn: int = 1
     Bn: int = 0
     max_warmup_steps: int = 0
+
+    @classmethod
+    def sweep_config(cls, value: Any, **context: Any) -> FirstBlockCacheConfig:
+        """``FirstBlockCacheConfig(residual_diff_threshold=value)``."""
+        return cls(residual_diff_threshold=value)
+
+    @classmethod
+    def sweep_curves(cls, **context: Any) -> dict[str, list[Any]]:
+        """One curve over the thresholds (no SCM curve)."""
+        return {cls.method: [cls.sweep_config(v, **context) for v in cls.sweep.values]}
 
     def validate(self) -> None:
         super().validate()

@@ -242,6 +242,35 @@ class MagCacheConfig(ResidualCacheConfig):
         ratios = values[0] if all(v == values[0] for v in values) else recorded
         return cls(mag_ratios=ratios, **fields)
 
+    def calibrated_data(self) -> dict[str, Any]:
+        return {"mag_ratios": self.mag_ratios} if self.mag_ratios and not self.calibrate else {}
+
+    def missing_model_data(self, spec: ModelCacheSpec | None, model: str) -> str | None:
+        if self.mag_ratios is None and not self.calibrate and (spec is None or spec.mag_ratios is None):
+            return (
+                f"no MagCache ratios for {model} (none published); calibrate with "
+                f"`cached-diffusers calibrate --method magcache` and bench the directory holding its cache_config.json"
+            )
+        return None
+
+    @classmethod
+    def sweep_config(cls, value: Any, *, mag_ratios: Any = None, **context: Any) -> MagCacheConfig:
+        """The sweep's config at ``mag_threshold=value`` (other fields at their defaults), with the model's
+        calibrated ``mag_ratios`` if known."""
+        return cls(mag_threshold=value, mag_ratios=mag_ratios)
+
+    def for_budget_search(self, num_steps: int) -> MagCacheConfig:
+        """``mag_max_skip_steps = N`` and ``mag_retention_ratio = 0.1`` (the official FLUX.1 value), so that MagCache's
+        own caps do not keep it above small budgets."""
+        return self.replace(mag_max_skip_steps=num_steps, mag_retention_ratio=0.1)
+
+    @classmethod
+    def calibrated(cls, runs: list[Any], options: Mapping[str, Any]) -> tuple[MagCacheConfig, dict[str, Any], list[str]]:
+        """``calibrate --method magcache``: the runs' averaged ratios, with ``options["mag_threshold"]``."""
+        config = cls.from_calibration(runs, mag_threshold=options["mag_threshold"])
+        ratios = config.mag_ratios if isinstance(config.mag_ratios, Mapping) else {"all branches": config.mag_ratios}
+        return config, {}, [f"MagCache ratios ({branch}): {list(values)}" for branch, values in ratios.items()]
+
 
 # -- calibration ------------------------------------------------------------------------------------------------------
 def average_mag_ratios(stats: Any) -> dict[str, tuple[float, ...]]:

@@ -149,6 +149,21 @@ class MeanCacheConfig(PlannedScheduleConfig):
 
     windows: int | tuple[int, ...] = 2
     max_window: ClassVar[int] = MEANCACHE_MAX_WINDOW
+    calibration_needs_model: ClassVar[bool] = True
+
+    @classmethod
+    def planned(cls, computed_steps: list[int], num_inference_steps: int, **measure: Any) -> tuple[MeanCacheConfig, dict[str, Any]]:
+        """The plan with the best window per gap, measured on the model
+        (:func:`cached_diffusers.calibration_schedules.choose_meancache_windows` with ``measure``'s ``pipe``,
+        ``prompts``, ``kwargs``, ``candidates``, ``seed`` and ``progress``)."""
+        from ..calibration_schedules import choose_meancache_windows
+
+        windows, error, plain = choose_meancache_windows(
+            measure["pipe"], measure["prompts"], measure["kwargs"], computed_steps, candidates=measure["candidates"],
+            seed=measure["seed"], progress=measure["progress"],
+        )
+        config = cls(computed_steps=computed_steps, num_inference_steps=num_inference_steps, windows=windows)
+        return config, dict(windows=list(windows), final_latent_error=error, final_latent_error_windows_1=plain)
 
     def validate(self) -> None:
         super().validate()

@@ -8,7 +8,7 @@ extrapolation (:class:`LinearExtrapolationStore`), the calibration (``calibrate=
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Sequence
 
 from ..calibration import runs_of
 from ..configs import StepCacheConfig, _check_int, _check_number, _set_bool, register_cache_method
@@ -218,6 +218,22 @@ class SeaCacheConfig(StepCacheConfig):
     max_consecutive_cached: int = 2
     power_exp: float = 3.0
     calibrate: bool = False
+
+    calibration_target: ClassVar[str] = "computed_steps"
+
+    def for_budget_search(self, num_steps: int) -> SeaCacheConfig:
+        """``max_consecutive_cached = 0`` (no limit; the hook's other defaults kept), so that the cap does not keep
+        SeaCache above small budgets."""
+        return self.replace(max_consecutive_cached=0)
+
+    @classmethod
+    def calibrated(cls, runs: list[Any], options: Mapping[str, Any]) -> tuple[SeaCacheConfig, dict[str, Any], list[str]]:
+        """``calibrate --method seacache --computed-steps N``: the largest threshold whose replay on the runs computes
+        at least ``options["computed_steps"]`` steps per branch (:func:`suggest_sea_threshold`)."""
+        target = options["computed_steps"]
+        suggestion = suggest_sea_threshold(runs, target, cls())
+        quality = {"target_computed_steps": target, "replayed_computed_steps": suggestion.computed_steps}
+        return cls(threshold=suggestion.threshold), quality, [suggestion.summary()]
 
     def validate(self) -> None:
         super().validate()

@@ -73,6 +73,11 @@ class TaylorSeerConfig(StepCacheConfig):
     interval: int = 5
     max_warmup_steps: int = 3
 
+    @classmethod
+    def sweep_config(cls, value: Any, **context: Any) -> TaylorSeerConfig:
+        """``TaylorSeerConfig(order=1, interval=value)``."""
+        return cls(order=1, interval=value)
+
     def validate(self) -> None:
         super().validate()
         owner = type(self).__name__

@@ -10,7 +10,7 @@ fits the polynomial with :func:`cached_diffusers.calibration.fit_teacache`) and 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping
 
 import numpy as np
 
@@ -196,6 +196,30 @@ class TeaCacheConfig(ResidualCacheConfig):
             ValueError: if fewer than 5 pairs were recorded (a 4th-order fit needs 5).
         """
         return cls(coefficients=fit_teacache(teacache_pairs(stats)).coefficients, **fields)
+
+    def calibrated_data(self) -> dict[str, Any]:
+        return {"coefficients": self.coefficients} if self.coefficients and not self.calibrate else {}
+
+    def missing_model_data(self, spec: ModelCacheSpec | None, model: str) -> str | None:
+        if self.coefficients is None and not self.calibrate and (spec is None or spec.teacache_coefficients is None):
+            return (
+                f"no TeaCache coefficients for {model} (none published); calibrate with "
+                f"`cached-diffusers calibrate --method teacache` and bench the directory holding its cache_config.json"
+            )
+        return None
+
+    @classmethod
+    def sweep_config(cls, value: Any, *, coefficients: Any = None, **context: Any) -> TeaCacheConfig:
+        """The sweep's config at ``rel_l1_thresh=value``, with the model's calibrated ``coefficients`` if known."""
+        return cls(rel_l1_thresh=value, coefficients=coefficients)
+
+    @classmethod
+    def calibrated(cls, runs: list[Any], options: Mapping[str, Any]) -> tuple[TeaCacheConfig, dict[str, Any], list[str]]:
+        """``calibrate --method teacache``: the polynomial fitted on the runs' pairs, with ``options["rel_l1_thresh"]``."""
+        fit = fit_teacache(teacache_pairs(runs))
+        config = cls(rel_l1_thresh=options["rel_l1_thresh"], coefficients=fit.coefficients)
+        quality = {"num_pairs": fit.num_pairs, "rmse": fit.rmse, "r2": fit.r2, "x_range": list(fit.x_range)}
+        return config, quality, [fit.summary()]
 
 
 # -- calibration ------------------------------------------------------------------------------------------------------
