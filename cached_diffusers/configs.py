@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping
 
 from .registry import (
-    _REGISTRY,
     available_cache_methods,
     cache_method,
     config_class as _config_class,

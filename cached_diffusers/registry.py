@@ -145,6 +145,8 @@ def register_cache_method(cls: type[CacheConfig]) -> type[CacheConfig]:
     """
     if not cls.method:
         raise ValueError(f"{cls.__name__}.method must name the method (a non-empty string)")
+    if not cls.__module__.startswith("cached_diffusers."):  # a method from elsewhere: the built-in names come first
+        _load_builtins()
     for name in (cls.method, *cls.aliases):
         key = name.lower()
         if key in _REGISTRY and _REGISTRY[key] is not cls:
