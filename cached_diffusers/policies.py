@@ -249,7 +249,30 @@ class CachePolicy:
         return self.observe(state, indicator)
 
     def decide(self, ctx: StepContext, state: Any, measurement: float | None, gate: Gate, reason: str) -> Decision:
-        raise NotImplementedError
+        """The method's decision for one step of one branch: the extension point of a new method.
+
+        The engine calls it once per branch and step, after :meth:`observe_step` turned the model's indicator into
+        ``measurement`` and :meth:`gate` evaluated the shared guards. A method:
+
+        * returns ``Decision(False, reason)`` when ``gate is Gate.COMPUTE`` (a guard forces a compute: first executed
+          step, no stored residual, warm-up, last step, SCM mask, caps; ``reason`` names it), resetting whatever it
+          accumulates;
+        * returns ``Decision(True, reason)`` when ``gate is Gate.REUSE`` (a static SCM mask forces a reuse);
+        * otherwise (``Gate.TEST``) applies its own rule to ``measurement`` (``None`` when there is nothing to
+          compare with yet) and ``state`` (its per-branch state from :meth:`new_state`, which it may update), and
+          returns ``Decision(reuse, reason, value)`` with a short hyphenated ``reason`` (``"below-threshold"``, ...)
+          and the decision value its ``value_name`` describes (``None`` if it has none).
+
+        It must be a pure function of ``ctx``, ``state`` and the scalars: ranks of a multi-process run that gather the
+        same scalars then take the same decision. It is the only method a new policy must write; ``new_state``,
+        ``observe`` / ``observe_step``, ``make_store``, ``on_computed`` and ``calibration`` have defaults (no state, no
+        measurement, the last computed residual, nothing recorded). The method's config names the class as its
+        ``policy_class`` (see ``docs/development.md``, "Adding a method").
+
+        Raises:
+            NotImplementedError: in the base class.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not define decide()")
 
     def on_computed(
         self, ctx: StepContext, state: Any, indicator: torch.Tensor | None, residuals: tuple, outputs: tuple
