@@ -13,22 +13,20 @@ __version__ = "0.1.0"
 _import_structure = {
     "configs": [
         "CacheConfig",
-        "DBCacheConfig",
-        "FirstBlockCacheConfig",
-        "LeMiCaConfig",
-        "MagCacheConfig",
-        "MeanCacheConfig",
         "NoCacheConfig",
         "ResidualCacheConfig",
-        "SeaCacheConfig",
         "StepCacheConfig",
-        "TaylorSeerConfig",
-        "TeaCacheConfig",
-        "available_cache_methods",
         "cache_config_from_dict",
         "make_cache_config",
-        "register_cache_method",
     ],
+    "registry": ["CacheMethod", "Sweep", "available_cache_methods", "cache_method", "cache_methods", "register_cache_method"],
+    "methods.dbcache": ["DBCacheConfig", "FirstBlockCacheConfig"],
+    "methods.lemica": ["LeMiCaConfig"],
+    "methods.magcache": ["MagCacheConfig"],
+    "methods.meancache": ["MeanCacheConfig"],
+    "methods.seacache": ["SeaCacheConfig"],
+    "methods.taylorseer": ["TaylorSeerConfig"],
+    "methods.teacache": ["TeaCacheConfig"],
     "engine": ["BlockStack", "CacheEngine"],
     "progress": ["summary"],
     "scm": ["steps_mask"],
@@ -77,22 +75,20 @@ __getattr__, __dir__, __all__ = lazy_attributes(__name__, _import_structure)
 if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
     from .configs import (
         CacheConfig,
-        DBCacheConfig,
-        FirstBlockCacheConfig,
-        LeMiCaConfig,
-        MagCacheConfig,
-        MeanCacheConfig,
         NoCacheConfig,
         ResidualCacheConfig,
-        SeaCacheConfig,
         StepCacheConfig,
-        TaylorSeerConfig,
-        TeaCacheConfig,
-        available_cache_methods,
         cache_config_from_dict,
         make_cache_config,
-        register_cache_method,
     )
+    from .methods.dbcache import DBCacheConfig, FirstBlockCacheConfig
+    from .methods.lemica import LeMiCaConfig
+    from .methods.magcache import MagCacheConfig
+    from .methods.meancache import MeanCacheConfig
+    from .methods.seacache import SeaCacheConfig
+    from .methods.taylorseer import TaylorSeerConfig
+    from .methods.teacache import TeaCacheConfig
+    from .registry import CacheMethod, Sweep, available_cache_methods, cache_method, cache_methods, register_cache_method
     from .auto import CachedDiffusionPipeline, cached_pipeline_class, cached_pipeline_class_for, supported_pipelines
     from .engine import BlockStack, CacheEngine
     from .models import *  # noqa: F403

@@ -16,39 +16,18 @@ import enum
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping
 
-import numpy as np
-import torch
-
-from .parallel import sequence_mean, sequence_sums
-from .residuals import LinearExtrapolationStore, ResidualStore, make_store, sigma_at
+from .registry import method_attribute, methods_supporting
+from .residuals import ResidualStore, make_store
 from .scm import steps_mask
-from .sea import sea_distance, sea_filter
 from .spec import BLOCK_STACK, PATTERNS, WHOLE_CALL, ModelCacheSpec
 
-if TYPE_CHECKING:  # annotations only: the configs build their policies (configs -> policies), not the reverse
-    from .configs import (
-        DBCacheConfig,
-        MagCacheConfig,
-        SeaCacheConfig,
-        StepCacheConfig,
-        TaylorSeerConfig,
-        TeaCacheConfig,
-    )
+if TYPE_CHECKING:  # annotations only (importing this module loads no torch: the command line's --help lists methods)
+    import torch
 
-__all__ = [
-    "CachePolicy",
-    "DBCachePolicy",
-    "Decision",
-    "Gate",
-    "MagCachePolicy",
-    "SeaCachePolicy",
-    "StepContext",
-    "TaylorSeerPolicy",
-    "TeaCachePolicy",
-    "interpolate_ratios",
-    "polyval",
-    "relative_l1",
-]
+    from .configs import StepCacheConfig
+
+__all__ = ["CachePolicy", "Decision", "Gate", "StepContext", "relative_l1"]
+# Each method's policy lives in its module (cached_diffusers.methods.<name>); the old paths resolve via __getattr__.
 
 
 @dataclass(frozen=True)
@@ -120,34 +99,14 @@ def relative_l1(current: torch.Tensor, previous: torch.Tensor) -> float:
     Under context parallelism (the engine's sequence group, :mod:`cached_diffusers.parallel`) the tensors are this
     rank's shard and both sums are reduced over the group before the ratio: every rank gets the whole sequence's value.
     """
+    from .parallel import sequence_sums  # torch, loaded when a step is measured
+
     current = current.float()
     previous = previous.float()
     numerator, denominator = sequence_sums((current - previous).abs().sum(), previous.abs().sum())
     if denominator == 0.0:
         return 0.0 if numerator == 0.0 else float("inf")
     return numerator / denominator
-
-
-def polyval(coefficients: tuple[float, ...], x: float) -> float:
-    """Evaluate ``c[0]*x**n + ... + c[n]`` (highest order first, as ``numpy.poly1d``) by Horner's rule."""
-    result = 0.0
-    for c in coefficients:
-        result = result * x + c
-    return result
-
-
-def interpolate_ratios(ratios: tuple[float, ...], num_steps: int) -> tuple[float, ...]:
-    """Nearest-neighbour resampling of per-step ratios to ``num_steps`` entries.
-
-    ``idx_i = round(i * (L - 1) / (N - 1))`` with numpy's round-half-to-even, as Zehong-Ma/MagCache and diffusers'
-    ``MagCacheConfig`` do; ``N = 1`` takes the last entry.
-    """
-    if num_steps == len(ratios):
-        return tuple(ratios)
-    if num_steps == 1:
-        return (ratios[-1],)
-    indices = np.round(np.linspace(0, len(ratios) - 1, num_steps)).astype(int)
-    return tuple(float(ratios[i]) for i in indices)
 
 
 def _hint(spec: ModelCacheSpec) -> str:
@@ -290,7 +249,30 @@ class CachePolicy:
         return self.observe(state, indicator)
 
     def decide(self, ctx: StepContext, state: Any, measurement: float | None, gate: Gate, reason: str) -> Decision:
-        raise NotImplementedError
+        """The method's decision for one step of one branch: the extension point of a new method.
+
+        The engine calls it once per branch and step, after :meth:`observe_step` turned the model's indicator into
+        ``measurement`` and :meth:`gate` evaluated the shared guards. A method:
+
+        * returns ``Decision(False, reason)`` when ``gate is Gate.COMPUTE`` (a guard forces a compute: first executed
+          step, no stored residual, warm-up, last step, SCM mask, caps; ``reason`` names it), resetting whatever it
+          accumulates;
+        * returns ``Decision(True, reason)`` when ``gate is Gate.REUSE`` (a static SCM mask forces a reuse);
+        * otherwise (``Gate.TEST``) applies its own rule to ``measurement`` (``None`` when there is nothing to
+          compare with yet) and ``state`` (its per-branch state from :meth:`new_state`, which it may update), and
+          returns ``Decision(reuse, reason, value)`` with a short hyphenated ``reason`` (``"below-threshold"``, ...)
+          and the decision value its ``value_name`` describes (``None`` if it has none).
+
+        It must be a pure function of ``ctx``, ``state`` and the scalars: ranks of a multi-process run that gather the
+        same scalars then take the same decision. It is the only method a new policy must write; ``new_state``,
+        ``observe`` / ``observe_step``, ``make_store``, ``on_computed`` and ``calibration`` have defaults (no state, no
+        measurement, the last computed residual, nothing recorded). The method's config names the class as its
+        ``policy_class`` (see ``docs/development.md``, "Adding a method").
+
+        Raises:
+            NotImplementedError: in the base class.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not define decide()")
 
     def on_computed(
         self, ctx: StepContext, state: Any, indicator: torch.Tensor | None, residuals: tuple, outputs: tuple
@@ -303,381 +285,17 @@ class CachePolicy:
 
 
 def _methods_supporting(pattern: str) -> list[str]:
-    """Names of the policy classes (less ``Policy``) that support ``pattern``, for error messages."""
-    names, pending = set(), list(CachePolicy.__subclasses__())
-    while pending:
-        cls = pending.pop()
-        pending.extend(cls.__subclasses__())
-        if pattern in cls.patterns:
-            names.add(cls.__name__.removesuffix("Policy"))
-    return sorted(names)
+    """Names of the registered methods that support ``pattern``, for error messages (from the registry, so the
+    message lists every registered method and no abstract policy, whatever modules happen to be imported)."""
+    return methods_supporting(pattern)
 
 
-# -- TeaCache ---------------------------------------------------------------------------------------------------------
-@dataclass
-class TeaCacheState:
-    """Per-branch TeaCache state: the previous step's indicator and the accumulated rescaled distance; in
-    calibration mode the last distance, the previous stack output and the recorded ``(x, y)`` pairs."""
-
-    previous_indicator: torch.Tensor | None = None
-    accumulated: float = 0.0
-    distance: float | None = None
-    previous_output: torch.Tensor | None = None
-    pairs: list[tuple[float, float]] = field(default_factory=list)
-
-
-class TeaCachePolicy(CachePolicy):
-    """TeaCache's rule (see :class:`~cached_diffusers.TeaCacheConfig`) on the model's indicator (e.g. block 0's
-    modulated input)."""
-
-    indicator_kind = "teacache_indicator"
-    value_name = "accumulated rescaled relative L1 distance of the TeaCache indicator"
-
-    def __init__(self, config: TeaCacheConfig, spec: ModelCacheSpec):
-        super().__init__(config, spec)
-        coefficients = config.coefficients
-        if coefficients is None:
-            coefficients = spec.teacache_coefficients
-        if coefficients is None and config.calibrate:
-            coefficients = (0.0, 0.0, 0.0, 1.0, 0.0)  # unused: calibration never reuses
-        if coefficients is None:
-            raise ValueError(
-                f"TeaCacheConfig.coefficients is None and no TeaCache coefficients are known for {spec.model_name}: "
-                f"pass TeaCacheConfig(coefficients=[c4, c3, c2, c1, c0]) fitted for this model"
-                + _hint(spec)
-            )
-        self.coefficients = tuple(float(c) for c in coefficients)
-
-    def new_state(self) -> TeaCacheState:
-        return TeaCacheState()
-
-    def observe(self, state: TeaCacheState, indicator: torch.Tensor | None) -> float | None:
-        if indicator is None:
-            raise ValueError("TeaCache needs the model's TeaCache indicator, but the model provided none")
-        previous, state.previous_indicator = state.previous_indicator, indicator.detach()
-        if previous is None or previous.shape != indicator.shape:
-            state.distance = None
-        else:
-            state.distance = relative_l1(indicator, previous)
-        return state.distance
-
-    def rescale(self, distance: float) -> float:
-        """``|f(distance)|``, the rescaled distance added to the accumulator."""
-        return abs(polyval(self.coefficients, distance))
-
-    def decide(
-        self, ctx: StepContext, state: TeaCacheState, measurement: float | None, gate: Gate, reason: str
-    ) -> Decision:
-        if self.config.calibrate:
-            return Decision(False, "calibration", measurement)
-        if gate is Gate.COMPUTE or measurement is None:
-            state.accumulated = 0.0
-            return Decision(False, reason or "no-previous-indicator")
-        accumulated = state.accumulated + self.rescale(measurement)
-        if gate is Gate.REUSE or accumulated < self.config.rel_l1_thresh:
-            state.accumulated = accumulated
-            return Decision(True, reason or "below-threshold", accumulated)
-        state.accumulated = 0.0
-        return Decision(False, "above-threshold", accumulated)
-
-    def on_computed(
-        self, ctx: StepContext, state: TeaCacheState, indicator: torch.Tensor | None, residuals: tuple, outputs: tuple
-    ) -> None:
-        if not self.config.calibrate:
-            return
-        # y: relative L1 change of the block stack's image output between consecutive steps (TeaCache paper; the
-        # official and vllm-omni calibration scripts), paired with x, the indicator's change at the same step.
-        output = outputs[0].detach()
-        previous, state.previous_output = state.previous_output, output
-        if state.distance is not None and previous is not None and previous.shape == output.shape:
-            state.pairs.append((state.distance, relative_l1(output, previous)))
-
-    def calibration(self, state: TeaCacheState) -> dict[str, Any]:
-        return {"teacache_pairs": [list(p) for p in state.pairs]} if self.config.calibrate else {}
-
-
-# -- MagCache ---------------------------------------------------------------------------------------------------------
-@dataclass
-class MagCacheState:
-    """Per-branch MagCache state: running ratio, steps since the last compute, accumulated error; calibration."""
-
-    ratio: float = 1.0
-    skipped: int = 0
-    error: float = 0.0
-    previous_norm: torch.Tensor | None = None
-    calibrated: list[float] = field(default_factory=list)
-
-    def reset(self) -> None:
-        self.ratio, self.skipped, self.error = 1.0, 0, 0.0
-
-
-class MagCachePolicy(CachePolicy):
-    """MagCache's rule (see :class:`~cached_diffusers.MagCacheConfig`), with per-call ratio interpolation."""
-
-    value_name = "accumulated magnitude error |1 - prod(mag_ratios)|"
-
-    def __init__(self, config: MagCacheConfig, spec: ModelCacheSpec):
-        super().__init__(config, spec)
-        ratios = config.mag_ratios if config.mag_ratios is not None else spec.mag_ratios
-        if ratios is None and not config.calibrate:
-            raise ValueError(
-                f"MagCacheConfig.mag_ratios is None and no MagCache ratios are known for {spec.model_name}: run once "
-                f"with MagCacheConfig(calibrate=True) and build the config with MagCacheConfig.from_calibration(stats)"
-                + _hint(spec)
-            )
-        self.ratios = ratios
-        self._interpolated: dict[tuple[str, int], tuple[float, ...]] = {}
-
-    def new_state(self) -> MagCacheState:
-        return MagCacheState()
-
-    def ratios_for(self, branch: str, num_steps: int) -> tuple[float, ...]:
-        """This branch's ratios at ``num_steps`` steps (a branch absent from a per-branch dict uses the first list)."""
-        key = (branch, num_steps)
-        if key not in self._interpolated:
-            ratios = self.ratios
-            if isinstance(ratios, Mapping):
-                ratios = ratios.get(branch, next(iter(ratios.values())))
-            self._interpolated[key] = interpolate_ratios(tuple(ratios), num_steps)
-        return self._interpolated[key]
-
-    def decide(
-        self, ctx: StepContext, state: MagCacheState, measurement: float | None, gate: Gate, reason: str
-    ) -> Decision:
-        config = self.config
-        if gate is Gate.COMPUTE:
-            state.reset()
-            return Decision(False, reason)
-        if config.calibrate:
-            return Decision(False, "calibration")
-        if ctx.executed < int(config.mag_retention_ratio * ctx.num_executed + 0.5):
-            state.reset()
-            return Decision(False, "retention")
-        state.ratio *= self.ratios_for(ctx.branch, ctx.num_steps)[ctx.step]
-        state.skipped += 1
-        state.error += abs(1.0 - state.ratio)
-        if gate is Gate.REUSE:
-            return Decision(True, reason, state.error)
-        if state.error <= config.mag_threshold and state.skipped <= config.mag_max_skip_steps:
-            return Decision(True, "below-threshold", state.error)
-        error = state.error
-        why = "max-skip-steps" if error <= config.mag_threshold else "above-threshold"
-        state.reset()
-        return Decision(False, why, error)
-
-    def on_computed(
-        self, ctx: StepContext, state: MagCacheState, indicator: torch.Tensor | None, residuals: tuple, outputs: tuple
-    ) -> None:
-        if not self.config.calibrate:
-            return
-        # ||r_t|| / ||r_{t-1}|| per token (L2 over channels) of the image-stream residual, mean over tokens, float32;
-        # the first step has no previous residual and records 1.0 (Zehong-Ma/MagCache; diffusers adds 1e-8).
-        # The list is indexed by denoising step and has one entry per step: a branch evaluated only at some steps
-        # (BAGEL's CFG branches outside `cfg_interval`) gets 1.0 where it did not run, where its ratios are never
-        # read, and its next ratio spans the steps since its last evaluation.
-        norm = residuals[0].float().norm(dim=-1)
-        if state.previous_norm is None or state.previous_norm.shape != norm.shape:
-            ratio = 1.0
-        else:
-            ratio = sequence_mean(norm / (state.previous_norm + 1e-8))  # over every rank's tokens under CP
-        state.previous_norm = norm
-        if len(state.calibrated) != ctx.num_steps:
-            state.calibrated = [1.0] * ctx.num_steps
-        state.calibrated[ctx.step] = round(ratio, 5)
-
-    def calibration(self, state: MagCacheState) -> dict[str, Any]:
-        return {"mag_ratios": list(state.calibrated)} if self.config.calibrate else {}
-
-
-# -- DBCache ----------------------------------------------------------------------------------------------------------
-@dataclass
-class DBCacheState:
-    """Per-branch DBCache state: the probe of the last computed step and the sum of the diffs tested so far."""
-
-    reference: torch.Tensor | None = None
-    accumulated_diff: float = 0.0
-
-
-class DBCachePolicy(CachePolicy):
-    """DBCache's rule (see :class:`~cached_diffusers.DBCacheConfig`) on the residual of the first ``Fn`` blocks."""
-
-    indicator_kind = "front_residual"
-    value_name = "relative L1 change of the Fn blocks' residual since the last computed step"
-    patterns = (BLOCK_STACK,)
-    pattern_requirement = (
-        " (it decides from the residual of the first Fn transformer blocks, run at every step, so it needs a block "
-        "stack)"
-    )
-
-    def __init__(self, config: DBCacheConfig, spec: ModelCacheSpec):
-        super().__init__(config, spec)
-        num_blocks = spec.num_blocks
-        if num_blocks is not None and config.Fn + config.Bn >= num_blocks:
-            raise ValueError(
-                f"{type(config).__name__}: Fn + Bn must be smaller than the model's {num_blocks} blocks (so that "
-                f"some middle blocks can be skipped), got Fn={config.Fn}, Bn={config.Bn}"
-            )
-
-    @property
-    def front_blocks(self) -> int:
-        return self.config.Fn
-
-    @property
-    def back_blocks(self) -> int:
-        return self.config.Bn
-
-    def new_state(self) -> DBCacheState:
-        return DBCacheState()
-
-    def observe(self, state: DBCacheState, indicator: torch.Tensor | None) -> float | None:
-        reference = state.reference
-        if reference is None or reference.shape != indicator.shape:
-            return None
-        return relative_l1(indicator, reference)
-
-    def decide(
-        self, ctx: StepContext, state: DBCacheState, measurement: float | None, gate: Gate, reason: str
-    ) -> Decision:
-        config = self.config
-        if gate is Gate.COMPUTE:
-            return Decision(False, reason, measurement)
-        if gate is Gate.REUSE:
-            return Decision(True, reason, measurement)
-        limit = config.max_accumulated_residual_diff_threshold
-        if limit is not None and state.accumulated_diff >= limit:
-            return Decision(False, "max-accumulated-residual-diff", measurement)
-        if measurement is None:
-            return Decision(False, "no-reference")
-        state.accumulated_diff += measurement
-        if measurement < config.residual_diff_threshold:
-            return Decision(True, "below-threshold", measurement)
-        return Decision(False, "above-threshold", measurement)
-
-    def on_computed(
-        self, ctx: StepContext, state: DBCacheState, indicator: torch.Tensor | None, residuals: tuple, outputs: tuple
-    ) -> None:
-        state.reference = indicator.detach()
-
-
-# -- TaylorSeer (standalone) --------------------------------------------------------------------------------------------
-class TaylorSeerPolicy(CachePolicy):
-    """Fixed-interval TaylorSeer (see :class:`~cached_diffusers.TaylorSeerConfig`)."""
-
-    value_name = ""
-
-    def __init__(self, config: TaylorSeerConfig, spec: ModelCacheSpec):
-        super().__init__(config, spec)
-
-    @property
-    def taylorseer_order(self) -> int:
-        return self.config.order
-
-    def decide(self, ctx: StepContext, state: Any, measurement: float | None, gate: Gate, reason: str) -> Decision:
-        if gate is Gate.COMPUTE:
-            return Decision(False, reason)
-        if gate is Gate.REUSE:
-            return Decision(True, reason)
-        phase = ctx.executed - max(self.config.max_warmup_steps - 1, 0)
-        if phase % self.config.interval == 0:
-            return Decision(False, "interval")
-        return Decision(True, "forecast")
-
-
-# -- SeaCache ---------------------------------------------------------------------------------------------------------
-@dataclass
-class SeaCacheState:
-    """Per-branch SeaCache state: the previous step's filtered latent and step, the accumulated distance, the reused
-    steps in a row; in calibration mode the distance recorded at every step."""
-
-    previous: torch.Tensor | None = None
-    previous_step: int | None = None
-    accumulated: float = 0.0
-    consecutive: int = 0
-    why_none: str = "no-previous-indicator"
-    distances: list[float | None] = field(default_factory=list)
-
-
-class SeaCachePolicy(CachePolicy):
-    """SeaCache's rule (see :class:`~cached_diffusers.SeaCacheConfig`) on the SEA-filtered raw latent.
-
-    The model's indicator (kind ``"sea_latent"``) is the raw latent on its grid, ``(B, C, *grid)``; it is filtered
-    over the grid axes (:func:`cached_diffusers.sea.sea_filter`) at the step's ``sigma``. The latent is whole on every
-    rank (models gather a sharded one), so the distance is local: no reduction over the sequence group.
-    """
-
-    indicator_kind = "sea_latent"
-    value_name = "accumulated relative L1 distance of the SEA-filtered raw latent"
-
-    def __init__(self, config: SeaCacheConfig, spec: ModelCacheSpec):
-        super().__init__(config, spec)
-
-    def new_state(self) -> SeaCacheState:
-        return SeaCacheState()
-
-    def make_store(self, first_step: int = 0, sigmas: Callable[[], Any] | None = None) -> ResidualStore:
-        return LinearExtrapolationStore() if self.config.residual_order == 1 else ResidualStore()
-
-    def observe_step(
-        self, ctx: StepContext, sigmas: Callable[[], Any] | None, state: SeaCacheState, indicator: torch.Tensor | None
-    ) -> float | None:
-        if indicator is None:
-            raise ValueError("SeaCache needs the model's raw latent ('sea_latent' indicator), but the model provided none")
-        if indicator.ndim < 3:
-            raise ValueError(
-                f"SeaCache's indicator must be a latent grid (B, C, *grid), got shape {tuple(indicator.shape)}"
-            )
-        sigma = sigma_at(sigmas() if sigmas is not None else None, ctx.step, ctx.num_steps)
-        filtered = sea_filter(indicator, sigma, self.config.power_exp, grid_dims=indicator.ndim - 2)
-        previous, previous_step = state.previous, state.previous_step
-        state.previous, state.previous_step = filtered, ctx.step
-        distance = None
-        if previous is None:
-            state.why_none = "no-previous-indicator"
-        elif previous_step != ctx.step - 1:
-            # diffusers' gate resets its trajectory on non-adjacent steps and runs full
-            state.why_none = "non-adjacent-step"
-        elif previous.shape != filtered.shape:
-            state.why_none = "indicator-changed-shape"
-        else:
-            distance = sea_distance(filtered, previous)
-        if self.config.calibrate:
-            if len(state.distances) != ctx.num_steps:
-                state.distances = [None] * ctx.num_steps
-            state.distances[ctx.step] = distance
-        return distance
-
-    def _compute(self, state: SeaCacheState, reason: str, value: float | None = None) -> Decision:
-        state.accumulated = 0.0
-        state.consecutive = 0
-        return Decision(False, reason, value)
-
-    def decide(
-        self, ctx: StepContext, state: SeaCacheState, measurement: float | None, gate: Gate, reason: str
-    ) -> Decision:
-        config = self.config
-        if config.calibrate:
-            return self._compute(state, "calibration", measurement)
-        if gate is Gate.COMPUTE:
-            return self._compute(state, reason)
-        if gate is Gate.REUSE:  # a static SCM mask
-            state.accumulated += measurement or 0.0
-            state.consecutive += 1
-            return Decision(True, reason, state.accumulated)
-        # the hook's forced computes (diffusers SeaCacheSharedState.resolve_gate), counted in executed steps
-        if ctx.executed < config.retention_steps:
-            return self._compute(state, "retention")
-        if ctx.executed >= ctx.num_executed - config.cache_end_steps:
-            return self._compute(state, "cache-end")
-        if measurement is None:
-            return self._compute(state, state.why_none)
-        if config.max_consecutive_cached and state.consecutive >= config.max_consecutive_cached:
-            return self._compute(state, "max-consecutive-cached")
-        accumulated = state.accumulated + measurement
-        if accumulated >= config.threshold:
-            return self._compute(state, "above-threshold", accumulated)
-        state.accumulated = accumulated
-        state.consecutive += 1
-        return Decision(True, "below-threshold", accumulated)
-
-    def calibration(self, state: SeaCacheState) -> dict[str, Any]:
-        return {"sea_distances": list(state.distances)} if self.config.calibrate else {}
+def __getattr__(name: str) -> Any:
+    """The methods' policies and helpers at their old path (``cached_diffusers.policies.TeaCachePolicy``): looked up
+    in the method modules."""
+    if name.startswith("__"):
+        raise AttributeError(name)
+    try:
+        return method_attribute(name)
+    except AttributeError:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None

@@ -1,28 +1,26 @@
-"""Stored residuals of one guidance branch: the last computed one, or a TaylorSeer forecast from several."""
+"""Stored residuals of one guidance branch, shared by the methods: the last computed one, or a TaylorSeer forecast from
+several (a method with a forecaster of its own keeps it in its module, e.g. MeanCache's)."""
 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any
 
-import torch
+from .registry import method_attribute
 
-__all__ = [
-    "FIRST_DIFFERENCE_STEP",
-    "LinearExtrapolationStore",
-    "MeanCacheStore",
-    "ResidualStore",
-    "TaylorSeerStore",
-    "make_store",
-    "sigma_at",
-]
+if TYPE_CHECKING:  # annotations only: importing the stores loads no torch
+    import torch
+
+__all__ = ["FIRST_DIFFERENCE_STEP", "ResidualStore", "Streams", "TaylorSeerStore", "make_store", "sigma_at"]
+# A method's own store lives in its module (SeaCache's LinearExtrapolationStore, MeanCache's MeanCacheStore); the old
+# paths resolve via __getattr__.
 
 FIRST_DIFFERENCE_STEP = 3
 """No finite difference is formed at a computed step before this one: the first denoising steps change too fast for
 a derivative to extrapolate. As cache-dit 1.5.3's TaylorSeer calibrator (``calibrators/taylorseer.py``, whose step
 counter condition ``current_step > 1`` holds from step 3 on); see ``docs/cachedit-spec.md`` section 3.4."""
 
-Streams = tuple[torch.Tensor, ...]
+Streams = tuple["torch.Tensor", ...]
 
 
 class ResidualStore:
@@ -92,32 +90,6 @@ class TaylorSeerStore(ResidualStore):
         return tuple(f.to(r.dtype) for f, r in zip(forecast, self.residuals))
 
 
-class LinearExtrapolationStore(ResidualStore):
-    """SeaCache's ``residual_order=1``: the residual extrapolated linearly from the last two computed steps.
-
-    With residuals ``R_1``, ``R_2`` computed at steps ``s_1 < s_2``, a reused step ``s`` gets
-    ``R_2 + (R_2 - R_1) * (s - s_2) / (s_2 - s_1)``, in the residuals' dtype (as diffusers'
-    ``hooks/sea_cache.py``, ``SeaCacheLeaderBlockHook.new_forward``); with one computed step, ``R_2`` as it is. A
-    change of the inputs' shapes restarts the history.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.previous: tuple[int, Streams] | None = None
-
-    def update(self, step: int, streams: Streams, residuals: Streams) -> None:
-        keep = self.residuals is not None and self.input_shapes == tuple(s.shape for s in streams)
-        self.previous = (self.last_step, self.residuals) if keep and self.last_step != step else None
-        super().update(step, streams, residuals)
-
-    def get(self, step: int) -> Streams:
-        if self.previous is None:
-            return self.residuals
-        previous_step, previous = self.previous
-        scale = (step - self.last_step) / (self.last_step - previous_step)
-        return tuple(r + (r - p) * scale for r, p in zip(self.residuals, previous))
-
-
 def make_store(taylorseer_order: int | None, first_step: int = 0) -> ResidualStore:
     """A plain store, or a TaylorSeer store of the given order (``first_step``: the generation's first executed
     step, from which :data:`FIRST_DIFFERENCE_STEP` counts)."""
@@ -134,62 +106,11 @@ def sigma_at(sigmas: Any, step: int, num_steps: int) -> float:
     return float(sigmas[step])
 
 
-class MeanCacheStore(ResidualStore):
-    """MeanCache's average-velocity forecast of the residuals (Gao et al., ICLR 2026, arXiv 2601.19961;
-    UnicomAI/MeanCache ``MeanCache4Qwen-Image/Mc_qwenimage.py``, ``compute_current_jvp``).
-
-    Keeps ``u_m``, the residuals of the last :data:`~cached_diffusers.configs.MEANCACHE_MAX_WINDOW` steps of the
-    branch, computed or forecast (float32). At a reused step ``i`` with window ``k = window_for(i)`` (clipped to the
-    history held), over the window's steps ``m_0 < ... < m_{k-1}`` (the last ``k`` held):
-    ``avg = sum_j u_{m_j} (sigma_{m_{j+1}} - sigma_{m_j}) / (sigma_i - sigma_{m_0})`` with ``m_k = i``,
-    ``d = (u_{m_0} - avg) / (sigma_i - sigma_{m_0})`` and the forecast ``u_i = u_{m_{k-1}} - d (sigma_{i+1} - sigma_i)``,
-    which joins the history. ``k = 1`` returns the last residual unchanged.
-
-    Args:
-        window_for: ``window_for(step) -> k``, the window of the gap holding ``step``.
-        sigmas: ``sigmas() -> sequence or None``, the scheduler's sigmas of the running generation (``None``: uniform
-            ``1 - step / N``, see :func:`sigma_at`).
-        num_steps: ``N``, the step count of the schedule.
-        max_window: the longest window that can be asked for (history kept).
-    """
-
-    def __init__(
-        self, window_for: Callable[[int], int], sigmas: Callable[[], Any] | None, num_steps: int, max_window: int
-    ) -> None:
-        super().__init__()
-        self.window_for = window_for
-        self.sigmas = sigmas
-        self.num_steps = num_steps
-        self.max_window = max_window
-        self.history: list[tuple[int, Streams]] = []
-
-    def _sigma(self, step: int) -> float:
-        sigmas = self.sigmas() if self.sigmas is not None else None
-        return sigma_at(sigmas, step, self.num_steps)
-
-    def _remember(self, step: int, values: Streams) -> None:
-        if self.history and any(a.shape != b.shape for a, b in zip(values, self.history[-1][1])):
-            self.history = []
-        self.history.append((step, values))
-        del self.history[: -self.max_window]
-
-    def update(self, step: int, streams: Streams, residuals: Streams) -> None:
-        super().update(step, streams, residuals)
-        self._remember(step, tuple(r.detach().float() for r in residuals))
-
-    def get(self, step: int) -> Streams:
-        window = self.history[-min(self.window_for(step), len(self.history)):]
-        last = window[-1][1]
-        if len(window) == 1:
-            forecast = last
-        else:
-            ends = [m for m, _ in window[1:]] + [step]
-            span = self._sigma(step) - self._sigma(window[0][0])
-            average = [torch.zeros_like(v) for v in last]
-            for (m, values), end in zip(window, ends):
-                weight = (self._sigma(end) - self._sigma(m)) / span
-                average = [a + weight * v for a, v in zip(average, values)]
-            scale = (self._sigma(step + 1) - self._sigma(step)) / span
-            forecast = tuple(u - scale * (u0 - a) for u, u0, a in zip(last, window[0][1], average))
-        self._remember(step, forecast)
-        return tuple(f.to(r.dtype) for f, r in zip(forecast, self.residuals))
+def __getattr__(name: str) -> Any:
+    """A method's own store at its old path (``cached_diffusers.residuals.MeanCacheStore``)."""
+    if name.startswith("__"):
+        raise AttributeError(name)
+    try:
+        return method_attribute(name)
+    except AttributeError:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None

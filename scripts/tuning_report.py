@@ -15,6 +15,8 @@ import json
 import os
 import sys
 
+from cached_diffusers.registry import cache_method
+
 
 def _steps(computed: dict) -> str:
     values = sorted(set(computed.values()))
@@ -51,8 +53,8 @@ def report(folder: str) -> str:
                   "| method | setting | computed steps | ideal speedup | worst / mean PSNR |", "|---|---|---|---|---|"]
         for d in defaults:
             cfg = d["config"]
-            knob = {"teacache": "rel_l1_thresh", "magcache": "mag_threshold", "fbcache": "residual_diff_threshold",
-                    "dbcache": "residual_diff_threshold", "seacache": "threshold", "taylorseer": "interval"}.get(d["method"])
+            sweep = cache_method(d["method"]).sweep  # the knob the method's module declares
+            knob = sweep.knob if sweep is not None and sweep.kind != "budget" else None
             setting = f"{knob}={cfg[knob]:g}" if knob in cfg else "default"
             lines.append(f"| {d['method']} | {setting} | {_steps(d['computed_steps'])} | {d['ideal_speedup']:.2f}x | "
                          f"{d['worst_psnr']:.2f} / {d['mean_psnr']:.2f} dB |")

@@ -35,6 +35,7 @@ def calibrated(model, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow  # over 20 s on the 2-core machine (measured: --durations)
 def test_lemica_calibration_writes_one_config_per_budget_the_matrix_and_the_provenance(calibrated):
     errors, provenance = load_error_matrix(calibrated / "lemica.error_matrix.json")
     assert errors.shape == (STEPS, STEPS) and provenance["num_inference_steps"] == STEPS
@@ -53,6 +54,7 @@ def test_lemica_calibration_writes_one_config_per_budget_the_matrix_and_the_prov
         assert entry["sorted_edge_errors"] == pytest.approx(list(path_costs(errors, config.computed_steps)))
 
 
+@pytest.mark.slow  # over 20 s on the 2-core machine (measured: --durations)
 def test_an_edge_cost_is_the_final_error_of_reusing_only_inside_the_edge(model, calibrated):
     errors, _ = load_error_matrix(calibrated / "lemica.error_matrix.json")
     pipe = CachedQwenImagePipeline.from_pretrained(model)
@@ -130,6 +132,7 @@ def test_static_counts_match_the_engine():
     assert static_computed_steps(TaylorSeerConfig(order=1, interval=3, max_warmup_steps=2), 12) == 6
 
 
+@pytest.mark.slow  # over 20 s on the 2-core machine (measured: --durations)
 def test_equal_budget_bench_tunes_every_method_and_writes_table_csv_and_plot(model, calibrated, tmp_path, capsys):
     out = tmp_path / "bench"
     argv = ["bench", "--model", str(model), "--prompt", "a blue bird", *SAMPLING, "--equal-budget", "4", "3",

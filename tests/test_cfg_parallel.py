@@ -24,6 +24,8 @@ from cached_diffusers import (
 from cached_diffusers.cfg_parallel import CFGParallelError, check_parent_loop
 from distributed import run_distributed
 
+pytestmark = pytest.mark.slow  # spawns gloo process groups (multi-process): left out of the fast set (-m "not slow")
+
 TIMEOUT_S = 120.0  # the process group's timeout: a rank stuck in a collective fails after it, never hangs
 KLEIN_COEFFICIENTS = (2.0, -3.0, 1.0, 1.0, 0.0)  # a test polynomial (no Klein coefficients exist)
 STEPS = 8

@@ -28,6 +28,8 @@ from cached_diffusers import (
 )
 from cached_diffusers.tools.tiny import FLUX2_KLEIN_TEMB_GAIN
 
+pytestmark = pytest.mark.slow  # spawns gloo process groups (multi-process): left out of the fast set (-m "not slow")
+
 NUM_STEPS = 8
 IDENTITY = (0.0, 0.0, 0.0, 1.0, 0.0)  # f(x) = x: TeaCache accumulates the raw relative L1 distance
 MAG_RATIOS = (1.0, 1.02, 1.01, 1.0, 0.99, 0.98, 0.97, 0.9)

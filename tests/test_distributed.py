@@ -10,6 +10,8 @@ import torch.distributed as dist
 
 from distributed import run_distributed
 
+pytestmark = pytest.mark.slow  # spawns process groups (multi-process): left out of the fast set (-m "not slow")
+
 
 def _rank_and_sum(rank, world_size, offset):
     t = torch.tensor([float(rank + offset)])

@@ -43,7 +43,14 @@ TORCHRUN = re.compile(r"^<!-- test_docs: torchrun --nproc_per_node=(\d+) -->$", 
 """A page whose Python is a script for several processes says so; its blocks then run under ``torchrun`` (gloo)."""
 
 
-@pytest.mark.parametrize("page", pages_with("python"), ids=lambda p: p.name)
+SLOW_PAGES = {"multi-gpu.md", "hunyuanimage3.md"}
+"""Pages whose blocks take over 20 s on the 2-core machine (measured with --durations, 2026-12-08): marked slow."""
+
+
+@pytest.mark.parametrize(
+    "page",
+    [pytest.param(p, id=p.name, marks=pytest.mark.slow if p.name in SLOW_PAGES else ()) for p in pages_with("python")],
+)
 def test_python_blocks_run(page, tmp_path):
     code = "\n\n".join(block.replace('"cuda"', '"cpu"') for block in blocks(page, "python"))
     prelude = f"import sys; sys.path.insert(0, {str(ROOT / 'tests')!r}); import docs_standins; docs_standins.install()\n"

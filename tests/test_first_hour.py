@@ -179,7 +179,7 @@ def test_import_is_lazy():
     )
     lines = out.splitlines()
     assert lines[0] == "False False"
-    assert lines[1] == "cached_diffusers.configs cached_diffusers.pipelines.qwenimage CachedFlux2Transformer2DModel"
+    assert lines[1] == "cached_diffusers.methods.teacache cached_diffusers.pipelines.qwenimage CachedFlux2Transformer2DModel"
     assert lines[2].startswith("[]")
 
 

@@ -13,13 +13,13 @@ from hypothesis import strategies as st
 
 from cached_diffusers import BlockStack, CacheConfig, CacheEngine, available_cache_methods
 from cached_diffusers.tools.cli import main
-from cached_diffusers.configs import _REGISTRY
+from cached_diffusers.registry import cache_methods, registered_names
 from cached_diffusers.hub import read_cache_config
 from cached_diffusers.spec import ModelCacheSpec
 from cached_diffusers.tools.tiny import save_tiny_qwenimage_pipeline
 
-FIELDS = sorted({f.name for cls in set(_REGISTRY.values()) for f in dataclasses.fields(cls)})
-METHODS = sorted(_REGISTRY) + ["", "TeaCache", "warp"]
+FIELDS = sorted({f.name for m in cache_methods() for f in dataclasses.fields(m.config_class)})
+METHODS = registered_names() + ["", "TeaCache", "warp"]
 
 SCALARS = (
     st.none() | st.booleans() | st.integers(-(10**6), 10**6) | st.floats(allow_nan=False, allow_infinity=False)
@@ -28,7 +28,7 @@ SCALARS = (
 JSON = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=6) | st.dictionaries(st.text(max_size=6), inner, max_size=4), max_leaves=20)
 PLAUSIBLE = st.sampled_from([0, 1, 2, 3, 0.5, 1e-3, 1e6, True, False, None, "fast", "static", [1, 0, 1], [1.0, 0.9]])
 NEARLY_VALID = st.fixed_dictionaries(
-    {"method": st.sampled_from(sorted(_REGISTRY))}, optional={name: PLAUSIBLE for name in FIELDS}
+    {"method": st.sampled_from(registered_names())}, optional={name: PLAUSIBLE for name in FIELDS}
 )
 CONFIG_LIKE = st.fixed_dictionaries(
     {"method": st.sampled_from(METHODS)},

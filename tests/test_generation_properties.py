@@ -34,6 +34,8 @@ from cached_diffusers.tools.tiny import (
     build_tiny_qwenimage_components,
 )
 
+pytestmark = pytest.mark.slow  # hypothesis sequences of whole generations: left out of the fast set (-m "not slow")
+
 SEQUENCE_LENGTH = 52
 MAX_EXAMPLES = 4  # 4 sequences of 52 generations: 208 generations, each checked against a fresh pipeline
 CACHE_BLOCKS = 3  # Qwen-Image below: 3 blocks; Klein: 2 double-stream + 4 single-stream

@@ -171,6 +171,7 @@ def planned_run(pipe, config, **kwargs):
     return out.images, pipe.cache_stats
 
 
+@pytest.mark.slow  # over 20 s on the 2-core machine (measured with --durations, 2026-12-08)
 @pytest.mark.parametrize("config", PLANS, ids=["lemica", "meancache"])
 def test_qwenimage_and_klein_compute_the_plan_per_branch(qwen, klein, config):
     for pipe, kwargs in (

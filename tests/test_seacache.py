@@ -264,6 +264,7 @@ def test_every_pipeline_runs_seacache_per_branch(case):
         assert [r.reused for r in stats.branches[branch].records] == [r.reused for r in first.records]
 
 
+@pytest.mark.slow  # over 20 s on the 2-core machine (measured with --durations, 2026-12-08)
 def test_calibrate_suggests_a_threshold_for_a_target_of_computed_steps():
     case = next(c for c in CASES if c.name == "qwen-txt2img")
     pipe = case.cached(**case.components())

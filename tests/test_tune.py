@@ -17,9 +17,9 @@ from cached_diffusers.hub import read_cache_config
 from cached_diffusers.tools import reference_model as ref
 from cached_diffusers.tools.tune import (
     DEFAULT_HELD_OUT_PROMPTS,
-    TUNABLE,
     TuneResult,
     UnreachableTarget,
+    tunable,
     tune,
     write_outputs,
 )
@@ -151,7 +151,7 @@ def test_a_method_the_model_cannot_run_is_skipped_with_its_reason():
 
 
 def test_every_registered_method_with_a_knob_is_searched():
-    assert set(available_cache_methods()) - {"none"} <= set(TUNABLE)
+    assert set(available_cache_methods()) - {"none"} <= set(tunable())
 
 
 def test_the_cli_writes_a_loadable_config_and_overwrites_only_when_told(tmp_path, capsys):

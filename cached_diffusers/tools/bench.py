@@ -37,16 +37,8 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from ..configs import (
-    CacheConfig,
-    DBCacheConfig,
-    FirstBlockCacheConfig,
-    MagCacheConfig,
-    SeaCacheConfig,
-    TaylorSeerConfig,
-    TeaCacheConfig,
-    resolve_cache_config,
-)
+from ..configs import CacheConfig, resolve_cache_config
+from ..registry import cache_methods
 from .imaging import psnr, require_extra, ssim, to_uint8
 from .timing import make_generator, timed_call
 
@@ -54,7 +46,7 @@ __all__ = [
     "LPIPS_UNAVAILABLE_NOTE",
     "PSNR_THRESHOLD",
     "SSIM_THRESHOLD",
-    "SWEEP_METHODS",
+    "sweep_methods",
     "BenchEntry",
     "BenchResult",
     "config_params",
@@ -78,33 +70,10 @@ SSIM_THRESHOLD = 0.9
 
 LPIPS_UNAVAILABLE_NOTE = "LPIPS weights are not available offline on this machine"
 
-SWEEP_METHODS = ("teacache", "magcache", "fbcache", "dbcache", "dbcache+scm", "taylorseer", "seacache")
-"""Labels :func:`default_sweep` knows; each is one curve of the Pareto plot."""
-
 SCHEMA = "cached-diffusers-bench/1"
 
-# Thresholds per method, conservative to aggressive. Published settings sit in the middle: TeaCache 0.2 (vllm-omni,
-# Qwen-Image) and 0.25-0.8 (official FLUX.1 README); MagCache 0.06 (official Qwen-Image, diffusers' default) to 0.24
-# (official FLUX.1 "fast"); First-Block-Cache 0.05 (diffusers) / 0.08 (ParaAttention) / 0.12; DBCache 0.08 (cache-dit's
-# default). The aggressive ends go beyond them, where small or distilled models start reusing (cache-dit issue #767).
-TEACACHE_THRESHOLDS = (0.1, 0.2, 0.4, 0.8)
-MAGCACHE_THRESHOLDS = (0.03, 0.06, 0.12, 0.24)
-FBCACHE_THRESHOLDS = (0.05, 0.1, 0.2, 0.4, 0.8)
-DBCACHE_THRESHOLDS = (0.08, 0.16, 0.32, 0.64)
-TAYLORSEER_INTERVALS = (2, 3, 5)
-# SeaCache: diffusers' hook default 0.25; an SGLang pull request reports 0.3 on FLUX.1-dev at 50 steps.
-SEACACHE_THRESHOLDS = (0.1, 0.25, 0.5, 1.0)
-SCM_PRESETS = ("slow", "medium", "fast", "ultra")
-
-# The parameter each method's sweep varies: always shown in the table, used to label the plot's points.
-_KNOBS = {
-    "teacache": "rel_l1_thresh",
-    "magcache": "mag_threshold",
-    "fbcache": "residual_diff_threshold",
-    "dbcache": "residual_diff_threshold",
-    "taylorseer": "interval",
-    "seacache": "threshold",
-}
+# The sweep of each method (its knob, default values conservative to aggressive, published setting) is its module's
+# `sweep` (cached_diffusers/methods/<method>.py); the curves are the registry's.
 
 
 # -- the sweep -------------------------------------------------------------------------------------------------------
@@ -119,9 +88,33 @@ def sweep_label(config: CacheConfig) -> str:
     return label
 
 
+def _sweep_classes() -> list[type]:
+    """The registered config classes with a default benchmark sweep, in listing order."""
+    return [m.config_class for m in cache_methods(enabled=True) if m.sweep is not None and m.sweep.values]
+
+
+def sweep_methods() -> tuple[str, ...]:
+    """Labels :func:`default_sweep` knows, from the registry (each method's ``sweep_curves``); each is one curve of
+    the Pareto plot."""
+    return tuple(label for cls in _sweep_classes() for label in cls.sweep_curves())
+
+
+def __getattr__(name: str) -> Any:
+    if name == "SWEEP_METHODS":  # the registry's labels at the time of the lookup
+        return sweep_methods()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _knob_name(config: CacheConfig) -> str | None:
+    """The field a sweep varies for ``config``'s method (``None``: no sweep, or a planned schedule's budget)."""
+    sweep = getattr(type(config), "sweep", None)
+    return sweep.knob if sweep is not None and sweep.kind != "budget" else None
+
+
 def check_methods(methods: Sequence[str] | None) -> tuple[str, ...]:
+    known = sweep_methods()
     if methods is None:
-        return SWEEP_METHODS
+        return known
     if isinstance(methods, str):
         methods = [methods]
     chosen = []
@@ -130,12 +123,12 @@ def check_methods(methods: Sequence[str] | None) -> tuple[str, ...]:
             part = part.strip().lower()
             if not part:
                 continue
-            if part not in SWEEP_METHODS:
-                raise ValueError(f"unknown benchmark method {part!r}; valid: {', '.join(SWEEP_METHODS)}")
+            if part not in known:
+                raise ValueError(f"unknown benchmark method {part!r}; valid: {', '.join(known)}")
             if part not in chosen:
                 chosen.append(part)
     if not chosen:
-        raise ValueError(f"no benchmark method chosen; valid: {', '.join(SWEEP_METHODS)}")
+        raise ValueError(f"no benchmark method chosen; valid: {', '.join(known)}")
     return tuple(chosen)
 
 
@@ -145,19 +138,10 @@ def default_sweep(
     num_steps: int | None = None,
     calibrated: Sequence[CacheConfig] = (),
 ) -> list[CacheConfig]:
-    """A few configs per method, from conservative to aggressive.
-
-    * ``teacache``: ``rel_l1_thresh`` in :data:`TEACACHE_THRESHOLDS`;
-    * ``magcache``: ``mag_threshold`` in :data:`MAGCACHE_THRESHOLDS` (other fields at their defaults);
-    * ``fbcache``: First-Block-Cache, ``residual_diff_threshold`` in :data:`FBCACHE_THRESHOLDS`;
-    * ``dbcache``: DBCache ``F{n}B0`` with ``n = clamp(blocks // 6, 1, 8)`` (cache-dit's ``Fn=8`` on large models,
-      fewer front blocks on small ones) and a warm-up of ``clamp(num_steps // 4, 1, 8)`` steps (cache-dit: 8),
-      ``residual_diff_threshold`` in :data:`DBCACHE_THRESHOLDS`;
-    * ``dbcache+scm``: the same DBCache with each SCM preset of :data:`SCM_PRESETS`, ``scm_steps_policy="static"``
-      and no warm-up (the mask alone decides: a fixed compute budget);
-    * ``taylorseer``: ``TaylorSeerConfig(order=1, interval=k)`` for ``k`` in :data:`TAYLORSEER_INTERVALS`;
-    * ``seacache``: ``SeaCacheConfig(threshold=t)`` (the hook's other defaults) for ``t`` in
-      :data:`SEACACHE_THRESHOLDS`.
+    """A few configs per method, from conservative to aggressive: each registered method's ``sweep_curves`` (its
+    knob over ``sweep.values``, see ``cached_diffusers/methods/<method>.py``), e.g. TeaCache's ``rel_l1_thresh``,
+    DBCache ``F{n}B0`` with ``n = clamp(blocks // 6, 1, 8)`` and a warm-up of ``clamp(num_steps // 4, 1, 8)`` steps,
+    and ``dbcache+scm``: that DBCache with each SCM preset, ``scm_steps_policy="static"`` and no warm-up.
 
     TeaCache and MagCache take the model's published coefficients / ratios; when ``pipe``'s current cache config
     carries its own (e.g. a calibrated ``cache_config.json`` loaded with the model), or one of ``calibrated`` does
@@ -166,7 +150,7 @@ def default_sweep(
 
     Args:
         pipe: a cached pipeline (optional): gives the block count and calibrated coefficients / ratios.
-        methods: labels from :data:`SWEEP_METHODS` (a comma-separated string per item works too); default all.
+        methods: labels from :func:`sweep_methods` (a comma-separated string per item works too); default all.
         num_steps: the step count the sweep will run at (scales DBCache's warm-up); ``None``: cache-dit's 8.
 
     Raises:
@@ -177,25 +161,13 @@ def default_sweep(
     num_blocks = getattr(transformer, "num_cache_blocks", None) if transformer is not None else None
     current = getattr(pipe, "cache_config", None) if pipe is not None else None
     sources = [c for c in (current, *calibrated) if c is not None and not getattr(c, "calibrate", False)]
-    coefficients = next((c.coefficients for c in sources if isinstance(c, TeaCacheConfig) and c.coefficients), None)
-    ratios = next((c.mag_ratios for c in sources if isinstance(c, MagCacheConfig) and c.mag_ratios), None)
-    fn = 8 if num_blocks is None else max(1, min(8, num_blocks // 6))
-    warmup = 8 if num_steps is None else max(1, min(8, num_steps // 4))
-
-    sweeps: dict[str, list[CacheConfig]] = {
-        "teacache": [TeaCacheConfig(rel_l1_thresh=t, coefficients=coefficients) for t in TEACACHE_THRESHOLDS],
-        "magcache": [MagCacheConfig(mag_threshold=t, mag_ratios=ratios) for t in MAGCACHE_THRESHOLDS],
-        "fbcache": [FirstBlockCacheConfig(residual_diff_threshold=t) for t in FBCACHE_THRESHOLDS],
-        "dbcache": [
-            DBCacheConfig(Fn=fn, Bn=0, residual_diff_threshold=t, max_warmup_steps=warmup) for t in DBCACHE_THRESHOLDS
-        ],
-        "dbcache+scm": [
-            DBCacheConfig(Fn=fn, Bn=0, max_warmup_steps=0, scm_steps_mask=preset, scm_steps_policy="static")
-            for preset in SCM_PRESETS
-        ],
-        "taylorseer": [TaylorSeerConfig(order=1, interval=k) for k in TAYLORSEER_INTERVALS],
-        "seacache": [SeaCacheConfig(threshold=t) for t in SEACACHE_THRESHOLDS],
-    }
+    context: dict[str, Any] = {"num_blocks": num_blocks, "num_steps": num_steps}
+    for source in sources:  # the first calibrated value of each kind wins
+        for name, value in source.calibrated_data().items() if hasattr(source, "calibrated_data") else ():
+            context.setdefault(name, value)
+    sweeps: dict[str, list[CacheConfig]] = {}
+    for cls in _sweep_classes():
+        sweeps.update(cls.sweep_curves(**context))
     return [config for label in chosen for config in sweeps[label]]
 
 
@@ -213,7 +185,7 @@ def config_params(config: CacheConfig) -> str:
     """``"rel_l1_thresh=0.2"``: the swept parameter and every field that differs from the class defaults."""
     defaults = type(config)().to_dict() if _constructible(type(config)) else {}
     values = config.to_dict()
-    knob = _KNOBS.get(config.method) if getattr(config, "scm_steps_mask", None) is None else "scm_steps_mask"
+    knob = _knob_name(config) if getattr(config, "scm_steps_mask", None) is None else "scm_steps_mask"
     names = [knob] if knob in values else []
     names += [n for n in values if n not in ("method", knob) and values[n] != defaults.get(n, object())]
     return ", ".join(f"{n}={_format_value(values[n])}" for n in names)
@@ -234,7 +206,7 @@ def _knob(config: CacheConfig) -> str:
         return mask
     if mask is not None:
         return "mask"
-    name = _KNOBS.get(config.method)
+    name = _knob_name(config)
     if name is None:
         return ""
     value = getattr(config, name)
@@ -588,18 +560,9 @@ def _skip_reason(pipe, config: CacheConfig) -> str | None:
     engine = getattr(transformer, "cache_engine", None)
     spec = getattr(engine, "spec", None)
     model = spec.model_name if spec is not None else type(transformer).__name__
-    if isinstance(config, TeaCacheConfig) and config.coefficients is None and not config.calibrate:
-        if spec is None or spec.teacache_coefficients is None:
-            return (
-                f"no TeaCache coefficients for {model} (none published); calibrate with "
-                f"`cached-diffusers calibrate --method teacache` and bench the directory holding its cache_config.json"
-            )
-    if isinstance(config, MagCacheConfig) and config.mag_ratios is None and not config.calibrate:
-        if spec is None or spec.mag_ratios is None:
-            return (
-                f"no MagCache ratios for {model} (none published); calibrate with "
-                f"`cached-diffusers calibrate --method magcache` and bench the directory holding its cache_config.json"
-            )
+    missing = getattr(config, "missing_model_data", None)
+    if missing is not None:
+        return missing(spec, model)
     return None
 
 

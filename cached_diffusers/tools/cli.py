@@ -14,7 +14,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -22,6 +21,7 @@ import time
 import typing
 from typing import Any, Sequence
 
+from .files import keep_backup, refuse_existing
 from .timing import make_generator, timed_call
 
 __all__ = ["main", "build_parser"]
@@ -30,10 +30,10 @@ __all__ = ["main", "build_parser"]
 # -- cache options ---------------------------------------------------------------------------------------------------
 def _config_fields() -> dict[str, tuple[type, dict[str, Any]]]:
     """``{field name: (annotated type, {method: default})}`` over every registered cache config class."""
-    from ..configs import _REGISTRY
+    from ..registry import cache_methods
 
     fields: dict[str, tuple[type, dict[str, Any]]] = {}
-    for cls in sorted(set(_REGISTRY.values()), key=lambda c: c.method):
+    for cls in sorted((m.config_class for m in cache_methods()), key=lambda c: c.method):
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             fields.setdefault(f.name, (hints[f.name], {}))[1][cls.method] = f.default
@@ -538,25 +538,27 @@ def _check_calibration_output(path: str, overwrite: bool) -> None:
             "changes: give --output a path elsewhere"
         )
     check_output_file("--output", path)
-    if os.path.exists(path) and not overwrite:
-        raise ValueError(
-            f"--output {path!r} exists: pass --overwrite to replace it (the old file is kept as {path}.bak), "
-            "or give another --output"
-        )
-
-
-def _keep_backup(path: str) -> None:
-    """Copy an existing file (one ``--overwrite`` lets calibrate replace) to ``path.bak``."""
-    if os.path.exists(path):
-        shutil.copy2(path, path + ".bak")
+    refuse_existing(path, overwrite, "--output")
 
 
 def _write_json(path: str, data: Any) -> None:
-    """Write ``data`` as indented JSON, after :func:`_keep_backup`."""
-    _keep_backup(path)
+    """Write ``data`` as indented JSON, after :func:`~cached_diffusers.tools.files.keep_backup`."""
+    keep_backup(path)
     with open(path, "w", encoding="utf-8") as f:
         json.dump(data, f, indent=2)
         f.write("\n")
+
+
+def _calibration_methods():
+    """The registered methods ``calibrate`` knows (those with a ``calibration``), in listing order."""
+    from ..registry import cache_methods
+
+    return [m for m in cache_methods(enabled=True) if m.calibration is not None]
+
+
+def _calibrated_by(kind: str) -> list[str]:
+    """Names of the methods calibrated by ``kind`` (``"runs"`` or ``"schedule"``)."""
+    return [m.name for m in _calibration_methods() if m.calibration == kind]
 
 
 def _default_output(args: argparse.Namespace) -> str:
@@ -566,20 +568,21 @@ def _default_output(args: argparse.Namespace) -> str:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from ..calibration import fit_teacache, suggest_sea_threshold, teacache_pairs
-    from ..configs import MagCacheConfig, SeaCacheConfig, TeaCacheConfig
+    from ..registry import cache_method
 
     method = args.method
+    cls = cache_method(method).config_class
     _check_threads(args)
-    if method in ("lemica", "meancache"):
+    if cls.calibration == "schedule":
         return _calibrate_schedule(args)
     given = [flag for flag, value in (("--budget", args.budget), ("--strength", args.strength),
                                       ("--error-matrix", args.error_matrix)) if value is not None]
     if given:
-        raise ValueError(f"{', '.join(given)}: for --method lemica or meancache only, not {method}")
-    if (method == "seacache") != (args.computed_steps is not None):
+        raise ValueError(f"{', '.join(given)}: for --method {' or '.join(_calibrated_by('schedule'))} only, not {method}")
+    if (cls.calibration_target is not None) != (args.computed_steps is not None):
+        targets = " or ".join(m.name for m in _calibration_methods() if m.config_class.calibration_target)
         raise ValueError(
-            "--method seacache needs --computed-steps N (the target computed steps per branch), and only it takes it"
+            f"--method {targets} needs --computed-steps N (the target computed steps per branch), and only it takes it"
         )
     _check_sampling_args(args)
     output = _default_output(args)
@@ -592,9 +595,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     _set_threads(args)
     _device_and_dtype(args.device, args.dtype)
-    calibration = {"teacache": TeaCacheConfig, "magcache": MagCacheConfig, "seacache": SeaCacheConfig}[method](
-        calibrate=True
-    )
+    calibration = cls(calibrate=True)
     pipe = _load_pipeline(args, calibration)
     pipe.cache_config = calibration  # whatever the directory held: calibration never reuses
     prompts = args.prompt or list(DEFAULT_PROMPTS)
@@ -609,22 +610,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         f"calibrated {method} on {len(prompts)} prompt(s), {settings['num_inference_steps']} steps, "
         f"branches {', '.join(branches)}"
     )
-    if method == "teacache":
-        fit = fit_teacache(teacache_pairs(runs))
-        print(fit.summary())
-        config = TeaCacheConfig(rel_l1_thresh=args.rel_l1_thresh, coefficients=fit.coefficients)
-        quality = {"num_pairs": fit.num_pairs, "rmse": fit.rmse, "r2": fit.r2, "x_range": list(fit.x_range)}
-    elif method == "seacache":
-        suggestion = suggest_sea_threshold(runs, args.computed_steps, SeaCacheConfig())
-        print(suggestion.summary())
-        config = SeaCacheConfig(threshold=suggestion.threshold)
-        quality = {"target_computed_steps": args.computed_steps, "replayed_computed_steps": suggestion.computed_steps}
-    else:
-        config = MagCacheConfig.from_calibration(runs, mag_threshold=args.mag_threshold)
-        ratios = config.mag_ratios if isinstance(config.mag_ratios, dict) else {"all branches": config.mag_ratios}
-        for branch, values in ratios.items():
-            print(f"MagCache ratios ({branch}): {list(values)}")
-        quality = {}
+    config, quality, lines = cls.calibrated(runs, vars(args))
+    for line in lines:
+        print(line)
     _write_json(output, config.to_dict())
     _write_json(provenance, {
         "model": args.model, "method": method, "prompts": prompts, **settings, "seed": args.seed,
@@ -673,13 +661,16 @@ def _plan_for_strength(errors, budgets: list[int], first: int) -> dict[int, list
 def _calibrate_schedule(args: argparse.Namespace) -> int:
     """``calibrate --method lemica|meancache``: measure (or load) the error matrix, solve every budget, write one cache
     config per budget, the matrix and the provenance (see :mod:`cached_diffusers.calibration_schedules`)."""
-    from ..calibration_schedules import choose_meancache_windows, load_error_matrix, measure_edge_errors, save_error_matrix
-    from ..configs import LeMiCaConfig, MeanCacheConfig
+    from ..calibration_schedules import load_error_matrix, measure_edge_errors, save_error_matrix
+    from ..registry import cache_method
     from ..schedules import path_costs
 
     method = args.method
+    cls = cache_method(method).config_class
+    needs_model = cls.calibration_needs_model
     if args.computed_steps is not None:
-        raise ValueError(f"--computed-steps: for --method seacache only, not {method} (its budget is --budget)")
+        targets = " or ".join(m.name for m in _calibration_methods() if m.config_class.calibration_target)
+        raise ValueError(f"--computed-steps: for --method {targets} only, not {method} (its budget is --budget)")
     budgets = sorted(set(args.budget or ()), reverse=True)
     if not budgets:
         raise ValueError(f"--method {method} needs --budget B [B ...]: the computed steps per schedule (e.g. 25 17 10)")
@@ -689,7 +680,7 @@ def _calibrate_schedule(args: argparse.Namespace) -> int:
     configs, matrix_path, provenance_path = _schedule_outputs(args, budgets)
     for path in (*configs.values(), provenance_path, *(() if args.error_matrix else (matrix_path,))):
         _check_calibration_output(path, args.overwrite)
-    if args.error_matrix is None or method == "meancache":  # these load the model
+    if args.error_matrix is None or needs_model:  # these load the model
         _check_model(args.model)
     if args.error_matrix is None:
         defaults, source = _checked_generation_defaults(args.model)
@@ -708,7 +699,7 @@ def _calibrate_schedule(args: argparse.Namespace) -> int:
         solved = _plan_for_strength(errors, budgets, first)  # fails before any model is loaded
     say = (lambda line: None) if args.quiet else print
     pipe = None
-    if loaded is None or method == "meancache":  # runs the model (torch, after every check)
+    if loaded is None or needs_model:  # runs the model (torch, after every check)
         from .tiny import DEFAULT_PROMPTS
 
         prompts = args.prompt or list(DEFAULT_PROMPTS)
@@ -732,7 +723,7 @@ def _calibrate_schedule(args: argparse.Namespace) -> int:
             "metric": "relative L1 of the final latents against the uncached run, mean over prompts",
             "date": time.strftime("%Y-%m-%d"),
         }
-        _keep_backup(matrix_path)
+        keep_backup(matrix_path)
         save_error_matrix(matrix_path, errors, provenance)
         first = first_executed_step(num_steps, args.strength)
         solved = _plan_for_strength(errors, budgets, first)
@@ -747,14 +738,11 @@ def _calibrate_schedule(args: argparse.Namespace) -> int:
         steps = solved[b]
         executed = [s for s in steps if s >= first]  # the plan's edges that run
         entry = {"computed_steps": steps, "sorted_edge_errors": list(path_costs(errors, executed))}
-        if method == "lemica":
-            config = LeMiCaConfig(computed_steps=steps, num_inference_steps=num_steps)
-        else:
-            windows, error, plain = choose_meancache_windows(
-                pipe, prompts, kwargs, steps, candidates=tuple(args.windows), seed=args.seed, progress=say
-            )
-            config = MeanCacheConfig(computed_steps=steps, num_inference_steps=num_steps, windows=windows)
-            entry.update(windows=list(windows), final_latent_error=error, final_latent_error_windows_1=plain)
+        config, extra = cls.planned(
+            steps, num_steps, pipe=pipe, prompts=prompts if pipe is not None else None,
+            kwargs=kwargs if pipe is not None else None, candidates=tuple(args.windows), seed=args.seed, progress=say,
+        )
+        entry.update(extra)
         _write_json(configs[b], config.to_dict())
         record["budgets"][str(b)] = {"cache_config": configs[b], **entry}
         print(f"{method} B={b}: computed steps {steps}; largest edge error {entry['sorted_edge_errors'][0]:.4g}")
@@ -886,8 +874,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
             check_output_file("--output-dir", os.path.join(args.output_dir, name))
         planned = [_load_config_file("--planned", path) for path in args.planned or ()]
         for path, config in zip(args.planned or (), planned):
-            if config is None or config.method not in ("lemica", "meancache"):
-                raise ValueError(f"--planned {path}: not a LeMiCa or MeanCache config")
+            if config is None or config.calibration != "schedule":
+                names = " or ".join(
+                    m.config_class.__name__.removesuffix("Config") for m in _calibration_methods() if m.calibration == "schedule"
+                )
+                raise ValueError(f"--planned {path}: not a {names} config")
     if args.sweep and args.methods:
         raise ValueError("--sweep and --methods exclude each other: --sweep lists the configs to run")
     if args.sweep and args.calibrated:
@@ -895,12 +886,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     configs = _bench_sweep(args.sweep) if args.sweep else None
     methods = check_methods(args.methods)  # before loading anything
     if args.equal_budget is not None:
-        from .equal_budget import BUDGET_METHODS
+        from .equal_budget import budget_methods
 
-        methods = tuple(m for m in (methods if args.methods else BUDGET_METHODS))
+        known = budget_methods()
+        methods = tuple(m for m in (methods if args.methods else known))
         for m in methods:
-            if m not in BUDGET_METHODS:
-                raise ValueError(f"--methods {m}: not tunable to a budget; valid with --equal-budget: {', '.join(BUDGET_METHODS)}")
+            if m not in known:
+                raise ValueError(f"--methods {m}: not tunable to a budget; valid with --equal-budget: {', '.join(known)}")
     calibrated = [_load_config_file("--calibrated", path) for path in args.calibrated or ()]
     _set_threads(args)
     device, dtype = _device_and_dtype(args.device, args.dtype)
@@ -1130,6 +1122,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cache_arguments(generate, default_method=None)
     generate.set_defaults(func=cmd_generate)
 
+    planned = "/".join(_calibrated_by("schedule"))
+    targeted = "/".join(m.name for m in _calibration_methods() if m.config_class.calibration_target)
     calibrate = commands.add_parser(
         "calibrate",
         help="fit TeaCache coefficients or MagCache ratios, find a SeaCache threshold, or plan LeMiCa / MeanCache "
@@ -1137,26 +1131,24 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[_run_options(default_threads=None)],
     )
     calibrate.add_argument("--model", required=True, help="diffusers directory or Hub id")
-    calibrate.add_argument(
-        "--method", choices=("teacache", "magcache", "seacache", "lemica", "meancache"), default="teacache"
-    )
+    calibrate.add_argument("--method", choices=[m.name for m in _calibration_methods()], default="teacache")
     calibrate.add_argument(
         "--computed-steps", type=int, default=None, metavar="N",
-        help="seacache: the largest threshold whose replay on the uncached runs computes at least N steps per branch",
+        help=f"{targeted}: the largest threshold whose replay on the uncached runs computes at least N steps per branch",
     )
     calibrate.add_argument(
         "--budget", type=int, nargs="+", default=None,
-        help="lemica/meancache: computed steps per schedule, first and last included (e.g. --budget 25 17 10)",
+        help=f"{planned}: computed steps per schedule, first and last included (e.g. --budget 25 17 10)",
     )
     calibrate.add_argument(
         "--strength", type=float, default=None,
-        help="lemica/meancache: plan for img2img / inpaint at this strength in (0, 1]: the budget counts the steps "
+        help=f"{planned}: plan for img2img / inpaint at this strength in (0, 1]: the budget counts the steps "
         "that run (the first executed one and those after it), not the full schedule's (default: 1, text-to-image)",
     )
-    calibrate.add_argument("--max-span", type=int, default=8, help="lemica/meancache: longest DAG edge measured, in steps (default: 8)")
+    calibrate.add_argument("--max-span", type=int, default=8, help=f"{planned}: longest DAG edge measured, in steps (default: 8)")
     calibrate.add_argument(
         "--error-matrix", default=None, metavar="FILE",
-        help="lemica/meancache: solve from this saved error matrix (written by an earlier run) instead of measuring",
+        help=f"{planned}: solve from this saved error matrix (written by an earlier run) instead of measuring",
     )
     calibrate.add_argument(
         "--windows", type=int, nargs="+", default=[1, 2, 4],
@@ -1198,6 +1190,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cache_arguments(demo, default_method="teacache")
     demo.set_defaults(func=cmd_demo)
 
+    from .bench import sweep_methods  # the registry's curves (no torch)
+
     bench = commands.add_parser(
         "bench", help="sweep cache methods and thresholds against uncached: time, work, PSNR/SSIM, Pareto plot",
         parents=[_run_options(default_threads=None)],
@@ -1210,7 +1204,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=int, default=3, help="timed repeats of every run; the median counts (default: 3)")
     bench.add_argument(
         "--methods", nargs="+", default=None, metavar="METHOD",
-        help="methods to sweep: teacache magcache fbcache dbcache dbcache+scm taylorseer seacache (default: all)",
+        help=f"methods to sweep: {' '.join(sweep_methods())} (default: all)",
     )
     bench.add_argument(
         "--calibrated", action="append", default=None, metavar="FILE",

@@ -36,11 +36,13 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from .bench import PSNR_THRESHOLD, default_sweep, environment, finite_mean, run_prompts
-from ..configs import CacheConfig, MagCacheConfig, PlannedScheduleConfig, SeaCacheConfig, TaylorSeerConfig
+from ..configs import CacheConfig
+from ..planned import PlannedScheduleConfig
+from ..registry import cache_method, cache_methods
 from .imaging import psnr, require_extra, ssim
 
 __all__ = [
-    "BUDGET_METHODS",
+    "budget_methods",
     "BudgetRow",
     "EqualBudgetResult",
     "format_markdown",
@@ -52,18 +54,19 @@ __all__ = [
     "write_json",
 ]
 
-BUDGET_METHODS = ("teacache", "magcache", "fbcache", "dbcache", "taylorseer", "seacache")
-"""The greedy (or fixed-interval) methods tuned to each budget."""
+def budget_methods() -> tuple[str, ...]:
+    """The methods tuned to each budget, from the registry: those whose sweep is a threshold (``"log"``, bisected) or
+    an integer (``"int"``, TaylorSeer's interval, from its exact count); planned methods run their own schedule."""
+    return tuple(m.name for m in cache_methods(enabled=True) if m.sweep is not None and m.sweep.kind in ("log", "int"))
 
-KNOBS = {
-    "teacache": "rel_l1_thresh",
-    "magcache": "mag_threshold",
-    "fbcache": "residual_diff_threshold",
-    "dbcache": "residual_diff_threshold",
-    "seacache": "threshold",
-}
-THRESHOLD_RANGE = (1e-3, 10.0)
-"""Bisection interval of every threshold (log scale)."""
+
+def __getattr__(name: str) -> Any:
+    """``BUDGET_METHODS`` and ``KNOBS`` (method -> bisected threshold field), read from the registry at lookup."""
+    if name == "BUDGET_METHODS":
+        return budget_methods()
+    if name == "KNOBS":
+        return {m.name: m.sweep.knob for m in cache_methods(enabled=True) if m.sweep is not None and m.sweep.kind == "log"}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass
@@ -210,12 +213,9 @@ def tune_threshold(
 
 
 def _greedy_base(pipe, method: str, num_steps: int, calibrated: Sequence[CacheConfig]) -> CacheConfig:
+    """The first config of the method's sweep, its own caps lifted for a budget search (``for_budget_search``)."""
     config = default_sweep(pipe, methods=[method], num_steps=num_steps, calibrated=calibrated)[0]
-    if isinstance(config, MagCacheConfig):
-        config = config.replace(mag_max_skip_steps=num_steps, mag_retention_ratio=0.1)
-    if isinstance(config, SeaCacheConfig):
-        config = config.replace(max_consecutive_cached=0)
-    return config
+    return config.for_budget_search(num_steps)
 
 
 def run_equal_budget(
@@ -225,7 +225,7 @@ def run_equal_budget(
     budgets: Sequence[int],
     *,
     planned: Sequence[PlannedScheduleConfig] = (),
-    methods: Sequence[str] = BUDGET_METHODS,
+    methods: Sequence[str] | None = None,
     calibrated: Sequence[CacheConfig] = (),
     seed: int = 0,
     iterations: int = 8,
@@ -242,7 +242,7 @@ def run_equal_budget(
         call_kwargs: the other call arguments; must hold ``num_inference_steps``.
         budgets: computed steps per branch, each in ``[2, num_inference_steps]``.
         planned: LeMiCa / MeanCache configs; each runs at the budget equal to its length (others are ignored).
-        methods: greedy methods of :data:`BUDGET_METHODS` to tune.
+        methods: greedy methods of :func:`budget_methods` to tune (default: all of them).
         calibrated: configs carrying calibrated TeaCache coefficients / MagCache ratios (as ``bench --calibrated``).
         iterations: bisection steps per method and budget.
 
@@ -259,9 +259,11 @@ def run_equal_budget(
     for b in budgets:
         if not 2 <= b <= num_steps:
             raise ValueError(f"budgets must be in [2, {num_steps}] (num_inference_steps), got {b}")
+    known = budget_methods()
+    methods = known if methods is None else methods
     for m in methods:
-        if m not in BUDGET_METHODS:
-            raise ValueError(f"unknown equal-budget method {m!r}; valid: {', '.join(BUDGET_METHODS)}")
+        if m not in known:
+            raise ValueError(f"unknown equal-budget method {m!r}; valid: {', '.join(known)}")
     for config in planned:
         if config.num_inference_steps != num_steps:
             raise ValueError(
@@ -289,7 +291,8 @@ def run_equal_budget(
                 skipped.append({"method": method, "reason": str(error)})
                 say(f"skipped {method}: {error}")
                 continue
-            knob = KNOBS.get(method, "interval")
+            sweep = cache_method(method).sweep
+            knob = sweep.knob
             measured: dict[Any, dict[str, Any]] = {}  # shared by the budgets: the bisection ends are evaluated once
 
             def measure(value: Any) -> dict[str, Any]:
@@ -298,14 +301,14 @@ def run_equal_budget(
                 return measured[value]
 
             for budget in budgets:
-                if isinstance(base, TaylorSeerConfig):
+                if sweep.kind == "int":  # an integer knob with an exact (static) count: TaylorSeer's interval
                     counts = {k: static_computed_steps(base.replace(interval=k), num_steps) for k in range(1, num_steps)}
                     under = [(c, -k) for k, c in counts.items() if c <= budget]
                     value = -(max(under) if under else min((c, -k) for k, c in counts.items()))[1]
                     reached, exact, evaluations = bool(under), True, 1
                 else:
                     value, _, reached, evaluated = tune_threshold(
-                        lambda t: measure(t)["computed_steps"], budget, *THRESHOLD_RANGE, iterations=iterations
+                        lambda t: measure(t)["computed_steps"], budget, sweep.low, sweep.high, iterations=iterations
                     )
                     exact, evaluations = False, len(evaluated)
                 m = measure(value)
@@ -407,8 +410,8 @@ def plot_equal_budget(result: EqualBudgetResult, path: str | os.PathLike) -> str
         points = [(r.computed_steps, r.psnr_mean) for r in rows if math.isfinite(r.psnr_mean)]
         if points:
             xs, ys = zip(*points)
-            ax.plot(xs, ys, marker="o" if method in ("lemica", "meancache") else ".", label=method,
-                    linewidth=2.2 if method in ("lemica", "meancache") else 1.2)
+            exact = rows[0].exact and cache_method(method).calibration == "schedule"  # a planned schedule
+            ax.plot(xs, ys, marker="o" if exact else ".", label=method, linewidth=2.2 if exact else 1.2)
     ax.axhline(PSNR_THRESHOLD, color="gray", linestyle="--", linewidth=1)
     for b in result.info["budgets"]:
         ax.axvline(b, color="gray", linestyle=":", linewidth=0.8)

@@ -2,8 +2,8 @@
 
 The library behind ``cached-diffusers tune`` and ``cached_diffusers.tune(pipe, target_psnr=...)``.
 
-* **Search.** Every registered method (:func:`cached_diffusers.configs.available_cache_methods`) with a known knob
-  (:data:`TUNABLE`, extended with :func:`register_tunable`) is searched; a method without one, or one the model
+* **Search.** Every registered method (:func:`cached_diffusers.registry.cache_methods`) with a sweep (its config
+  class's ``sweep``, :class:`cached_diffusers.registry.Sweep`) is searched; a method without one, or one the model
   cannot run (TeaCache without coefficients, MagCache without ratios), is skipped with its reason. The knob is the
   parameter a sweep varies, with its range and the direction that goes faster: the greedy methods' thresholds (the
   ones :mod:`cached_diffusers.tools.equal_budget` bisects, same range, geometric), TaylorSeer's interval and the
@@ -35,22 +35,23 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from ..configs import CacheConfig, LeMiCaConfig, MeanCacheConfig, available_cache_methods
+from ..configs import CacheConfig, available_cache_methods
+from ..registry import Sweep, cache_method, cache_methods
 from .bench import _skip_reason, environment, finite_mean, lpips_metric
-from .equal_budget import KNOBS, THRESHOLD_RANGE, _greedy_base
+from .equal_budget import _greedy_base
+from .files import keep_backup, refuse_existing
 from .imaging import psnr, ssim, to_uint8
 from .timing import make_generator, timed_call
 
 __all__ = [
     "DEFAULT_HELD_OUT_PROMPTS",
     "DEFAULT_TUNING_PROMPTS",
-    "TUNABLE",
     "Candidate",
     "Knob",
     "TuneResult",
     "UnreachableTarget",
     "plot_tuning",
-    "register_tunable",
+    "tunable",
     "tune",
     "write_outputs",
 ]
@@ -64,32 +65,21 @@ DEFAULT_HELD_OUT_PROMPTS = ("dog face", "sun with face", "snowman", "cat face")
 """Held-out prompts when none are given; those equal to a tuning prompt are dropped (the sets are disjoint)."""
 
 
-@dataclass(frozen=True)
-class Knob:
-    """The parameter a sweep varies: ``name`` (a config field, or ``"budget"`` for planned schedules), ``kind``
-    (``"log"``: a float bisected geometrically in ``[low, high]``; ``"int"``: an integer; ``"budget"``: computed steps
-    of a planned schedule, solved from the error matrix) and the direction that goes faster (``faster_up``)."""
-
-    name: str
-    kind: str
-    low: float
-    high: float
-    faster_up: bool = True
+Knob = Sweep
+"""The parameter a sweep varies (:class:`cached_diffusers.registry.Sweep`: ``knob``, ``kind``, ``low``, ``high``,
+``faster_up``); a method declares it as its config class's ``sweep``."""
 
 
-TUNABLE: dict[str, Knob] = {
-    **{m: Knob(k, "log", *THRESHOLD_RANGE) for m, k in KNOBS.items()},
-    "taylorseer": Knob("interval", "int", 2, math.inf),  # high: num_steps - 1
-    "lemica": Knob("budget", "budget", 2, math.inf, faster_up=False),
-    "meancache": Knob("budget", "budget", 2, math.inf, faster_up=False),
-}
-"""Method -> its knob. A registered method not here is skipped ("no knob known")."""
+def tunable() -> dict[str, Sweep]:
+    """Method -> its sweep, for every registered method that declares one (the registry's sweep metadata). A
+    registered method without one is skipped ("no knob known")."""
+    return {m.name: m.sweep for m in cache_methods(enabled=True) if m.sweep is not None}
 
 
-def register_tunable(method: str, knob: Knob) -> None:
-    """Make ``tune`` search a method added with :func:`cached_diffusers.configs.register_cache_method`: its config
-    class must build with defaults (``cls()``) and take ``knob.name`` as a field."""
-    TUNABLE[method] = knob
+def __getattr__(name: str) -> Any:
+    if name == "TUNABLE":  # the registry's sweeps at the time of the lookup
+        return tunable()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class UnreachableTarget(ValueError):
@@ -276,9 +266,9 @@ def _forcing_guards(stats_list) -> str:
 
 # -- the search ----------------------------------------------------------------------------------------------------
 def _base_config(pipe, method: str, num_steps: int, calibrated: Sequence[CacheConfig]) -> CacheConfig:
-    from .bench import SWEEP_METHODS
+    from .bench import sweep_methods
 
-    if method in SWEEP_METHODS:  # the greedy methods: equal-budget's base (its MagCache / SeaCache caps lifted)
+    if method in sweep_methods():  # the greedy methods: equal-budget's base (its MagCache / SeaCache caps lifted)
         return _greedy_base(pipe, method, num_steps, calibrated)
     from ..configs import make_cache_config
 
@@ -457,10 +447,10 @@ def tune(
                 runner.reference(p, s)
         say(f"{len(prompts) * seeds} uncached reference(s) generated")
         for method in wanted:
-            knob = TUNABLE.get(method)
+            knob = tunable().get(method)
             if knob is None:
-                skipped.append({"method": method, "reason": "no knob known to tune (see cached_diffusers.tools.tune."
-                                "register_tunable)"})
+                skipped.append({"method": method, "reason": "no knob known to tune (give its config class a `sweep`, "
+                                "cached_diffusers.registry.Sweep)"})
                 say(f"skipped {method}: no knob known")
                 continue
             reason = None
@@ -484,8 +474,7 @@ def tune(
 
                 def build(b, method=method):
                     steps = solve_lexicographic_minimax(errors, b)
-                    cls = LeMiCaConfig if method == "lemica" else MeanCacheConfig
-                    return cls(computed_steps=steps, num_inference_steps=num_steps)
+                    return cache_method(method).config_class(computed_steps=steps, num_inference_steps=num_steps)
 
                 evaluate = lambda b, method=method, build=build: runner.measure(  # noqa: E731
                     method, "budget", b, build(b), prompts)
@@ -596,13 +585,14 @@ def _config_from(c: Candidate) -> CacheConfig:
 def _default_config(pipe, method: str, num_steps: int, calibrated) -> CacheConfig | None:
     """The method's published default config, with the model's calibrated data (what a user who does not tune gets);
     ``None`` for a planned method (no default schedule exists: it needs a calibration)."""
-    from .bench import SWEEP_METHODS
+    from .bench import sweep_methods
     from ..configs import make_cache_config
 
-    if TUNABLE.get(method) is not None and TUNABLE[method].kind == "budget":
+    sweep = tunable().get(method)
+    if sweep is not None and sweep.kind == "budget":
         return None
     config = make_cache_config(method)
-    if method in SWEEP_METHODS:
+    if method in sweep_methods():
         base = _greedy_base(pipe, method, num_steps, calibrated)
         for name in ("coefficients", "mag_ratios"):
             if hasattr(config, name) and getattr(config, name) is None:
@@ -702,20 +692,15 @@ OUTPUT_FILES = ("cache_config.json", "cache_config.tuning.json", "tuning_pareto.
 def write_outputs(result: TuneResult, directory: str | os.PathLike, overwrite: bool = False) -> list[str]:
     """Write ``cache_config.json`` (the chosen config), ``cache_config.tuning.json`` and ``tuning_pareto.png`` into
     ``directory``. An existing file is an error unless ``overwrite`` (then the old one is kept as ``FILE.bak``)."""
-    import shutil
-
     from .. import __version__
 
     directory = os.fspath(directory)
     paths = [os.path.join(directory, name) for name in OUTPUT_FILES]
-    if not overwrite:
-        for path in paths[:2]:
-            if os.path.exists(path):
-                raise ValueError(f"{path} exists: pass --overwrite to replace it (the old file is kept as {path}.bak)")
+    for path in paths[:2]:
+        refuse_existing(path, overwrite)
     os.makedirs(directory, exist_ok=True)
     for path in paths:
-        if os.path.exists(path):
-            shutil.copy2(path, path + ".bak")
+        keep_backup(path)
     with open(paths[0], "w", encoding="utf-8") as f:
         json.dump(result.config.to_dict(), f, indent=2)
         f.write("\n")
