@@ -208,6 +208,8 @@ class CacheConfig:
         """A JSON-able dict ``{"method": ..., <field>: <value>}``; ``cache_config_from_dict`` inverts it."""
         out: dict[str, Any] = {"method": self.method}
         for f in dataclasses.fields(self):
+            if f.name == "batch_decisions" and not self.enabled:
+                continue  # no caching: no decisions
             value = getattr(self, f.name)
             out[f.name] = list(value) if isinstance(value, tuple) else value
         return out
