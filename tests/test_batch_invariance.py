@@ -52,7 +52,7 @@ STATIC = {
     "magcache": lambda case: MagCacheConfig(mag_ratios=[1.0] + [0.98] * (STEPS - 1), mag_threshold=0.5, mag_retention_ratio=0.2),
     "taylorseer": lambda case: TaylorSeerConfig(order=2, interval=2, max_warmup_steps=1),
     "lemica": lambda case: LeMiCaConfig(computed_steps=[0, 1, 3, STEPS - 1], num_inference_steps=STEPS),
-    "meancache": lambda case: MeanCacheConfig(computed_steps=[0, 1, 4, STEPS - 1], num_inference_steps=STEPS, windows=2),
+    "meancache": lambda case: MeanCacheConfig(computed_steps=[0, 1, STEPS - 1], num_inference_steps=STEPS, windows=2),
 }
 """Methods whose decisions do not depend on the samples' data (MagCache's ratios, the planned schedules)."""
 
@@ -319,3 +319,128 @@ def test_bad_batch_decisions_is_a_clear_error():
         FirstBlockCacheConfig(batch_decisions="batch")
     with pytest.raises(ValueError, match=r"batch_decisions must be one of"):
         cache_config_from_dict({"method": "teacache", "batch_decisions": None})
+
+
+# -- BAGEL (block stack of our own model) and HunyuanImage-3.0 (whole-call caching in the loop) ------------------------
+def first_branch_threshold(stats, method) -> float:
+    """As :func:`mixing_threshold`, from a probe run's statistics (its first branch)."""
+    samples = next(iter(stats.branches.values())).samples
+    for step in sorted({s for sample in samples for s in sample.values}):
+        values = [s.values.get(step) for s in samples]
+        if None in values:
+            continue
+        low, high = min(values), max(values)
+        if high > low * (1 + 1e-3) and high > 0:
+            return math.sqrt(low * high) if low > 0 else high / 2
+    raise AssertionError(f"the samples' {method} values never differ: {[s.values for s in samples]}")
+
+
+def check_rows(pipe, make_config, method, batched_kwargs, alone_kwargs, adaptive=True):
+    """``make_config(threshold)``'s batched call against each sample's own call (``alone_kwargs[i]``)."""
+    if adaptive:
+        pipe.cache_config = make_config(PROBE_THRESHOLD[method])
+        pipe(**batched_kwargs())
+        config = make_config(first_branch_threshold(pipe.cache_stats, method))
+    else:
+        config = make_config(None)
+    pipe.cache_config = config
+    batched = pipe(**batched_kwargs()).images.float()
+    branches = dict(pipe.cache_stats.branches)
+    mixed = any(len({tuple(s.reused_steps) for s in b.samples}) > 1 for b in branches.values())
+    assert mixed == adaptive, {n: [s.reused_steps for s in b.samples] for n, b in branches.items()}
+    assert any(s.num_reused for b in branches.values() for s in b.samples)
+    for row, kwargs in enumerate(alone_kwargs):
+        alone = pipe(**kwargs()).images.float()
+        difference = (batched[row] - alone[0]).abs().max().item()
+        assert difference <= TOLERANCE, f"sample {row}: max abs difference {difference:.3g}"
+        for name, branch in pipe.cache_stats.branches.items():
+            assert branches[name].samples[row].reused_steps == branch.reused_steps, (name, row)
+
+
+@pytest.fixture(scope="module")
+def bagel():
+    from reference import reference_dir
+
+    from cached_diffusers.pipelines.bagel import CachedBagelPipeline
+
+    root = reference_dir("bagel-tiny")
+    pipe = CachedBagelPipeline.from_pretrained(root / "checkpoint")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, json_inputs(root)
+
+
+def json_inputs(root):
+    import json
+
+    return json.loads((root / "inputs.json").read_text())
+
+
+BAGEL_METHODS = {
+    "fbcache": lambda t: FirstBlockCacheConfig(residual_diff_threshold=t),
+    "teacache": lambda t: TeaCacheConfig(rel_l1_thresh=t),
+    "taylorseer": lambda t: TaylorSeerConfig(order=1, interval=2, max_warmup_steps=1),
+}
+
+
+@pytest.mark.parametrize("method", sorted(BAGEL_METHODS))
+def test_bagel_samples_get_their_own_output(bagel, method):
+    pipe, inputs = bagel
+    prompts = [inputs["prompt"], inputs["prompt"] + " at night"]
+
+    def kwargs(prompt, seeds, per_prompt=1):
+        return lambda: dict(
+            prompt=prompt, height=inputs["height"], width=inputs["width"], num_timesteps=6,
+            timestep_shift=inputs["timestep_shift"], cfg_text_scale=inputs["cfg_text_scale"],
+            cfg_img_scale=inputs["cfg_img_scale"], cfg_interval=(0.0, 1.0), num_images_per_prompt=per_prompt,
+            generator=[torch.Generator().manual_seed(s) for s in seeds], output_type="latent",
+        )  # fmt: skip
+
+    check_rows(
+        pipe, BAGEL_METHODS[method], method, kwargs(prompts, [0, 1]),
+        [kwargs(prompts[0], [0]), kwargs(prompts[1], [1])], adaptive=method != "taylorseer",
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def hunyuan():
+    from reference import reference_dir
+
+    from cached_diffusers.pipelines.hunyuanimage3 import CachedHunyuanImage3Pipeline
+
+    root = reference_dir("hunyuanimage3-tiny")
+    pipe = CachedHunyuanImage3Pipeline.from_pretrained(root / "checkpoint", dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, json_inputs(root)
+
+
+HUNYUAN_METHODS = {
+    "seacache": lambda t: SeaCacheConfig(threshold=t, max_consecutive_cached=3),
+    "teacache": lambda t: TeaCacheConfig(rel_l1_thresh=1e3, max_continuous_cached_steps=2),  # time_embed(t): alike
+    "taylorseer": lambda t: TaylorSeerConfig(order=1, interval=2, max_warmup_steps=1),
+}
+
+
+@pytest.mark.parametrize("method", sorted(HUNYUAN_METHODS))
+def test_hunyuanimage3_samples_get_their_own_output(hunyuan, method):
+    pipe, inputs = hunyuan
+    noise = torch.randn(2, *[int(v) for v in pipe_latent_shape(pipe, inputs)], generator=torch.Generator().manual_seed(5))
+
+    def kwargs(latents, per_prompt):
+        return lambda: dict(
+            prompt=inputs["prompt"], height=inputs["height"], width=inputs["width"], num_inference_steps=6,
+            num_images_per_prompt=per_prompt, latents=latents, output_type="latent",
+        )  # fmt: skip
+
+    check_rows(
+        pipe, HUNYUAN_METHODS[method], method, kwargs(noise, 2),
+        [kwargs(noise[:1], 1), kwargs(noise[1:], 1)], adaptive=method == "seacache",
+    )  # fmt: skip
+
+
+def pipe_latent_shape(pipe, inputs):
+    """``(C, h, w)`` of the tiny HunyuanImage-3.0 case's latents (from its reference noise)."""
+    from reference import reference_dir
+    from safetensors.torch import load_file
+
+    noise = load_file(reference_dir("hunyuanimage3-tiny") / "initial_noise.safetensors")["noise"]
+    return noise.shape[1:]
