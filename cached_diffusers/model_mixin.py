@@ -49,6 +49,7 @@ __all__ = [
     "diffusers_parent",
     "gather_rows",
     "row_gatherer",
+    "scatter_computed",
     "property_keeping_cause",
 ]
 
@@ -551,6 +552,13 @@ def row_gatherer(
     return gather
 
 
+def scatter_computed(streams: tuple, rows: torch.Tensor, computed: tuple) -> tuple:
+    """Whole-batch streams from a block's inputs ``streams`` ``(B, ...)`` with rows ``rows`` replaced by ``computed``
+    (the block's outputs for those samples): inside a cached span on a mixed per-sample step, the reusing rows carry
+    their inputs through (the span's last block replaces them by their span input plus their recalled residual)."""
+    return tuple(s.index_copy(0, rows, c.to(s.dtype)) for s, c in zip(streams, computed))
+
+
 def _dual_stream_streams(args: tuple, kwargs: dict) -> tuple[Any, Any]:
     return block_argument(args, kwargs, 0, "hidden_states"), block_argument(args, kwargs, 1, "encoder_hidden_states")
 
@@ -689,8 +697,7 @@ class BlockCalls:
             sub_args, sub_kwargs = gathered
             computed = io.result_streams(block(*sub_args, **sub_kwargs), sub_args, sub_kwargs)
         if index < self.end - 1:
-            streams = io.streams(args, kwargs)
-            return io.result(tuple(s.index_copy(0, rows, c) for s, c in zip(streams, computed)), args, kwargs)
+            return io.result(scatter_computed(io.streams(args, kwargs), rows, computed), args, kwargs)
         self._commit(computed, tuple(s.index_select(0, rows) for s in self.span_in))
         return io.result(scatter_rows(self.span_in, rows, computed, self.others, self.recalled), args, kwargs)
 

@@ -90,6 +90,12 @@ def batch_inputs(case, prompts: list[str], seeds: list[int], per_prompt: int, **
         kwargs["prompt"] = prompts[0] if len(prompts) == 1 else list(prompts)
         if kwargs.get("negative_prompt") is not None:
             kwargs["negative_prompt"] = kwargs["negative_prompt"] if len(prompts) == 1 else [" "] * len(prompts)
+    if case.name.startswith("qwen") and len(prompts) > 1:
+        # one reference image (and mask) per prompt: the Qwen-Image pipelines encode a single image with the first
+        # generator only, which would change the later samples' noise against their own calls even uncached
+        for name in ("image", "mask_image"):
+            if name in kwargs:
+                kwargs[name] = [kwargs[name]] * len(prompts)
     if per_prompt > 1:
         kwargs["num_images_per_prompt"] = per_prompt
     kwargs["output_type"] = "latent"
