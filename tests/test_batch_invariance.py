@@ -222,13 +222,11 @@ def test_shared_takes_one_decision_on_the_batch_and_per_sample_does_not():
     shared = run(pipe, inputs)
     stats = pipe.cache_stats
     assert all(not b.samples for b in stats.branches.values())  # one decision per branch, no per-sample records
-    # the shared decision is the one-sample rule on the whole batch: an engine fed the batch's front residual
-    # decides as the pipeline did
     per_sample_config = FirstBlockCacheConfig(residual_diff_threshold=threshold)
     pipe.cache_config = per_sample_config
     per_sample = run(pipe, batch_inputs(case, TWO, [0, 1], 1))
-    mixed = [b.reused_steps != [] and len({tuple(s.reused_steps) for s in b.samples}) > 1 for b in pipe.cache_stats.branches.values()]
-    assert any(mixed)
+    branches = pipe.cache_stats.branches.values()
+    assert any(len({tuple(s.reused_steps) for s in b.samples}) > 1 for b in branches)  # the samples disagreed
     assert not torch.allclose(shared, per_sample, atol=TOLERANCE)  # sharing changes some sample's output
     alone = run(pipe, batch_inputs(case, [TWO[1]], [1], 1))
     assert (per_sample[1] - alone[0]).abs().max() <= TOLERANCE
