@@ -448,3 +448,53 @@ def pipe_latent_shape(pipe, inputs):
 
     noise = load_file(reference_dir("hunyuanimage3-tiny") / "initial_noise.safetensors")["noise"]
     return noise.shape[1:]
+
+
+# -- the measurement of issue 22, and torch.compile -----------------------------------------------------------------
+def test_reference_model_apple_is_its_own_in_a_batch():
+    """Issue 22's measurement on the shipped Qwen-Image reference model (at its 32 x 32 training size): 20 steps,
+    CFG 4, First-Block-Cache 0.3, ``["rocket", "red apple"]`` with seeds 0 and 1 against "red apple" alone with seed
+    1. Per-sample decisions keep the apple within 1e-4 of its own call; one decision per batch does not."""
+    from cached_diffusers import CachedQwenImagePipeline
+    from cached_diffusers.tools.reference_model import REFERENCE_MODEL_DIR
+
+    pipe = CachedQwenImagePipeline.from_pretrained(REFERENCE_MODEL_DIR)
+    pipe.set_progress_bar_config(disable=True)
+
+    def call(prompts, seeds):
+        generators = [torch.Generator().manual_seed(s) for s in seeds]
+        return pipe(
+            prompt=prompts, negative_prompt=[" "] * len(prompts), true_cfg_scale=4.0, num_inference_steps=20,
+            height=32, width=32, generator=generators if len(generators) > 1 else generators[0], output_type="latent",
+        ).images  # fmt: skip
+
+    differences = {}
+    for mode in ("per_sample", "shared"):
+        pipe.cache_config = FirstBlockCacheConfig(residual_diff_threshold=0.3, batch_decisions=mode)
+        both = call(["rocket", "red apple"], [0, 1])
+        apple = call(["red apple"], [1])
+        differences[mode] = (both[1] - apple[0]).abs().max().item()
+    assert differences["per_sample"] <= TOLERANCE, differences
+    assert differences["shared"] > 1e-2, differences  # the batch-level decision changes the apple
+
+
+@pytest.mark.slow
+def test_regional_compilation_runs_a_mixed_step():
+    """``compile_repeated_blocks``: the blocks run compiled on whole batches and on the computing samples' rows; the
+    per-sample decisions and the outputs are the eager run's."""
+    case = CASES_BY_NAME["flux2-klein"]
+    pipe = build(case)
+    threshold = mixing_threshold(pipe, case, "fbcache", TWO, [0, 1], 1)
+    pipe.cache_config = FirstBlockCacheConfig(residual_diff_threshold=threshold)
+    expected = run(pipe, batch_inputs(case, TWO, [0, 1], 1))
+    expected_samples = {n: [s.reused_steps for s in b.samples] for n, b in pipe.cache_stats.branches.items()}
+    assert any(len({tuple(s) for s in samples}) > 1 for samples in expected_samples.values())
+    torch._dynamo.reset()
+    try:
+        pipe.transformer.compile_repeated_blocks(fullgraph=True)
+        latents = run(pipe, batch_inputs(case, TWO, [0, 1], 1))
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
+    finally:
+        torch._dynamo.reset()
+    assert {n: [s.reused_steps for s in b.samples] for n, b in pipe.cache_stats.branches.items()} == expected_samples
+    torch.testing.assert_close(latents, expected, atol=1e-4, rtol=1e-4)
