@@ -2,10 +2,11 @@
 """Per-sample cache decisions against one decision per batch, on the shipped reference models (CPU).
 
     python scripts/bench_batch_decisions.py [--models qwenimage klein] [--methods fbcache teacache ...]
-        [--batch 4] [--steps 20] [--repeats 3] [--threads 1] [--json out.json]
+        [--batch 4] [--steps 20] [--size 32] [--repeats 3] [--threads 1] [--json out.json] [--invariance]
 
 For each reference model (``cached_diffusers/assets/reference-*``, at their generation defaults: 32 x 32, CFG 4) and
-each cache method, a batch of ``--batch`` prompts (one seed each) is generated with ``batch_decisions="per_sample"``
+each cache method, a batch of ``--batch`` prompts (``--size``: another image side, to weigh the blocks' work against
+the per-call overhead) (one seed each) is generated with ``batch_decisions="per_sample"``
 and with ``"shared"``: one warm-up call of each, then ``--repeats`` interleaved repeats. It prints per method the
 median time of a call in each mode and their ratio, the share of samples computed per step (mean over the steps and
 guidance branches; with ``"shared"`` a step computes all samples or none), the steps where the samples disagreed
@@ -44,12 +45,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=20, help="denoising steps, >= 4 (default 20)")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats after the warm-up, >= 1 (default 3)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads, >= 1 (default 1)")
+    parser.add_argument("--size", type=int, default=32, help="image side in pixels, a multiple of 16 (default 32, the training size)")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     parser.add_argument("--invariance", action="store_true", help="run the measurement of issue 22 only")
     args = parser.parse_args(argv)
     for name, low in (("batch", 2), ("steps", 4), ("repeats", 1), ("threads", 1)):
         if getattr(args, name) < low:
             parser.error(f"--{name} must be >= {low}, got {getattr(args, name)}")
+    if args.size < 16 or args.size % 16:
+        parser.error(f"--size must be a positive multiple of 16, got {args.size}")
     if args.batch > len(PROMPTS):
         parser.error(f"--batch must be <= {len(PROMPTS)}, got {args.batch}")
     return args
@@ -84,17 +88,17 @@ def method_config(method: str, steps: int, mode: str, model_dir):
     return configs[method]().replace(batch_decisions=mode)
 
 
-def load(model: str):
+def load(model: str, size: int = 32):
     from cached_diffusers import CachedFlux2KleinPipeline, CachedQwenImagePipeline
     from cached_diffusers.tools.reference_model import REFERENCE_KLEIN_DIR, REFERENCE_MODEL_DIR
 
     if model == "qwenimage":
         pipe = CachedQwenImagePipeline.from_pretrained(REFERENCE_MODEL_DIR, cache_config=None)
-        call = dict(true_cfg_scale=4.0, height=32, width=32)
+        call = dict(true_cfg_scale=4.0, height=size, width=size)
         directory = REFERENCE_MODEL_DIR
     else:
         pipe = CachedFlux2KleinPipeline.from_pretrained(REFERENCE_KLEIN_DIR, cache_config=None)
-        call = dict(guidance_scale=4.0, height=32, width=32, max_sequence_length=32)
+        call = dict(guidance_scale=4.0, height=size, width=size, max_sequence_length=32)
         directory = REFERENCE_KLEIN_DIR
     pipe.set_progress_bar_config(disable=True)
     return pipe, call, directory
@@ -163,7 +167,7 @@ def computed_share(stats) -> tuple[float, int]:
 def bench_model(model: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     import torch
 
-    pipe, call, directory = load(model)
+    pipe, call, directory = load(model, args.size)
     prompts, seeds = PROMPTS[: args.batch], list(range(args.batch))
     batched = call_kwargs(model, call, prompts, seeds, args.steps)
     results = []
@@ -199,7 +203,7 @@ def bench_model(model: str, args: argparse.Namespace) -> list[dict[str, Any]]:
         share_shared, _ = computed_share(stats["shared"])
         row_s = statistics.median(overhead)
         result = dict(
-            model=model, method=method, batch=args.batch, steps=args.steps, per_sample_s=per_sample, shared_s=shared,
+            model=model, method=method, batch=args.batch, steps=args.steps, size=args.size, per_sample_s=per_sample, shared_s=shared,
             ratio=per_sample / shared, computed_share_per_sample=share_ps, computed_share_shared=share_shared,
             mixed_steps=mixed, gather_scatter_s=row_s, gather_scatter_share=row_s / per_sample,
             max_difference_per_sample=difference["per_sample"], max_difference_shared=difference["shared"],
@@ -241,7 +245,7 @@ def main(argv: list[str] | None = None) -> Any:
         out: Any = invariance(args)
     else:
         print(
-            f"batch {args.batch}, {args.steps} steps, {args.repeats} interleaved repeats after a warm-up, "
+            f"batch {args.batch}, {args.steps} steps, {args.size} x {args.size}, {args.repeats} interleaved repeats after a warm-up, "
             f"{args.threads} thread(s); times are medians of a whole pipeline call (latents out)"
         )
         out = [r for model in args.models for r in bench_model(model, args)]
