@@ -695,7 +695,7 @@ class CacheEngine:
         else:
             state.consecutive_reused = 0
             blocks = pending.num_blocks
-        self._record(generation, state, pending, blocks)
+        self._record(generation, state, pending, blocks, calibration=False)  # each sample records its own
 
     @staticmethod
     def _record_sample(generation: Generation, row: int, sample: BranchState, pending: _Pending, blocks: int) -> None:
@@ -815,11 +815,15 @@ class CacheEngine:
             )
         return generation, state, state.pending
 
-    def _record(self, generation: Generation, state: BranchState, pending: _Pending, blocks: int) -> None:
+    def _record(
+        self, generation: Generation, state: BranchState, pending: _Pending, blocks: int, calibration: bool = True
+    ) -> None:
         ctx, decision, policy = pending.ctx, pending.decision, generation.policy
         state.last_step = ctx.step
         branch_stats = generation.stats.branch(ctx.branch)
         branch_stats.records.append(StepRecord(ctx.step, decision.reuse, decision.reason, decision.value, blocks))
+        if not calibration:
+            return
         calibration = policy.calibration(state.method_state)
         if calibration:
             branch_stats.calibration = calibration

@@ -36,6 +36,8 @@ class BranchStats:
         records: one :class:`StepRecord` per step. With per-sample decisions (``batch_decisions="per_sample"``,
             batch size > 1) the branch's record of a step says ``reused`` when every sample reused, with the
             samples' common reason, else ``"mixed"``, and no value.
+        calibration: what a calibration run recorded for the branch; with per-sample decisions and batch size > 1
+            it stays empty and each sample's is in ``samples[i].calibration``.
         samples: with per-sample decisions and batch size > 1, each sample's own record, in batch order (its
             computed and reused steps, reasons, decision values and calibration); empty otherwise.
     """
