@@ -51,7 +51,7 @@ STATIC = {
     # decisions alike for every sample by construction; the stores (forecasts) are per sample
     "magcache": lambda case: MagCacheConfig(mag_ratios=[1.0] + [0.98] * (STEPS - 1), mag_threshold=0.5, mag_retention_ratio=0.2),
     "taylorseer": lambda case: TaylorSeerConfig(order=2, interval=2, max_warmup_steps=1),
-    "lemica": lambda case: LeMiCaConfig(computed_steps=[0, 1, 3, STEPS - 1], num_inference_steps=STEPS),
+    "lemica": lambda case: LeMiCaConfig(computed_steps=[0, 2, STEPS - 1], num_inference_steps=STEPS),
     "meancache": lambda case: MeanCacheConfig(computed_steps=[0, 1, STEPS - 1], num_inference_steps=STEPS, windows=2),
 }
 """Methods whose decisions do not depend on the samples' data (MagCache's ratios, the planned schedules)."""
