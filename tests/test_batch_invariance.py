@@ -207,6 +207,12 @@ def test_random_batch_compositions(case_name, method, prompts, per_prompt, seed)
     if batch < 2:
         prompts = prompts + [DEFAULT_PROMPTS[3]]
         batch = len(prompts) * per_prompt
+    if case_name.startswith("qwen") and per_prompt > 1 and len(prompts) > 1:
+        # diffusers' QwenImagePipeline.encode_prompt repeats the text mask (B, L) with .repeat(1, n, 1), which
+        # interleaves the prompts' masks ([m0, m1, m0, m1]) while the embeddings are grouped ([e0, e0, e1, e1]): with
+        # num_images_per_prompt > 1 and prompts of different lengths a sample gets another prompt's mask, caching or
+        # not. Prompts of one token length (TWO) keep the masks alike.
+        prompts = [TWO[i % 2] for i in range(len(prompts))]
     seeds = [seed + i for i in range(batch)]
     check_invariance(case_name, method, prompts, seeds, per_prompt)
 
