@@ -138,6 +138,10 @@ def _set_bool(config: CacheConfig, name: str) -> None:
     object.__setattr__(config, name, _check_bool(type(config).__name__, name, getattr(config, name)))
 
 
+BATCH_DECISIONS = ("per_sample", "shared")
+"""The valid values of ``CacheConfig.batch_decisions``."""
+
+
 @dataclass(frozen=True)
 class CacheConfig:
     """Base class of every cache configuration.
@@ -145,13 +149,28 @@ class CacheConfig:
     Subclasses set ``method`` (the registry name), optionally ``aliases``, and ``source`` (the paper or reference
     implementation of the algorithm), validate their fields in ``validate`` and build their decision policy in
     ``make_policy``.
+
+    Args:
+        batch_decisions (`str`, keyword-only, defaults to ``"per_sample"``; ``"per_sample"`` or ``"shared"``):
+            ``"per_sample"``: every sample of a batch keeps its own decision state, stored residuals and statistics,
+            and decides for itself, so a batched call gives each sample the output of its own call (the engine runs
+            the cached blocks on the samples that compute only; ``docs/batch-invariance.md``). ``"shared"``: one
+            decision per step and guidance branch for the whole batch, taken on the batch's indicator, as diffusers'
+            cache hooks, cache-dit and vllm-omni decide (uniform compute across the batch; a sample's output then
+            depends on its batch-mates). With batch size 1 both are the same.
     """
 
     method: ClassVar[str] = ""
     aliases: ClassVar[tuple[str, ...]] = ()
     source: ClassVar[str] = ""
+    batch_decisions: str = dataclasses.field(default="per_sample", kw_only=True)
 
     def __post_init__(self) -> None:
+        if self.batch_decisions not in BATCH_DECISIONS:
+            raise ValueError(
+                f"{type(self).__name__}.batch_decisions must be one of {', '.join(map(repr, BATCH_DECISIONS))}, "
+                f"got {self.batch_decisions!r}"
+            )
         self.validate()
 
     def validate(self) -> None:
@@ -166,6 +185,8 @@ class CacheConfig:
         """A JSON-able dict ``{"method": ..., <field>: <value>}``; ``cache_config_from_dict`` inverts it."""
         out: dict[str, Any] = {"method": self.method}
         for f in dataclasses.fields(self):
+            if f.name == "batch_decisions" and not self.enabled:
+                continue  # no caching: no decisions
             value = getattr(self, f.name)
             out[f.name] = list(value) if isinstance(value, tuple) else value
         return out

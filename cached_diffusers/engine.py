@@ -38,7 +38,17 @@ from .residuals import ResidualStore
 from .spec import BLOCK_STACK, WHOLE_CALL, ModelCacheSpec
 from .stats import CacheStats, StepRecord
 
-__all__ = ["BlockStack", "BranchState", "CacheEngine", "DEFAULT_BRANCH", "Decision", "Generation"]
+__all__ = [
+    "BatchDecision",
+    "BlockStack",
+    "BranchState",
+    "CacheEngine",
+    "DEFAULT_BRANCH",
+    "Decision",
+    "Generation",
+    "computing_rows",
+    "scatter_rows",
+]
 
 Streams = tuple[torch.Tensor, ...]
 
@@ -71,12 +81,60 @@ class BlockStack:
             sequence is sharded over (``cached_diffusers.parallel.context_parallel_group(model)``): the streams and
             indicators are this rank's shard, and every decision statistic is summed over the group
             (:mod:`cached_diffusers.parallel`) so that all ranks decide alike. ``None``: the whole sequence is here.
+        run_rows: optional ``run_rows(start, end, streams, rows) -> streams``: runs the same blocks on a sub-batch,
+            ``streams`` being the rows ``rows`` (a 1-d ``torch.long`` tensor of batch indices, ascending) of the
+            stack's streams, with every per-sample input the blocks read (masks, modulations, KV caches, rotary data)
+            gathered at the same rows. Used on a step where some samples compute and the others reuse
+            (``batch_decisions="per_sample"``); without it such a step runs ``run_blocks`` on the whole batch and
+            keeps the computing rows (the same outputs, at the whole batch's cost).
     """
 
     num_blocks: int
     run_blocks: Callable[[int, int, Streams], Streams]
     indicators: Mapping[str, Callable[[Streams], torch.Tensor]] = field(default_factory=dict)
     sequence_group: Any = None
+    run_rows: Callable[[int, int, Streams, torch.Tensor], Streams] | None = None
+
+
+@dataclass(frozen=True)
+class BatchDecision(Decision):
+    """The decision of one step of one branch for a batch whose samples decide for themselves
+    (``batch_decisions="per_sample"``, batch size > 1).
+
+    ``reuse`` is ``True`` when every sample reuses; ``reason`` is the samples' common reason, else ``"mixed"``;
+    ``value`` is ``None`` (each sample's value is in ``samples``).
+
+    Attributes:
+        samples: each sample's own :class:`~cached_diffusers.policies.Decision`, in batch order.
+        computing: the batch rows that compute, ascending (every row on an all-compute step, none on an all-reuse
+            step). After the compute, :meth:`CacheEngine.commit` takes these rows' residuals (row ``j`` of each
+            tensor is sample ``computing[j]``'s); :meth:`CacheEngine.recall` returns the rows of ``reusing``.
+    """
+
+    samples: tuple[Decision, ...] = ()
+    computing: tuple[int, ...] = ()
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.samples)
+
+    @property
+    def reusing(self) -> tuple[int, ...]:
+        """The batch rows that reuse, ascending."""
+        computing = set(self.computing)
+        return tuple(i for i in range(len(self.samples)) if i not in computing)
+
+    @property
+    def mixed(self) -> bool:
+        """Whether some samples compute and the others reuse at this step."""
+        return 0 < len(self.computing) < len(self.samples)
+
+
+def computing_rows(decision: Decision, batch_size: int) -> tuple[int, ...]:
+    """The batch rows that compute under ``decision`` (all of them for a batch-level compute, none for a reuse)."""
+    if isinstance(decision, BatchDecision):
+        return decision.computing
+    return () if decision.reuse else tuple(range(batch_size))
 
 
 @dataclass(frozen=True)
@@ -103,6 +161,8 @@ class BranchState:
     last_step: int | None = None
     invalidated: bool = False
     pending: _Pending | None = None
+    samples: list[BranchState] | None = None  # per-sample states (batch_decisions="per_sample", batch > 1)
+    last_batch: Streams | None = None  # the last commit of every sample at once (recalled without a copy)
 
 
 @dataclass(frozen=True)
@@ -151,6 +211,8 @@ class Generation:
         """Make every branch compute at its next step and restart its residual store (see ``CacheEngine.invalidate``)."""
         for state in self.branches.values():
             state.invalidated = True
+            for sample in state.samples or ():
+                sample.invalidated = True
 
 
 _OPEN_GENERATIONS: contextvars.ContextVar[Mapping[int, Generation]] = contextvars.ContextVar(
@@ -427,6 +489,22 @@ class CacheEngine:
         ctx = dataclasses.replace(ctx, first_step=generation.stats.first_step)
         self._check_span(generation, num_blocks)
         indicator = self._indicator(generation, policy.indicator_kind, indicator)
+        inputs = tuple(inputs)
+        cached_around = policy.front_blocks + policy.back_blocks
+        batch = _batch_size(inputs)
+        if generation.config.batch_decisions == "per_sample" and batch > 1:
+            decision = self._decide_samples(generation, ctx, state, inputs, indicator, batch, num_blocks)
+        else:
+            decision = self._decide_one(generation, ctx, state, inputs, indicator)
+        state.pending = _Pending(ctx, decision, indicator, inputs, num_blocks, cached_around)
+        return decision
+
+    @staticmethod
+    def _decide_one(
+        generation: Generation, ctx: StepContext, state: BranchState, inputs: Streams, indicator: torch.Tensor | None
+    ) -> Decision:
+        """The policy's decision for one state (a branch, or one sample of it) on its inputs and indicator."""
+        policy = generation.policy
         measurement = policy.observe_step(ctx, generation.sigma_source, state.method_state, indicator)
         gate, reason = policy.gate(
             ctx,
@@ -443,10 +521,45 @@ class CacheEngine:
             gate, reason = Gate.COMPUTE, "input-changed"
             state.store = policy.make_store(0, generation.sigma_source)
             state.invalidated = False
-        decision = policy.decide(ctx, state.method_state, measurement, gate, reason)
+        return policy.decide(ctx, state.method_state, measurement, gate, reason)
+
+    def _decide_samples(
+        self,
+        generation: Generation,
+        ctx: StepContext,
+        state: BranchState,
+        inputs: Streams,
+        indicator: torch.Tensor | None,
+        batch: int,
+        num_blocks: int,
+    ) -> BatchDecision:
+        """Every sample decides for itself, on its own rows of the inputs and indicator, with its own method state,
+        residual store and counters (``batch_decisions="per_sample"``). Under context parallelism every rank loops
+        over the samples in the same order, so each sample's statistics are reduced over the group alike."""
+        policy = generation.policy
+        if state.samples is None or len(state.samples) != batch:
+            first_step = generation.stats.first_step
+            state.samples = [
+                BranchState(policy.new_state(), policy.make_store(first_step, generation.sigma_source))
+                for _ in range(batch)
+            ]
+            state.last_batch = None
+        if state.invalidated:
+            for sample in state.samples:
+                sample.invalidated = True
+            state.invalidated = False
         cached_around = policy.front_blocks + policy.back_blocks
-        state.pending = _Pending(ctx, decision, indicator, tuple(inputs), num_blocks, cached_around)
-        return decision
+        decisions = []
+        for row, sample in enumerate(state.samples):
+            sample_inputs = tuple(s[row : row + 1] for s in inputs)
+            sample_indicator = _sample_rows(indicator, row, batch)
+            decision = self._decide_one(generation, ctx, sample, sample_inputs, sample_indicator)
+            sample.pending = _Pending(ctx, decision, sample_indicator, sample_inputs, num_blocks, cached_around)
+            decisions.append(decision)
+        computing = tuple(i for i, d in enumerate(decisions) if not d.reuse)
+        reasons = {d.reason for d in decisions}
+        reason = reasons.pop() if len(reasons) == 1 else "mixed"
+        return BatchDecision(not computing, reason, None, samples=tuple(decisions), computing=computing)
 
     @torch.compiler.disable(reason=_NOT_COMPILABLE)
     def commit(self, residuals: Streams, outputs: Streams | None = None, *, branch: str | None = None) -> None:
@@ -455,6 +568,8 @@ class CacheEngine:
         Args:
             residuals: the cached quantity, one tensor per stream (block stack: each stream's output minus its
                 input over the cached span; whole call: the prediction itself). Shapes may differ from ``inputs``.
+                After a :class:`BatchDecision` (per-sample decisions), the rows of its ``computing`` samples only,
+                in that order.
             outputs: the cached span's outputs per stream (default: ``residuals``), read by calibration
                 (TeaCache's ``y``: the relative change of ``outputs[0]`` between steps).
             branch: as in :meth:`decide`.
@@ -469,8 +584,11 @@ class CacheEngine:
                 f"CacheEngine.commit: branch {pending.ctx.branch!r} decided to reuse at step {pending.ctx.step} "
                 f"({pending.decision.reason}); call recall() instead"
             )
-        state.pending = None
         residuals = tuple(residuals)
+        if isinstance(pending.decision, BatchDecision):
+            self._commit_samples(generation, state, pending, residuals, outputs)
+            return
+        state.pending = None
         policy = generation.policy
         state.store.update(pending.ctx.step, pending.inputs, residuals)
         outputs = residuals if outputs is None else tuple(outputs)
@@ -488,19 +606,115 @@ class CacheEngine:
         Raises:
             RuntimeError: the branch has no pending decision, or it was a compute (nothing stored to recall for
                 this step: compute, then :meth:`commit`); the pending decision stays.
+
+        With a :class:`BatchDecision` (per-sample decisions) the rows returned are those of its ``reusing`` samples,
+        in batch order; when every sample reuses the residuals their last common commit stored, that batched tensor
+        itself is returned (no copy).
         """
         generation, state, pending = self._pending("recall", branch)
+        if isinstance(pending.decision, BatchDecision) and pending.decision.mixed:
+            return self._recall_samples(generation, state, pending)
         if not pending.decision.reuse:
             raise RuntimeError(
                 f"CacheEngine.recall: branch {pending.ctx.branch!r} decided to compute at step {pending.ctx.step} "
                 f"({pending.decision.reason}), so there is nothing to recall; compute, then commit(...)"
             )
+        if isinstance(pending.decision, BatchDecision):
+            return self._recall_samples(generation, state, pending)
         state.pending = None
         residuals = state.store.get(pending.ctx.step)
         state.num_reused += 1
         state.consecutive_reused += 1
         self._record(generation, state, pending, pending.cached_around)
         return residuals
+
+    def _commit_samples(
+        self, generation: Generation, state: BranchState, pending: _Pending, residuals: Streams, outputs: Streams | None
+    ) -> None:
+        decision = pending.decision
+        rows = decision.computing
+        samples = state.samples
+        if any(samples[i].pending is None for i in rows):
+            raise RuntimeError(
+                f"CacheEngine.commit: branch {pending.ctx.branch!r} already committed step {pending.ctx.step}"
+            )
+        outputs = residuals if outputs is None else tuple(outputs)
+        for r in residuals + outputs:
+            if r.shape[0] != len(rows):
+                raise ValueError(
+                    f"CacheEngine.commit: the step's per-sample decision computes rows {list(rows)}, so commit takes "
+                    f"{len(rows)} rows per tensor, got shape {tuple(r.shape)}"
+                )
+        policy = generation.policy
+        state.last_batch = tuple(r.detach() for r in residuals) if len(rows) == decision.batch_size else None
+        for j, row in enumerate(rows):
+            sample = samples[row]
+            sample_pending, sample.pending = sample.pending, None
+            sample_residuals = tuple(r[j : j + 1] for r in residuals)
+            sample_outputs = tuple(o[j : j + 1] for o in outputs)
+            sample.store.update(sample_pending.ctx.step, sample_pending.inputs, sample_residuals)
+            policy.on_computed(
+                sample_pending.ctx, sample.method_state, sample_pending.indicator, sample_residuals, sample_outputs
+            )
+            sample.consecutive_reused = 0
+            self._record_sample(generation, row, sample, sample_pending, sample_pending.num_blocks)
+        self._finish_samples(generation, state, pending)
+
+    def _recall_samples(self, generation: Generation, state: BranchState, pending: _Pending) -> Streams:
+        decision = pending.decision
+        rows = decision.reusing
+        samples = state.samples
+        if not rows or any(samples[i].pending is None for i in rows):
+            raise RuntimeError(
+                f"CacheEngine.recall: branch {pending.ctx.branch!r} has no sample left to recall at step "
+                f"{pending.ctx.step} (computing rows {list(decision.computing)}); compute, then commit(...)"
+            )
+        parts = []
+        for row in rows:
+            sample = samples[row]
+            sample_pending, sample.pending = sample.pending, None
+            parts.append(sample.store.get(sample_pending.ctx.step))
+            sample.num_reused += 1
+            sample.consecutive_reused += 1
+            self._record_sample(generation, row, sample, sample_pending, sample_pending.cached_around)
+        self._finish_samples(generation, state, pending)
+        base = state.last_batch
+        if base is not None and len(rows) == decision.batch_size and _rows_of(base, parts):
+            return base
+        return tuple(torch.cat([part[k] for part in parts]) for k in range(len(parts[0])))
+
+    def _finish_samples(self, generation: Generation, state: BranchState, pending: _Pending) -> None:
+        """Close the branch's step once every sample committed or recalled: the branch-level counters and record."""
+        if any(sample.pending is not None for sample in state.samples):
+            return
+        state.pending = None
+        if pending.decision.reuse:
+            state.num_reused += 1
+            state.consecutive_reused += 1
+            blocks = pending.cached_around
+        else:
+            state.consecutive_reused = 0
+            blocks = pending.num_blocks
+        self._record(generation, state, pending, blocks, calibration=False)  # each sample records its own
+
+    @staticmethod
+    def _record_sample(generation: Generation, row: int, sample: BranchState, pending: _Pending, blocks: int) -> None:
+        ctx, decision, policy = pending.ctx, pending.decision, generation.policy
+        sample.last_step = ctx.step
+        stats = generation.stats.branch(ctx.branch).sample(row)
+        stats.records.append(StepRecord(ctx.step, decision.reuse, decision.reason, decision.value, blocks))
+        calibration = policy.calibration(sample.method_state)
+        if calibration:
+            stats.calibration = calibration
+
+    def _abandon(self, branch: str) -> None:
+        """Forget the pending decision of ``branch`` and of its samples: the step did not happen, the next one
+        decides anew."""
+        state = self.current.branches.get(branch)
+        if state is not None:
+            state.pending = None
+            for sample in state.samples or ():
+                sample.pending = None
 
     # -- the cached forward: block-stack caching ----------------------------------------------------------------
     @torch.compiler.disable(reason=_NOT_COMPILABLE)
@@ -548,14 +762,38 @@ class CacheEngine:
         )
         if decision.reuse:
             span_out = tuple(s + r for s, r in zip(span_in, self.recall(branch=ctx.branch)))
+        elif isinstance(decision, BatchDecision) and decision.mixed:
+            span_out = self._run_mixed(stack, ctx, decision, span_in, front, num_blocks - back)
         else:
             try:
                 span_out = stack.run_blocks(front, num_blocks - back, span_in)
             except BaseException:
-                generation.branches[ctx.branch].pending = None  # the step did not happen; the next one decides anew
+                self._abandon(ctx.branch)  # the step did not happen; the next one decides anew
                 raise
             self.commit(tuple(o - s for o, s in zip(span_out, span_in)), span_out, branch=ctx.branch)
         return stack.run_blocks(num_blocks - back, num_blocks, span_out) if back else span_out
+
+    def _run_mixed(
+        self, stack: BlockStack, ctx: StepContext, decision: BatchDecision, span_in: Streams, start: int, end: int
+    ) -> Streams:
+        """A step where some samples compute and the others reuse: the span runs on the computing rows (gathered,
+        when the stack can run on a sub-batch), their residuals are committed, the reusing rows add their recalled
+        residuals, and the two are scattered back into whole-batch streams."""
+        device = span_in[0].device
+        rows = torch.tensor(decision.computing, dtype=torch.long, device=device)
+        others = torch.tensor(decision.reusing, dtype=torch.long, device=device)
+        sub_in = tuple(s.index_select(0, rows) for s in span_in)
+        try:
+            if stack.run_rows is not None:
+                sub_out = stack.run_rows(start, end, sub_in, rows)
+            else:
+                sub_out = tuple(o.index_select(0, rows) for o in stack.run_blocks(start, end, span_in))
+        except BaseException:
+            self._abandon(ctx.branch)
+            raise
+        self.commit(tuple(o - s for o, s in zip(sub_out, sub_in)), sub_out, branch=ctx.branch)
+        recalled = self.recall(branch=ctx.branch)
+        return scatter_rows(span_in, rows, sub_out, others, recalled)
 
     @staticmethod
     def _check_span(generation: Generation, num_blocks: int) -> None:
@@ -577,11 +815,15 @@ class CacheEngine:
             )
         return generation, state, state.pending
 
-    def _record(self, generation: Generation, state: BranchState, pending: _Pending, blocks: int) -> None:
+    def _record(
+        self, generation: Generation, state: BranchState, pending: _Pending, blocks: int, calibration: bool = True
+    ) -> None:
         ctx, decision, policy = pending.ctx, pending.decision, generation.policy
         state.last_step = ctx.step
         branch_stats = generation.stats.branch(ctx.branch)
         branch_stats.records.append(StepRecord(ctx.step, decision.reuse, decision.reason, decision.value, blocks))
+        if not calibration:
+            return
         calibration = policy.calibration(state.method_state)
         if calibration:
             branch_stats.calibration = calibration
@@ -638,3 +880,63 @@ class CacheEngine:
             store = policy.make_store(stats.first_step, generation.sigma_source)
             generation.branches[ctx.branch] = BranchState(policy.new_state(), store)
         return generation.branches[ctx.branch]
+
+
+def _batch_size(inputs: Streams) -> int:
+    """The batch size of a decision's inputs (their first dimension; 1 without inputs)."""
+    return int(inputs[0].shape[0]) if inputs and inputs[0].ndim else 1
+
+
+def _sample_rows(indicator: torch.Tensor | None, row: int, batch: int) -> torch.Tensor | None:
+    """Sample ``row``'s part of a decision indicator: its row of a ``(batch, ...)`` tensor; a ``(1, ...)`` one is the
+    same for every sample (e.g. a timestep embedding broadcast over the batch).
+
+    Raises:
+        ValueError: for an indicator whose first dimension is neither ``batch`` nor 1.
+    """
+    if indicator is None or indicator.ndim == 0:
+        return indicator
+    if indicator.shape[0] == batch:
+        return indicator[row : row + 1]
+    if indicator.shape[0] == 1:
+        return indicator
+    raise ValueError(
+        f"per-sample cache decisions need the decision indicator per sample, (batch={batch}, ...) or (1, ...), got "
+        f"shape {tuple(indicator.shape)}; set batch_decisions='shared' for one decision per batch"
+    )
+
+
+def _rows_of(base: Streams, parts: list[Streams]) -> bool:
+    """Whether ``parts[i][k]`` is row ``i`` of ``base[k]`` (a view of it) for every sample ``i`` and stream ``k``."""
+    if len(parts) != base[0].shape[0] or any(len(p) != len(base) for p in parts):
+        return False
+    for k, tensor in enumerate(base):
+        for i, part in enumerate(parts):
+            row = tensor[i : i + 1]
+            value = part[k]
+            if (
+                value.data_ptr() != row.data_ptr()
+                or value.shape != row.shape
+                or value.stride() != row.stride()
+                or value.dtype != row.dtype
+            ):
+                return False
+    return True
+
+
+def scatter_rows(
+    span_in: Streams, rows: torch.Tensor, computed: Streams, others: torch.Tensor, recalled: Streams
+) -> Streams:
+    """Whole-batch streams at a cached span's output on a mixed step: rows ``rows`` are ``computed`` (the span's
+    output for those samples), rows ``others`` are their span input plus their ``recalled`` residual.
+
+    Args:
+        span_in: the span's input streams, ``(B, ...)`` each.
+        rows, others: 1-d ``torch.long`` tensors of the computing and the reusing batch rows (together ``0 .. B-1``).
+        computed: ``(len(rows), ...)`` per stream; recalled: ``(len(others), ...)`` per stream.
+    """
+    out = []
+    for s, c, r in zip(span_in, computed, recalled):
+        full = s.index_add(0, others, r.to(s.dtype))
+        out.append(full.index_copy_(0, rows, c.to(s.dtype)))
+    return tuple(out)

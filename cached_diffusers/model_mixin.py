@@ -36,7 +36,7 @@ from typing import Any, Callable, ClassVar, Iterator, Mapping, TextIO
 import torch
 
 from .configs import CacheConfig, available_cache_methods
-from .engine import _NOT_COMPILABLE, BlockStack, CacheEngine
+from .engine import _NOT_COMPILABLE, BatchDecision, BlockStack, CacheEngine, scatter_rows
 from .parallel import sequence_group as _sequence_group
 from .spec import BLOCK_STACK as _BLOCK_STACK
 from .spec import ModelCacheSpec
@@ -47,6 +47,9 @@ __all__ = [
     "BlockCalls",
     "CachedBlockList",
     "diffusers_parent",
+    "gather_rows",
+    "row_gatherer",
+    "scatter_computed",
     "property_keeping_cause",
 ]
 
@@ -219,7 +222,16 @@ class CachedTransformerMixin:
         if not self.cache_engine.active:
             return self._run_blocks(0, self.num_cache_blocks, streams, context)
         run_blocks = functools.partial(self._run_blocks, context=context)
-        stack = BlockStack(self.num_cache_blocks, run_blocks, self._cache_indicators(context), sequence_group)
+        run_rows = None
+        context_rows = getattr(self, "_context_rows", None)
+        if context_rows is not None:
+
+            def run_rows(start, end, streams, rows):
+                return self._run_blocks(start, end, streams, context_rows(context, rows))
+
+        stack = BlockStack(
+            self.num_cache_blocks, run_blocks, self._cache_indicators(context), sequence_group, run_rows=run_rows
+        )
         return self.cache_engine.run(stack, streams)
 
     # -- pattern BLOCK_STACK through the parent's own forward (the diffusers models) ------------------------------
@@ -446,12 +458,20 @@ class BlockIO:
         result_streams: ``result_streams(result, args, kwargs) -> tuple``: the streams a call returned.
         result: ``result(streams, args, kwargs)``: what a block of this list returns for the canonical ``streams``.
         passthrough: ``passthrough(args, kwargs)``: what a skipped block returns: its inputs, untouched (no copy).
+        gather: ``gather(args, kwargs, rows, batch) -> (args, kwargs) or None``: the same call on the sub-batch
+            ``rows`` (a 1-d ``torch.long`` tensor of batch indices) of a batch of ``batch`` samples: every argument
+            with a batch dimension (the streams, attention masks, modulations and time embeddings, per-sample rotary
+            or position data) taken at those rows, the shared ones as they are (see :func:`row_gatherer`, which
+            builds one from the declared per-sample arguments). ``None`` (the field, or its answer for a call): the
+            call cannot run on a sub-batch, so on a step where some samples compute and the others reuse
+            (``batch_decisions="per_sample"``) the block runs on the whole batch and the computing rows are kept.
     """
 
     streams: Callable[[tuple, dict], tuple]
     result_streams: Callable[[Any, tuple, dict], tuple]
     result: Callable[[tuple, tuple, dict], Any]
     passthrough: Callable[[tuple, dict], Any]
+    gather: Callable[[tuple, dict, torch.Tensor, int], tuple[tuple, dict] | None] | None = None
 
 
 _MISSING = object()
@@ -471,6 +491,72 @@ def block_argument(args: tuple, kwargs: dict, position: int, name: str, default:
     if default is _MISSING:
         raise TypeError(f"block call without {name!r}")
     return default
+
+
+def gather_rows(value: Any, rows: torch.Tensor, batch: int, name: str = "argument") -> Any:
+    """The rows ``rows`` of a per-sample block argument of a batch of ``batch`` samples.
+
+    A tensor with ``batch`` rows is taken at ``rows``; one with 1 row is the same for every sample (broadcast) and
+    stays as it is; one with ``m * batch`` rows holds ``m`` groups of the batch concatenated along dim 0 (e.g.
+    Qwen-Image-Edit's ``zero_cond_t`` time embedding ``[temb(t); temb(0)]``) and is taken at ``rows`` in every
+    group; ``None`` stays ``None``.
+
+    Raises:
+        ValueError: for a tensor whose first dimension is none of those, naming the argument.
+    """
+    if value is None:
+        return None
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"per-sample block argument {name!r} must be a tensor or None, got {type(value).__name__}")
+    size = value.shape[0] if value.ndim else 0
+    if size == batch:
+        return value.index_select(0, rows.to(value.device))
+    if size == 1:
+        return value
+    if size and size % batch == 0:
+        groups = size // batch
+        index = torch.cat([rows + g * batch for g in range(groups)]).to(value.device)
+        return value.index_select(0, index)
+    raise ValueError(
+        f"per-sample block argument {name!r} has {size} rows for a batch of {batch} (expected {batch}, 1 or a "
+        f"multiple of {batch})"
+    )
+
+
+def row_gatherer(
+    per_sample: Mapping[str, int], opaque: Mapping[str, int] = {}
+) -> Callable[[tuple, dict, torch.Tensor, int], tuple[tuple, dict] | None]:
+    """A :attr:`BlockIO.gather` from a block's declared arguments.
+
+    Args:
+        per_sample: ``{name: position}`` of the arguments with a batch dimension (taken at the rows with
+            :func:`gather_rows`); every other argument is shared by the samples and passed as it is.
+        opaque: ``{name: position}`` of arguments (dicts, e.g. attention kwargs) whose content is not declared: a
+            call where one holds any value other than ``None`` is not gathered (``None``: the block runs on the
+            whole batch).
+    """
+
+    def gather(args: tuple, kwargs: dict, rows: torch.Tensor, batch: int) -> tuple[tuple, dict] | None:
+        for name, position in opaque.items():
+            value = block_argument(args, kwargs, position, name, None)
+            if value and any(v is not None for v in (value.values() if isinstance(value, Mapping) else (value,))):
+                return None
+        args, kwargs = list(args), dict(kwargs)
+        for name, position in per_sample.items():
+            if name in kwargs:
+                kwargs[name] = gather_rows(kwargs[name], rows, batch, name)
+            elif position < len(args):
+                args[position] = gather_rows(args[position], rows, batch, name)
+        return tuple(args), kwargs
+
+    return gather
+
+
+def scatter_computed(streams: tuple, rows: torch.Tensor, computed: tuple) -> tuple:
+    """Whole-batch streams from a block's inputs ``streams`` ``(B, ...)`` with rows ``rows`` replaced by ``computed``
+    (the block's outputs for those samples): inside a cached span on a mixed per-sample step, the reusing rows carry
+    their inputs through (the span's last block replaces them by their span input plus their recalled residual)."""
+    return tuple(s.index_copy(0, rows, c.to(s.dtype)) for s, c in zip(streams, computed))
 
 
 def _dual_stream_streams(args: tuple, kwargs: dict) -> tuple[Any, Any]:
@@ -514,6 +600,7 @@ class BlockCalls:
             self.front, self.end = policy.front_blocks, num_blocks - policy.back_blocks
         self.stack_in = self.indicators = self.span_in = self.recalled = None
         self.reuse = None
+        self.rows = self.others = None  # a mixed per-sample step: the computing and the reusing batch rows
         self.open = False  # a compute decision awaiting its commit
 
     @contextlib.contextmanager
@@ -527,7 +614,10 @@ class BlockCalls:
             yield
         except BaseException:
             if self.open:  # the step did not happen; the next one decides anew
-                self.generation.branches[self.ctx.branch].pending = None
+                state = self.generation.branches[self.ctx.branch]
+                state.pending = None
+                for sample in state.samples or ():
+                    sample.pending = None
             raise
         finally:
             _BLOCK_CALLS.reset(token)
@@ -560,6 +650,8 @@ class BlockCalls:
             if index < self.end - 1:
                 return io.passthrough(args, kwargs)
             return io.result(tuple(s + r for s, r in zip(self.span_in, self.recalled)), args, kwargs)
+        if self.rows is not None:
+            return self._call_rows(index, io, block, args, kwargs)
         result = block(*args, **kwargs)
         if index == self.end - 1:
             self._commit(io.result_streams(result, args, kwargs))
@@ -583,10 +675,36 @@ class BlockCalls:
                 self.recalled = self.engine.recall(branch=self.ctx.branch)
             else:
                 self.open = True
+                if isinstance(decision, BatchDecision) and decision.mixed:
+                    device = span_in[0].device
+                    self.rows = torch.tensor(decision.computing, dtype=torch.long, device=device)
+                    self.others = torch.tensor(decision.reusing, dtype=torch.long, device=device)
+                    self.recalled = self.engine.recall(branch=self.ctx.branch)
+
+    def _call_rows(self, index: int, io: BlockIO, block: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
+        """A cached block's call on a mixed per-sample step: the block runs on the computing rows (gathered by
+        ``io.gather``; on the whole batch when the call cannot be gathered), the results are scattered back into the
+        whole batch (reusing rows keep their inputs), and the span's last block returns the computing rows' outputs
+        with the reusing rows' span input plus their recalled residual."""
+        rows, batch = self.rows, self.span_in[0].shape[0]
+        gathered = io.gather(args, kwargs, rows, batch) if io.gather is not None else None
+        if gathered is None:
+            result = block(*args, **kwargs)
+            if index < self.end - 1:
+                return result
+            computed = tuple(s.index_select(0, rows) for s in io.result_streams(result, args, kwargs))
+        else:
+            sub_args, sub_kwargs = gathered
+            computed = io.result_streams(block(*sub_args, **sub_kwargs), sub_args, sub_kwargs)
+        if index < self.end - 1:
+            return io.result(scatter_computed(io.streams(args, kwargs), rows, computed), args, kwargs)
+        self._commit(computed, tuple(s.index_select(0, rows) for s in self.span_in))
+        return io.result(scatter_rows(self.span_in, rows, computed, self.others, self.recalled), args, kwargs)
 
     @torch.compiler.disable
-    def _commit(self, span_out: tuple) -> None:
-        residuals = tuple(o - s for o, s in zip(span_out, self.span_in))
+    def _commit(self, span_out: tuple, span_in: tuple | None = None) -> None:
+        span_in = self.span_in if span_in is None else span_in
+        residuals = tuple(o - s for o, s in zip(span_out, span_in))
         with _sequence_group(self.group):
             self.engine.commit(residuals, span_out, branch=self.ctx.branch)
         self.open = False

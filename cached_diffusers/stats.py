@@ -29,11 +29,29 @@ class StepRecord:
 
 @dataclass
 class BranchStats:
-    """Per-branch record of one generation."""
+    """Per-branch record of one generation.
+
+    Attributes:
+        branch: the guidance branch's name (a sample's record: ``"<branch>[<row>]"``).
+        records: one :class:`StepRecord` per step. With per-sample decisions (``batch_decisions="per_sample"``,
+            batch size > 1) the branch's record of a step says ``reused`` when every sample reused, with the
+            samples' common reason, else ``"mixed"``, and no value.
+        calibration: what a calibration run recorded for the branch; with per-sample decisions and batch size > 1
+            it stays empty and each sample's is in ``samples[i].calibration``.
+        samples: with per-sample decisions and batch size > 1, each sample's own record, in batch order (its
+            computed and reused steps, reasons, decision values and calibration); empty otherwise.
+    """
 
     branch: str
     records: list[StepRecord] = field(default_factory=list)
     calibration: dict[str, Any] = field(default_factory=dict)
+    samples: list[BranchStats] = field(default_factory=list)
+
+    def sample(self, row: int) -> BranchStats:
+        """Sample ``row``'s record (created on first use, with those of the rows before it)."""
+        while len(self.samples) <= row:
+            self.samples.append(BranchStats(f"{self.branch}[{len(self.samples)}]"))
+        return self.samples[row]
 
     @property
     def computed_steps(self) -> list[int]:
@@ -71,6 +89,7 @@ class BranchStats:
             "reasons": {str(r.step): r.reason for r in self.records},
             "blocks_computed": self.blocks_computed,
             **({"calibration": self.calibration} if self.calibration else {}),
+            **({"samples": [s.to_dict() for s in self.samples]} if self.samples else {}),
         }
 
 
@@ -150,6 +169,11 @@ class CacheStats:
             lines.append(
                 f"  {b.branch}: computed {b.num_computed}, reused {b.num_reused}; reused steps {b.reused_steps}"
             )
+            for sample in b.samples:
+                lines.append(
+                    f"    {sample.branch}: computed {sample.num_computed}, reused {sample.num_reused}; "
+                    f"reused steps {sample.reused_steps}"
+                )
         if self.block_fraction is not None:
             lines.append(f"  transformer blocks run: {100 * self.block_fraction:.1f}% of uncached")
         return "\n".join(lines)

@@ -55,7 +55,7 @@ from transformers.models.qwen2.modeling_qwen2 import (
     repeat_kv,
 )
 
-from cached_diffusers.model_mixin import CachedTransformerMixin
+from cached_diffusers.model_mixin import CachedTransformerMixin, gather_rows
 from cached_diffusers.sea import unpack_patch_tokens
 from cached_diffusers.spec import ModelCacheSpec
 
@@ -537,6 +537,24 @@ class CachedBagelTransformer2DModel(CachedTransformerMixin, BagelTransformer2DMo
     @property
     def num_cache_blocks(self) -> int:
         return len(self.layers)
+
+    def _context_rows(self, context, rows: torch.Tensor):
+        """This forward's ``context`` for the sub-batch ``rows`` (a mixed per-sample step runs the cached layers on
+        the computing samples only): the query RoPE rows ``cos``/``sin`` ``(B, 1, head_dim)``, the branch's prompt
+        K/V cache (``(B, kv_heads, L, head_dim)`` per layer, its key mask and lengths) and the attention mask
+        ``(B, 1, 1, L + N)`` at ``rows``."""
+        cos, sin, kv_cache, mask, raw = context
+        batch = kv_cache.lengths.shape[0]
+        cache = BagelKVCache(
+            keys=[gather_rows(k, rows, batch, "kv_cache.keys") for k in kv_cache.keys],
+            values=[gather_rows(v, rows, batch, "kv_cache.values") for v in kv_cache.values],
+            key_mask=gather_rows(kv_cache.key_mask, rows, batch, "kv_cache.key_mask"),
+            lengths=gather_rows(kv_cache.lengths, rows, batch, "kv_cache.lengths"),
+        )
+        return (
+            gather_rows(cos, rows, batch, "cos"), gather_rows(sin, rows, batch, "sin"), cache,
+            gather_rows(mask, rows, batch, "mask"), raw,
+        )  # fmt: skip
 
     def _cache_indicators(self, context):
         hidden_states, (height, width) = context[4]

@@ -6,6 +6,7 @@ checkpoint in diffusers uses, so it loads any of them.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -17,7 +18,7 @@ from diffusers.utils.peft_utils import apply_lora_scale
 # in model_index.json; diffusers loads a component of such a library through the ModelMixin it finds in the module.
 from diffusers.models.modeling_utils import ModelMixin  # noqa: F401
 
-from cached_diffusers.model_mixin import DUAL_STREAM_IO, BlockIO, CachedTransformerMixin, block_argument
+from cached_diffusers.model_mixin import DUAL_STREAM_IO, BlockIO, CachedTransformerMixin, block_argument, row_gatherer
 from cached_diffusers.parallel import context_parallel_group, gather_sequence
 from cached_diffusers.sea import unpack_patch_tokens
 from cached_diffusers.spec import ModelCacheSpec
@@ -132,7 +133,7 @@ class CachedFlux2Transformer2DModel(CachedTransformerMixin, Flux2Transformer2DMo
         return self._run_parent_forward(call, context, sequence_group=context_parallel_group(self))
 
     def _block_io(self, context) -> tuple[BlockIO, BlockIO]:
-        return DUAL_STREAM_IO, _single_stream_io(context[0])
+        return FLUX2_DOUBLE_BLOCK_IO, _single_stream_io(context[0])
 
     def _block_indicators(self, args, kwargs, context):
         _, hidden_states, img_ids = context
@@ -151,6 +152,26 @@ class CachedFlux2Transformer2DModel(CachedTransformerMixin, Flux2Transformer2DMo
             return (1 + scale_msa) * block.norm1(streams[0]) + shift_msa
 
         return {"teacache_indicator": modulated_input, "sea_latent": raw_latent}
+
+
+FLUX2_DOUBLE_BLOCK_IO = dataclasses.replace(
+    DUAL_STREAM_IO,
+    gather=row_gatherer(
+        {"hidden_states": 0, "encoder_hidden_states": 1, "temb_mod_img": 2, "temb_mod_txt": 3},
+        opaque={"joint_attention_kwargs": 5},
+    ),
+)
+"""The calls of ``Flux2TransformerBlock(hidden_states, encoder_hidden_states, temb_mod_img, temb_mod_txt,
+image_rotary_emb, joint_attention_kwargs)``: the dual-stream streams and the per-sample arguments a sub-batch call
+gathers (both streams ``(B, L, D)``, both modulations ``(B, 1, 6 D)``, or one row shared by the batch). The RoPE
+frequencies are shared by the batch; the KV-cache modes' attention kwargs make the call run on the whole batch."""
+
+_SINGLE_BLOCK_GATHER = row_gatherer(
+    {"hidden_states": 0, "encoder_hidden_states": 1, "temb_mod": 2}, opaque={"joint_attention_kwargs": 4}
+)
+"""The per-sample arguments of ``Flux2SingleTransformerBlock(hidden_states, encoder_hidden_states, temb_mod,
+image_rotary_emb, joint_attention_kwargs, split_hidden_states, text_seq_len)``: the joint sequence ``(B, L, D)``
+(or both streams), the modulation ``(B, 1, 3 D)``."""
 
 
 def _single_stream_io(num_txt_tokens: int) -> BlockIO:
@@ -184,7 +205,9 @@ def _single_stream_io(num_txt_tokens: int) -> BlockIO:
             return block_argument(args, kwargs, 0, "hidden_states")
         return result(streams(args, kwargs), args, kwargs)
 
-    return BlockIO(streams=streams, result_streams=result_streams, result=result, passthrough=passthrough)
+    return BlockIO(
+        streams=streams, result_streams=result_streams, result=result, passthrough=passthrough, gather=_SINGLE_BLOCK_GATHER
+    )
 
 
 def flux2_latent_grid(hidden_states: torch.Tensor, img_ids: torch.Tensor) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -13,7 +14,7 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin  # noqa: F401
 from diffusers.utils.peft_utils import apply_lora_scale
 
-from cached_diffusers.model_mixin import DUAL_STREAM_IO, BlockIO, CachedTransformerMixin, block_argument
+from cached_diffusers.model_mixin import DUAL_STREAM_IO, BlockIO, CachedTransformerMixin, block_argument, row_gatherer
 from cached_diffusers.parallel import context_parallel_group, shard_sequence
 from cached_diffusers.sea import unpack_patch_tokens
 from cached_diffusers.spec import ModelCacheSpec
@@ -140,7 +141,7 @@ class CachedQwenImageTransformer2DModel(CachedTransformerMixin, QwenImageTransfo
         return self._run_parent_forward(call, (hidden_states, img_shapes, cp_group), sequence_group=cp_group)
 
     def _block_io(self, context) -> tuple[BlockIO]:
-        return (DUAL_STREAM_IO,)
+        return (QWENIMAGE_BLOCK_IO,)
 
     def _prepare_first_block_call(self, args, kwargs, context):
         cp_group = context[2]
@@ -167,6 +168,20 @@ class CachedQwenImageTransformer2DModel(CachedTransformerMixin, QwenImageTransfo
             return qwenimage_latent_grid(raw_hidden_states, img_shapes)
 
         return {"teacache_indicator": modulated_input, "sea_latent": raw_latent}
+
+
+QWENIMAGE_BLOCK_IO = dataclasses.replace(
+    DUAL_STREAM_IO,
+    gather=row_gatherer(
+        {"hidden_states": 0, "encoder_hidden_states": 1, "encoder_hidden_states_mask": 2, "temb": 3, "modulate_index": 6},
+        opaque={"joint_attention_kwargs": 5},
+    ),
+)
+"""The calls of ``QwenImageTransformerBlock(hidden_states, encoder_hidden_states, encoder_hidden_states_mask, temb,
+image_rotary_emb, joint_attention_kwargs, modulate_index)``: the dual-stream streams, and the per-sample arguments a
+sub-batch call gathers: both streams ``(B, L, D)``, the text mask ``(B, L_txt)``, ``temb`` ``(B, D)`` (with
+``zero_cond_t``, ``(2B, D)``: ``[temb(t); temb(0)]``, gathered in both halves) and ``modulate_index`` ``(B, L_img)``.
+The RoPE frequencies are shared by the batch; attention kwargs holding anything make the call run on the whole batch."""
 
 
 def _replace_argument(args: tuple, kwargs: dict, position: int, name: str, fn) -> tuple[tuple, dict]:

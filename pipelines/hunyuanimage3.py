@@ -24,7 +24,7 @@ from transformers import PreTrainedTokenizerFast
 
 from cached_diffusers.checkpoints import check_tokenizer_files, read_json_object
 from cached_diffusers.configs import CacheConfig, resolve_cache_config
-from cached_diffusers.engine import DEFAULT_BRANCH
+from cached_diffusers.engine import DEFAULT_BRANCH, computing_rows
 from cached_diffusers.hub import CACHE_CONFIG_NAME, read_cache_config, resolve_dtype
 from cached_diffusers.models.hunyuanimage3 import (
     HUNYUANIMAGE3_CACHE_SPEC,
@@ -456,10 +456,14 @@ class CachedHunyuanImage3Pipeline(CachedPipelineMixin, DiffusionPipeline):
 
     # -- one denoising step -------------------------------------------------------------------------------------------
     def _run_transformer(self, i, t, latents, sequence, kv_cache, rows: slice) -> torch.Tensor:
-        """One transformer call on batch rows ``rows`` (cond rows, uncond rows, or both); float32 predictions."""
+        """One transformer call on the contiguous batch rows ``rows`` of the ``[cond rows; uncond rows]`` batch (a
+        branch, both, or, with per-sample decisions, the span of the samples that compute); float32 predictions."""
         n = rows.stop - rows.start
-        repeats = n // latents.shape[0]
-        latent_input = torch.cat([latents] * repeats) if repeats > 1 else latents
+        b = latents.shape[0]
+        if rows.start == 0 and n == b:
+            latent_input = latents
+        else:
+            latent_input = torch.cat([latents] * -(-rows.stop // b))[rows]
         timestep = t.expand(n)
         output = self.transformer(
             latent_input, timestep, sequence.rows(rows), kv_cache=kv_cache.rows(rows), full_sequence=(i == 0)
@@ -474,6 +478,10 @@ class CachedHunyuanImage3Pipeline(CachedPipelineMixin, DiffusionPipeline):
         transformer call on their rows and their predictions are committed (the cached quantity is the prediction
         itself, in token layout ``(B, h*w, C)``); the others recall their stored (or forecast) prediction and call no
         transformer.
+
+        With per-sample decisions (``batch_decisions="per_sample"``, batch > 1) the call runs on the contiguous
+        span of the rows whose samples compute; each branch commits its computing samples' rows and recalls the
+        others' (each sample's prediction is then its own call's).
 
         Raises:
             RuntimeError: if step 0 does not compute every branch (it fills the KV cache of every row).
@@ -503,16 +511,30 @@ class CachedHunyuanImage3Pipeline(CachedPipelineMixin, DiffusionPipeline):
             branch: engine.decide(branch, i, num_steps, inputs=(latents,), indicator=indicators) for branch in branches
         }
         computing = [branch for branch in branches if not decisions[branch].reuse]
+        samples = {branch: computing_rows(decisions[branch], b) for branch in computing}
         preds: dict[str, torch.Tensor] = {}
         if computing:
-            rows = slice(branch_rows[computing[0]].start, branch_rows[computing[-1]].stop)
+            first, last = branch_rows[computing[0]].start, branch_rows[computing[-1]].start
+            rows = slice(first + samples[computing[0]][0], last + samples[computing[-1]][-1] + 1)
             if i == 0 and rows != all_rows:
                 raise RuntimeError("denoising step 0 must compute every branch (it fills the KV cache)")
             pred = self._run_transformer(i, t, latents, sequence, kv_cache, rows)
             for branch in computing:
-                r = branch_rows[branch]
-                preds[branch] = pred[r.start - rows.start : r.stop - rows.start]
-                engine.commit((preds[branch].flatten(2).transpose(1, 2),), branch=branch)
+                start = branch_rows[branch].start - rows.start
+                index = torch.tensor(samples[branch], dtype=torch.long, device=pred.device)
+                if len(samples[branch]) == b:
+                    computed = pred[start : start + b]
+                else:
+                    computed = pred.index_select(0, index + start)
+                if len(samples[branch]) == b:
+                    preds[branch] = computed
+                engine.commit((computed.flatten(2).transpose(1, 2),), branch=branch)
+                if len(samples[branch]) < b:  # some samples of this branch reuse: scatter the two
+                    (recalled,) = engine.recall(branch=branch)
+                    others = torch.tensor(decisions[branch].reusing, dtype=torch.long, device=pred.device)
+                    recalled = recalled.transpose(1, 2).reshape(len(others), c, h, w).to(computed.dtype)
+                    merged = torch.empty((b, c, h, w), dtype=computed.dtype, device=computed.device)
+                    preds[branch] = merged.index_copy_(0, index, computed).index_copy_(0, others, recalled)
         for branch in branches:
             if decisions[branch].reuse:
                 (recalled,) = engine.recall(branch=branch)

@@ -289,3 +289,88 @@ def test_cached_qwen_plan_is_the_parents_without_the_split_inside_the_stack():
     assert set(parent) - set(CachedQwenImageTransformer2DModel._cp_plan) == {"transformer_blocks.0"}
     assert all(CachedQwenImageTransformer2DModel._cp_plan[k] is parent[k] for k in CachedQwenImageTransformer2DModel._cp_plan)
     assert "_cp_plan" not in vars(CachedFlux2Transformer2DModel)  # Klein's plan (split at the model input) as is
+
+
+# -- per-sample decisions under context parallelism ---------------------------------------------------------------
+def _batch_inputs(family):
+    """``_inputs`` for a batch of two samples: the second sample's latents drawn apart, the texts repeated."""
+    latents, texts, extra = _inputs(family)
+    other = torch.randn(latents.shape, generator=torch.Generator().manual_seed(7))
+    batch = torch.cat([latents, other])
+    texts = {b: t.expand(2, *t.shape[1:]).contiguous() for b, t in texts.items()}
+    for branch in extra:
+        mask = extra[branch].get("encoder_hidden_states_mask")
+        if mask is not None:
+            extra[branch] = {**extra[branch], "encoder_hidden_states_mask": mask.expand(2, -1).contiguous()}
+    return batch, texts, extra
+
+
+@torch.no_grad()
+def _generate_batch(model, family, config, rows=(0, 1)):
+    """``_generate`` on the batch of two (or on the samples ``rows`` of it); returns the latents and, per branch,
+    each sample's records (step, reused, reason)."""
+    latents, texts, extra = _batch_inputs(family)
+    index = list(rows)
+    latents, texts = latents[index], {b: t[index] for b, t in texts.items()}
+    extra = {
+        b: {k: (v[index] if k == "encoder_hidden_states_mask" else v) for k, v in e.items()} for b, e in extra.items()
+    }
+    with model.cache_generation(config) as generation:
+        for step in range(NUM_STEPS):
+            sigma, next_sigma = 1.0 - step / NUM_STEPS, 1.0 - (step + 1) / NUM_STEPS
+            predictions = {}
+            for branch in ("cond", "uncond"):
+                with model.cache_context(branch, step_index=step, num_inference_steps=NUM_STEPS):
+                    predictions[branch] = model(
+                        hidden_states=latents, encoder_hidden_states=texts[branch], timestep=torch.tensor([sigma] * len(index)),
+                        return_dict=False, **extra[branch],
+                    )[0]  # fmt: skip
+            velocity = predictions["uncond"] + 2.0 * (predictions["cond"] - predictions["uncond"])
+            latents = latents + (next_sigma - sigma) * velocity
+    stats = generation.stats
+    samples = {
+        b: [[(r.step, r.reused, r.reason) for r in sample.records] for sample in s.samples] or [
+            [(r.step, r.reused, r.reason) for r in s.records]
+        ]
+        for b, s in stats.branches.items()
+    }
+    return latents, samples, {b: [sample.values for sample in s.samples] for b, s in stats.branches.items()}
+
+
+def _rank_batch(rank, world_size, thresholds):
+    results = {}
+    for family, threshold in thresholds.items():
+        model = _model(family)
+        model.set_attention_backend("native")
+        from diffusers import ContextParallelConfig
+
+        model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=2))
+        results[family] = _generate_batch(model, family, FirstBlockCacheConfig(residual_diff_threshold=threshold))[:2]
+    return results
+
+
+@pytest.mark.slow
+def test_per_sample_decisions_agree_on_every_rank_when_the_samples_disagree():
+    """A batch of two whose samples decide differently at some step (First-Block-Cache, threshold between the two
+    samples' values): each rank records the single process's per-sample decisions and returns its latents, and each
+    sample equals its own single-sample run."""
+    thresholds, expected = {}, {}
+    for family in ("qwen", "klein"):
+        model = _model(family)
+        model.set_attention_backend("native")
+        _, _, values = _generate_batch(model, family, FirstBlockCacheConfig(residual_diff_threshold=0.0))
+        first, second = values["cond"]
+        step = next(s for s in sorted(first) if s in second and abs(first[s] - second[s]) > 1e-3 * max(first[s], second[s]))
+        thresholds[family] = (first[step] + second[step]) / 2
+        expected[family] = _generate_batch(model, family, FirstBlockCacheConfig(residual_diff_threshold=thresholds[family]))
+        latents, samples, _ = expected[family]
+        assert any(len({tuple(s) for s in branch}) > 1 for branch in samples.values()), f"{family}: no mixed step"
+        for row in (0, 1):
+            alone, alone_samples, _ = _generate_batch(model, family, FirstBlockCacheConfig(residual_diff_threshold=thresholds[family]), rows=(row,))
+            assert (alone[0] - latents[row]).abs().max().item() < 1e-4, (family, row)
+            assert {b: s[0] for b, s in alone_samples.items()} == {b: s[row] for b, s in samples.items()}
+    ranks = run_distributed(_rank_batch, world_size=2, args=(thresholds,), timeout_s=120)
+    for rank, results in enumerate(ranks):
+        for family, (latents, samples) in results.items():
+            assert samples == expected[family][1], f"{family}, rank {rank}"
+            assert (latents - expected[family][0]).abs().max().item() < 1e-4, f"{family}, rank {rank}"

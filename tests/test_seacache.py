@@ -129,6 +129,7 @@ def our_decisions(latents, sigmas, config: SeaCacheConfig, branches=("cond",)):
 def test_distances_and_decisions_equal_the_hooks_gate(fields):
     latents, sigmas = trajectory()
     computes, hook_distances = hook_decisions(latents, sigmas, HookConfig(**fields))
+    fields = {**fields, "batch_decisions": "shared"}  # the hook takes one decision per batch
     calibration = our_decisions(latents, sigmas, SeaCacheConfig(calibrate=True, **fields))
     ours = calibration.branches["cond"].calibration["sea_distances"]
     assert ours[0] is None
