@@ -20,23 +20,30 @@ the cached pipeline installs for the duration of its ``__call__``.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import copy
 import dataclasses
 import functools
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
 from .configs import CacheConfig, resolve_cache_config
 from .parallel import sequence_group
 from .policies import CachePolicy, Decision, Gate, StepContext
-from .residuals import ResidualStore
 from .spec import BLOCK_STACK, WHOLE_CALL, ModelCacheSpec
 from .stats import CacheStats, StepRecord
+from .batching import BatchDecision, Streams, _batch_size, _rows_of, _sample_rows, computing_rows, scatter_rows
+from .generation import (  # _OPEN_GENERATIONS and _CALL_CONTEXTS: re-exported for introspection and the tests
+    _CALL_CONTEXTS,  # noqa: F401
+    _OPEN_GENERATIONS,  # noqa: F401
+    DEFAULT_BRANCH,
+    BranchState,
+    Generation,
+    GenerationScope,
+    _Pending,
+)
 
 __all__ = [
     "BatchDecision",
@@ -50,12 +57,7 @@ __all__ = [
     "scatter_rows",
 ]
 
-Streams = tuple[torch.Tensor, ...]
 
-DEFAULT_BRANCH = "cond"
-"""The branch of a call that names none (no ``cache_context``: a single-branch loop, e.g. ``Flux2Pipeline``'s): the
-name diffusers' loops give the conditional (or only) branch, so a loop's single branch has one name whether or not it
-calls ``cache_context``."""
 
 _NOT_COMPILABLE = (
     "cached-diffusers: the cache engine decides each step in host-side Python, so with caching on the "
@@ -96,137 +98,7 @@ class BlockStack:
     run_rows: Callable[[int, int, Streams, torch.Tensor], Streams] | None = None
 
 
-@dataclass(frozen=True)
-class BatchDecision(Decision):
-    """The decision of one step of one branch for a batch whose samples decide for themselves
-    (``batch_decisions="per_sample"``, batch size > 1).
-
-    ``reuse`` is ``True`` when every sample reuses; ``reason`` is the samples' common reason, else ``"mixed"``;
-    ``value`` is ``None`` (each sample's value is in ``samples``).
-
-    Attributes:
-        samples: each sample's own :class:`~cached_diffusers.policies.Decision`, in batch order.
-        computing: the batch rows that compute, ascending (every row on an all-compute step, none on an all-reuse
-            step). After the compute, :meth:`CacheEngine.commit` takes these rows' residuals (row ``j`` of each
-            tensor is sample ``computing[j]``'s); :meth:`CacheEngine.recall` returns the rows of ``reusing``.
-    """
-
-    samples: tuple[Decision, ...] = ()
-    computing: tuple[int, ...] = ()
-
-    @property
-    def batch_size(self) -> int:
-        return len(self.samples)
-
-    @property
-    def reusing(self) -> tuple[int, ...]:
-        """The batch rows that reuse, ascending."""
-        computing = set(self.computing)
-        return tuple(i for i in range(len(self.samples)) if i not in computing)
-
-    @property
-    def mixed(self) -> bool:
-        """Whether some samples compute and the others reuse at this step."""
-        return 0 < len(self.computing) < len(self.samples)
-
-
-def computing_rows(decision: Decision, batch_size: int) -> tuple[int, ...]:
-    """The batch rows that compute under ``decision`` (all of them for a batch-level compute, none for a reuse)."""
-    if isinstance(decision, BatchDecision):
-        return decision.computing
-    return () if decision.reuse else tuple(range(batch_size))
-
-
-@dataclass(frozen=True)
-class _Pending:
-    """A decision taken by ``CacheEngine.decide`` and not yet committed or recalled."""
-
-    ctx: StepContext
-    decision: Decision
-    indicator: torch.Tensor | None
-    inputs: Streams
-    num_blocks: int  # blocks a compute runs
-    cached_around: int  # blocks a reuse still runs (front + back)
-
-
-@dataclass
-class BranchState:
-    """Cache state of one guidance branch within one generation (``pending``: a decision awaiting its commit or
-    recall)."""
-
-    method_state: Any
-    store: ResidualStore
-    num_reused: int = 0
-    consecutive_reused: int = 0
-    last_step: int | None = None
-    invalidated: bool = False
-    pending: _Pending | None = None
-    samples: list[BranchState] | None = None  # per-sample states (batch_decisions="per_sample", batch > 1)
-    last_batch: Streams | None = None  # the last commit of every sample at once (recalled without a copy)
-
-
-@dataclass(frozen=True)
-class _CallContext:
-    name: str
-    step_index: int | None
-    num_inference_steps: int | None
-
-
-@dataclass
-class Generation:
-    """The cache state of one generation: what a cached residual depends on, owned by the caller, not the model.
-
-    A cached pipeline opens one per ``__call__`` (:meth:`CacheEngine.generation`), so that concurrent generations
-    on pipelines that share a transformer (threads, or a pipeline called from another one's callback) each keep
-    their own branch states, step source and statistics. A transformer driven directly, outside any generation,
-    uses its engine's own generation, which restarts when the steps wrap to 0 or the step count changes.
-
-    Attributes:
-        config: the cache config of this generation (``None``: no caching).
-        policy: its decision policy (built once per generation; ``None`` when caching is off).
-        branches: ``{branch name: BranchState}``, the stored residuals and the method state per guidance branch.
-        stats: this generation's statistics.
-    """
-
-    config: CacheConfig | None
-    policy: CachePolicy | None
-    branches: dict[str, BranchState] = field(default_factory=dict)
-    stats: CacheStats = field(default_factory=lambda: CacheStats("none"))
-    step_source: Callable[[], tuple[int, int]] | None = None
-    sigma_source: Callable[[], Any] | None = None  # the running scheduler's sigmas (MeanCache's time weights)
-
-    def __post_init__(self) -> None:
-        self.reset()
-
-    def reset(self) -> None:
-        """Forget every branch's state and start new statistics."""
-        self.branches = {}
-        policy = self.policy
-        self.stats = CacheStats(
-            self.config.method if self.config is not None else "none",
-            value_name=policy.value_name if policy is not None else "",
-        )
-
-    def invalidate(self) -> None:
-        """Make every branch compute at its next step and restart its residual store (see ``CacheEngine.invalidate``)."""
-        for state in self.branches.values():
-            state.invalidated = True
-            for sample in state.samples or ():
-                sample.invalidated = True
-
-
-_OPEN_GENERATIONS: contextvars.ContextVar[Mapping[int, Generation]] = contextvars.ContextVar(
-    "cached_diffusers_open_generations", default={}
-)
-"""``{id(engine): Generation}`` of the generations open in the current thread (or asyncio task)."""
-
-_CALL_CONTEXTS: contextvars.ContextVar[Mapping[int, _CallContext]] = contextvars.ContextVar(
-    "cached_diffusers_call_contexts", default={}
-)
-"""``{id(engine): _CallContext}``: the branch (and step) marked by ``cache_context`` in the current thread."""
-
-
-class CacheEngine:
+class CacheEngine(GenerationScope):
     """Holds a model's cache config and policy; the cache state itself lives in a :class:`Generation`.
 
     Every method that reads or changes cache state (``run``, ``context``, ``step_source``, ``step_context``,
@@ -295,11 +167,6 @@ class CacheEngine:
         return config, (config.make_policy(self.spec) if config is not None else None)
 
     @property
-    def current(self) -> Generation:
-        """The generation open in this thread for this engine, else the engine's own."""
-        return _OPEN_GENERATIONS.get().get(id(self), self._own)
-
-    @property
     def active(self) -> bool:
         """Whether the current generation caches (its config is not ``None``).
 
@@ -311,127 +178,6 @@ class CacheEngine:
         if torch.compiler.is_compiling():
             return self._own_policy is not None or self._open_caching > 0
         return self.current.policy is not None
-
-    @property
-    def stats(self) -> CacheStats:
-        """Statistics of the generation open in this thread, else of the last one started on this engine."""
-        open_generation = _OPEN_GENERATIONS.get().get(id(self))
-        return open_generation.stats if open_generation is not None else self._last_stats
-
-    # Read-only views of the current generation, for introspection.
-    @property
-    def _config(self) -> CacheConfig | None:
-        return self.current.config
-
-    @property
-    def _policy(self) -> CachePolicy | None:
-        return self.current.policy
-
-    @property
-    def _branches(self) -> dict[str, BranchState]:
-        return self.current.branches
-
-    @property
-    def _context(self) -> _CallContext | None:
-        return _CALL_CONTEXTS.get().get(id(self))
-
-    def reset(self) -> None:
-        """Forget every branch's state and start new statistics (of the current generation)."""
-        generation = self.current
-        generation.reset()
-        self._last_stats = generation.stats
-
-    def invalidate(self) -> None:
-        """The inputs changed behind the cache's back (latents replaced by a callback, a changed schedule): every
-        branch of the current generation computes its next step, and its residual store restarts."""
-        self.current.invalidate()
-
-    @contextlib.contextmanager
-    def generation(
-        self, config: CacheConfig | Mapping[str, Any] | str | None | object = ..., *, policy: CachePolicy | None = None
-    ) -> Iterator[Generation]:
-        """Open a new generation for the calls made in this thread (or asyncio task) inside the block.
-
-        Args:
-            config: this generation's cache config; omitted, the engine's own (:attr:`config`).
-            policy: the policy of ``config`` if already built (else built here).
-
-        Yields:
-            The :class:`Generation`; its ``stats`` stay readable after the block, the branch states are dropped.
-
-        Raises:
-            ValueError: for an invalid ``config``.
-        """
-        if config is ...:
-            config, policy = self._own_config, self._own_policy
-        elif policy is None:
-            config, policy = self.make_policy(config)
-        generation = Generation(config, policy)
-        self._last_stats = generation.stats
-        caching = int(policy is not None)
-        with self._open_lock:
-            self._open_caching += caching
-        token = _OPEN_GENERATIONS.set({**_OPEN_GENERATIONS.get(), id(self): generation})
-        try:
-            yield generation
-        finally:
-            _OPEN_GENERATIONS.reset(token)
-            with self._open_lock:
-                self._open_caching -= caching
-            generation.branches = {}  # free the stored residuals; the statistics stay
-
-    # -- where the loop is ---------------------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def context(
-        self, name: str, step_index: int | None = None, num_inference_steps: int | None = None
-    ) -> Iterator[None]:
-        """Mark the branch (``name``) and, optionally, the step of the transformer calls made inside (in this thread;
-        a generation opened inside, e.g. by a pipeline called within, sees the mark too)."""
-        token = _CALL_CONTEXTS.set({**_CALL_CONTEXTS.get(), id(self): _CallContext(name, step_index, num_inference_steps)})
-        try:
-            yield
-        finally:
-            _CALL_CONTEXTS.reset(token)
-
-    @contextlib.contextmanager
-    def step_source(self, source: Callable[[], tuple[int, int]]) -> Iterator[None]:
-        """Install ``source() -> (step_index, num_inference_steps)`` for calls whose context lacks them."""
-        generation = self.current
-        previous, generation.step_source = generation.step_source, source
-        try:
-            yield
-        finally:
-            generation.step_source = previous
-
-    def step_context(
-        self, branch: str | None = None, step_index: int | None = None, num_inference_steps: int | None = None
-    ) -> StepContext:
-        """The current step, step count and branch: each argument given wins, else the cache context's, else (step
-        and count) the step source's, else (branch) :data:`DEFAULT_BRANCH`.
-
-        Raises:
-            ValueError: when neither the arguments, the cache context nor a step source tell the denoising step, or
-                the step is outside ``[0, num_inference_steps)``.
-        """
-        generation = self.current
-        ctx = self._context
-        branch = self._branch_name(branch)
-        step = step_index if step_index is not None else (ctx.step_index if ctx is not None else None)
-        num_steps = num_inference_steps
-        if num_steps is None:
-            num_steps = ctx.num_inference_steps if ctx is not None else None
-        if (step is None or num_steps is None) and generation.step_source is not None:
-            source_step, source_num_steps = generation.step_source()
-            step = source_step if step is None else step
-            num_steps = source_num_steps if num_steps is None else num_steps
-        if step is None or num_steps is None:
-            raise ValueError(
-                "caching needs the denoising step: call the transformer through a cached pipeline, or wrap each call "
-                "in `transformer.cache_context(branch, step_index=i, num_inference_steps=N)`"
-            )
-        if not 0 <= step < num_steps:
-            raise ValueError(f"step_index must be in [0, num_inference_steps={num_steps}), got {step}")
-        return StepContext(int(step), int(num_steps), branch)
 
     # -- the two-phase step: decide, then commit or recall ------------------------------------------------------
     @torch.compiler.disable(reason=_NOT_COMPILABLE)
@@ -842,101 +588,4 @@ class CacheEngine:
             )
         return indicator() if callable(indicator) else indicator
 
-    def _branch_name(self, branch: str | None) -> str:
-        """``branch``, else the cache context's name, else :data:`DEFAULT_BRANCH`."""
-        if branch is not None:
-            return branch
-        ctx = self._context
-        return ctx.name if ctx is not None else DEFAULT_BRANCH
 
-    @staticmethod
-    def _starts_new_generation(generation: Generation, ctx: StepContext) -> bool:
-        """Whether a call at ``ctx`` starts the next generation of a directly driven transformer."""
-        stats = generation.stats
-        known = generation.branches.get(ctx.branch)
-        return stats.num_steps is not None and (
-            stats.num_steps != ctx.num_steps
-            or (ctx.step == 0 and known is not None and known.last_step is not None)
-            or (known is not None and known.last_step is not None and ctx.step < known.last_step)
-        )
-
-    def _branch_state(self, generation: Generation, ctx: StepContext, num_blocks: int) -> BranchState:
-        new_generation = self._starts_new_generation(generation, ctx)
-        stats = generation.stats
-        if new_generation:
-            # A transformer driven directly (no pipeline) starts its next generation: steps wrap to 0 or go back (or the
-            # step count changed, e.g. a callback changed the schedule).
-            generation.reset()
-            stats = generation.stats
-        if generation is self._own or new_generation:
-            self._last_stats = stats
-        if stats.first_step is None:
-            # The generation's first transformer call is at its first executed step (0, or the strength-dependent
-            # begin index of img2img / inpaint): guards and TaylorSeer count executed steps from it.
-            stats.first_step = ctx.step
-        stats.num_steps, stats.num_blocks = ctx.num_steps, num_blocks
-        if ctx.branch not in generation.branches:
-            policy = generation.policy
-            store = policy.make_store(stats.first_step, generation.sigma_source)
-            generation.branches[ctx.branch] = BranchState(policy.new_state(), store)
-        return generation.branches[ctx.branch]
-
-
-def _batch_size(inputs: Streams) -> int:
-    """The batch size of a decision's inputs (their first dimension; 1 without inputs)."""
-    return int(inputs[0].shape[0]) if inputs and inputs[0].ndim else 1
-
-
-def _sample_rows(indicator: torch.Tensor | None, row: int, batch: int) -> torch.Tensor | None:
-    """Sample ``row``'s part of a decision indicator: its row of a ``(batch, ...)`` tensor; a ``(1, ...)`` one is the
-    same for every sample (e.g. a timestep embedding broadcast over the batch).
-
-    Raises:
-        ValueError: for an indicator whose first dimension is neither ``batch`` nor 1.
-    """
-    if indicator is None or indicator.ndim == 0:
-        return indicator
-    if indicator.shape[0] == batch:
-        return indicator[row : row + 1]
-    if indicator.shape[0] == 1:
-        return indicator
-    raise ValueError(
-        f"per-sample cache decisions need the decision indicator per sample, (batch={batch}, ...) or (1, ...), got "
-        f"shape {tuple(indicator.shape)}; set batch_decisions='shared' for one decision per batch"
-    )
-
-
-def _rows_of(base: Streams, parts: list[Streams]) -> bool:
-    """Whether ``parts[i][k]`` is row ``i`` of ``base[k]`` (a view of it) for every sample ``i`` and stream ``k``."""
-    if len(parts) != base[0].shape[0] or any(len(p) != len(base) for p in parts):
-        return False
-    for k, tensor in enumerate(base):
-        for i, part in enumerate(parts):
-            row = tensor[i : i + 1]
-            value = part[k]
-            if (
-                value.data_ptr() != row.data_ptr()
-                or value.shape != row.shape
-                or value.stride() != row.stride()
-                or value.dtype != row.dtype
-            ):
-                return False
-    return True
-
-
-def scatter_rows(
-    span_in: Streams, rows: torch.Tensor, computed: Streams, others: torch.Tensor, recalled: Streams
-) -> Streams:
-    """Whole-batch streams at a cached span's output on a mixed step: rows ``rows`` are ``computed`` (the span's
-    output for those samples), rows ``others`` are their span input plus their ``recalled`` residual.
-
-    Args:
-        span_in: the span's input streams, ``(B, ...)`` each.
-        rows, others: 1-d ``torch.long`` tensors of the computing and the reusing batch rows (together ``0 .. B-1``).
-        computed: ``(len(rows), ...)`` per stream; recalled: ``(len(others), ...)`` per stream.
-    """
-    out = []
-    for s, c, r in zip(span_in, computed, recalled):
-        full = s.index_add(0, others, r.to(s.dtype))
-        out.append(full.index_copy_(0, rows, c.to(s.dtype)))
-    return tuple(out)
