@@ -1,5 +1,6 @@
-"""Shared pytest configuration: the ``slow`` marker (tests over 20 s; ``-m "not slow"`` leaves them out) and the
-method-contract matrix (registry x model family), as diffusers' tester mixins share one set of tests over models.
+"""Shared pytest configuration: the ``slow`` marker (tests over 4 s, multi-process, notebooks, long hypothesis runs;
+``-m "not slow"`` leaves them out: the fast set) and the method-contract matrix (registry x model family), as
+diffusers' tester mixins share one set of tests over models.
 
 * ``contract_method``: parametrised over :func:`matrix_methods`, every method of the registry (``"none"`` excluded),
   so a method registered with ``@register_cache_method`` gets the whole matrix.
@@ -25,7 +26,7 @@ MATRIX_FAMILIES = {"qwenimage": ("qwen-txt2img", "qwen-img2img"), "flux2-klein":
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: takes more than 20 s (deselect with -m 'not slow')")
+    config.addinivalue_line("markers", "slow: takes more than 4 s, starts several processes, runs notebooks or long hypothesis sequences (deselect with -m 'not slow')")
 
 
 def matrix_methods():

@@ -12,6 +12,7 @@ from cached_diffusers import TeaCacheConfig
 from cached_diffusers.tools.tiny import save_tiny_qwenimage_pipeline
 
 
+@pytest.mark.slow  # over 4 s
 def test_demo_runs_and_reports(tmp_path, capsys):
     out = tmp_path / "demo.png"
     code = main(["demo", "--output", str(out), "--quiet", "--repeats", "3"])  # 20 steps: the model's default

@@ -252,6 +252,7 @@ def test_a_run_without_caching_says_what_ran(tmp_path, capsys):
 
 
 # -- the process ---------------------------------------------------------------------------------------------------
+@pytest.mark.slow  # over 4 s
 def test_printing_never_fails_a_run_that_succeeded(tmp_path):
     """A stdout that cannot encode the output path (``PYTHONIOENCODING=ascii``) still exits 0 after writing."""
     argv = ["-m", "cached_diffusers", "generate", "--model", os.fspath(MODEL), "--prompt", "rocket", "--steps", "2",

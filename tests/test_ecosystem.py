@@ -298,6 +298,7 @@ def test_diffusers_cache_hooks_are_refused_on_a_cached_transformer(pipe):
 
 
 # -- torch.compile ---------------------------------------------------------------------------------------------------------
+@pytest.mark.slow  # over 4 s
 def test_torch_compile_of_the_whole_transformer_keeps_decisions_and_outputs():
     """torch.compile(transformer): with caching on, the cached forward (the parent's own, its block calls intercepted)
     runs eagerly, with the same decisions and outputs and no recompilation; with caching off it is compiled."""

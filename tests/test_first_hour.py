@@ -168,6 +168,7 @@ def test_no_example_uses_torch_dtype():
 
 
 # -- imports -------------------------------------------------------------------------------------------------------
+@pytest.mark.slow  # over 4 s
 def test_import_is_lazy():
     """``import cached_diffusers`` loads no torch and no diffusers (each public name loads on first use), so it costs
     milliseconds on top of Python's start; the names still resolve."""

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from cached_diffusers import CachedQwenImagePipeline, DBCacheConfig, TeaCacheConfig
@@ -19,6 +20,7 @@ from reference import ROOT
 STEPS = 6
 
 
+@pytest.mark.slow  # over 4 s
 def test_replays_the_benchmark_schedules(tmp_path):
     pipe = tiny.build_tiny_qwenimage_pipeline(seed=0, pipeline_class=CachedQwenImagePipeline)
     pipe.set_progress_bar_config(disable=True)
@@ -55,6 +57,7 @@ def test_replays_the_benchmark_schedules(tmp_path):
     assert (out / report_path.name.replace(".json", ".md")).read_text().count("\n| ") == 1 + len(report["results"])
 
 
+@pytest.mark.slow  # over 4 s
 def test_refuses_schedules_of_another_step_count(tmp_path):
     path = tmp_path / "results.json"
     path.write_text(json.dumps({"num_inference_steps": 20, "results": []}))

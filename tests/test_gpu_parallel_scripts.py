@@ -25,12 +25,14 @@ def _run(script, *args):
     "script, options",
     [("gpu_parallel_check.py", ("--mode", "--atol", "--checkpoint")), ("gpu_benchmark_parallel.py", ("--repeats", "--output-dir"))],
 )
+@pytest.mark.slow  # over 4 s
 def test_help_lists_the_options(script, options):
     done = _run(script, "--help")
     assert done.returncode == 0, done.stderr
     assert all(option in done.stdout for option in (*options, "--model", "--methods", "--size"))
 
 
+@pytest.mark.slow  # over 4 s
 def test_bad_arguments_are_refused_before_any_process_group():
     done = _run("gpu_parallel_check.py", "--methods", "teacache,turbo")
     assert done.returncode != 0 and "unknown ['turbo']" in done.stderr

@@ -108,6 +108,7 @@ def test_step_callbacks_get_every_tensor_input_and_can_change_latents(trio, cach
 
 
 @pytest.mark.parametrize("name", ["qwen-txt2img", "flux2-klein"])
+@pytest.mark.slow  # over 4 s
 def test_fullgraph_compile_with_caching_off(name):
     case = CASES_BY_NAME[name]
     pipe = case.cached(**case.components())

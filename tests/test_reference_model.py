@@ -69,6 +69,7 @@ def test_dataset_matches_the_training_report(dataset):
     assert len(np.unique(flat, axis=0)) > 0.98 * len(dataset)
 
 
+@pytest.mark.slow  # over 4 s
 def test_generations_are_recognisably_their_captions(pipe, dataset):
     result = measure(pipe, dataset)
     report = json.loads((ref.REFERENCE_MODEL_DIR / "training_report.json").read_text())
@@ -104,6 +105,7 @@ KLEIN_TOP1_FLOOR = 0.9
 """The same floor for the Klein reference model (measured: 63 of 64, in its ``training_report.json``)."""
 
 
+@pytest.mark.slow  # over 4 s
 def test_klein_reference_model_loads_and_draws_its_captions(dataset):
     index = json.loads((ref.REFERENCE_KLEIN_DIR / "model_index.json").read_text())
     assert index["_class_name"] == "Flux2KleinPipeline" and index["is_distilled"] is False
