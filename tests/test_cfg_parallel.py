@@ -3,7 +3,8 @@
 Every rank first runs the serial call (both branches on itself), then the CFG-parallel call; the parent process
 checks that the parallel images equal the serial ones within 1e-4 and that rank k's statistics are exactly the serial
 run's statistics of branch k (the same reused steps, reasons and decision values). The error tests check that a rank
-that raises makes every rank raise, within the process group's timeout. The multi-process harness is
+that raises makes every rank raise, within the process group's timeout. A batch of two prompts whose samples disagree
+at a step checks that per-sample decisions (issue 22) hold under CFG-parallel. The multi-process harness is
 ``tests/distributed.py``; it sets diffusers' CPU device count to 1 in the children (see there).
 """
 
@@ -160,6 +161,83 @@ def test_bagel_branches_on_two_or_three_ranks(world_size):
             assert parallel_records[branches[rank]] == serial_records[branches[rank]], config.method
     # the last step is outside cfg_interval: only "gen" ran there, on rank 0
     assert results[0][0][4]["gen"][-1][0] == 6 and results[1][0][4]["cfg_text"][-1][0] == 5
+
+
+# -- a batch whose samples disagree: per-sample decisions under CFG-parallel (issue 22) ----------------------------
+BATCH_PROMPTS = [0, 2]  # indices into DEFAULT_PROMPTS; sample i is drawn with seed i
+
+
+def _batch_kwargs(rows):
+    """Qwen-Image call arguments for the samples ``rows`` (indices into BATCH_PROMPTS), each with its own seed."""
+    from cached_diffusers.tools.tiny import DEFAULT_PROMPTS
+
+    prompts = [DEFAULT_PROMPTS[BATCH_PROMPTS[i]] for i in rows]
+    generators = [torch.Generator().manual_seed(i) for i in rows]
+    return _qwen_kwargs(prompt=prompts, negative_prompt=[" "] * len(rows), generator=generators)
+
+
+def _mixing_fbcache(pipe):
+    """FBCache with its threshold between the two samples' cond residual differences at the first step where they
+    differ, measured by a serial probe run that never reuses: at that step one sample reuses, the other computes."""
+    pipe.cache_config = FirstBlockCacheConfig(residual_diff_threshold=0.0, max_warmup_steps=1)
+    pipe(**_batch_kwargs([0, 1]))
+    samples = pipe.cache_stats.branches["cond"].samples
+    for step in range(STEPS):
+        low, high = sorted(s.values.get(step, 0.0) for s in samples)
+        if low > 0 and high > low * (1 + 1e-3):
+            return FirstBlockCacheConfig(residual_diff_threshold=(low * high) ** 0.5, max_warmup_steps=1)
+    raise AssertionError(f"the samples' values never differ: {[s.values for s in samples]}")
+
+
+def _sample_records(stats):
+    return {b: [_records_of(sample) for sample in s.samples] for b, s in stats.branches.items()}
+
+
+def _records_of(branch_stats):
+    return [(r.step, r.reused, r.reason, r.value) for r in branch_stats.records]
+
+
+def _batch_of_disagreeing_samples(rank, world_size):
+    """On every rank: each sample alone (serial), the batch serially, then the batch CFG-parallel."""
+    pipe = _qwen_pipe()
+    pipe.set_progress_bar_config(disable=True)
+    pipe.disable_cfg_parallel()
+    pipe.cache_config = config = _mixing_fbcache(pipe)
+    alone = []
+    for row in range(len(BATCH_PROMPTS)):
+        images = pipe(**_batch_kwargs([row])).images
+        alone.append((images[0], {b: _records_of(s) for b, s in pipe.cache_stats.branches.items()}))
+    serial = pipe(**_batch_kwargs([0, 1])).images
+    serial_records = _sample_records(pipe.cache_stats)
+    pipe.enable_cfg_parallel()
+    parallel = pipe(**_batch_kwargs([0, 1])).images
+    assert pipe.cache_config is config
+    return alone, serial, serial_records, parallel, _sample_records(pipe.cache_stats)
+
+
+def test_a_batch_whose_samples_disagree_gives_each_sample_its_own_call():
+    """Batch 2 under CFG-parallel with a step where one sample computes and the other reuses: rank k takes, sample
+    by sample, the decisions of branch k in the serial batched call and in each sample's own call; every sample
+    equals its own single-prompt call within 1e-4, and both ranks return the same images."""
+    results = run_distributed(_batch_of_disagreeing_samples, world_size=2, timeout_s=TIMEOUT_S)
+    branches = ["cond", "uncond"]
+    mixed = False
+    for rank, (alone, serial, serial_records, parallel, parallel_records) in enumerate(results):
+        branch = branches[rank]
+        assert list(parallel_records) == [branch]
+        assert parallel_records[branch] == serial_records[branch]
+        assert len(parallel_records[branch]) == len(BATCH_PROMPTS)
+        for row, (own_image, own_records) in enumerate(alone):
+            # the same steps and reasons; the decision values agree to float rounding (batched vs. alone)
+            assert [r[:3] for r in parallel_records[branch][row]] == [r[:3] for r in own_records[branch]], (rank, row)
+            values = [(r[3], o[3]) for r, o in zip(parallel_records[branch][row], own_records[branch])]
+            assert all(v == o or abs(v - o) <= 1e-4 * abs(o) for v, o in values), (rank, row, values)
+            difference = (parallel[row] - own_image).abs().max().item()
+            assert difference <= 1e-4, f"rank {rank}, sample {row}: max abs difference {difference:.3g}"
+        steps = [{step for step, reused, _, _ in sample if reused} for sample in parallel_records[branch]]
+        mixed |= steps[0] != steps[1]
+    assert mixed, "no step where the samples disagreed: the test would not see shared decisions"
+    torch.testing.assert_close(results[0][3], results[1][3], rtol=0, atol=0)
 
 
 # -- errors: every rank raises, none hangs --------------------------------------------------------------------------

@@ -383,6 +383,50 @@ def test_cpu_offloading_keeps_decisions_and_outputs(pipe, config, offload):
         assert offloaded.transformer.transformer_blocks[0].img_mod[1].weight.device.type == "meta"
 
 
+def batch_of_two(**overrides):
+    """Call arguments for a batch of two prompts, sample ``i`` drawn with its own generator (seed ``i``)."""
+    prompts = ["a red cat sitting on a blue chair", "a white castle on a hill at sunset"]
+    generators = [torch.Generator().manual_seed(i) for i in range(2)]
+    return call_kwargs(prompt=prompts, negative_prompt=[" "] * 2, generator=generators, **overrides)
+
+
+def mixing_fbcache(pipe):
+    """FBCache with its threshold between the two samples' cond residual differences at the first step where they
+    differ, from a probe run that never reuses: at that step one sample reuses and the other computes."""
+    pipe.cache_config = FirstBlockCacheConfig(residual_diff_threshold=0.0, max_warmup_steps=1)
+    pipe(**batch_of_two())
+    samples = pipe.cache_stats.branches["cond"].samples
+    for step in sorted(samples[0].values):
+        low, high = sorted(s.values.get(step, 0.0) for s in samples)
+        if low > 0 and high > low * (1 + 1e-3):
+            return FirstBlockCacheConfig(residual_diff_threshold=(low * high) ** 0.5, max_warmup_steps=1)
+    raise AssertionError(f"the samples' values never differ: {[s.values for s in samples]}")
+
+
+@pytest.mark.parametrize("offload", ["model", "sequential"])
+def test_cpu_offloading_keeps_a_mixed_step_per_sample(pipe, offload):
+    """A batch whose samples disagree at a step (one computes, the other reuses, rows gathered and scattered): the
+    offloaded pipeline gives the latents and per-sample statistics of the same call without offloading."""
+    config = mixing_fbcache(pipe)
+    pipe.cache_config = config
+    expected = pipe(**batch_of_two()).images
+    expected_stats = pipe.cache_stats.to_dict()
+    samples = pipe.cache_stats.branches["cond"].samples
+    assert len(samples) == 2 and samples[0].reused_steps != samples[1].reused_steps  # a mixed step happened
+    offloaded = cached_pipe(config)
+    if offload == "model":
+        offloaded.enable_model_cpu_offload(device="cpu")
+    else:
+        offloaded.enable_sequential_cpu_offload(device="cpu")
+        use_cpu_as_execution_device(offloaded)
+    for _ in range(2):  # the second call runs on the hooks that maybe_free_model_hooks re-installed
+        latents = offloaded(**batch_of_two()).images
+        assert torch.equal(latents, expected)
+        assert offloaded.cache_stats.to_dict() == expected_stats
+    if offload == "sequential":
+        assert offloaded.transformer.transformer_blocks[0].img_mod[1].weight.device.type == "meta"
+
+
 # -- LoRA --------------------------------------------------------------------------------------------------------------------
 def write_lora(transformer, path, targets, rank=4, seed=1):
     """A LoRA in diffusers' format (``transformer.<module>.lora_A/B.weight``) for the Linear layers named ``targets``."""
