@@ -41,6 +41,8 @@ import torch
 from cached_diffusers import CachedQwenImagePipeline, DBCacheConfig, FirstBlockCacheConfig, steps_mask
 from cached_diffusers.tools.tiny import DEFAULT_PROMPTS, build_tiny_qwenimage_pipeline
 
+pytestmark = pytest.mark.slow  # the module's cache-dit runs: one subprocess of about 17 s
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PROMPT = DEFAULT_PROMPTS[0]
 HEIGHT = WIDTH = 64
