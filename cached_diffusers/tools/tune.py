@@ -12,6 +12,11 @@ The library behind ``cached-diffusers tune`` and ``cached_diffusers.tune(pipe, t
   bisection finds the fastest setting whose *worst* (prompt, seed) PSNR against uncached is ``>= target`` (and SSIM
   ``>= target_ssim`` when given); monotonicity is approximate for greedy methods, so every candidate measured is
   kept and the fastest passing one wins. The fastest method wins overall (ties: the higher worst PSNR).
+* **Margin.** Unseen prompts scatter around the search's boundary, so by default (``margin="auto"``) a candidate
+  passes when the 99 % one-sided prediction bound of its tuning PSNRs (:func:`psnr_prediction_bound`: the worst, or
+  mean less Student's t times their spread when lower) meets the target; a number of dB instead holds the worst
+  tuning prompt to target + margin. The default tuning prompts (:data:`DEFAULT_TUNING_PROMPTS`) are 8 captions
+  drawn at random from the reference models' training set, so the scatter can be estimated.
 * **Reuse.** One uncached generation per (prompt, seed) is the reference of every candidate; a candidate whose config
   was measured before is not rerun. Generations are counted (:attr:`TuneResult.generations`).
 * **Held-out check.** The chosen config is re-run on held-out prompts, disjoint from the tuning prompts (default:
