@@ -27,7 +27,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--model", required=True, help="diffusers directory or Hub id of a full-size checkpoint")
     parser.add_argument("--targets", type=float, nargs="+", default=[40.0, 35.0, 30.0], help="PSNR targets in dB")
     parser.add_argument("--steps", type=int, default=50, help="num_inference_steps (default: 50)")
-    parser.add_argument("--prompts", nargs="+", default=None, help="tuning prompts (default: tune's built-in pair)")
+    parser.add_argument("--prompts", nargs="+", default=None, help="tuning prompts (default: tune's 8 built-in captions)")
     parser.add_argument("--held-out-prompts", nargs="+", default=None, help="held-out prompts (default: tune's)")
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--methods", nargs="+", default=None)

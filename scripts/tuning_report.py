@@ -3,8 +3,9 @@
 
     python scripts/tuning_report.py benchmarks/tuning/qwenimage
 
-One row per target (the chosen config, its computed steps, ideal and measured speedup, held-out worst and mean PSNR,
-generations run), then every method's published default setting at the same model and steps (from the first record
+One row per target (the chosen config, its computed steps, ideal and measured speedup, its worst tuning PSNR and the
+PSNR the margin rule held to the target (`--margin auto`: the prediction bound; a number: worst less the margin),
+held-out worst and mean PSNR, generations run and wall seconds), then every method's published default setting at the same model and steps (from the first record
 that measured them: `tune --compare-defaults`).
 """
 
@@ -34,17 +35,21 @@ def report(folder: str) -> str:
         raise SystemExit(f"no cache_config.tuning.json under {folder}/psnr*/")
     lines = [
         "| target | chosen | setting | computed steps of "
-        f"{records[0]['num_inference_steps']} | ideal speedup | measured speedup | tuning worst PSNR | held-out worst / "
-        "mean PSNR | held | generations |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        f"{records[0]['num_inference_steps']} | ideal speedup | measured speedup | tuning worst PSNR (margin rule) | "
+        "held-out worst / mean PSNR | held | generations | seconds |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
         c, h, lat = r["chosen"], r["held_out"], r.get("latency") or {}
         measured = f"{lat['speedup']:.2f}x ({lat['ratio_min']:.2f}-{lat['ratio_max']:.2f})" if lat else "-"
+        margin = r.get("margin", 0)
+        floor = r.get("psnr_floor", c["worst_psnr"] - (margin if isinstance(margin, (int, float)) else 0))
+        rule = f"bound {floor:.2f}" if margin == "auto" else (f"+{margin:g} dB margin" if margin else "worst")
         lines.append(
             f"| {r['target_psnr']:g} dB | {c['method']} | {c['setting']} | {_steps(c['computed_steps'])} | "
-            f"{c['ideal_speedup']:.2f}x | {measured} | {c['worst_psnr']:.2f} dB | {h['worst_psnr']:.2f} / "
-            f"{h['mean_psnr']:.2f} dB | {'yes' if h['held'] else '**no**'} | {r['generations']['total']} |"
+            f"{c['ideal_speedup']:.2f}x | {measured} | {c['worst_psnr']:.2f} dB ({rule}) | {h['worst_psnr']:.2f} / "
+            f"{h['mean_psnr']:.2f} dB | {'yes' if h['held'] else '**no**'} | {r['generations']['total']} | "
+            f"{r['seconds']:.0f} |"
         )
     defaults = next((r["defaults"] for r in records if r.get("defaults")), [])
     skipped = next((r["skipped"] for r in records if r.get("defaults")), [])

@@ -8,6 +8,7 @@ import importlib.util
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -16,9 +17,16 @@ from cached_diffusers.configs import available_cache_methods
 from cached_diffusers.hub import read_cache_config
 from cached_diffusers.tools import reference_model as ref
 from cached_diffusers.tools.tune import (
+    CALIBRATION_PROMPTS,
+    DEFAULT_CONFIDENCE,
     DEFAULT_HELD_OUT_PROMPTS,
+    DEFAULT_MARGIN,
+    DEFAULT_TUNING_PROMPTS,
+    Candidate,
     TuneResult,
     UnreachableTarget,
+    _passes,
+    psnr_prediction_bound,
     tunable,
     tune,
     write_outputs,
@@ -238,3 +246,72 @@ def test_a_margin_tightens_the_search_but_not_the_held_out_check(pipe, matrix, r
     assert result.held_out["held"] == (result.held_out["worst_psnr"] >= 25.0)
     assert "margin 10 dB" in result.summary()
     assert result.chosen.ideal_speedup <= results[25.0].chosen.ideal_speedup
+
+
+def test_the_default_tuning_prompts_are_the_documented_draw_disjoint_from_held_out_and_calibration():
+    captions = json.loads((ref.REFERENCE_DATASET_DIR / "captions.json").read_text(encoding="utf-8"))["captions"]
+    excluded = set(DEFAULT_HELD_OUT_PROMPTS) | set(CALIBRATION_PROMPTS)
+    pool = [c for c in captions if c not in excluded]
+    draw = [pool[i] for i in sorted(np.random.default_rng(0).choice(len(pool), 8, replace=False))]
+    assert list(DEFAULT_TUNING_PROMPTS) == draw
+    assert not set(DEFAULT_TUNING_PROMPTS) & excluded and len(set(DEFAULT_TUNING_PROMPTS)) == 8
+    assert DEFAULT_MARGIN == "auto"
+
+
+def test_the_prediction_bound_covers_an_unseen_draw_at_its_confidence():
+    rng = np.random.default_rng(1)
+    trials, n = 4000, 8
+    samples = rng.normal(40.0, 2.0, size=(trials, n + 1))  # n tuning prompts and one unseen prompt per trial
+    below = np.mean([row[n] < psnr_prediction_bound(row[:n]) for row in samples])
+    assert below <= 1 - DEFAULT_CONFIDENCE + 0.005, below  # min(worst, ...) can only make it more conservative
+    assert below >= (1 - DEFAULT_CONFIDENCE) / 3, below  # and it is not vacuous
+    # more scatter about the same worst and mean gives a lower bound; more prompts at the same scatter a higher one
+    assert psnr_prediction_bound([38, 40, 42]) < psnr_prediction_bound([38, 41, 41]) <= 38
+    assert psnr_prediction_bound([39, 41] * 6) > psnr_prediction_bound([39, 41] * 2)
+    assert psnr_prediction_bound([37.5]) == 37.5 and psnr_prediction_bound([30.0, float("inf")]) == 30.0
+    assert psnr_prediction_bound([float("inf")] * 2) == float("inf")
+    with pytest.raises(ValueError, match="at least one"):
+        psnr_prediction_bound([])
+    with pytest.raises(ValueError, match="confidence must be in"):
+        psnr_prediction_bound([1.0, 2.0], confidence=1.0)
+
+
+def test_the_auto_margin_rejects_a_candidate_whose_prompts_scatter():
+    def candidate(psnr):
+        return Candidate("teacache", "rel_l1_thresh", 0.3, {}, {"cond": 5.0}, 0.2, list(psnr), [0.99] * len(psnr))
+
+    tight = candidate([40.6, 41.0, 41.4, 40.8, 41.2, 40.9, 41.1, 41.0])
+    scattered = candidate([40.6, 48.0, 52.0, 44.0, 41.0, 50.0, 46.0, 43.0])  # same worst, far more spread
+    assert tight.worst_psnr == scattered.worst_psnr
+    assert _passes(tight, 40.0, None, 0.0) and _passes(scattered, 40.0, None, 0.0)
+    assert _passes(tight, 40.0, None, "auto") and not _passes(scattered, 40.0, None, "auto")
+    assert not _passes(tight, 40.0, None, 1.0)  # a fixed margin moves the worst prompt's bar for both alike
+
+
+def test_the_auto_margin_picks_a_slower_config_when_the_tuning_prompts_scatter(pipe):
+    prompts = ["red apple", "rocket", "ghost"]
+    runs = {
+        margin: tune(pipe, 30.0, margin=margin, prompts=prompts, held_out_prompts=HELD_OUT, call_kwargs=KWARGS,
+                     methods=["teacache"], iterations=4)
+        for margin in ("auto", 0.0)
+    }
+    auto, bare = runs["auto"], runs[0.0]
+    for c in auto.candidates:
+        assert c.passes == (c.reuses and psnr_prediction_bound(c.psnr) >= 30.0)
+    assert psnr_prediction_bound(auto.chosen.psnr) >= 30.0 and auto.info["margin"] == "auto"
+    assert auto.info["psnr_floor"] == psnr_prediction_bound(auto.chosen.psnr)
+    # these three prompts scatter at TeaCache's fastest setting (worst ~45 dB, far above 30, but ~13 dB apart): the
+    # bare worst-prompt rule takes it, the prediction bound does not
+    assert auto.chosen.ideal_speedup < bare.chosen.ideal_speedup
+    assert any(c.reuses and c.worst_psnr >= 30.0 and not c.passes for c in auto.candidates)
+    assert "margin auto" in auto.summary() and "prediction bound" in auto.info["margin_rule"]
+    assert auto.held_out["held"] == (auto.held_out["worst_psnr"] >= 30.0)  # the held-out check stays at the target
+
+
+def test_a_bad_margin_is_a_clear_error(pipe, capsys):
+    with pytest.raises(ValueError, match="margin must be 'auto' or a finite number of dB >= 0"):
+        tune(pipe, 30.0, margin="wide", prompts=PROMPTS, held_out_prompts=HELD_OUT, call_kwargs=KWARGS)
+    for bad in ("wide", "-1"):
+        code, _, err = run(["tune", "--model", ref.REFERENCE_MODEL_DIR, "--target-psnr", "30", "--margin", bad,
+                            "--output", "unused"], capsys)
+        assert_one_line_error(code, err, "--margin must be 'auto' or a number of dB >= 0")

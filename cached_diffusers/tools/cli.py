@@ -977,8 +977,13 @@ def cmd_tune(args: argparse.Namespace) -> int:
         raise ValueError(f"--target-ssim must be in [0, 1], got {args.target_ssim}")
     if args.seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
-    if not (math.isfinite(args.margin) and args.margin >= 0):
-        raise ValueError(f"--margin must be a number of dB >= 0, got {args.margin}")
+    if args.margin != "auto":
+        try:
+            args.margin = float(args.margin)
+        except ValueError:
+            raise ValueError(f"--margin must be 'auto' or a number of dB >= 0, got {args.margin!r}") from None
+        if not (math.isfinite(args.margin) and args.margin >= 0):
+            raise ValueError(f"--margin must be 'auto' or a number of dB >= 0, got {args.margin}")
     if args.measure_latency is not None and args.measure_latency < 1:
         raise ValueError(f"--measure-latency must be >= 1 (timed rounds), got {args.measure_latency}")
     if args.prompts and args.held_out_prompts:
@@ -1235,12 +1240,14 @@ def build_parser() -> argparse.ArgumentParser:
                       help="worst tuning-prompt PSNR against uncached, in dB")
     tune.add_argument("--target-ssim", type=float, default=None, metavar="S", help="also require worst SSIM >= S")
     tune.add_argument(
-        "--margin", type=float, default=0.0, metavar="DB",
-        help="tune to --target-psnr + DB on the tuning prompts; the held-out check stays at --target-psnr (default: 0)",
+        "--margin", default="auto", metavar="auto|DB",
+        help="auto: hold the 99%% prediction bound of the tuning prompts' PSNRs (from their scatter) to --target-psnr; "
+        "DB: tune the worst tuning prompt to --target-psnr + DB (0: the bare worst prompt); the held-out check stays "
+        "at --target-psnr (default: auto)",
     )
     _add_sampling_arguments(tune)
     tune.add_argument("--negative-prompt", default=None, help=f"negative prompt {DEFAULTS_HELP}")
-    tune.add_argument("--prompts", nargs="+", default=None, metavar="P", help="tuning prompts (default: a built-in pair)")
+    tune.add_argument("--prompts", nargs="+", default=None, metavar="P", help="tuning prompts (default: 8 built-in captions)")
     tune.add_argument(
         "--held-out-prompts", nargs="+", default=None, metavar="P",
         help="verification prompts, disjoint from --prompts (default: a built-in set without the tuning prompts)",

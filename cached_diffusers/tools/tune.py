@@ -12,6 +12,11 @@ The library behind ``cached-diffusers tune`` and ``cached_diffusers.tune(pipe, t
   bisection finds the fastest setting whose *worst* (prompt, seed) PSNR against uncached is ``>= target`` (and SSIM
   ``>= target_ssim`` when given); monotonicity is approximate for greedy methods, so every candidate measured is
   kept and the fastest passing one wins. The fastest method wins overall (ties: the higher worst PSNR).
+* **Margin.** Unseen prompts scatter around the search's boundary, so by default (``margin="auto"``) a candidate
+  passes when the 99 % one-sided prediction bound of its tuning PSNRs (:func:`psnr_prediction_bound`: the worst, or
+  mean less Student's t times their spread when lower) meets the target; a number of dB instead holds the worst
+  tuning prompt to target + margin. The default tuning prompts (:data:`DEFAULT_TUNING_PROMPTS`) are 8 captions
+  drawn at random from the reference models' training set, so the scatter can be estimated.
 * **Reuse.** One uncached generation per (prompt, seed) is the reference of every candidate; a candidate whose config
   was measured before is not rerun. Generations are counted (:attr:`TuneResult.generations`).
 * **Held-out check.** The chosen config is re-run on held-out prompts, disjoint from the tuning prompts (default:
@@ -44,13 +49,17 @@ from .imaging import psnr, ssim, to_uint8
 from .timing import make_generator, timed_call
 
 __all__ = [
+    "CALIBRATION_PROMPTS",
+    "DEFAULT_CONFIDENCE",
     "DEFAULT_HELD_OUT_PROMPTS",
+    "DEFAULT_MARGIN",
     "DEFAULT_TUNING_PROMPTS",
     "Candidate",
     "Knob",
     "TuneResult",
     "UnreachableTarget",
     "plot_tuning",
+    "psnr_prediction_bound",
     "tunable",
     "tune",
     "write_outputs",
@@ -58,11 +67,66 @@ __all__ = [
 
 SCHEMA = "cached-diffusers-tuning/1"
 
-DEFAULT_TUNING_PROMPTS = ("red apple", "rocket")
-"""Tuning prompts when none are given (captions of the shipped reference models)."""
+DEFAULT_TUNING_PROMPTS = (
+    "trade mark sign", "white medium square", "black heart suit", "clapper board", "stadium",
+    "speaker with three sound waves", "tired face", "turkey",
+)
+"""Tuning prompts when none are given: 8 captions of the shipped reference models' training set
+(``assets/reference-emoji-dataset/captions.json``), drawn uniformly without replacement by
+``numpy.random.default_rng(0).choice(len(pool), 8, replace=False)`` (in pool order) from the captions that are
+neither held-out prompts (:data:`DEFAULT_HELD_OUT_PROMPTS`) nor calibration prompts of the shipped calibrated data
+(:data:`CALIBRATION_PROMPTS`): a random draw makes them exchangeable with other prompts of the same population, which
+is what the margin rule (:func:`psnr_prediction_bound`) assumes."""
 
 DEFAULT_HELD_OUT_PROMPTS = ("dog face", "sun with face", "snowman", "cat face")
 """Held-out prompts when none are given; those equal to a tuning prompt are dropped (the sets are disjoint)."""
+
+CALIBRATION_PROMPTS = ("white smiling face", "dragon face", "pig face", "ghost", "snowman", "winking face",
+                       "unicorn face", "zebra face")
+"""Captions the shipped reference models' TeaCache / MagCache data and error matrices were calibrated on
+(``scripts/bench_reference_model.sh``, ``scripts/bench_equal_budget.sh``); kept out of the default tuning prompts."""
+
+DEFAULT_MARGIN = "auto"
+"""``margin`` when none is given: the prediction bound of :func:`psnr_prediction_bound` (a number of dB instead adds
+a fixed margin to the worst tuning prompt's PSNR, the rule before it; ``0`` is the bare worst-prompt rule)."""
+
+DEFAULT_CONFIDENCE = 0.99
+"""One-sided confidence of the ``"auto"`` margin's prediction bound: under its normal model an unseen prompt falls
+below the bound with probability 1 %, so 4 held-out prompts all clear it with probability >= 96 %."""
+
+
+def psnr_prediction_bound(psnr: Sequence[float], confidence: float = DEFAULT_CONFIDENCE) -> float:
+    """Lower one-sided prediction bound of an unseen prompt's PSNR from the tuning (prompt, seed) PSNRs, in dB.
+
+    ``min(worst, mean - t * s * sqrt(1 + 1 / n))`` with ``n`` values, their mean and sample standard deviation ``s``
+    and ``t`` the ``confidence`` quantile of Student's t with ``n - 1`` degrees of freedom: the textbook prediction
+    interval for one new draw of a normal population of unknown mean and variance (e.g. Hahn & Meeker, *Statistical
+    Intervals*, 1991, sec. 4.4; NIST/SEMATECH e-Handbook 7.1.6). Prompt-to-prompt scatter widens it; more tuning prompts
+    narrow it (``t * sqrt(1 + 1/n)`` is 5.08 at 4 values, 3.18 at 8, 2.83 at 12 for ``confidence=0.99``). An
+    infinite PSNR (an image equal to the uncached one) counts as the largest finite one (or the bound is infinite
+    when all are); with one value the bound is that value (no scatter can be estimated).
+
+    Raises:
+        ValueError: when ``psnr`` is empty or ``confidence`` is not in (0.5, 1).
+    """
+    from scipy.stats import t as student_t
+
+    if not 0.5 < confidence < 1:
+        raise ValueError(f"confidence must be in (0.5, 1), got {confidence!r}")
+    values = np.asarray(list(psnr), dtype=np.float64)
+    if values.size == 0:
+        raise ValueError("psnr must hold at least one value")
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        return float(values.min())
+    values = np.where(np.isposinf(values), finite.max(), values)
+    worst = float(values.min())
+    n = values.size
+    if n < 2:
+        return worst
+    spread = float(values.std(ddof=1))
+    bound = float(values.mean()) - float(student_t.ppf(confidence, n - 1)) * spread * math.sqrt(1 + 1 / n)
+    return min(worst, bound)
 
 
 Knob = Sweep
@@ -172,9 +236,14 @@ class TuneResult:
                 f"measured speedup: {lat['speedup']:.2f}x (median of {lat['repeats']} interleaved rounds, per-round "
                 f"{lat['ratio_min']:.2f}x-{lat['ratio_max']:.2f}x) beside ideal {c.ideal_speedup:.2f}x"
             )
-        if self.info.get("margin"):
-            lines.append(f"tuned to {self.target_psnr + self.info['margin']:g} dB on the tuning prompts (target "
-                         f"{self.target_psnr:g} dB + margin {self.info['margin']:g} dB)")
+        margin = self.info.get("margin")
+        if margin == "auto":
+            lines.append(f"margin auto: the {DEFAULT_CONFIDENCE:.0%} prediction bound of the tuning PSNRs "
+                         f"({psnr_prediction_bound(c.psnr):.2f} dB over {len(c.psnr)} tuning (prompt, seed) values) "
+                         f"is held to the target {self.target_psnr:g} dB")
+        elif margin:
+            lines.append(f"tuned to {self.target_psnr + margin:g} dB on the tuning prompts (target "
+                         f"{self.target_psnr:g} dB + margin {margin:g} dB)")
         if self.bound:
             lines.append(f"every setting searched passed: {self.bound}")
         for d in self.defaults:
@@ -291,14 +360,19 @@ def _min_budget(errors: np.ndarray) -> int:
     return lo
 
 
-def _meets(c: Candidate, target_psnr: float, target_ssim: float | None) -> bool:
+def _psnr_floor(c: Candidate, margin: float | str) -> float:
+    """What the PSNR target is held against: the ``"auto"`` prediction bound, or the worst prompt less ``margin`` dB."""
+    return psnr_prediction_bound(c.psnr) if margin == "auto" else c.worst_psnr - margin
+
+
+def _meets(c: Candidate, target_psnr: float, target_ssim: float | None, margin: float | str = 0.0) -> bool:
     """The fidelity targets alone (a config that reuses nothing meets every target: the search's slow end)."""
-    return c.worst_psnr >= target_psnr and (target_ssim is None or c.worst_ssim >= target_ssim)
+    return _psnr_floor(c, margin) >= target_psnr and (target_ssim is None or c.worst_ssim >= target_ssim)
 
 
-def _passes(c: Candidate, target_psnr: float, target_ssim: float | None) -> bool:
+def _passes(c: Candidate, target_psnr: float, target_ssim: float | None, margin: float | str = 0.0) -> bool:
     """A candidate that can be chosen: it meets the targets and reuses at least one step."""
-    return c.reuses and _meets(c, target_psnr, target_ssim)
+    return c.reuses and _meets(c, target_psnr, target_ssim, margin)
 
 
 def _search(evaluate: Callable[[Any], Candidate], values_slow_to_fast: Sequence[Any] | None,
@@ -357,7 +431,7 @@ def tune(
     iterations: int = 6,
     measure_latency: int = 0,
     compare_defaults: bool = False,
-    margin: float = 0.0,
+    margin: float | str = DEFAULT_MARGIN,
     model: str | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> TuneResult:
@@ -381,8 +455,11 @@ def tune(
         iterations: bisection steps of a threshold.
         measure_latency: interleaved timed rounds of the chosen config against uncached (0: none).
         compare_defaults: also measure every searchable method's default config (what a user who does not tune gets).
-        margin: dB added to the target on the tuning prompts (the held-out check is against ``target_psnr``): the
-            search lands near its boundary, and unseen prompts scatter around it.
+        margin: what a candidate's tuning PSNRs must clear the target by (the held-out check is against
+            ``target_psnr`` alone): the search lands near its boundary, and unseen prompts scatter around it.
+            ``"auto"`` (the default) holds :func:`psnr_prediction_bound` of the candidate's tuning PSNRs (99 %
+            one-sided, from their own scatter) to the target; a number of dB holds the worst tuning prompt to
+            ``target_psnr + margin`` (``0``: the bare worst-prompt rule).
         model: a name for the records.
         progress: called with a line now and then.
 
@@ -401,8 +478,9 @@ def tune(
         raise ValueError(f"tune needs num_inference_steps >= 3 (an integer), got {num_steps!r}")
     if not (isinstance(target_psnr, (int, float)) and math.isfinite(target_psnr)):
         raise ValueError(f"target_psnr must be a finite number of dB, got {target_psnr!r}")
-    if not (isinstance(margin, (int, float)) and math.isfinite(margin) and margin >= 0):
-        raise ValueError(f"margin must be a finite number of dB >= 0, got {margin!r}")
+    if margin != "auto" and not (isinstance(margin, (int, float)) and not isinstance(margin, bool)
+                                 and math.isfinite(margin) and margin >= 0):
+        raise ValueError(f"margin must be 'auto' or a finite number of dB >= 0, got {margin!r}")
     if target_ssim is not None and not 0 <= target_ssim <= 1:
         raise ValueError(f"target_ssim must be in [0, 1], got {target_ssim!r}")
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
@@ -431,8 +509,7 @@ def tune(
     if original is not None:  # its calibrated coefficients / ratios, before the candidates replace it on the pipe
         calibrated = [original, *calibrated]
     runner = _Runner(pipe, kwargs, seed_list, lpips_fn, say)
-    search_psnr = target_psnr + margin
-    ok = lambda c: _meets(c, search_psnr, target_ssim)  # noqa: E731
+    ok = lambda c: _meets(c, target_psnr, target_ssim, margin)  # noqa: E731
     skipped: list[dict[str, str]] = []
     candidates: list[Candidate] = []
     best: dict[str, Candidate | None] = {}
@@ -495,7 +572,7 @@ def tune(
                 seen = _search(evaluate, None, lo, hi, iterations, ok)
                 fast_end = float(hi)
             for c in seen:
-                c.passes = _passes(c, search_psnr, target_ssim)
+                c.passes = _passes(c, target_psnr, target_ssim, margin)
             candidates += seen
             passing = [c for c in seen if c.passes]
             best[method] = max(passing, key=lambda c: (c.ideal_speedup, c.worst_psnr)) if passing else None
@@ -515,10 +592,12 @@ def tune(
         winners = [c for c in best.values() if c is not None]
         if not winners:
             caching = [c for c in candidates if c.reuses] or candidates
-            top = max(caching, key=lambda c: c.worst_psnr)
+            top = max(caching, key=lambda c: _psnr_floor(c, margin))
+            rule = ("" if margin == 0 else f", {_psnr_floor(top, margin):.2f} dB by the margin rule "
+                    f"({_margin_rule(margin)})")
             raise UnreachableTarget(
-                f"target PSNR {search_psnr:g} dB is unreachable with caching on this model: the best worst-prompt PSNR "
-                f"of any config reusing a step was {top.worst_psnr:.2f} dB ({top.method} {top.setting()}, "
+                f"target PSNR {target_psnr:g} dB is unreachable with caching on this model: the best worst-prompt PSNR "
+                f"of any config reusing a step was {top.worst_psnr:.2f} dB{rule} ({top.method} {top.setting()}, "
                 f"{len(candidates)} configs measured)"
             )
         chosen = max(winners, key=lambda c: (c.ideal_speedup, c.worst_psnr))
@@ -562,7 +641,8 @@ def tune(
         "model": model or type(pipe).__name__, "pipeline": type(pipe).__name__, "num_inference_steps": num_steps,
         "call_kwargs": {k: v for k, v in kwargs.items() if isinstance(v, (int, float, str))},
         "prompts": prompts, "held_out_prompts": held_out, "seeds": seed_list, "methods": wanted,
-        "iterations": iterations, "margin": margin, "lpips": lpips_note if lpips_fn is None else "LPIPS measured: " + lpips_note,
+        "iterations": iterations, "margin": margin, "margin_rule": _margin_rule(margin),
+        "psnr_floor": _psnr_floor(chosen, margin), "lpips": lpips_note if lpips_fn is None else "LPIPS measured: " + lpips_note,
         "error_matrix": matrix_info, "seconds": round(time.time() - started, 1), "environment": env,
         "protocol": (
             "per method, bisection of its knob for the fastest setting whose worst (prompt, seed) PSNR against the "
@@ -574,6 +654,13 @@ def tune(
     }
     return TuneResult(target_psnr, target_ssim, chosen, config, candidates, best, skipped, held, generations, bound,
                       info, latency, defaults)
+
+
+def _margin_rule(margin: float | str) -> str:
+    if margin == "auto":
+        return (f"auto: {DEFAULT_CONFIDENCE:.0%} one-sided prediction bound of the tuning PSNRs, "
+                "min(worst, mean - t * s * sqrt(1 + 1/n)), held to the target")
+    return f"worst tuning PSNR held to the target + {margin:g} dB"
 
 
 def _config_from(c: Candidate) -> CacheConfig:
