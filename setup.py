@@ -34,6 +34,7 @@ setup(
         "bench": ["scikit-image>=0.22", "matplotlib>=3.7"],  # fidelity metrics and plots: `bench` and `demo`
         "test": [
             "pytest>=8",
+            "pytest-xdist>=3.5",  # the fast set on two processes (docs/development.md, "Tests")
             "cache-dit==1.5.3",
             "peft>=0.17",  # diffusers' load_lora_weights (tests/test_ecosystem.py)
             "nbclient>=0.10",  # the notebooks in notebooks/ run in the tests (tests/test_notebooks.py)
