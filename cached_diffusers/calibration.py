@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .registry import method_attribute
+from .registry import old_path_getattr
 
 __all__ = ["runs_of"]
 # Each method's fit lives in its module: TeaCache's pairs and polynomial fit (`teacache_pairs`, `PolynomialFit`,
@@ -31,11 +31,4 @@ def runs_of(stats: Any) -> list[Any]:
     return list(stats) if isinstance(stats, (list, tuple)) else [stats]
 
 
-def __getattr__(name: str) -> Any:
-    """A method's calibration function at its old path (``cached_diffusers.calibration.fit_teacache``)."""
-    if name.startswith("__"):
-        raise AttributeError(name)
-    try:
-        return method_attribute(name)
-    except AttributeError:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+__getattr__ = old_path_getattr(__name__, "The methods' calibration functions")

@@ -24,7 +24,7 @@ from .registry import (
     available_cache_methods,
     cache_method,
     config_class as _config_class,
-    method_attribute,
+    old_path_getattr,
     register_cache_method,
     registered_names,
 )
@@ -378,14 +378,12 @@ class ResidualCacheConfig(StepCacheConfig):
         object.__setattr__(self, "taylorseer_order", _check_order(owner, "taylorseer_order", self.taylorseer_order))
 
 
+_moved = old_path_getattr(__name__, "The methods' configs")
+
+
 def __getattr__(name: str) -> Any:
     """The methods' configs at their old path (``cached_diffusers.configs.TeaCacheConfig``): looked up in the method
     modules (and ``PlannedScheduleConfig`` in :mod:`cached_diffusers.planned`)."""
-    if name.startswith("__"):
-        raise AttributeError(name)
     if name == "PlannedScheduleConfig":  # the planned-schedule base (importlib: planned imports this module)
         return importlib.import_module(f"{__package__}.planned").PlannedScheduleConfig
-    try:
-        return method_attribute(name)
-    except AttributeError:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    return _moved(name)

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 from .configs import StepCacheConfig, _check_int
 from .policies import CachePolicy, Decision, Gate, StepContext
-from .registry import method_attribute
+from .registry import old_path_getattr
 from .spec import ModelCacheSpec
 from .validation import MAX_STEPS, as_sequence
 
@@ -126,11 +126,4 @@ class PlannedSchedulePolicy(CachePolicy):
         return Decision(True, "planned-reuse")
 
 
-def __getattr__(name: str) -> Any:
-    """LeMiCa's and MeanCache's policies at their old path (``cached_diffusers.planned.LeMiCaPolicy``)."""
-    if name.startswith("__"):
-        raise AttributeError(name)
-    try:
-        return method_attribute(name)
-    except AttributeError:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+__getattr__ = old_path_getattr(__name__, "LeMiCa's and MeanCache's policies")

@@ -16,7 +16,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping
 
-from .registry import method_attribute, methods_supporting
+from .registry import methods_supporting, old_path_getattr
 from .residuals import ResidualStore, make_store
 from .scm import steps_mask
 from .spec import BLOCK_STACK, PATTERNS, WHOLE_CALL, ModelCacheSpec
@@ -290,12 +290,4 @@ def _methods_supporting(pattern: str) -> list[str]:
     return methods_supporting(pattern)
 
 
-def __getattr__(name: str) -> Any:
-    """The methods' policies and helpers at their old path (``cached_diffusers.policies.TeaCachePolicy``): looked up
-    in the method modules."""
-    if name.startswith("__"):
-        raise AttributeError(name)
-    try:
-        return method_attribute(name)
-    except AttributeError:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+__getattr__ = old_path_getattr(__name__, "The methods' policies and helpers")

@@ -17,7 +17,7 @@ from __future__ import annotations
 import importlib
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 if TYPE_CHECKING:  # annotations only: the configs register themselves here (configs -> registry)
     from .configs import CacheConfig
@@ -223,3 +223,20 @@ def method_attribute(name: str) -> Any:
         if name in getattr(module, "__all__", ()):
             return getattr(module, name)
     raise AttributeError(name)
+
+
+def old_path_getattr(module_name: str, what: str) -> Callable[[str], Any]:
+    """A module-level ``__getattr__`` for ``module_name`` that resolves the names moved into the method modules
+    (:func:`method_attribute`), so their old import paths keep working (``cached_diffusers.configs.TeaCacheConfig``);
+    ``what`` (e.g. "the methods' configs") is its docstring's subject. Any other name raises ``AttributeError``."""
+
+    def __getattr__(name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        try:
+            return method_attribute(name)
+        except AttributeError:
+            raise AttributeError(f"module {module_name!r} has no attribute {name!r}") from None
+
+    __getattr__.__doc__ = f"{what} at their old path in {module_name}, looked up in the method modules."
+    return __getattr__

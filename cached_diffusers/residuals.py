@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
-from .registry import method_attribute
+from .registry import old_path_getattr
 
 if TYPE_CHECKING:  # annotations only: importing the stores loads no torch
     import torch
@@ -106,11 +106,4 @@ def sigma_at(sigmas: Any, step: int, num_steps: int) -> float:
     return float(sigmas[step])
 
 
-def __getattr__(name: str) -> Any:
-    """A method's own store at its old path (``cached_diffusers.residuals.MeanCacheStore``)."""
-    if name.startswith("__"):
-        raise AttributeError(name)
-    try:
-        return method_attribute(name)
-    except AttributeError:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+__getattr__ = old_path_getattr(__name__, "The methods' own stores")
