@@ -385,11 +385,26 @@ def json_inputs(root):
     return json.loads((root / "inputs.json").read_text())
 
 
+BAGEL_STEPS = 5
+"""Denoising steps of the BAGEL cases (``num_timesteps=6``)."""
+
 BAGEL_METHODS = {
     "fbcache": lambda t: FirstBlockCacheConfig(residual_diff_threshold=t),
+    "dbcache": lambda t: DBCacheConfig(Fn=1, Bn=0, residual_diff_threshold=t, max_warmup_steps=0),
     "teacache": lambda t: TeaCacheConfig(rel_l1_thresh=t),
+    "seacache": lambda t: SeaCacheConfig(threshold=t, max_consecutive_cached=3),
     "taylorseer": lambda t: TaylorSeerConfig(order=1, interval=2, max_warmup_steps=1),
-}
+    "magcache": lambda t: MagCacheConfig(mag_ratios=[1.0] + [0.98] * (BAGEL_STEPS - 1), mag_threshold=0.5, mag_retention_ratio=0.2),
+    "lemica": lambda t: LeMiCaConfig(computed_steps=[0, 2, BAGEL_STEPS - 1], num_inference_steps=BAGEL_STEPS),
+    "meancache": lambda t: MeanCacheConfig(computed_steps=[0, 1, BAGEL_STEPS - 1], num_inference_steps=BAGEL_STEPS, windows=2),
+}  # fmt: skip
+"""Every method on BAGEL; those of :data:`ADAPTIVE` get a threshold between the samples' values (``check_rows``)."""
+
+
+def test_every_registered_method_is_covered_on_bagel_and_hunyuanimage3():
+    methods = set(available_cache_methods()) - {"none"}
+    assert set(BAGEL_METHODS) == methods
+    assert set(HUNYUAN_METHODS) == methods - {"fbcache", "dbcache"}  # refused on HunyuanImage-3.0 (no block stack)
 
 
 @pytest.mark.parametrize("method", sorted(BAGEL_METHODS))
@@ -399,7 +414,7 @@ def test_bagel_samples_get_their_own_output(bagel, method):
 
     def kwargs(prompt, seeds, per_prompt=1):
         return lambda: dict(
-            prompt=prompt, height=inputs["height"], width=inputs["width"], num_timesteps=6,
+            prompt=prompt, height=inputs["height"], width=inputs["width"], num_timesteps=BAGEL_STEPS + 1,
             timestep_shift=inputs["timestep_shift"], cfg_text_scale=inputs["cfg_text_scale"],
             cfg_img_scale=inputs["cfg_img_scale"], cfg_interval=(0.0, 1.0), num_images_per_prompt=per_prompt,
             generator=[torch.Generator().manual_seed(s) for s in seeds], output_type="latent",
@@ -407,9 +422,9 @@ def test_bagel_samples_get_their_own_output(bagel, method):
 
     check_rows(
         pipe, BAGEL_METHODS[method], method, kwargs(prompts, [0, 1]),
-        [kwargs(prompts[0], [0]), kwargs(prompts[1], [1])], adaptive=method != "taylorseer",
+        [kwargs(prompts[0], [0]), kwargs(prompts[1], [1])], adaptive=method in ADAPTIVE,
     )  # fmt: skip
-    if method != "taylorseer":  # the mixed steps ran the cached layers on the computing sample's row only
+    if method in ADAPTIVE:  # the mixed steps ran the cached layers on the computing sample's row only
         sizes, run_blocks = [], pipe.transformer._run_blocks
 
         def recording(start, end, streams, context):
@@ -436,11 +451,17 @@ def hunyuan():
     return pipe, json_inputs(root)
 
 
+HUNYUAN_STEPS = 6
+
 HUNYUAN_METHODS = {
     "seacache": lambda t: SeaCacheConfig(threshold=t, max_consecutive_cached=3),
     "teacache": lambda t: TeaCacheConfig(rel_l1_thresh=1e3, max_continuous_cached_steps=2),  # time_embed(t): alike
     "taylorseer": lambda t: TaylorSeerConfig(order=1, interval=2, max_warmup_steps=1),
-}
+    "magcache": lambda t: MagCacheConfig(mag_ratios=[1.0] + [0.98] * (HUNYUAN_STEPS - 1), mag_threshold=0.5, mag_retention_ratio=0.2),
+    "lemica": lambda t: LeMiCaConfig(computed_steps=[0, 2, HUNYUAN_STEPS - 1], num_inference_steps=HUNYUAN_STEPS),
+    "meancache": lambda t: MeanCacheConfig(computed_steps=[0, 1, HUNYUAN_STEPS - 1], num_inference_steps=HUNYUAN_STEPS, windows=2),
+}  # fmt: skip
+"""Every method HunyuanImage-3.0 runs (DBCache and First-Block-Cache are refused there at configuration time)."""
 
 
 @pytest.mark.parametrize("method", sorted(HUNYUAN_METHODS))
@@ -450,7 +471,7 @@ def test_hunyuanimage3_samples_get_their_own_output(hunyuan, method):
 
     def kwargs(latents, per_prompt):
         return lambda: dict(
-            prompt=inputs["prompt"], height=inputs["height"], width=inputs["width"], num_inference_steps=6,
+            prompt=inputs["prompt"], height=inputs["height"], width=inputs["width"], num_inference_steps=HUNYUAN_STEPS,
             num_images_per_prompt=per_prompt, latents=latents, output_type="latent",
         )  # fmt: skip
 
