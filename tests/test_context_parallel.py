@@ -166,19 +166,19 @@ def _diverging_first_block_cache(model):
 
     Returns ``(threshold, [local value per rank], latents, records)`` of the run at that threshold.
     """
-    from cached_diffusers import policies
+    from cached_diffusers import parallel  # the statistics' one reduction (policies.relative_l1 looks it up per call)
 
-    local, real = [], policies.sequence_sums
+    local, real = [], parallel.sequence_sums
 
     def recording(*partial_sums):  # this rank's own sums, before the reduction over the group
         local.append([t.item() for t in partial_sums])
         return real(*partial_sums)
 
-    policies.sequence_sums = recording
+    parallel.sequence_sums = recording
     try:
         _generate(model, "klein", FirstBlockCacheConfig(residual_diff_threshold=0.0))  # every step computes
     finally:
-        policies.sequence_sums = real
+        parallel.sequence_sums = real
     numerator, denominator = local[0]  # step 1 of the first branch
     gathered = [None, None]
     torch.distributed.all_gather_object(gathered, (numerator, denominator))
