@@ -2,10 +2,13 @@
 """Per-sample cache decisions against one decision per batch, on the shipped reference models (CPU).
 
     python scripts/bench_batch_decisions.py [--models qwenimage klein] [--methods fbcache teacache ...]
-        [--batch 4] [--steps 20] [--size 32] [--repeats 3] [--threads 1] [--json out.json] [--invariance]
+        [--threshold fbcache=0.3 ...] [--batch 4] [--steps 20] [--size 32] [--repeats 3] [--threads 1] [--json out.json] [--invariance]
 
 For each reference model (``cached_diffusers/assets/reference-*``, at their generation defaults: 32 x 32, CFG 4) and
-each cache method, a batch of ``--batch`` prompts (``--size``: another image side, to weigh the blocks' work against
+each registered cache method (``cached_diffusers.registry``; the reference model's shipped ``cache_config.json`` for its
+method, else the method's published setting fitted to the model, ``--threshold METHOD=VALUE`` setting its knob; a
+planned schedule computes steps 0, 1, 2, every third from 4 and the last; a method the model lacks coefficients or
+ratios for is skipped), a batch of ``--batch`` prompts (``--size``: another image side, to weigh the blocks' work against
 the per-call overhead) (one seed each) is generated with ``batch_decisions="per_sample"``
 and with ``"shared"``: one warm-up call of each, then ``--repeats`` interleaved repeats. It prints per method the
 median time of a call in each mode and their ratio, the share of samples computed per step (mean over the steps and
@@ -27,20 +30,24 @@ import argparse
 import contextlib
 import json
 import statistics
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
-METHODS = ("teacache", "fbcache", "dbcache", "magcache", "seacache", "taylorseer", "lemica", "meancache")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from method_settings import knob, method_names, parse_thresholds, published_config, threshold_help  # noqa: E402
+
 MODELS = ("qwenimage", "klein")
 PROMPTS = ("red apple", "rocket", "dog face", "green heart", "sun with face", "snowflake", "grapes", "crab")
-NEEDS_CALIBRATION = {"klein": ("teacache", "magcache")}
-"""Methods a model cannot run without calibrated coefficients or ratios (none are shipped for Klein's reference)."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS), help="reference models")
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="cache methods")
+    methods = method_names()
+    parser.add_argument("--methods", nargs="+", choices=methods, default=methods, help="cache methods (the registry's)")
+    parser.add_argument("--threshold", action="append", default=[], metavar="METHOD=VALUE", help=threshold_help())
     parser.add_argument("--batch", type=int, default=4, help=f"samples per call, 2 to {len(PROMPTS)} (default 4)")
     parser.add_argument("--steps", type=int, default=20, help="denoising steps, >= 4 (default 20)")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats after the warm-up, >= 1 (default 3)")
@@ -56,36 +63,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--size must be a positive multiple of 16, got {args.size}")
     if args.batch > len(PROMPTS):
         parser.error(f"--batch must be <= {len(PROMPTS)}, got {args.batch}")
+    try:
+        args.thresholds = parse_thresholds(args.threshold)
+    except ValueError as error:
+        parser.error(str(error))
     return args
 
 
-def method_config(method: str, steps: int, mode: str, model_dir):
-    """The benchmark's config of ``method`` (the reference model's calibrated TeaCache for ``teacache``)."""
-    from cached_diffusers import (
-        DBCacheConfig,
-        FirstBlockCacheConfig,
-        LeMiCaConfig,
-        MagCacheConfig,
-        MeanCacheConfig,
-        SeaCacheConfig,
-        TaylorSeerConfig,
-    )
+def method_config(method: str, steps: int, mode: str, model_dir, transformer=None, thresholds=None):
+    """The benchmark's config of ``method``: the reference model's shipped ``cache_config.json`` when it is of this
+    method (Qwen-Image's calibrated TeaCache; a ``thresholds`` value replaces its knob), else :func:`method_settings.published_config` fitted to
+    ``transformer``'s block count (knob from ``thresholds``); with ``batch_decisions=mode``."""
     from cached_diffusers.configs import cache_config_from_dict
 
-    plan = sorted({0, 1, 2, steps - 1} | set(range(4, steps - 1, 3)))
-    if method == "teacache":
-        data = json.loads((model_dir / "cache_config.json").read_text())
-        return cache_config_from_dict({**data, "batch_decisions": mode})
-    configs = {
-        "fbcache": lambda: FirstBlockCacheConfig(residual_diff_threshold=0.3),
-        "dbcache": lambda: DBCacheConfig(Fn=2, Bn=1, residual_diff_threshold=0.3, max_warmup_steps=2),
-        "magcache": lambda: MagCacheConfig(),
-        "seacache": lambda: SeaCacheConfig(),
-        "taylorseer": lambda: TaylorSeerConfig(),
-        "lemica": lambda: LeMiCaConfig(computed_steps=plan, num_inference_steps=steps),
-        "meancache": lambda: MeanCacheConfig(computed_steps=plan, num_inference_steps=steps, windows=2),
-    }
-    return configs[method]().replace(batch_decisions=mode)
+    value = (thresholds or {}).get(method)
+    shipped = Path(model_dir) / "cache_config.json"
+    if shipped.exists():
+        data = json.loads(shipped.read_text())
+        if data.get("method") == method:
+            config = cache_config_from_dict({**data, "batch_decisions": mode})
+            return config if value is None else config.replace(**{knob(method): value})
+    num_blocks = getattr(transformer, "num_cache_blocks", None)
+    config = published_config(method, value=value, steps=steps, num_blocks=num_blocks)
+    return config.replace(batch_decisions=mode)
 
 
 def load(model: str, size: int = 32):
@@ -169,13 +169,15 @@ def bench_model(model: str, args: argparse.Namespace) -> list[dict[str, Any]]:
 
     pipe, call, directory = load(model, args.size)
     prompts, seeds = PROMPTS[: args.batch], list(range(args.batch))
-    batched = call_kwargs(model, call, prompts, seeds, args.steps)
     results = []
+    thresholds = getattr(args, "thresholds", {})
     for method in args.methods:
-        if method in NEEDS_CALIBRATION.get(model, ()):
-            print(f"{model} {method}: skipped (no calibrated coefficients or ratios ship with this reference model)")
+        configs = {mode: method_config(method, args.steps, mode, directory, pipe.transformer, thresholds)
+                   for mode in ("per_sample", "shared")}  # fmt: skip
+        missing = configs["shared"].missing_model_data(pipe.transformer.cache_spec, model)
+        if missing is not None:
+            print(f"{model} {method}: skipped ({missing.split(';')[0]}: none ship with this reference model)")
             continue
-        configs = {mode: method_config(method, args.steps, mode, directory) for mode in ("per_sample", "shared")}
         times: dict[str, list[float]] = {mode: [] for mode in configs}
         overhead: list[float] = []
         outputs, stats = {}, {}

@@ -31,7 +31,16 @@ from pathlib import Path
 
 import torch
 
-from gpu_parallel_check import add_common_arguments, magcache_ratios, method_config, parallel_config, resolve, start_run
+from gpu_parallel_check import (
+    add_common_arguments,
+    calibration_data,
+    method_config,
+    needed_calibrations,
+    parallel_config,
+    resolve,
+    start_run,
+)
+from method_settings import CALIBRATE, base_method
 
 
 def psnr(latents: torch.Tensor, reference: torch.Tensor) -> float:
@@ -51,7 +60,7 @@ def main() -> None:
     if args.repeats < 1:
         sys.exit("--repeats must be >= 1")
     dtype, names, thresholds = resolve(args)
-    names = [n for n in names if not n.endswith("-calibrate")]  # calibration runs are not a speed setting
+    names = [n for n in names if not n.endswith(CALIBRATE)]  # calibration runs are not a speed setting
 
     import torch.distributed as dist
 
@@ -69,9 +78,12 @@ def main() -> None:
             times.append(time.perf_counter() - start)
         return statistics.median(times), result
 
-    _, (_, _, calibration) = timed(method_config("magcache-calibrate", args.model, thresholds, {}), False)
-    calibrations = {"magcache": magcache_ratios(calibration)}
-    configs = {"none": None, **{n: method_config(n, args.model, thresholds, calibrations) for n in names}}
+    calibrated = {}
+    for name in needed_calibrations(names, model, args.model, thresholds, args.steps):  # e.g. Klein's MagCache ratios
+        _, (_, _, stats) = timed(method_config(name, args.model, thresholds, {}), False)
+        calibrated[base_method(name)] = calibration_data(name, stats)
+    shape = {"steps": args.steps, "num_blocks": model.num_cache_blocks}
+    configs = {"none": None, **{n: method_config(n, args.model, thresholds, calibrated, **shape) for n in names}}
     rows, reference, baseline = [], None, None
     for gpus, parallel in ((1, False), (world_size, True)):
         if parallel:
@@ -94,7 +106,7 @@ def main() -> None:
         report = {
             "date": date, "device": name, "torch": torch.__version__, "model": args.model, "size": args.size,
             "checkpoint": args.checkpoint, "dtype": args.dtype, "mode": args.mode, "degree": world_size,
-            "attention_backend": backend, "steps": args.steps, "height": args.height, "width": args.width,
+            "attention_backend": args.attention_backend, "steps": args.steps, "height": args.height, "width": args.width,
             "text_tokens": [args.text_len, args.neg_text_len], "cfg_scale": args.cfg_scale, "repeats": args.repeats,
             "single_gpu_uncached_seconds": baseline, "results": rows,
         }  # fmt: skip
@@ -105,7 +117,7 @@ def main() -> None:
             f"# {args.model} transformer ({args.checkpoint or args.size}, {args.dtype}), {args.mode} x {world_size}, "
             f"{args.steps} steps, CFG {args.cfg_scale}",
             "",
-            f"{date}, {world_size} x {name}, torch {torch.__version__}, attention backend {backend}; "
+            f"{date}, {world_size} x {name}, torch {torch.__version__}, attention backend {args.attention_backend}; "
             f"single-GPU uncached {baseline:.3f} s. PSNR of the final latents against the single-GPU uncached run.",
             "",
             "| GPUs | method | run s | speedup | PSNR dB | reused steps |",

@@ -11,7 +11,12 @@ What each rank does:
 1. builds the cached transformer (``--size tiny`` or ``full``: the published Qwen-Image or FLUX.2 [klein] 4B shapes,
    random weights drawn from ``--seed``, identical on every rank; or ``--checkpoint DIR``, a diffusers model folder);
 2. runs a two-branch (cond / uncond, CFG ``--cfg-scale``) Euler loop of ``--steps`` steps on random latents and
-   prompt embeddings, once per cache method, on its own GPU without parallelism: the single-GPU reference;
+   prompt embeddings, once per cache method, on its own GPU without parallelism: the single-GPU reference. The
+   methods are the registry's (``--methods``, default all; ``scripts/method_settings.py``): each at its published
+   setting fitted to the model (``--threshold METHOD=VALUE`` sets its knob), ``<method>-calibrate`` for a method
+   calibrated from runs, ``scm`` (DBCache with the "fast" steps computation mask). A setting that lacks model data
+   takes it from this run's calibration, which runs first (Klein's MagCache ratios); Klein's TeaCache uses the
+   identity polynomial;
 3. enables parallelism on the same model (``ContextParallelConfig(ulysses_degree=N)`` or ``ring_degree=N``, or
    ``TensorParallelConfig(tp_degree=N)``, N = the number of processes) and runs the same loops;
 4. checks, per method, that every rank recorded the same decisions (step, reuse, reason) as every other rank and as
@@ -39,10 +44,21 @@ import torch
 
 from gpu_benchmark_qwenimage import random_transformer  # scripts/ is on sys.path when a script runs
 
-METHODS = (
-    "teacache", "teacache-calibrate", "magcache", "magcache-calibrate", "dbcache", "fbcache", "taylorseer", "scm",
-    "seacache",
-)  # fmt: skip
+from method_settings import (  # scripts/ again
+    CALIBRATE,
+    base_method,
+    calibrates_from_runs,
+    mode_config,
+    parse_thresholds,
+    run_modes,
+    threshold_help,
+)
+
+KLEIN_TEACACHE_COEFFICIENTS = (0.0, 0.0, 0.0, 1.0, 0.0)
+"""Klein has no published TeaCache coefficients: the identity polynomial (decisions on the raw distance)."""
+
+MODEL_DATA = {"klein": {"teacache": {"coefficients": KLEIN_TEACACHE_COEFFICIENTS}}}
+"""Model facts: data a model lacks that a method's setting takes here instead of from a calibration run."""
 
 QWEN_FULL = {
     "patch_size": 2, "in_channels": 64, "out_channels": 16, "num_layers": 60, "attention_head_dim": 128,
@@ -90,6 +106,7 @@ def start_run(args: argparse.Namespace, dtype: torch.dtype):
     model = build_transformer(args.model, args.size, args.checkpoint, device, dtype, args.seed)
     backend = args.attention_backend or ("_native_cudnn" if args.mode == "ring" else "native")
     model.set_attention_backend(backend)
+    args.attention_backend = backend  # what the report records
     work = Workload(args.model, args.height, args.width, args.text_len, args.neg_text_len, args.steps,
                     args.cfg_scale, args.seed)  # fmt: skip
     return rank, world_size, device, model, work
@@ -154,45 +171,43 @@ class Workload:
         return latents.float().cpu(), records, stats
 
 
-def method_config(name: str, family: str, thresholds: dict[str, float], calibrations: dict[str, Any]):
-    """The cache config a method name stands for. Klein has no published TeaCache coefficients or MagCache ratios:
-    its TeaCache uses the identity polynomial (decisions on the raw distance) and its MagCache the ratios of this
-    run's single-GPU calibration (``calibrations["magcache"]``)."""
-    from cached_diffusers import (
-        DBCacheConfig,
-        FirstBlockCacheConfig,
-        MagCacheConfig,
-        SeaCacheConfig,
-        TaylorSeerConfig,
-        TeaCacheConfig,
-    )
-
-    if name == "teacache":
-        coefficients = None if family == "qwen" else (0.0, 0.0, 0.0, 1.0, 0.0)
-        return TeaCacheConfig(rel_l1_thresh=thresholds["teacache"], coefficients=coefficients)
-    if name == "teacache-calibrate":
-        return TeaCacheConfig(calibrate=True)
-    if name == "magcache":
-        ratios = None if family == "qwen" else calibrations["magcache"]
-        return MagCacheConfig(mag_threshold=thresholds["magcache"], mag_ratios=ratios)
-    if name == "magcache-calibrate":
-        return MagCacheConfig(calibrate=True)
-    if name == "dbcache":
-        return DBCacheConfig(Fn=1, Bn=1, residual_diff_threshold=thresholds["dbcache"], max_warmup_steps=2)
-    if name == "fbcache":
-        return FirstBlockCacheConfig(residual_diff_threshold=thresholds["dbcache"])
-    if name == "taylorseer":
-        return TaylorSeerConfig(order=1, interval=3, max_warmup_steps=2)
-    if name == "scm":
-        return DBCacheConfig(Fn=1, Bn=0, residual_diff_threshold=thresholds["dbcache"], scm_steps_mask="fast")
-    if name == "seacache":  # the raw latent is whole on every rank (gathered under context parallelism)
-        return SeaCacheConfig(threshold=thresholds.get("seacache", SeaCacheConfig.threshold))
-    raise ValueError(f"unknown method {name!r}; valid: {', '.join(METHODS)}")
+def method_config(name: str, family: str, thresholds: dict[str, float], calibrated: dict[str, dict[str, Any]],
+                  *, steps: int = 28, num_blocks: int | None = None):
+    """The cache config a run mode stands for (:func:`method_settings.mode_config`: the method's published setting
+    fitted to ``num_blocks`` and ``steps``, its knob at ``thresholds[method]`` when given), with the model data of
+    :data:`MODEL_DATA` and of this run's calibrations (``calibrated[method]``, e.g. Klein's MagCache ratios)."""
+    if name not in run_modes():
+        raise ValueError(f"unknown method {name!r}; valid: {', '.join(run_modes())}")
+    base = base_method(name)
+    data = {**MODEL_DATA.get(family, {}).get(base, {}), **calibrated.get(base, {})}
+    if name.endswith(CALIBRATE):
+        data = {}
+    return mode_config(name, value=thresholds.get(base), steps=steps, num_blocks=num_blocks, **data)
 
 
-def magcache_ratios(stats) -> tuple[float, ...]:
-    """The conditional branch's calibrated MagCache ratios of a ``magcache-calibrate`` run."""
-    return tuple(stats.branches["cond"].calibration["mag_ratios"])
+def needed_calibrations(names: list[str], model, family: str, thresholds: dict[str, float], steps: int) -> list[str]:
+    """The ``-calibrate`` run modes that must run first: those of the methods in ``names`` whose setting lacks model
+    data (``missing_model_data``: no published coefficients or ratios for this model, e.g. Klein's MagCache)."""
+    needed = []
+    for name in names:
+        base = base_method(name)
+        if name.endswith(CALIBRATE) or not calibrates_from_runs(base) or base + CALIBRATE in needed:
+            continue
+        config = method_config(name, family, thresholds, {}, steps=steps, num_blocks=model.num_cache_blocks)
+        if config.missing_model_data(model.cache_spec, family) is not None:
+            needed.append(base + CALIBRATE)
+    return needed
+
+
+def calibration_data(name: str, stats) -> dict[str, Any]:
+    """The model data a ``-calibrate`` run of ``name`` measured (``from_calibration(stats).calibrated_data()``);
+    ``{}`` for a method that builds none from one run."""
+    from cached_diffusers.registry import cache_method
+
+    cls = cache_method(base_method(name)).config_class
+    if not hasattr(cls, "from_calibration"):
+        return {}
+    return cls.from_calibration(stats).calibrated_data()
 
 
 def setup_distributed(device_arg: str):
@@ -242,11 +257,9 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--neg-text-len", type=int, default=16, help="negative prompt tokens (likewise)")
     parser.add_argument("--steps", type=int, default=28)
     parser.add_argument("--cfg-scale", type=float, default=4.0, help="<= 1: no unconditional branch")
-    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {', '.join(METHODS)}")
-    parser.add_argument("--teacache-thresh", type=float, default=0.2)
-    parser.add_argument("--magcache-thresh", type=float, default=0.06)
-    parser.add_argument("--dbcache-thresh", type=float, default=0.08)
-    parser.add_argument("--seacache-thresh", type=float, default=0.25)
+    modes = run_modes()
+    parser.add_argument("--methods", default=",".join(modes), help=f"comma-separated, from {', '.join(modes)}")
+    parser.add_argument("--threshold", action="append", default=[], metavar="METHOD=VALUE", help=threshold_help())
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", type=Path, help="JSON report (written by rank 0)")
 
@@ -256,11 +269,14 @@ def resolve(args: argparse.Namespace) -> tuple[torch.dtype, list[str], dict[str,
     if args.dtype is None:
         args.dtype = "float32" if args.device == "cpu" or args.size == "tiny" else "bfloat16"
     names = [m for m in args.methods.split(",") if m]
-    unknown = [m for m in names if m not in METHODS]
+    modes = run_modes()
+    unknown = [m for m in names if m not in modes]
     if unknown:
-        sys.exit(f"--methods: unknown {unknown}; valid: {', '.join(METHODS)}")
-    thresholds = {"teacache": args.teacache_thresh, "magcache": args.magcache_thresh, "dbcache": args.dbcache_thresh,
-                  "seacache": args.seacache_thresh}  # fmt: skip
+        sys.exit(f"--methods: unknown {unknown}; valid: {', '.join(modes)}")
+    try:
+        thresholds = parse_thresholds(args.threshold)
+    except ValueError as error:
+        sys.exit(str(error))
     return getattr(torch, args.dtype), names, thresholds
 
 
@@ -277,19 +293,20 @@ def main() -> None:
 
     rank, world_size, device, model, work = start_run(args, dtype)
 
-    calibrations: dict[str, Any] = {}
-    reference = {}
-    for name in ["none", "magcache-calibrate", *[n for n in names if n != "magcache-calibrate"]]:
-        config = None if name == "none" else method_config(name, args.model, thresholds, calibrations)
+    calibrated: dict[str, dict[str, Any]] = {}
+    reference, configs = {}, {}
+    needed = needed_calibrations(names, model, args.model, thresholds, args.steps)
+    for name in ["none", *needed, *[n for n in names if n not in needed]]:
+        config = None if name == "none" else method_config(name, args.model, thresholds, calibrated, steps=args.steps,
+                                                           num_blocks=model.num_cache_blocks)  # fmt: skip
         latents, records, stats = work.run(model, config, device, dtype)
-        reference[name] = (latents, records)
-        if name == "magcache-calibrate":
-            calibrations["magcache"] = magcache_ratios(stats)
+        reference[name], configs[name] = (latents, records), config
+        if name in needed:  # the data the method's setting lacks on this model
+            calibrated[base_method(name)] = calibration_data(name, stats)
 
     model.enable_parallelism(config=parallel_config(args.mode, world_size))
     report, failed = [], False
-    for name in reference:
-        config = None if name == "none" else method_config(name, args.model, thresholds, calibrations)
+    for name, config in configs.items():
         latents, records, _ = work.run(model, config, device, dtype)
         gathered = [None] * world_size
         dist.all_gather_object(gathered, records)
@@ -311,7 +328,7 @@ def main() -> None:
     if rank == 0 and args.output:
         args.output.write_text(json.dumps({
             "model": args.model, "size": args.size, "checkpoint": args.checkpoint, "mode": args.mode,
-            "degree": world_size, "dtype": args.dtype, "attention_backend": backend, "steps": args.steps,
+            "degree": world_size, "dtype": args.dtype, "attention_backend": args.attention_backend, "steps": args.steps,
             "height": args.height, "width": args.width, "device": torch.cuda.get_device_name(device)
             if device.type == "cuda" else "cpu", "torch": torch.__version__, "results": report,
         }, indent=2) + "\n")  # fmt: skip

@@ -38,7 +38,8 @@ def test_the_documented_command_lines_parse():
 
 def test_a_small_run_measures_both_modes_and_the_invariance(capsys):
     (result,) = bench_batch_decisions.main(
-        ["--models", "qwenimage", "--methods", "fbcache", "--batch", "2", "--steps", "6", "--repeats", "1"]
+        ["--models", "qwenimage", "--methods", "fbcache", "--threshold", "fbcache=0.3", "--batch", "2", "--steps", "6",
+         "--repeats", "1"]
     )
     out = capsys.readouterr().out
     assert "qwenimage fbcache" in out and "per-sample" in out and "gather+scatter" in out
@@ -48,3 +49,29 @@ def test_a_small_run_measures_both_modes_and_the_invariance(capsys):
     assert result["max_difference_per_sample"] <= 1e-4
     if result["mixed_steps"]:
         assert result["gather_scatter_s"] > 0
+
+
+def test_the_methods_are_the_registry_s_and_each_builds_its_setting(tmp_path):
+    from cached_diffusers.registry import cache_methods
+    from cached_diffusers.tools.reference_model import REFERENCE_KLEIN_DIR, REFERENCE_MODEL_DIR
+
+    names = [m.name for m in cache_methods(enabled=True)]
+    assert bench_batch_decisions.parse_args([]).methods == names
+    for name in names:  # the shipped calibrated TeaCache on Qwen-Image; else the published setting
+        config = bench_batch_decisions.method_config(name, 20, "shared", REFERENCE_MODEL_DIR)
+        assert config.method == name and config.batch_decisions == "shared"
+    teacache = bench_batch_decisions.method_config("teacache", 20, "per_sample", REFERENCE_MODEL_DIR)
+    assert teacache.coefficients is not None
+    assert bench_batch_decisions.method_config("teacache", 20, "per_sample", REFERENCE_KLEIN_DIR).coefficients is None
+    args = bench_batch_decisions.parse_args(["--threshold", "fbcache=0.3", "--threshold", "teacache=0.4"])
+    fbcache = bench_batch_decisions.method_config("fbcache", 20, "shared", REFERENCE_MODEL_DIR, None, args.thresholds)
+    assert fbcache.residual_diff_threshold == 0.3
+    teacache = bench_batch_decisions.method_config("teacache", 20, "shared", REFERENCE_MODEL_DIR, None, args.thresholds)
+    assert teacache.rel_l1_thresh == 0.4 and teacache.coefficients is not None  # the shipped coefficients kept
+
+
+@pytest.mark.parametrize("item", ["turbo=1", "lemica=3", "fbcache=x"])
+def test_a_bad_threshold_is_refused(item, capsys):
+    with pytest.raises(SystemExit):
+        bench_batch_decisions.parse_args(["--threshold", item])
+    assert "--threshold" in capsys.readouterr().err
