@@ -238,7 +238,10 @@ class CacheEngine(GenerationScope):
         inputs = tuple(inputs)
         cached_around = policy.front_blocks + policy.back_blocks
         batch = _batch_size(inputs)
-        if generation.config.batch_decisions == "per_sample" and batch > 1:
+        # A calibration run (``calibrate=True``) computes every step, so its samples agree by construction: it records
+        # one calibration over the batch (what ``from_calibration(stats)`` reads), as with batch-level decisions.
+        calibrating = getattr(generation.config, "calibrate", False)
+        if generation.config.batch_decisions == "per_sample" and batch > 1 and not calibrating:
             decision = self._decide_samples(generation, ctx, state, inputs, indicator, batch, num_blocks)
         else:
             decision = self._decide_one(generation, ctx, state, inputs, indicator)
