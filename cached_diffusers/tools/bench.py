@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import importlib.util
-import json
 import math
 import os
 import platform
@@ -39,6 +38,7 @@ import numpy as np
 
 from ..configs import CacheConfig, resolve_cache_config
 from ..registry import cache_methods
+from . import files
 from .imaging import psnr, require_extra, ssim, to_uint8
 from .timing import make_generator, timed_call
 
@@ -740,30 +740,10 @@ def _measure(entry: BenchEntry, stats: list, reference: list[np.ndarray], images
 
 
 # -- writers ---------------------------------------------------------------------------------------------------------
-def _strict_json(value: Any) -> Any:
-    """JSON without the non-standard ``Infinity`` / ``NaN``: infinities become ``"inf"`` / ``"-inf"``, NaN ``null``."""
-    if isinstance(value, float):
-        if math.isnan(value):
-            return None
-        if math.isinf(value):
-            return "inf" if value > 0 else "-inf"
-        return value
-    if isinstance(value, Mapping):
-        return {str(k): _strict_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_strict_json(v) for v in value]
-    if isinstance(value, np.generic):
-        return _strict_json(value.item())
-    return value
-
-
 def write_json(result: BenchResult, path: str | os.PathLike) -> str:
-    """Write ``result.to_dict()`` as standard JSON (infinite PSNR as ``"inf"``); return the path."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(_strict_json(result.to_dict()), f, indent=2, allow_nan=False)
-        f.write("\n")
-    return str(path)
+    """Write ``result.to_dict()`` as standard JSON (infinite PSNR as ``"inf"``, see
+    :func:`~cached_diffusers.tools.files.write_json`); return the path."""
+    return files.write_json(result.to_dict(), path, indent=2)
 
 
 def _fmt(value: float | None, spec: str, suffix: str = "") -> str:

@@ -27,7 +27,6 @@ full size (docs/benchmark.md); wall time is not measured here.
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -39,6 +38,7 @@ from .bench import PSNR_THRESHOLD, default_sweep, environment, finite_mean, run_
 from ..configs import CacheConfig
 from ..planned import PlannedScheduleConfig
 from ..registry import cache_method, cache_methods
+from . import files
 from .imaging import psnr, require_extra, ssim
 
 __all__ = [
@@ -370,19 +370,9 @@ def format_markdown(result: EqualBudgetResult) -> str:
 
 
 def write_json(result: EqualBudgetResult, path: str | os.PathLike) -> str:
-    def strict(value):
-        if isinstance(value, float) and not math.isfinite(value):
-            return None
-        if isinstance(value, dict):
-            return {k: strict(v) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [strict(v) for v in value]
-        return value
-
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(strict(result.to_dict()), f, indent=1)
-        f.write("\n")
-    return str(path)
+    """Write ``result.to_dict()`` as standard JSON (an infinite PSNR as ``"inf"``, NaN as ``null``: see
+    :func:`~cached_diffusers.tools.files.write_json`); return the path."""
+    return files.write_json(result.to_dict(), path, indent=1)
 
 
 def write_csv(result: EqualBudgetResult, path: str | os.PathLike) -> str:
