@@ -348,24 +348,24 @@ def format_markdown(result: EqualBudgetResult) -> str:
     lines = [
         f"{info['model']}: {info['num_inference_steps']} steps, {len(info['prompts'])} held-out prompt(s)",
         "",
-        "| budget | method | setting | computed steps / branch | transformer speedup | PSNR mean / min (dB) | "
-        "SSIM mean / min | budget |",
-        "|---|---|---|---|---|---|---|---|",
     ]
+    rows = []
     for row in result.rows:
         finite = [p for p in row.psnr if math.isfinite(p)]
         kind = "exact" if row.exact and row.reached else ("measured" if row.reached else "not reached")
-        lines.append(
-            f"| {row.budget} | {row.method} | {_value_text(row)} | {row.computed_steps:.1f} | "
-            f"{row.transformer_speedup:.2f}x | {row.psnr_mean:.2f} / {min(finite) if finite else math.inf:.2f} | "
-            f"{row.ssim_mean:.4f} / {min(row.ssim):.4f} | {kind} |"
-        )
+        rows.append([
+            row.budget, row.method, _value_text(row), f"{row.computed_steps:.1f}", f"{row.transformer_speedup:.2f}x",
+            f"{row.psnr_mean:.2f} / {min(finite) if finite else math.inf:.2f}",
+            f"{row.ssim_mean:.4f} / {min(row.ssim):.4f}", kind,
+        ])
+    lines += files.markdown_table(["budget", "method", "setting", "computed steps / branch", "transformer speedup",
+                                   "PSNR mean / min (dB)", "SSIM mean / min", "budget"], rows)
     for item in info.get("skipped", []):
         lines.append(f"\nSkipped {item['method']}: {item['reason']}")
-    lines += ["", f"Best transformer speedup per method at mean PSNR >= {PSNR_THRESHOLD:g} dB:", "",
-              "| method | speedup | at budget |", "|---|---|---|"]
-    for method, row in result.best_speedup().items():
-        lines.append(f"| {method} | {row.transformer_speedup:.2f}x | {row.budget} |" if row else f"| {method} | - | - |")
+    lines += ["", f"Best transformer speedup per method at mean PSNR >= {PSNR_THRESHOLD:g} dB:", ""]
+    lines += files.markdown_table(["method", "speedup", "at budget"], [
+        [method, f"{row.transformer_speedup:.2f}x", row.budget] if row else [method, "-", "-"]
+        for method, row in result.best_speedup().items()])
     return "\n".join(lines) + "\n"
 
 

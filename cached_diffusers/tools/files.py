@@ -1,7 +1,8 @@
 """Output files of the tools: one rule for replacing an existing file (``--overwrite``, the old one kept as
 ``FILE.bak``), shared by ``calibrate`` and ``tune``; one JSON writer for records holding non-finite numbers
 (:func:`write_json`: infinities as ``"inf"`` / ``"-inf"``, NaN as ``null``), shared by ``bench``, ``tune`` and the
-equal-budget bench, and :func:`json_float` to read such a number back (also from older records that wrote ``null``)."""
+equal-budget bench, and :func:`json_float` to read such a number back (also from older records that wrote ``null``);
+one Markdown table writer (:func:`markdown_table`) for the reports."""
 
 from __future__ import annotations
 
@@ -9,11 +10,11 @@ import json
 import math
 import os
 import shutil
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["json_float", "keep_backup", "refuse_existing", "strict_json", "write_json"]
+__all__ = ["json_float", "keep_backup", "markdown_table", "refuse_existing", "strict_json", "write_json"]
 
 
 def refuse_existing(path: str | os.PathLike, overwrite: bool, flag: str | None = None) -> None:
@@ -75,3 +76,13 @@ def json_float(value: Any, null: float = math.nan) -> float:
     if value is None:
         return null
     return float(value)
+
+
+def markdown_table(headers: Sequence[Any], rows: Iterable[Sequence[Any]]) -> list[str]:
+    """The lines of a GitHub Markdown table: ``headers``, the ``|---|`` rule, then one line per row of cells (each
+    written with ``str``; an empty cell as ``| |``, a ``|`` inside a cell escaped)."""
+    def line(cells: Sequence[Any]) -> str:
+        texts = [str(c).replace("|", "\\|") for c in cells]
+        return "|" + "|".join(f" {t} " if t else " " for t in texts) + "|"
+
+    return [line(headers), "|" + "|".join("---" for _ in headers) + "|", *(line(row) for row in rows)]
