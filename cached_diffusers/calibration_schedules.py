@@ -241,6 +241,7 @@ def load_error_matrix(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, An
     if not isinstance(record, dict) or record.get("schema") != ERROR_MATRIX_SCHEMA or "errors" not in record:
         raise ValueError(f"{path}: not an error matrix written by `cached-diffusers calibrate` ({ERROR_MATRIX_SCHEMA})")
     rows = record.pop("errors")
+    # an infinite error is null here; "inf" (how the tools' records write infinities) is read too
     errors = np.array([[math.inf if v is None else float(v) for v in row] for row in rows], dtype=float)
     if errors.ndim != 2 or errors.shape[0] != errors.shape[1]:
         raise ValueError(f"{path}: the error matrix must be square, got shape {errors.shape}")

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import math
 import statistics
 import sys
@@ -31,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from cached_diffusers.tools.files import markdown_table, write_json
 from gpu_parallel_check import (
     add_common_arguments,
     calibration_data,
@@ -112,7 +112,7 @@ def main() -> None:
         }  # fmt: skip
         args.output_dir.mkdir(parents=True, exist_ok=True)
         stem = f"gpu-parallel-{date}-{args.model}-{args.mode}{world_size}"
-        (args.output_dir / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+        write_json(report, args.output_dir / f"{stem}.json", indent=2)  # an infinite PSNR (identical latents): "inf"
         lines = [
             f"# {args.model} transformer ({args.checkpoint or args.size}, {args.dtype}), {args.mode} x {world_size}, "
             f"{args.steps} steps, CFG {args.cfg_scale}",
@@ -120,13 +120,10 @@ def main() -> None:
             f"{date}, {world_size} x {name}, torch {torch.__version__}, attention backend {args.attention_backend}; "
             f"single-GPU uncached {baseline:.3f} s. PSNR of the final latents against the single-GPU uncached run.",
             "",
-            "| GPUs | method | run s | speedup | PSNR dB | reused steps |",
-            "|---|---|---|---|---|---|",
         ]
-        for r in rows:
-            reused = sum(len(s) for s in r["reused_steps"].values())
-            lines.append(f"| {r['gpus']} | {r['method']} | {r['seconds']:.3f} | {r['speedup']:.2f}x | "
-                         f"{r['psnr_db']:.2f} | {reused} |")  # fmt: skip
+        lines += markdown_table(["GPUs", "method", "run s", "speedup", "PSNR dB", "reused steps"], [
+            [r["gpus"], r["method"], f"{r['seconds']:.3f}", f"{r['speedup']:.2f}x", f"{r['psnr_db']:.2f}",
+             sum(len(s) for s in r["reused_steps"].values())] for r in rows])
         (args.output_dir / f"{stem}.md").write_text("\n".join(lines) + "\n")
         print(f"wrote {args.output_dir / stem}.json and .md")
     dist.destroy_process_group()

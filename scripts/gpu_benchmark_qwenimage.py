@@ -44,6 +44,7 @@ from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
 
 from cached_diffusers.configs import cache_config_from_dict
 from cached_diffusers.models.qwenimage import CachedQwenImageTransformer2DModel
+from cached_diffusers.tools.files import markdown_table
 from cached_diffusers.tools.tiny import SCHEDULER_CONFIG
 
 FULL_CONFIG = {
@@ -273,18 +274,18 @@ def main() -> None:
         f"({report['uncached_step_ms']:.1f} ms/step); engine bookkeeping "
         f"{report['bookkeeping_ms_per_step'] if bookkeeping is None else round(bookkeeping * 1000, 3)} ms/step.",
         "",
-        "| method | params | computed + reused | computed step ms | reused step ms | cost ratio | run s | speedup | "
-        "ideal | CPU reference speedup |",
-        "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    table = []
     for r in results:
         reuse_ms = "-" if r["reused_step_ms"] is None else f"{r['reused_step_ms']:.1f}"
         ratio = "-" if r["cost_ratio"] is None else f"{r['cost_ratio']:.3f}"
-        lines.append(
-            f"| {r['label']} | {r['params']} | {r['computed']} + {r['reused']} | {r['computed_step_ms']:.1f} | "
-            f"{reuse_ms} | {ratio} | {r['seconds']:.3f} | {r['speedup']:.2f}x | {r['ideal_speedup']:.2f}x | "
-            f"{r['reference_speedup']:.2f}x |"
-        )
+        table.append([
+            r["label"], r["params"], f"{r['computed']} + {r['reused']}", f"{r['computed_step_ms']:.1f}", reuse_ms,
+            ratio, f"{r['seconds']:.3f}", f"{r['speedup']:.2f}x", f"{r['ideal_speedup']:.2f}x",
+            f"{r['reference_speedup']:.2f}x",
+        ])
+    lines += markdown_table(["method", "params", "computed + reused", "computed step ms", "reused step ms",
+                             "cost ratio", "run s", "speedup", "ideal", "CPU reference speedup"], table)
     (args.output_dir / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {args.output_dir / stem}.json and .md")
 

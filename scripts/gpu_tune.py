@@ -21,6 +21,8 @@ import os
 import sys
 import time
 
+from cached_diffusers.tools.files import write_json
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -97,9 +99,7 @@ def main(argv=None) -> int:
             )
         runs.append(entry)
     path = os.path.join(args.output_dir, "gpu_tune.json")
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump({"model": args.model, "steps": args.steps, "runs": runs}, f, indent=1)
-        f.write("\n")
+    write_json({"model": args.model, "steps": args.steps, "runs": runs}, path, indent=1)
     print(f"wrote {path}")
     return 0 if all(r["exit_status"] == 0 for r in runs) else 1
 

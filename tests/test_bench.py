@@ -287,3 +287,10 @@ def test_a_speedup_above_the_ideal_one_is_flagged_as_timing_noise(bench):
     assert f"| {clean.speedup:.2f}x | {clean.ideal_speedup:.2f}x |" in markdown
     assert "(noise): 1 row(s) measured a speedup above the ideal one" in markdown
     assert "timing noise of the median of 1 repeat(s)" in markdown
+
+
+def test_one_markdown_table_writer():
+    from cached_diffusers.tools.files import markdown_table
+
+    assert markdown_table(["method", "speedup"], [["uncached", ""], ["a|b", 1.5]]) == [
+        "| method | speedup |", "|---|---|", "| uncached | |", "| a\\|b | 1.5 |"]

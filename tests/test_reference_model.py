@@ -119,3 +119,23 @@ def test_klein_reference_model_loads_and_draws_its_captions(dataset):
     print(f"klein top-1 {result.top1:.3f} top-5 {result.top5:.3f}")
     assert result.top1 >= KLEIN_TOP1_FLOOR
     assert result.top1 == pytest.approx(report["nearest_image_top1"], abs=0.05)
+
+
+def test_image_grids_are_diffusers_make_image_grid_with_white_gaps_and_fill(tmp_path):
+    from PIL import Image
+
+    from cached_diffusers.tools.imaging import side_by_side
+
+    red, blue = Image.new("RGB", (5, 3), "red"), Image.new("RGB", (5, 3), "blue")
+    sheet = np.asarray(side_by_side([[red, blue], [red]], gap=2))
+    assert sheet.shape == (3 + 2 + 3, 5 + 2 + 5, 3)
+    assert (sheet[:3, :5] == (255, 0, 0)).all() and (sheet[:3, 7:] == (0, 0, 255)).all()
+    assert (sheet[3:5] == 255).all() and (sheet[:, 5:7] == 255).all() and (sheet[5:, 7:] == 255).all()
+
+    dataset = ref.load_reference_dataset()
+    subset = ref.EmojiDataset(dataset.images[:10], dataset.captions[:10], dataset.codepoints[:10])
+    ref.save_reference_dataset(subset, tmp_path)  # 4 a row: the third row holds 2 images, then white
+    res = dataset.images.shape[1]
+    grid = np.asarray(Image.open(tmp_path / "images.png").convert("RGB"))
+    assert grid.shape == (3 * res, 4 * res, 3) and (grid[2 * res:, 2 * res:] == 255).all()
+    assert np.array_equal(ref.load_reference_dataset(tmp_path).images, subset.images)

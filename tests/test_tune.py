@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 
 import numpy as np
@@ -315,3 +316,29 @@ def test_a_bad_margin_is_a_clear_error(pipe, capsys):
         code, _, err = run(["tune", "--model", ref.REFERENCE_MODEL_DIR, "--target-psnr", "30", "--margin", bad,
                             "--output", "unused"], capsys)
         assert_one_line_error(code, err, "--margin must be 'auto' or a number of dB >= 0")
+
+
+def test_one_json_writer_keeps_infinities_and_the_report_reads_old_and_new_records(tmp_path):
+    from cached_diffusers.tools.files import json_float, strict_json, write_json
+
+    assert strict_json({1: [math.inf, -math.inf, math.nan, np.float32(2.5), (1, "a")]}) == {
+        "1": ["inf", "-inf", None, 2.5, [1, "a"]]}
+    path = write_json({"psnr": [math.inf, 30.0], "other": object()}, tmp_path / "sub" / "r.json", indent=1, default=str)
+    data = json.loads((tmp_path / "sub" / "r.json").read_text(), parse_constant=lambda name: pytest.fail(name))
+    assert path.endswith("r.json") and data["psnr"] == ["inf", 30.0] and data["other"].startswith("<object")
+    assert [json_float(v) for v in data["psnr"]] == [math.inf, 30.0] and math.isnan(json_float(None))
+    assert json_float(None, null=math.inf) == math.inf and json_float("-inf") == -math.inf
+
+    # scripts/tuning_report.py: an infinite held-out PSNR written as "inf" (now) or null (committed older records)
+    spec = importlib.util.spec_from_file_location("tuning_report", ROOT / "scripts" / "tuning_report.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    chosen = {"method": "lemica", "setting": "budget=4", "computed_steps": {"cond": 4}, "ideal_speedup": 2.0,
+              "worst_psnr": 40.0}
+    for target, infinite in ((40.0, "inf"), (35.0, None)):
+        record = {"target_psnr": target, "num_inference_steps": 8, "chosen": chosen, "margin": 0,
+                  "held_out": {"worst_psnr": infinite, "mean_psnr": infinite, "held": True},
+                  "generations": {"total": 3}, "seconds": 1.0}
+        write_json(record, tmp_path / "tuning" / f"psnr{target:g}" / "cache_config.tuning.json")
+    text = module.report(str(tmp_path / "tuning"))
+    assert text.count("| inf / inf dB | yes |") == 2

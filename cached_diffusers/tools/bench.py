@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import importlib.util
-import json
 import math
 import os
 import platform
@@ -39,6 +38,7 @@ import numpy as np
 
 from ..configs import CacheConfig, resolve_cache_config
 from ..registry import cache_methods
+from . import files
 from .imaging import psnr, require_extra, ssim, to_uint8
 from .timing import make_generator, timed_call
 
@@ -740,30 +740,10 @@ def _measure(entry: BenchEntry, stats: list, reference: list[np.ndarray], images
 
 
 # -- writers ---------------------------------------------------------------------------------------------------------
-def _strict_json(value: Any) -> Any:
-    """JSON without the non-standard ``Infinity`` / ``NaN``: infinities become ``"inf"`` / ``"-inf"``, NaN ``null``."""
-    if isinstance(value, float):
-        if math.isnan(value):
-            return None
-        if math.isinf(value):
-            return "inf" if value > 0 else "-inf"
-        return value
-    if isinstance(value, Mapping):
-        return {str(k): _strict_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_strict_json(v) for v in value]
-    if isinstance(value, np.generic):
-        return _strict_json(value.item())
-    return value
-
-
 def write_json(result: BenchResult, path: str | os.PathLike) -> str:
-    """Write ``result.to_dict()`` as standard JSON (infinite PSNR as ``"inf"``); return the path."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(_strict_json(result.to_dict()), f, indent=2, allow_nan=False)
-        f.write("\n")
-    return str(path)
+    """Write ``result.to_dict()`` as standard JSON (infinite PSNR as ``"inf"``, see
+    :func:`~cached_diffusers.tools.files.write_json`); return the path."""
+    return files.write_json(result.to_dict(), path, indent=2)
 
 
 def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
@@ -794,19 +774,19 @@ def format_markdown(result: BenchResult) -> str:
         f"median of {info['repeats']} repeat(s); {env['device_name']} ({env['device']}, torch threads: "
         f"{env['torch_threads']}), torch {env['torch']}, diffusers {env['diffusers']}, {info['date']}",
         "",
-        "| method | parameters | time (s) | speedup | ideal speedup | block fraction | reused steps per branch | "
-        "PSNR mean / min (dB) | SSIM mean / min |",
-        "|---|---|---|---|---|---|---|---|---|",
-        f"| uncached | | {result.baseline_seconds:.2f} | 1.00x | 1.00x | 1.000 | - | inf | 1.0000 |",
     ]
+    rows = [["uncached", "", f"{result.baseline_seconds:.2f}", "1.00x", "1.00x", "1.000", "-", "inf", "1.0000"]]
     for e in result.entries:
         noise = " (noise)" if e.timing_noise else ""
-        lines.append(
-            f"| {e.label} | {e.params} | {e.seconds:.2f} | {_fmt(e.speedup, '.2f', 'x')}{noise} | "
-            f"{_fmt(e.ideal_speedup, '.2f', 'x')} | {_fmt(e.block_fraction, '.3f')} | {_reused_text(e)} | "
-            f"{_fmt(e.psnr_mean, '.2f')} / {_fmt(e.psnr_min, '.2f')} | "
-            f"{_fmt(e.ssim_mean, '.4f')} / {_fmt(e.ssim_min, '.4f')} |"
-        )
+        rows.append([
+            e.label, e.params, f"{e.seconds:.2f}", f"{_fmt(e.speedup, '.2f', 'x')}{noise}",
+            _fmt(e.ideal_speedup, '.2f', 'x'), _fmt(e.block_fraction, '.3f'), _reused_text(e),
+            f"{_fmt(e.psnr_mean, '.2f')} / {_fmt(e.psnr_min, '.2f')}",
+            f"{_fmt(e.ssim_mean, '.4f')} / {_fmt(e.ssim_min, '.4f')}",
+        ])
+    lines += files.markdown_table(
+        ["method", "parameters", "time (s)", "speedup", "ideal speedup", "block fraction", "reused steps per branch",
+         "PSNR mean / min (dB)", "SSIM mean / min"], rows)
     noisy = [e for e in result.entries if e.timing_noise]
     if noisy:
         lines += ["", (
@@ -824,9 +804,8 @@ def format_markdown(result: BenchResult) -> str:
         f"Best measured speedup per method with mean {psnr_bar} and with mean {ssim_bar} against uncached "
         f"(configs that skipped transformer work):",
         "",
-        f"| method | best speedup at {psnr_bar} | best speedup at {ssim_bar} |",
-        "|---|---|---|",
     ]
+    best_rows = []
     for label, best in result.best().items():
         cells = []
         for key in ("psnr", "ssim"):
@@ -841,7 +820,8 @@ def format_markdown(result: BenchResult) -> str:
                     cells.append("none")
             else:
                 cells.append(f"{entry.speedup:.2f}x ({entry.params})")
-        lines.append(f"| {label} | {cells[0]} | {cells[1]} |")
+        best_rows.append([label, *cells])
+    lines += files.markdown_table(["method", f"best speedup at {psnr_bar}", f"best speedup at {ssim_bar}"], best_rows)
     if result.skipped:
         lines += ["", "Skipped:"]
         for label, reason in dict.fromkeys((s["label"], s["reason"]) for s in result.skipped):

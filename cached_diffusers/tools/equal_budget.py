@@ -27,7 +27,6 @@ full size (docs/benchmark.md); wall time is not measured here.
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -39,6 +38,7 @@ from .bench import PSNR_THRESHOLD, default_sweep, environment, finite_mean, run_
 from ..configs import CacheConfig
 from ..planned import PlannedScheduleConfig
 from ..registry import cache_method, cache_methods
+from . import files
 from .imaging import psnr, require_extra, ssim
 
 __all__ = [
@@ -348,41 +348,31 @@ def format_markdown(result: EqualBudgetResult) -> str:
     lines = [
         f"{info['model']}: {info['num_inference_steps']} steps, {len(info['prompts'])} held-out prompt(s)",
         "",
-        "| budget | method | setting | computed steps / branch | transformer speedup | PSNR mean / min (dB) | "
-        "SSIM mean / min | budget |",
-        "|---|---|---|---|---|---|---|---|",
     ]
+    rows = []
     for row in result.rows:
         finite = [p for p in row.psnr if math.isfinite(p)]
         kind = "exact" if row.exact and row.reached else ("measured" if row.reached else "not reached")
-        lines.append(
-            f"| {row.budget} | {row.method} | {_value_text(row)} | {row.computed_steps:.1f} | "
-            f"{row.transformer_speedup:.2f}x | {row.psnr_mean:.2f} / {min(finite) if finite else math.inf:.2f} | "
-            f"{row.ssim_mean:.4f} / {min(row.ssim):.4f} | {kind} |"
-        )
+        rows.append([
+            row.budget, row.method, _value_text(row), f"{row.computed_steps:.1f}", f"{row.transformer_speedup:.2f}x",
+            f"{row.psnr_mean:.2f} / {min(finite) if finite else math.inf:.2f}",
+            f"{row.ssim_mean:.4f} / {min(row.ssim):.4f}", kind,
+        ])
+    lines += files.markdown_table(["budget", "method", "setting", "computed steps / branch", "transformer speedup",
+                                   "PSNR mean / min (dB)", "SSIM mean / min", "budget"], rows)
     for item in info.get("skipped", []):
         lines.append(f"\nSkipped {item['method']}: {item['reason']}")
-    lines += ["", f"Best transformer speedup per method at mean PSNR >= {PSNR_THRESHOLD:g} dB:", "",
-              "| method | speedup | at budget |", "|---|---|---|"]
-    for method, row in result.best_speedup().items():
-        lines.append(f"| {method} | {row.transformer_speedup:.2f}x | {row.budget} |" if row else f"| {method} | - | - |")
+    lines += ["", f"Best transformer speedup per method at mean PSNR >= {PSNR_THRESHOLD:g} dB:", ""]
+    lines += files.markdown_table(["method", "speedup", "at budget"], [
+        [method, f"{row.transformer_speedup:.2f}x", row.budget] if row else [method, "-", "-"]
+        for method, row in result.best_speedup().items()])
     return "\n".join(lines) + "\n"
 
 
 def write_json(result: EqualBudgetResult, path: str | os.PathLike) -> str:
-    def strict(value):
-        if isinstance(value, float) and not math.isfinite(value):
-            return None
-        if isinstance(value, dict):
-            return {k: strict(v) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [strict(v) for v in value]
-        return value
-
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(strict(result.to_dict()), f, indent=1)
-        f.write("\n")
-    return str(path)
+    """Write ``result.to_dict()`` as standard JSON (an infinite PSNR as ``"inf"``, NaN as ``null``: see
+    :func:`~cached_diffusers.tools.files.write_json`); return the path."""
+    return files.write_json(result.to_dict(), path, indent=1)
 
 
 def write_csv(result: EqualBudgetResult, path: str | os.PathLike) -> str:

@@ -100,13 +100,22 @@ def _uint8_pair(reference, test) -> tuple[np.ndarray, np.ndarray]:
 
 
 def side_by_side(rows: Sequence[Sequence[Image.Image]], gap: int = 4) -> Image.Image:
-    """Tile ``rows`` of equally sized images into one RGB sheet, ``gap`` white pixels apart."""
+    """Tile ``rows`` of equally sized images into one RGB sheet, ``gap`` white pixels apart (a short row is filled
+    with white): :func:`diffusers.utils.make_image_grid` over the images, each with a white ``gap`` border right and
+    below, the last border cropped off."""
+    from diffusers.utils import make_image_grid
+
     if not rows or not rows[0]:
         raise ValueError("side_by_side needs at least one image")
     width, height = rows[0][0].size
     columns = max(len(r) for r in rows)
-    sheet = Image.new("RGB", (columns * width + (columns - 1) * gap, len(rows) * height + (len(rows) - 1) * gap), "white")
-    for r, row in enumerate(rows):
-        for c, image in enumerate(row):
-            sheet.paste(image.convert("RGB"), (c * (width + gap), r * (height + gap)))
-    return sheet
+    blank = Image.new("RGB", (width + gap, height + gap), "white")
+    cells = []
+    for row in rows:
+        for image in row:
+            cell = blank.copy()
+            cell.paste(image.convert("RGB"), (0, 0))
+            cells.append(cell)
+        cells += [blank] * (columns - len(row))
+    sheet = make_image_grid(cells, rows=len(rows), cols=columns)
+    return sheet.crop((0, 0, sheet.width - gap, sheet.height - gap))

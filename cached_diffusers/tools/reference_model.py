@@ -200,6 +200,7 @@ def subset(dataset: EmojiDataset, count: int, seed: int = 0) -> EmojiDataset:
 
 def save_reference_dataset(dataset: EmojiDataset, path: str | os.PathLike = REFERENCE_DATASET_DIR) -> Path:
     """Writes ``images.png`` (a grid, row-major, ``ceil(sqrt(N))`` images a row) and ``captions.json``."""
+    from diffusers.utils import make_image_grid
     from PIL import Image
 
     path = Path(path)
@@ -207,11 +208,9 @@ def save_reference_dataset(dataset: EmojiDataset, path: str | os.PathLike = REFE
     n, res = len(dataset), dataset.images.shape[1]
     cols = int(np.ceil(np.sqrt(n)))
     rows = -(-n // cols)
-    grid = np.full((rows * res, cols * res, 3), 255, dtype=np.uint8)
-    for i, image in enumerate(dataset.images):
-        r, c = divmod(i, cols)
-        grid[r * res : (r + 1) * res, c * res : (c + 1) * res] = image
-    Image.fromarray(grid).save(path / "images.png", optimize=True)
+    images = [Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8)).convert("RGB") for image in dataset.images]
+    images += [Image.new("RGB", (res, res), "white")] * (rows * cols - n)  # the last row's empty cells are white
+    make_image_grid(images, rows=rows, cols=cols).save(path / "images.png", optimize=True)
     meta = {
         "resolution": res,
         "columns": cols,

@@ -44,7 +44,7 @@ from ..configs import CacheConfig, available_cache_methods
 from ..registry import Sweep, cache_method, cache_methods
 from .bench import _skip_reason, environment, finite_mean, lpips_metric
 from .equal_budget import _greedy_base
-from .files import keep_backup, refuse_existing
+from .files import keep_backup, refuse_existing, write_json
 from .imaging import psnr, ssim, to_uint8
 from .timing import make_generator, timed_call
 
@@ -735,16 +735,6 @@ def _latency(runner: _Runner, config: CacheConfig, prompt: str, repeats: int) ->
 
 
 # -- output --------------------------------------------------------------------------------------------------------
-def _strict(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): _strict(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_strict(v) for v in value]
-    return value
-
-
 def plot_tuning(result: TuneResult, path: str | os.PathLike) -> str:
     """Worst tuning PSNR against ideal speedup, one series per method, the target line and the chosen point."""
     from .imaging import require_extra
@@ -794,8 +784,6 @@ def write_outputs(result: TuneResult, directory: str | os.PathLike, overwrite: b
     record = result.to_dict()
     record["versions"] = {"cached_diffusers": __version__, **{
         k: v for k, v in result.info["environment"].items() if k in ("torch", "diffusers", "transformers", "python")}}
-    with open(paths[1], "w", encoding="utf-8") as f:
-        json.dump(_strict(record), f, indent=1, default=str)
-        f.write("\n")
+    write_json(record, paths[1], indent=1, default=str)  # an infinite PSNR as "inf", NaN as null
     plot_tuning(result, paths[2])
     return paths
