@@ -120,7 +120,13 @@ def mixing_threshold(pipe, case, method, prompts, seeds, per_prompt) -> float:
     run(pipe, batch_inputs(case, prompts, seeds, per_prompt))
     samples = pipe.cache_stats.branches["cond"].samples
     assert len(samples) == len(prompts) * per_prompt
-    for step in range(STEPS):
+    return threshold_between(samples, method)
+
+
+def threshold_between(samples, method) -> float:
+    """The geometric mean of the lowest and highest of the samples' decision values at the first step where they
+    differ (half the highest when the lowest is 0)."""
+    for step in sorted({s for sample in samples for s in sample.values}):
         values = [s.values.get(step) for s in samples]
         if None in values:
             continue
@@ -334,15 +340,7 @@ def test_bad_batch_decisions_is_a_clear_error():
 # -- BAGEL (block stack of our own model) and HunyuanImage-3.0 (whole-call caching in the loop) ------------------------
 def first_branch_threshold(stats, method) -> float:
     """As :func:`mixing_threshold`, from a probe run's statistics (its first branch)."""
-    samples = next(iter(stats.branches.values())).samples
-    for step in sorted({s for sample in samples for s in sample.values}):
-        values = [s.values.get(step) for s in samples]
-        if None in values:
-            continue
-        low, high = min(values), max(values)
-        if high > low * (1 + 1e-3) and high > 0:
-            return math.sqrt(low * high) if low > 0 else high / 2
-    raise AssertionError(f"the samples' {method} values never differ: {[s.values for s in samples]}")
+    return threshold_between(next(iter(stats.branches.values())).samples, method)
 
 
 def check_rows(pipe, make_config, method, batched_kwargs, alone_kwargs, adaptive=True):

@@ -118,10 +118,9 @@ def _inputs(family):
     return latents, texts, extra
 
 
-@torch.no_grad()
-def _generate(model, family, config):
-    """A CFG Euler loop (scale 2) over NUM_STEPS steps; returns the final latents and the cache statistics."""
-    latents, texts, extra = _inputs(family)
+def _denoise(model, config, latents, texts, extra):
+    """The CFG Euler loop (scale 2) over NUM_STEPS steps from ``latents`` ``(B, L, C)``, the text streams and extra
+    arguments per branch; returns the final latents and the generation's cache statistics."""
     with model.cache_generation(config) as generation:
         for step in range(NUM_STEPS):
             sigma, next_sigma = 1.0 - step / NUM_STEPS, 1.0 - (step + 1) / NUM_STEPS
@@ -131,13 +130,19 @@ def _generate(model, family, config):
                     predictions[branch] = model(
                         hidden_states=latents,
                         encoder_hidden_states=texts[branch],
-                        timestep=torch.tensor([sigma]),
+                        timestep=torch.tensor([sigma] * latents.shape[0]),
                         return_dict=False,
                         **extra[branch],
                     )[0]
             velocity = predictions["uncond"] + 2.0 * (predictions["cond"] - predictions["uncond"])
             latents = latents + (next_sigma - sigma) * velocity
-    stats = generation.stats
+    return latents, generation.stats
+
+
+@torch.no_grad()
+def _generate(model, family, config):
+    """A CFG Euler loop (scale 2) over NUM_STEPS steps; returns the final latents and the cache statistics."""
+    latents, stats = _denoise(model, config, *_inputs(family))
     records = {
         b: [(r.step, r.reused, r.reason, r.value, r.blocks_computed) for r in s.records]
         for b, s in stats.branches.items()
@@ -315,19 +320,7 @@ def _generate_batch(model, family, config, rows=(0, 1)):
     extra = {
         b: {k: (v[index] if k == "encoder_hidden_states_mask" else v) for k, v in e.items()} for b, e in extra.items()
     }
-    with model.cache_generation(config) as generation:
-        for step in range(NUM_STEPS):
-            sigma, next_sigma = 1.0 - step / NUM_STEPS, 1.0 - (step + 1) / NUM_STEPS
-            predictions = {}
-            for branch in ("cond", "uncond"):
-                with model.cache_context(branch, step_index=step, num_inference_steps=NUM_STEPS):
-                    predictions[branch] = model(
-                        hidden_states=latents, encoder_hidden_states=texts[branch], timestep=torch.tensor([sigma] * len(index)),
-                        return_dict=False, **extra[branch],
-                    )[0]  # fmt: skip
-            velocity = predictions["uncond"] + 2.0 * (predictions["cond"] - predictions["uncond"])
-            latents = latents + (next_sigma - sigma) * velocity
-    stats = generation.stats
+    latents, stats = _denoise(model, config, latents, texts, extra)
     samples = {
         b: [[(r.step, r.reused, r.reason) for r in sample.records] for sample in s.samples] or [
             [(r.step, r.reused, r.reason) for r in s.records]
