@@ -363,16 +363,23 @@ def use_cpu_as_execution_device(pipe):
                         h.execution_device = torch.device("cpu")
 
 
-@pytest.mark.parametrize("config", [TEACACHE, DBCACHE], ids=["teacache", "dbcache-front-back"])
-@pytest.mark.parametrize("offload", ["model", "sequential"])
-def test_cpu_offloading_keeps_decisions_and_outputs(pipe, config, offload):
-    expected, expected_stats = run(pipe, config)
+def offloaded_pipe(config, offload):
+    """A fresh cached pipeline with ``config`` and CPU offloading: ``"model"`` (``enable_model_cpu_offload``) or
+    ``"sequential"`` (``enable_sequential_cpu_offload``, executing on the CPU)."""
     offloaded = cached_pipe(config)
     if offload == "model":
         offloaded.enable_model_cpu_offload(device="cpu")
     else:
         offloaded.enable_sequential_cpu_offload(device="cpu")
         use_cpu_as_execution_device(offloaded)
+    return offloaded
+
+
+@pytest.mark.parametrize("config", [TEACACHE, DBCACHE], ids=["teacache", "dbcache-front-back"])
+@pytest.mark.parametrize("offload", ["model", "sequential"])
+def test_cpu_offloading_keeps_decisions_and_outputs(pipe, config, offload):
+    expected, expected_stats = run(pipe, config)
+    offloaded = offloaded_pipe(config, offload)
     assert hasattr(offloaded.transformer, "_hf_hook")
     assert type(offloaded.transformer) is CachedQwenImageTransformer2DModel
     for _ in range(2):  # the second call runs on the hooks that maybe_free_model_hooks re-installed
@@ -413,12 +420,7 @@ def test_cpu_offloading_keeps_a_mixed_step_per_sample(pipe, offload):
     expected_stats = pipe.cache_stats.to_dict()
     samples = pipe.cache_stats.branches["cond"].samples
     assert len(samples) == 2 and samples[0].reused_steps != samples[1].reused_steps  # a mixed step happened
-    offloaded = cached_pipe(config)
-    if offload == "model":
-        offloaded.enable_model_cpu_offload(device="cpu")
-    else:
-        offloaded.enable_sequential_cpu_offload(device="cpu")
-        use_cpu_as_execution_device(offloaded)
+    offloaded = offloaded_pipe(config, offload)
     for _ in range(2):  # the second call runs on the hooks that maybe_free_model_hooks re-installed
         latents = offloaded(**batch_of_two()).images
         assert torch.equal(latents, expected)
