@@ -28,6 +28,7 @@ from .registry import (
     register_cache_method,
     registered_names,
 )
+from .scm import validate_mask_spec
 from .spec import ModelCacheSpec
 from .validation import MAX_STEPS, FrozenDict, as_scalar, as_sequence
 
@@ -290,8 +291,6 @@ class StepCacheConfig(CacheConfig):
         _set_bool(self, "compute_last_step")
         object.__setattr__(self, "warmup_interval", _check_int(owner, "warmup_interval", self.warmup_interval, low=1))
         if self.scm_steps_mask is not None:
-            from .scm import validate_mask_spec
-
             object.__setattr__(self, "scm_steps_mask", validate_mask_spec(f"{owner}.scm_steps_mask", self.scm_steps_mask))
         if self.scm_steps_policy not in ("dynamic", "static"):
             raise ValueError(f"{owner}.scm_steps_policy must be 'dynamic' or 'static', got {self.scm_steps_policy!r}")

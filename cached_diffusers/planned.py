@@ -4,7 +4,7 @@ Both compute exactly the steps of their config's ``computed_steps`` (per guidanc
 stored residuals) and reuse at the others; the shared guards of :meth:`CachePolicy.gate` still force a compute where
 nothing can be reused (the first executed step, a changed input). They differ in what a reused step adds: LeMiCa the
 last computed residual (:class:`~cached_diffusers.residuals.ResidualStore`), MeanCache an average-velocity forecast
-(:class:`~cached_diffusers.residuals.MeanCacheStore`). Sources: :class:`~cached_diffusers.methods.lemica.LeMiCaConfig`,
+(:class:`~cached_diffusers.methods.meancache.MeanCacheStore`). Sources: :class:`~cached_diffusers.methods.lemica.LeMiCaConfig`,
 :class:`~cached_diffusers.methods.meancache.MeanCacheConfig`.
 """
 

@@ -56,7 +56,7 @@ from transformers.models.qwen2.modeling_qwen2 import (
 )
 
 from cached_diffusers.model_mixin import CachedTransformerMixin, gather_rows
-from cached_diffusers.sea import unpack_patch_tokens
+from cached_diffusers.patch_tokens import unpack_patch_tokens
 from cached_diffusers.spec import ModelCacheSpec
 
 __all__ = [

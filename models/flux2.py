@@ -20,7 +20,7 @@ from diffusers.models.modeling_utils import ModelMixin  # noqa: F401
 
 from cached_diffusers.model_mixin import DUAL_STREAM_IO, BlockIO, CachedTransformerMixin, block_argument, row_gatherer
 from cached_diffusers.parallel import context_parallel_group, gather_sequence
-from cached_diffusers.sea import unpack_patch_tokens
+from cached_diffusers.patch_tokens import unpack_patch_tokens
 from cached_diffusers.spec import ModelCacheSpec
 
 __all__ = ["CachedFlux2Transformer2DModel", "FLUX2_CALIBRATION_HINT", "flux2_latent_grid"]

@@ -16,7 +16,7 @@ from diffusers.utils.peft_utils import apply_lora_scale
 
 from cached_diffusers.model_mixin import DUAL_STREAM_IO, BlockIO, CachedTransformerMixin, block_argument, row_gatherer
 from cached_diffusers.parallel import context_parallel_group, shard_sequence
-from cached_diffusers.sea import unpack_patch_tokens
+from cached_diffusers.patch_tokens import unpack_patch_tokens
 from cached_diffusers.spec import ModelCacheSpec
 
 __all__ = [

@@ -15,7 +15,8 @@ from diffusers import (
 )
 from transformers import Qwen2TokenizerFast, Qwen3ForCausalLM
 
-from cached_diffusers.configs import CacheConfig, DBCacheConfig
+from cached_diffusers.configs import CacheConfig
+from cached_diffusers.methods.dbcache import DBCacheConfig
 from cached_diffusers.models.flux2 import CachedFlux2Transformer2DModel
 from cached_diffusers.pipeline_mixin import CachedPipelineMixin
 

@@ -1,8 +1,14 @@
 """MeanCache: average-velocity caching (Gao et al., ICLR 2026, arXiv 2601.19961; UnicomAI/MeanCache), a planned
 schedule. The config (:class:`MeanCacheConfig`), the policy (:class:`MeanCachePolicy`), the average-velocity forecast
-of the residual (:class:`MeanCacheStore`) and the sweep metadata (the budget). The schedule and the window per gap come
-from ``cached-diffusers calibrate --method meancache``
-(:func:`cached_diffusers.calibration_schedules.choose_meancache_windows`).
+of the residual (:class:`MeanCacheStore`), its calibration (the window per gap, :func:`choose_meancache_windows`) and
+the sweep metadata (the budget). The schedule (solved from LeMiCa's error matrix) and the window per gap come from
+``cached-diffusers calibrate --method meancache``.
+
+:func:`choose_meancache_windows`: MeanCache's averaging window per gap of a schedule (Gao et al., ICLR 2026, arXiv
+2601.19961; the official schedules pick one of 1..6 per gap, UnicomAI/MeanCache). One pass over the gaps in order:
+each candidate window is tried on the full schedule with the windows chosen so far, and kept if it lowers the global
+error of the final latents (:func:`cached_diffusers.calibration_schedules.latent_error`); window 1 (plain reuse,
+LeMiCa's rule) is the start.
 """
 
 from __future__ import annotations
@@ -10,8 +16,11 @@ from __future__ import annotations
 import bisect
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Mapping, Sequence
 
+import numpy as np
+
+from ..calibration_schedules import final_latents, latent_error
 from ..configs import _check_int, register_cache_method
 from ..planned import PlannedScheduleConfig, PlannedSchedulePolicy
 from ..registry import Sweep
@@ -19,14 +28,14 @@ from ..residuals import ResidualStore, Streams, sigma_at
 from ..spec import ModelCacheSpec
 from ..validation import as_scalar, as_sequence
 
-__all__ = ["MEANCACHE_MAX_WINDOW", "MeanCacheConfig", "MeanCachePolicy", "MeanCacheStore"]
+__all__ = ["MEANCACHE_MAX_WINDOW", "MeanCacheConfig", "MeanCachePolicy", "MeanCacheStore", "choose_meancache_windows"]
 
 
 class MeanCacheStore(ResidualStore):
     """MeanCache's average-velocity forecast of the residuals (Gao et al., ICLR 2026, arXiv 2601.19961;
     UnicomAI/MeanCache ``MeanCache4Qwen-Image/Mc_qwenimage.py``, ``compute_current_jvp``).
 
-    Keeps ``u_m``, the residuals of the last :data:`~cached_diffusers.configs.MEANCACHE_MAX_WINDOW` steps of the
+    Keeps ``u_m``, the residuals of the last :data:`MEANCACHE_MAX_WINDOW` steps of the
     branch, computed or forecast (float32). At a reused step ``i`` with window ``k = window_for(i)`` (clipped to the
     history held), over the window's steps ``m_0 < ... < m_{k-1}`` (the last ``k`` held):
     ``avg = sum_j u_{m_j} (sigma_{m_{j+1}} - sigma_{m_j}) / (sigma_i - sigma_{m_0})`` with ``m_k = i``,
@@ -84,7 +93,7 @@ class MeanCacheStore(ResidualStore):
 
 
 class MeanCachePolicy(PlannedSchedulePolicy):
-    """MeanCache (see :class:`~cached_diffusers.configs.MeanCacheConfig`): a reused step adds the average-velocity
+    """MeanCache (see :class:`MeanCacheConfig`): a reused step adds the average-velocity
     forecast of the residual, with the window of the gap it lies in."""
 
     def __init__(self, config: MeanCacheConfig, spec: ModelCacheSpec):
@@ -154,10 +163,8 @@ class MeanCacheConfig(PlannedScheduleConfig):
     @classmethod
     def planned(cls, computed_steps: list[int], num_inference_steps: int, **measure: Any) -> tuple[MeanCacheConfig, dict[str, Any]]:
         """The plan with the best window per gap, measured on the model
-        (:func:`cached_diffusers.calibration_schedules.choose_meancache_windows` with ``measure``'s ``pipe``,
-        ``prompts``, ``kwargs``, ``candidates``, ``seed`` and ``progress``)."""
-        from ..calibration_schedules import choose_meancache_windows
-
+        (:func:`choose_meancache_windows` with ``measure``'s ``pipe``, ``prompts``, ``kwargs``, ``candidates``,
+        ``seed`` and ``progress``)."""
         windows, error, plain = choose_meancache_windows(
             measure["pipe"], measure["prompts"], measure["kwargs"], computed_steps, candidates=measure["candidates"],
             seed=measure["seed"], progress=measure["progress"],
@@ -193,3 +200,58 @@ class MeanCacheConfig(PlannedScheduleConfig):
     def window_of_gap(self, gap: int) -> int:
         """The window of gap ``gap`` (between ``computed_steps[gap]`` and ``computed_steps[gap + 1]``)."""
         return self.windows if isinstance(self.windows, int) else self.windows[gap]
+
+
+# -- calibration: the window per gap ----------------------------------------------------------------------------------
+def choose_meancache_windows(
+    pipe,
+    prompts: Sequence[str],
+    call_kwargs: Mapping[str, Any],
+    computed_steps: Sequence[int],
+    *,
+    candidates: Sequence[int] = (1, 2, 4),
+    seed: int = 0,
+    progress: Callable[[str], None] | None = None,
+) -> tuple[tuple[int, ...], float, float]:
+    """MeanCache's window per gap of ``computed_steps`` (see the module docstring) and the resulting global error.
+
+    Returns:
+        ``(windows, error, plain_error)``: one window per gap (``len(computed_steps) - 1``), the mean relative L1 error
+        of the final latents of the schedule with them, and with window 1 everywhere (LeMiCa's plain reuse).
+
+    Raises:
+        ValueError: no prompts, or a candidate outside ``[1, 6]`` (from :class:`MeanCacheConfig`).
+    """
+    if not prompts:
+        raise ValueError("choose_meancache_windows needs at least one calibration prompt")
+    steps = tuple(int(s) for s in computed_steps)
+    num_steps = steps[-1] + 1
+    kwargs = {**call_kwargs, "num_inference_steps": num_steps}
+    say = progress or (lambda line: None)
+    original = pipe.cache_config
+    try:
+        references = [final_latents(pipe, p, kwargs, seed + k, None) for k, p in enumerate(prompts)]
+
+        def error_of(windows: tuple[int, ...]) -> float:
+            config = MeanCacheConfig(computed_steps=steps, num_inference_steps=num_steps, windows=windows)
+            return float(np.mean([
+                latent_error(final_latents(pipe, p, kwargs, seed + k, config), references[k])
+                for k, p in enumerate(prompts)
+            ]))
+
+        windows = [1] * (len(steps) - 1)
+        best = plain = error_of(tuple(windows))
+        for gap in range(len(steps) - 1):
+            if steps[gap + 1] - steps[gap] < 2:
+                continue  # nothing reused in this gap
+            for window in candidates:
+                if window == windows[gap]:
+                    continue
+                trial = tuple(windows[:gap] + [window] + windows[gap + 1:])
+                error = error_of(trial)
+                if error < best:
+                    best, windows = error, list(trial)
+            say(f"gap {steps[gap]} -> {steps[gap + 1]}: window {windows[gap]} (error {best:.4g})")
+    finally:
+        pipe.cache_config = original
+    return tuple(windows), best, plain

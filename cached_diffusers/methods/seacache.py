@@ -1,8 +1,9 @@
 """SeaCache: Spectral-Evolution-Aware Cache (Chung et al., CVPR 2026, arXiv 2602.18993; diffusers 0.42
 ``hooks/sea_cache.py``). The config (:class:`SeaCacheConfig`), the rule on the SEA-filtered raw latent
-(:class:`SeaCachePolicy`, state :class:`SeaCacheState`; the filter itself: :mod:`cached_diffusers.sea`), its residual
-extrapolation (:class:`LinearExtrapolationStore`), the calibration (``calibrate=True`` records the distances;
-:func:`cached_diffusers.calibration.suggest_sea_threshold` replays the rule) and the sweep metadata.
+(:class:`SeaCachePolicy`, state :class:`SeaCacheState`), the SEA filter and distance it measures with
+(:func:`sea_filter`, :func:`sea_gain`, :func:`sea_distance`), its residual extrapolation
+(:class:`LinearExtrapolationStore`), the calibration (``calibrate=True`` records the distances;
+:func:`suggest_sea_threshold` replays the rule) and the sweep metadata.
 """
 
 from __future__ import annotations
@@ -20,7 +21,125 @@ from ..spec import ModelCacheSpec
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["LinearExtrapolationStore", "SeaCacheConfig", "SeaCachePolicy", "SeaCacheState", "SeaThreshold", "replay_seacache", "sea_distances", "suggest_sea_threshold"]
+__all__ = [
+    "SEA_EPSILON",
+    "LinearExtrapolationStore",
+    "SeaCacheConfig",
+    "SeaCachePolicy",
+    "SeaCacheState",
+    "SeaThreshold",
+    "replay_seacache",
+    "sea_distance",
+    "sea_distances",
+    "sea_filter",
+    "sea_gain",
+    "suggest_sea_threshold",
+]
+
+
+# -- the SEA filter and distance (torch is imported when a step runs: importing this module loads none) ------------
+# SeaCache decides from the *raw latent* entering the transformer, not from an embedding: before two consecutive
+# steps' latents are compared, each is passed through a filter that keeps the part of its spectrum where the clean
+# signal dominates the noise at the step's noise level. Per latent, over its grid axes (the two spatial axes of an
+# image, ``(T, H, W)`` of a video), each channel on its own:
+#
+# * ``sigma`` is the step's noise level of the flow-matching schedule (``x_sigma = (1 - sigma) x_0 + sigma eps``),
+#   clamped to ``[1e-6, 1 - 1e-6]``; ``s = 1 - sigma`` scales the signal, ``n = sigma`` the noise.
+# * The clean signal's power along an axis is a power law of the frequency, ``P(f) = |f|^-power_exp``
+#   (``f = torch.fft.fftfreq(size)``, cycles per sample in ``[-1/2, 1/2)``); the noise is white. The Wiener-like gain
+#   of the axis is ``g(f) = s P(f) / (s^2 P(f) + n^2) = s / (s^2 + n^2 |f|^power_exp)`` (at ``f = 0``: ``1 / s``).
+# * The gain over the grid is the product of the per-axis gains, divided by its mean over the grid (unit mean, the
+#   paper's Eq. (7), so that distances are comparable across steps); the filtered latent is
+#   ``real(ifftn(fftn(x) * gain))``, computed in float32 and returned in the input's dtype.
+#
+# An image is a one-frame video: the gain of an axis of length 1 is a constant, which the unit-mean normalisation
+# removes, so the 2-D filter over ``(H, W)`` equals the hook's 3-D filter of the same image with ``T = 1`` (checked
+# against the installed ``_apply_sea_filter`` in ``tests/test_seacache.py``).
+#
+# The distance between consecutive steps' filtered latents is the hook's: per batch row (the hook's list of latents,
+# one per sample), ``mean|a - b| / (mean|b| + 1e-16)`` in float32, then the mean over the rows.
+
+SEA_EPSILON = 1e-16
+"""Added to the mean of the previous filtered latent in the distance (diffusers' ``SeaCacheSharedState.resolve_gate``)."""
+
+_SIGMA_CLAMP = 1e-6
+"""``sigma`` is clamped to ``[1e-6, 1 - 1e-6]`` before the gain (diffusers' ``_apply_sea_filter``)."""
+
+
+def _axis_gain(size: int, sigma: float, power_exp: float, device: torch.device) -> torch.Tensor:
+    """The Wiener-like gain ``s / (s^2 + n^2 |f|^power_exp)`` over ``fftfreq(size)``, float32, shape ``(size,)``."""
+    import torch
+
+    signal, noise = 1.0 - sigma, sigma
+    frequencies = torch.fft.fftfreq(size, device=device, dtype=torch.float32).abs()
+    return signal / (signal * signal + noise * noise * frequencies.pow(power_exp))
+
+
+def sea_gain(grid: tuple[int, ...], sigma: float, power_exp: float, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The unit-mean separable SEA gain over a grid of shape ``grid`` (float32, shape ``grid``).
+
+    Args:
+        grid: the sizes of the filtered axes, e.g. ``(H, W)``.
+        sigma: the step's noise level in ``[0, 1]`` (clamped to ``[1e-6, 1 - 1e-6]``).
+        power_exp: the exponent of the clean signal's power-law prior, ``> 0``.
+    """
+    import torch
+
+    sigma = min(max(float(sigma), _SIGMA_CLAMP), 1.0 - _SIGMA_CLAMP)
+    gain = torch.ones((), dtype=torch.float32, device=device)
+    for axis, size in enumerate(grid):
+        shape = [1] * len(grid)
+        shape[axis] = size
+        gain = gain * _axis_gain(size, sigma, power_exp, torch.device(device)).reshape(shape)
+    mean = gain.mean()
+    if torch.isfinite(mean) and mean > 0:
+        gain = gain / mean
+    return gain
+
+
+def sea_filter(latents: torch.Tensor, sigma: float, power_exp: float, grid_dims: int = 2) -> torch.Tensor:
+    """The SEA-filtered latent: ``real(ifftn(fftn(x) * gain))`` over the last ``grid_dims`` axes.
+
+    Args:
+        latents: ``(..., *grid)``, e.g. ``(B, C, H, W)`` for images (``grid_dims=2``) or ``(B, C, T, H, W)`` for
+            videos (``grid_dims=3``); every leading index (batch row, channel) is filtered on its own.
+        sigma: the step's noise level in ``[0, 1]``.
+        power_exp: the prior's exponent, ``> 0`` (SeaCache's default 3.0, see ``SeaCacheConfig.power_exp``).
+        grid_dims: how many trailing axes form the grid, ``>= 1``.
+
+    Returns:
+        The filtered latent, same shape and dtype as ``latents`` (computed in float32).
+
+    Raises:
+        ValueError: when ``latents`` has fewer than ``grid_dims`` axes or ``grid_dims < 1``.
+    """
+    if grid_dims < 1 or latents.ndim < grid_dims:
+        raise ValueError(f"sea_filter: need grid_dims >= 1 trailing axes, got grid_dims={grid_dims} for shape "
+                         f"{tuple(latents.shape)}")
+    import torch
+
+    dims = tuple(range(latents.ndim - grid_dims, latents.ndim))
+    values = latents.detach().float()
+    gain = sea_gain(tuple(values.shape[d] for d in dims), sigma, power_exp, values.device)
+    filtered = torch.fft.ifftn(torch.fft.fftn(values, dim=dims) * gain, dim=dims).real
+    return filtered.to(latents.dtype)
+
+
+def sea_distance(current: torch.Tensor, previous: torch.Tensor) -> float:
+    """Mean over batch rows of ``mean|current - previous| / (mean|previous| + 1e-16)`` (float32).
+
+    Args:
+        current, previous: filtered latents of one shape ``(B, ...)``; row ``b`` is one sample.
+
+    Raises:
+        ValueError: when the shapes differ.
+    """
+    if current.shape != previous.shape:
+        raise ValueError(f"sea_distance: shapes differ, {tuple(current.shape)} and {tuple(previous.shape)}")
+    current = current.float().flatten(1)
+    previous = previous.float().flatten(1)
+    per_row = (current - previous).abs().mean(dim=1) / (previous.abs().mean(dim=1) + SEA_EPSILON)
+    return float(per_row.mean())
 
 
 class LinearExtrapolationStore(ResidualStore):
@@ -66,7 +185,7 @@ class SeaCachePolicy(CachePolicy):
     """SeaCache's rule (see :class:`~cached_diffusers.SeaCacheConfig`) on the SEA-filtered raw latent.
 
     The model's indicator (kind ``"sea_latent"``) is the raw latent on its grid, ``(B, C, *grid)``; it is filtered
-    over the grid axes (:func:`cached_diffusers.sea.sea_filter`) at the step's ``sigma``. The latent is whole on every
+    over the grid axes (:func:`sea_filter`) at the step's ``sigma``. The latent is whole on every
     rank (models gather a sharded one), so the distance is local: no reduction over the sequence group.
     """
 
@@ -85,8 +204,6 @@ class SeaCachePolicy(CachePolicy):
     def observe_step(
         self, ctx: StepContext, sigmas: Callable[[], Any] | None, state: SeaCacheState, indicator: torch.Tensor | None
     ) -> float | None:
-        from ..sea import sea_distance, sea_filter  # torch: loaded when a step runs
-
         if indicator is None:
             raise ValueError("SeaCache needs the model's raw latent ('sea_latent' indicator), but the model provided none")
         if indicator.ndim < 3:
@@ -158,7 +275,7 @@ class SeaCacheConfig(StepCacheConfig):
 
     Per guidance branch, the indicator is the *raw latent* entering the transformer on its grid ``(B, C, H, W)``
     (packed patch tokens unpacked; see ``docs/methods.md`` for each model), passed through the SEA filter at the
-    step's noise level ``sigma`` (:func:`cached_diffusers.sea.sea_filter`: an FFT over the grid per channel, a
+    step's noise level ``sigma`` (:func:`sea_filter`: an FFT over the grid per channel, a
     per-axis Wiener-like gain ``s / (s^2 + sigma^2 |f|^power_exp)`` with ``s = 1 - sigma``, normalised to unit mean).
     The relative L1 distance between consecutive steps' filtered latents (mean over batch rows of
     ``mean|a - b| / (mean|b| + 1e-16)``) accumulates; a step reuses while the sum stays below ``threshold``; when it
@@ -188,7 +305,7 @@ class SeaCacheConfig(StepCacheConfig):
         calibrate (`bool`, defaults to `False`):
             Calibration mode: never reuse; record each branch's distance at every step in
             ``stats.branches[b].calibration["sea_distances"]`` (``None`` where there is no previous step), from
-            which :func:`cached_diffusers.calibration.suggest_sea_threshold` replays the rule.
+            which :func:`suggest_sea_threshold` replays the rule.
         other fields: the shared guards of :class:`StepCacheConfig` (``compute_last_step`` duplicates
             ``cache_end_steps >= 1``; ``max_continuous_cached_steps`` is the engine's cap, independent of
             ``max_consecutive_cached``).
