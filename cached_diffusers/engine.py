@@ -238,10 +238,9 @@ class CacheEngine(GenerationScope):
         inputs = tuple(inputs)
         cached_around = policy.front_blocks + policy.back_blocks
         batch = _batch_size(inputs)
-        # A calibration run (``calibrate=True``) computes every step, so its samples agree by construction: it records
-        # one calibration over the batch (what ``from_calibration(stats)`` reads), as with batch-level decisions.
-        calibrating = getattr(generation.config, "calibrate", False)
-        if generation.config.batch_decisions == "per_sample" and batch > 1 and not calibrating:
+        # A policy whose samples decide alike by construction (a calibration run computes every step) keeps one state
+        # and records one calibration over the batch, as with batch-level decisions.
+        if generation.config.batch_decisions == "per_sample" and batch > 1 and not policy.samples_decide_alike:
             decision = self._decide_samples(generation, ctx, state, inputs, indicator, batch, num_blocks)
         else:
             decision = self._decide_one(generation, ctx, state, inputs, indicator)

@@ -180,6 +180,17 @@ class CachePolicy:
         """Order of the TaylorSeer forecast of reused residuals, ``None`` to reuse the last residual as is."""
         return self.config.taylorseer_order if getattr(self.config, "enable_taylorseer", False) else None
 
+    @property
+    def samples_decide_alike(self) -> bool:
+        """Whether every sample of a batch takes the same decision at every step under this config, by construction
+        (a calibration run that computes every step: TeaCache's, MagCache's and SeaCache's ``calibrate=True``).
+
+        When ``True`` the engine keeps the branch's batch-level state even with ``batch_decisions="per_sample"``: one
+        decision per step and branch, and one calibration record over the batch (what ``from_calibration(stats)``
+        reads), as with ``batch_decisions="shared"``. Default ``False``: the config's ``batch_decisions`` decides.
+        """
+        return False
+
     def new_state(self) -> Any:
         """Fresh per-branch method state."""
         return None

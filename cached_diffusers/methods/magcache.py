@@ -59,6 +59,11 @@ class MagCachePolicy(CachePolicy):
 
     value_name = "accumulated magnitude error |1 - prod(mag_ratios)|"
 
+    @property
+    def samples_decide_alike(self) -> bool:
+        """A calibration run (``calibrate=True``) computes every step: its samples agree by construction."""
+        return self.config.calibrate
+
     def __init__(self, config: MagCacheConfig, spec: ModelCacheSpec):
         super().__init__(config, spec)
         ratios = config.mag_ratios if config.mag_ratios is not None else spec.mag_ratios

@@ -192,6 +192,11 @@ class SeaCachePolicy(CachePolicy):
     indicator_kind = "sea_latent"
     value_name = "accumulated relative L1 distance of the SEA-filtered raw latent"
 
+    @property
+    def samples_decide_alike(self) -> bool:
+        """A calibration run (``calibrate=True``) computes every step: its samples agree by construction."""
+        return self.config.calibrate
+
     def __init__(self, config: SeaCacheConfig, spec: ModelCacheSpec):
         super().__init__(config, spec)
 

@@ -54,6 +54,11 @@ class TeaCachePolicy(CachePolicy):
     indicator_kind = "teacache_indicator"
     value_name = "accumulated rescaled relative L1 distance of the TeaCache indicator"
 
+    @property
+    def samples_decide_alike(self) -> bool:
+        """A calibration run (``calibrate=True``) computes every step: its samples agree by construction."""
+        return self.config.calibrate
+
     def __init__(self, config: TeaCacheConfig, spec: ModelCacheSpec):
         super().__init__(config, spec)
         coefficients = config.coefficients
