@@ -260,25 +260,62 @@ class CachePolicy:
         return self.observe(state, indicator)
 
     def decide(self, ctx: StepContext, state: Any, measurement: float | None, gate: Gate, reason: str) -> Decision:
-        """The method's decision for one step of one branch: the extension point of a new method.
+        """The method's rule for one step of one guidance branch: compute or reuse. The extension point of a method.
 
-        The engine calls it once per branch and step, after :meth:`observe_step` turned the model's indicator into
-        ``measurement`` and :meth:`gate` evaluated the shared guards. A method:
+        **How to write a method** (``docs/development.md``, "Adding a method": one new file
+        ``cached_diffusers/methods/<name>.py`` plus one registration line). The file holds a config, a frozen
+        dataclass deriving from :class:`~cached_diffusers.configs.StepCacheConfig` (the shared guards), decorated with
+        ``@register_cache_method`` (:func:`cached_diffusers.registry.register_cache_method`, the registration line),
+        naming this class as its ``policy_class`` and its ``sweep``; and this policy, a subclass of
+        :class:`CachePolicy` that overrides ``decide`` (the only method it must write) and, as it needs:
 
-        * returns ``Decision(False, reason)`` when ``gate is Gate.COMPUTE`` (a guard forces a compute: first executed
-          step, no stored residual, warm-up, last step, SCM mask, caps; ``reason`` names it), resetting whatever it
-          accumulates;
-        * returns ``Decision(True, reason)`` when ``gate is Gate.REUSE`` (a static SCM mask forces a reuse);
-        * otherwise (``Gate.TEST``) applies its own rule to ``measurement`` (``None`` when there is nothing to
-          compare with yet) and ``state`` (its per-branch state from :meth:`new_state`, which it may update), and
-          returns ``Decision(reuse, reason, value)`` with a short hyphenated ``reason`` (``"below-threshold"``, ...)
-          and the decision value its ``value_name`` describes (``None`` if it has none).
+        * ``indicator_kind`` (class attribute): the indicator the model hands the engine, ``None`` for none. The
+          kinds: ``"teacache_indicator"`` (the model's cheap probe at the stack's input, e.g. block 0's modulated
+          input ``(B, L, D)``, any shape constant over the steps), ``"front_residual"`` (the image-stream residual
+          of the policy's ``front_blocks``, ``(B, L, D)``, block stack only, made by the engine) and
+          ``"sea_latent"`` (the raw latent entering the transformer on its grid ``(B, C, H, W)``, whole on every
+          rank). A model offers its kinds in ``BlockStack.indicators`` (block stack) or to ``CacheEngine.decide``
+          (whole call); a kind the model lacks raises ``ValueError`` naming the method and the kind.
+        * :meth:`new_state`: the method's per-branch state (a small mutable object, or ``None``). The engine owns
+          it: one per guidance branch and, with ``batch_decisions="per_sample"`` and a batch of ``B > 1``, one per
+          sample (each sample decides on its own rows of the inputs and the indicator, ``B = 1`` slices), so a
+          policy keeps no per-generation state on itself.
+        * :meth:`observe` / :meth:`observe_step`: turn the step's indicator tensor into the scalar ``measurement``
+          (e.g. a relative L1 distance to the previous step's, :func:`relative_l1`; under context parallelism
+          reduce sums over the sequence group, :mod:`cached_diffusers.parallel`, so every rank gets the same scalar),
+          keeping the tensors it compares with in ``state``; ``None`` when there is nothing to compare with yet.
+        * :meth:`make_store`: what a reused step adds, a :class:`~cached_diffusers.residuals.ResidualStore` (the
+          last computed residual, the default), its TaylorSeer forecast (``taylorseer_order``) or the method's own
+          store or forecaster subclass, defined in the method's module (SeaCache's ``LinearExtrapolationStore``,
+          MeanCache's ``MeanCacheStore``).
+        * ``front_blocks`` / ``back_blocks`` (blocks always run around the cached span), ``patterns`` (the wiring
+          patterns it supports), ``value_name``, :meth:`on_computed` and :meth:`calibration` (what a calibration
+          run records), ``samples_decide_alike``: defaults that fit most methods.
 
-        It must be a pure function of ``ctx``, ``state`` and the scalars: ranks of a multi-process run that gather the
-        same scalars then take the same decision. It is the only method a new policy must write; ``new_state``,
-        ``observe`` / ``observe_step``, ``make_store``, ``on_computed`` and ``calibration`` have defaults (no state, no
-        measurement, the last computed residual, nothing recorded). The method's config names the class as its
-        ``policy_class`` (see ``docs/development.md``, "Adding a method").
+        **What it receives.** The engine calls it once per branch (per sample) and step, after :meth:`observe_step`
+        and :meth:`gate`:
+
+        * ``ctx``: the :class:`StepContext`: ``step`` (index in the full schedule), ``num_steps``, ``branch``
+          (``"cond"``, ``"uncond"``, ...), ``first_step`` (``> 0`` for img2img / inpaint at ``strength < 1``);
+          ``executed`` / ``num_executed`` count from the first executed step (what warm-ups and intervals count).
+        * ``state``: this branch's (or sample's) object from :meth:`new_state`; ``decide`` may update it (accumulate,
+          reset), and only it.
+        * ``measurement``: the scalar from :meth:`observe_step`, or ``None``.
+        * ``gate`` and ``reason``: the shared guards' outcome (:meth:`gate`, then the engine's own: a repeated or
+          earlier step, inputs changed behind the cache). ``Gate.COMPUTE``: a guard forces a compute (``reason``:
+          ``"first-step"``, ``"no-residual"``, ``"warmup"``, ``"last-step"``, ``"scm-compute"``, a cap,
+          ``"input-changed"``, ...); return ``Decision(False, reason)`` and reset what the method accumulates.
+          ``Gate.REUSE``: a static SCM mask forces a reuse; return ``Decision(True, reason)``. ``Gate.TEST``
+          (``reason`` empty): the method's own rule decides.
+
+        **What it returns.** A :class:`Decision`: ``reuse`` (``True``: skip the cached blocks and add the store's
+        residual), ``reason`` (a short hyphenated word: ``"below-threshold"``, ``"interval"``, ...; the statistics
+        count decisions by it) and ``value`` (the decision value ``value_name`` describes, or ``None``).
+
+        **Purity.** The decision must be a pure function of ``ctx``, ``state`` and the scalars (``measurement`` and
+        the config): no tensors, clocks, random numbers or global state. Ranks of a multi-process run (CFG-parallel,
+        context-parallel) that gather the same scalars then take the same decision, and a sample of a batch decides
+        as it would alone (``docs/batch-invariance.md``).
 
         Raises:
             NotImplementedError: in the base class.
