@@ -18,12 +18,12 @@ def supported_pipelines() -> dict[str, type]:
     import importlib
 
     from . import pipelines
-    from .pipeline_mixin import _REGISTRY
+    from .pipeline_signatures import CACHED_PIPELINES
 
     for module in pipelines._import_structure:  # defining the classes registers them (the package imports lazily)
         importlib.import_module(f"{pipelines.__name__}.{module}")
 
-    return dict(sorted(_REGISTRY.items()))
+    return dict(sorted(CACHED_PIPELINES.items()))
 
 
 def cached_pipeline_class(class_name: str) -> type:

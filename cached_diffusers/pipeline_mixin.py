@@ -13,35 +13,30 @@ It also makes the cache config travel with the model (``save_pretrained`` / ``pu
 ``cache_config.json`` beside ``model_index.json``, ``from_pretrained`` reads it back; see
 :mod:`cached_diffusers.hub`), shows reused steps in the progress bar's postfix as they happen, and prints a summary
 (:meth:`CachedPipelineMixin.cache_summary`).
+
+The class is the public surface; each job's code lives in its module: the parent's signatures
+(:mod:`cached_diffusers.pipeline_signatures`), the Hub I/O (:mod:`cached_diffusers.pipeline_hub`), the call lifecycle
+(:mod:`cached_diffusers.pipeline_call`) and the callback watch (:mod:`cached_diffusers.callback_watch`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
-import functools
-import inspect
-import json
 import os
 import sys
-import threading
-import typing
-from typing import Any, Callable, ClassVar, Iterator, Mapping, TextIO
+from typing import Any, Callable, ClassVar, Mapping, TextIO
 
 import torch
 
-from .configs import CacheConfig, resolve_cache_config
-from .hub import check_local_path, load_cache_config
-from .hub import save_cache_config as save_cache_config_file
-from .engine import Generation
+from . import pipeline_call, pipeline_hub
+from .configs import CacheConfig
 from .model_mixin import _NOT_OURS, CachedTransformerMixin, diffusers_parent, property_keeping_cause
-from .progress import progress_postfix, summary
+from .pipeline_call import _BUSY  # noqa: F401  (its old path: the pipelines and schedulers running a generation)
+from .pipeline_signatures import install_parent_api
+from .progress import summary
 from .stats import CacheStats
 
 __all__ = ["CachedPipelineMixin"]
-
-_REGISTRY: dict[str, type] = {}
-"""Diffusers parent pipeline class name -> the cached pipeline class built on it (first definition wins)."""
 
 
 class CachedPipelineMixin:
@@ -67,15 +62,7 @@ class CachedPipelineMixin:
         # and docstrings, without per-class code: diffusers reads `inspect.signature(cls.__init__)` to know the
         # components, and users (and diffusers' tests) read `inspect.signature(cls.__call__)`.
         super().__init_subclass__(**kwargs)
-        parent = diffusers_parent(cls, CachedPipelineMixin)
-        if parent.__name__ != "DiffusionPipeline":
-            _REGISTRY.setdefault(parent.__name__, cls)  # what `cached_diffusers.auto` looks up in model_index.json
-        # Only where the nearest definition is still the parent's: a subclass of a cached pipeline, or a cached
-        # pipeline that writes its own, keeps the one it inherits or defines.
-        if _nearest_definer(cls, "__init__") in parent.__mro__:
-            cls.__init__ = _cached_init(parent)
-        if _nearest_definer(cls, "__call__") in parent.__mro__:
-            cls.__call__ = _cached_call(parent)
+        install_parent_api(cls, diffusers_parent(cls, CachedPipelineMixin))
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any):
@@ -100,19 +87,7 @@ class CachedPipelineMixin:
                 length, ...) or that the model cannot run (e.g. TeaCache without coefficients on a model that has
                 none, DBCache with more ``Fn + Bn`` blocks than the model has).
         """
-        check_local_path(pretrained_model_name_or_path)
-        if "cache_config" in kwargs:
-            resolve_cache_config(kwargs["cache_config"])  # refused before any weight is loaded
-            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-        saved, source = load_cache_config(pretrained_model_name_or_path, **kwargs)
-        pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-        if source is not None and pipe.transformer is not None:
-            try:
-                pipe.cache_config = saved
-            except ValueError as error:
-                model = type(pipe.transformer).__name__ if pipe.transformer is not None else "this pipeline"
-                raise ValueError(f"the cache config in {source} cannot be used with {model}: {error}") from None
-        return pipe
+        return pipeline_hub.from_pretrained(super().from_pretrained, pretrained_model_name_or_path, kwargs)
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, save_cache_config: bool = True, **kwargs: Any):
         """Save as the parent does (an ordinary diffusers directory), plus ``cache_config.json`` when caching is on.
@@ -123,10 +98,7 @@ class CachedPipelineMixin:
         directory loads uncached. ``save_cache_config=False`` leaves the file alone (neither written nor removed).
         Stock diffusers ignores the file.
         """
-        if save_cache_config:
-            config = self.cache_config if self.transformer is not None else None
-            save_cache_config_file(config, save_directory)
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        return pipeline_hub.save_pretrained(self, super().save_pretrained, save_directory, args, save_cache_config, kwargs)
 
     @classmethod
     def from_pipe(cls, pipeline, **kwargs: Any):
@@ -141,17 +113,8 @@ class CachedPipelineMixin:
         :attr:`components` hand it the transformer's stock view (same weights, no cache; the source keeps its cache
         config).
         """
-        if "transformer" in kwargs:
-            return super().from_pipe(pipeline, **kwargs)
-        transformer = getattr(pipeline, "transformer", None)
-        if transformer is not None:
-            if isinstance(pipeline, CachedPipelineMixin):  # each pipeline owns its config
-                kwargs.setdefault("cache_config", pipeline.cache_config)
-            elif isinstance(transformer, CachedTransformerMixin):
-                kwargs.setdefault("cache_config", transformer.cache_config)
-            # passed explicitly: diffusers' from_pipe carries over only components of exactly the annotated class
-            kwargs["transformer"] = _cached_view(transformer, cls.cached_transformer_class)
-        return super().from_pipe(pipeline, **kwargs)
+        source_is_cached = isinstance(pipeline, CachedPipelineMixin)
+        return pipeline_hub.from_pipe(super().from_pipe, pipeline, cls.cached_transformer_class, source_is_cached, kwargs)
 
     def _init_cache(self, cache_config: CacheConfig | Mapping[str, Any] | str | None) -> None:
         if self.transformer is not None:
@@ -240,16 +203,7 @@ class CachedPipelineMixin:
         The pipeline is named by its diffusers parent, and a component that is a cached model (e.g. a transformer
         that was already cached when the pipeline was constructed) by its model's diffusers parent.
         """
-        from diffusers.pipelines.pipeline_loading_utils import _fetch_class_library_tuple
-
-        data = json.loads(super().to_json_string())
-        data["_class_name"] = diffusers_parent(type(self), CachedPipelineMixin).__name__
-        for name, value in data.items():
-            component = getattr(self, name, None) if isinstance(value, list) and len(value) == 2 else None
-            if isinstance(component, CachedTransformerMixin):
-                stock = diffusers_parent(type(component), CachedTransformerMixin)
-                data[name] = list(_fetch_class_library_tuple(stock))
-        return json.dumps(data, indent=2, sort_keys=True) + "\n"
+        return pipeline_hub.stock_model_index(self, super().to_json_string(), CachedPipelineMixin)
 
     @property
     def cache_stats(self) -> CacheStats:
@@ -271,44 +225,13 @@ class CachedPipelineMixin:
 
         E.g. ``reused cond 3/7, uncond 3/7``, updated at every step as the parent's loop advances the bar.
         """
-        if getattr(self, "transformer", None) is None or self.cache_config is None:
-            return super().progress_bar(iterable=iterable, total=total)
-        pipe = self
-        if iterable is not None:
-            holder = []
-
-            def annotated():
-                for item in iterable:
-                    yield item
-                    holder[0].set_postfix_str(progress_postfix(pipe.cache_stats), refresh=True)
-
-            bar = super().progress_bar(iterable=annotated())
-            holder.append(bar)
-            if bar.total is None and hasattr(iterable, "__len__"):
-                bar.total = len(iterable)
-            return bar
-        bar = super().progress_bar(total=total)
-        if bar.disable:
-            return bar
-        update = bar.update
-
-        def update_with_cache(n=1):
-            bar.set_postfix_str(progress_postfix(pipe.cache_stats), refresh=False)
-            return update(n)
-
-        bar.update = update_with_cache
-        return bar
+        return pipeline_call.progress_bar(self, super().progress_bar, iterable, total)
 
     def _denoising_step(self) -> tuple[int, int]:
         # The scheduler's step index is the denoising step (None before the first `scheduler.step` of a call).
-        scheduler = self.scheduler
-        step = scheduler.step_index
-        if step is None:
-            step = getattr(scheduler, "begin_index", None) or 0
-        return step, len(scheduler.timesteps)
+        return pipeline_call.denoising_step(self.scheduler)
 
-    @contextlib.contextmanager
-    def cache_generation(self, callback_on_step_end: Callable | None = None) -> Iterator[Callable | None]:
+    def cache_generation(self, callback_on_step_end: Callable | None = None) -> contextlib.AbstractContextManager:
         """The cache state of one call: opened by ``__call__`` around the parent's (and by pipelines with their own
         loop), closed when the call ends.
 
@@ -330,20 +253,7 @@ class CachedPipelineMixin:
             RuntimeError: when this pipeline, or its scheduler, is already running a generation (diffusers keeps
                 per-call state on both): give each concurrent caller its own pipeline and scheduler.
         """
-        engine = self.transformer.cache_engine
-        with _exclusive(self), engine.generation(self.cache_config) as generation:
-            self.__dict__["_cache_generation"] = generation
-            generation.sigma_source = lambda: getattr(self.scheduler, "sigmas", None)
-            try:
-                with engine.step_source(self._denoising_step):
-                    yield _watch_callback(callback_on_step_end, generation)
-            finally:
-                generation.sigma_source = None  # the kept generation (statistics) holds no reference to this pipeline
-            if generation.config is None and generation.stats.num_steps is None:  # caching off records no step
-                timesteps = getattr(self.scheduler, "timesteps", None)
-                if timesteps is not None:
-                    generation.stats.num_steps = len(timesteps)
-                    generation.stats.first_step = getattr(self.scheduler, "begin_index", None) or 0
+        return pipeline_call.cache_generation(self, callback_on_step_end)
 
     # -- CFG-parallel ------------------------------------------------------------------------------------------------
     def enable_cfg_parallel(self, group: Any = None) -> None:
@@ -405,194 +315,5 @@ class CachedPipelineMixin:
         ``callback_on_step_end`` watched. A parent whose loop names no branch (e.g. ``Flux2Pipeline``) runs the
         engine's ``DEFAULT_BRANCH``, ``"cond"``. Under CFG-parallel the transformer's calls are routed (one branch per
         rank) and the ranks agree on failure at the end of the call (see :mod:`cached_diffusers.cfg_parallel`)."""
-        transformer = self.transformer
-        if transformer is None:
-            return parent_call(self, *args, **kwargs)
-        args, kwargs, callback, put = _callback_argument(type(self), args, kwargs)
-        cfg = self.cfg_parallel
-        if cfg is None:
-            with self.cache_generation(callback) as watched:
-                args, kwargs = put(watched)
-                return parent_call(self, *args, **kwargs)
-        from .cfg_parallel import CFGParallelCall
-
-        call = CFGParallelCall(cfg, transformer)
-        try:
-            with self.cache_generation(callback) as watched, transformer.route_calls(call):
-                self.__dict__["_cfg_parallel_call"] = call
-                args, kwargs = put(watched)
-                result = parent_call(self, *args, **kwargs)
-                call.finish()
-                return result
-        except Exception as error:
-            call.abort(error)
-            raise
-        finally:
-            self.__dict__.pop("_cfg_parallel_call", None)
-
-
-# -- one generation at a time per pipeline and scheduler -------------------------------------------------------------
-_BUSY_LOCK = threading.Lock()
-_BUSY: dict[int, str] = {}
-"""``{id(pipeline or scheduler): thread name}`` of the pipelines and schedulers running a generation."""
-
-
-@contextlib.contextmanager
-def _exclusive(pipe) -> Iterator[None]:
-    scheduler = getattr(pipe, "scheduler", None)
-    held = [(pipe, "this pipeline")] + ([(scheduler, "this pipeline's scheduler")] if scheduler is not None else [])
-    name = threading.current_thread().name
-    with _BUSY_LOCK:
-        for obj, what in held:
-            owner = _BUSY.get(id(obj))
-            if owner is not None:
-                cls = type(pipe).__name__
-                raise RuntimeError(
-                    f"{what} is already running a generation (in thread {owner!r}); diffusers keeps per-call state on "
-                    f"the pipeline and its scheduler, so each must run one generation at a time. For concurrent "
-                    f"generations give each caller its own pipeline with its own scheduler, sharing the heavy "
-                    f"components: `{cls}(**{{**pipe.components, 'scheduler': copy.deepcopy(pipe.scheduler)}})` "
-                    f"(the transformer can be shared: each call keeps its own cache state)"
-                )
-        for obj, _ in held:
-            _BUSY[id(obj)] = name
-    try:
-        yield
-    finally:
-        with _BUSY_LOCK:
-            for obj, _ in held:
-                _BUSY.pop(id(obj), None)
-
-
-# -- callbacks that change the inputs -----------------------------------------------------------------------------
-def _same_tensor(a: torch.Tensor, b: Any) -> bool:
-    """Equal shape, dtype, device and values (NaN equal to NaN)."""
-    if not isinstance(b, torch.Tensor) or a.shape != b.shape or a.dtype != b.dtype or a.device != b.device:
-        return False
-    if torch.equal(a, b):
-        return True
-    if a.is_floating_point() or a.is_complex():
-        return bool(((a == b) | (torch.isnan(a) & torch.isnan(b))).all())
-    return False
-
-
-def _schedule(scheduler: Any) -> list[torch.Tensor | None]:
-    values = []
-    for name in ("timesteps", "sigmas"):
-        value = getattr(scheduler, name, None)
-        values.append(value.clone() if isinstance(value, torch.Tensor) else None)
-    return values
-
-
-def _watch_callback(callback: Callable | None, generation: Generation) -> Callable | None:
-    """``callback`` wrapped so that a change of the tensors it receives, or of the schedule, invalidates the cache."""
-    if callback is None:
-        return None
-
-    @functools.wraps(callback)
-    def watched(pipe, step, timestep, callback_kwargs):
-        before = {k: v.clone() for k, v in callback_kwargs.items() if isinstance(v, torch.Tensor)}
-        scheduler = getattr(pipe, "scheduler", None)
-        schedule = _schedule(scheduler)
-        result = callback(pipe, step, timestep, callback_kwargs)
-        changed = any(not _same_tensor(v, callback_kwargs[k]) for k, v in before.items())
-        if isinstance(result, Mapping):
-            changed = changed or any(
-                isinstance(v, torch.Tensor) and not (k in before and _same_tensor(before[k], v)) for k, v in result.items()
-            )
-        after = _schedule(scheduler)
-        changed = changed or any(
-            (a is None) != (b is None) or (a is not None and not _same_tensor(a, b)) for a, b in zip(schedule, after)
-        )
-        if changed:
-            generation.invalidate()
-        return result
-
-    return watched
-
-
-@functools.lru_cache(maxsize=None)
-def _call_parameter_names(cls: type) -> tuple[str, ...]:
-    parent = diffusers_parent(cls, CachedPipelineMixin)
-    return tuple(inspect.signature(parent.__call__).parameters)[1:]
-
-
-def _callback_argument(cls: type, args: tuple, kwargs: dict):
-    """``(args, kwargs, callback, put)``: the call's ``callback_on_step_end`` and ``put(new)``, which returns the
-    arguments with it replaced by ``new``."""
-    names = _call_parameter_names(cls)
-    name = "callback_on_step_end"
-    if name in names and names.index(name) < len(args):
-        index = names.index(name)
-
-        def put(new):
-            return args[:index] + (new,) + args[index + 1 :], kwargs
-
-        return args, kwargs, args[index], put
-
-    def put_keyword(new):
-        if new is None:
-            return args, kwargs
-        return args, {**kwargs, name: new}
-
-    return args, kwargs, kwargs.get(name), put_keyword
-
-
-def _nearest_definer(cls: type, name: str) -> type:
-    return next(c for c in cls.__mro__ if name in c.__dict__)
-
-
-def _cached_init(parent: type) -> Callable[..., None]:
-    """``__init__(self, <parent's parameters>, cache_config=None)``: the parent's constructor, then the cache."""
-    parent_init = parent.__init__
-    signature = inspect.signature(parent_init)
-    cache_annotation = CacheConfig | Mapping[str, Any] | str | None
-    cache_param = inspect.Parameter(
-        "cache_config", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None, annotation=cache_annotation
-    )
-    try:  # resolved, so that diffusers' `get_type_hints(cls.__init__)` (from_pipe's component types) works
-        annotations = typing.get_type_hints(parent_init)
-    except Exception:
-        annotations = {k: p.annotation for k, p in signature.parameters.items() if p.annotation is not p.empty}
-    full = signature.replace(parameters=[*signature.parameters.values(), cache_param])
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        bound = full.bind(self, *args, **kwargs)
-        cache_config = bound.arguments.pop("cache_config", None)
-        bound.arguments.pop(next(iter(signature.parameters)))
-        parent_init(self, **bound.arguments)
-        self._init_cache(cache_config)
-
-    __init__.__signature__ = full
-    __init__.__annotations__ = {**annotations, "cache_config": cache_annotation}
-    __init__.__doc__ = parent_init.__doc__
-    __init__.__qualname__ = f"{parent.__name__}.__init__"
-    return __init__
-
-
-def _cached_call(parent: type) -> Callable[..., Any]:
-    """``__call__`` with the parent's signature and docstring (``functools.wraps``) and the cache lifecycle."""
-    parent_call = parent.__call__
-
-    @functools.wraps(parent_call)
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self._cached_call(parent_call, args, kwargs)
-
-    return __call__
-
-
-def _cached_view(model, cached_class: type):
-    """A ``cached_class`` instance sharing ``model``'s parameters, buffers, submodules and hooks, with a cache of its
-    own (caching off); ``model`` unchanged.
-
-    A model wrapped by accelerate's hooks (device map, offloading) cannot be viewed (the hooks call the wrapped
-    instance's forward): it is converted in place, as :meth:`CachedTransformerMixin.from_base` does.
-    """
-    if "_hf_hook" in model.__dict__ or "_old_forward" in model.__dict__:
-        return cached_class.from_base(model)
-    if not isinstance(model, cached_class) and type(model) not in cached_class.__mro__:
-        return cached_class.from_base(model)  # raises the TypeError naming the expected class
-    view = copy.copy(model)
-    view.__class__ = cached_class if not isinstance(model, cached_class) else type(model)
-    view.__dict__["_cache_engine"] = view._new_cache_engine()  # a cache of its own
-    return view
+        parent = diffusers_parent(type(self), CachedPipelineMixin)
+        return pipeline_call.cached_call(self, parent, parent_call, args, kwargs)
