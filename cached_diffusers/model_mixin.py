@@ -45,6 +45,7 @@ from .stats import CacheStats
 __all__ = [
     "CachedTransformerMixin",
     "BlockCalls",
+    "BlockContext",
     "CachedBlockList",
     "diffusers_parent",
     "gather_rows",
@@ -126,6 +127,37 @@ def _parent_context_takes_kwargs() -> bool:
     return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
 
 
+@dataclass(frozen=True)
+class BlockContext:
+    """What the blocks of one forward share: the one type a block-stack model's ``forward`` hands
+    :meth:`CachedTransformerMixin._run_parent_forward` / :meth:`CachedTransformerMixin._run_block_stack`, and that its
+    hooks get back (``_block_io``, ``_block_indicators``, ``_prepare_first_block_call``, ``_cache_indicators``,
+    ``_run_blocks``, ``_context_rows``). A model fills the fields its hooks read; the others stay ``None``.
+
+    Attributes:
+        raw_latent: the latent tokens entering the model as it received them, ``(B, L_img, C * p * p)`` (under
+            context parallelism: this rank's shard where the parent's plan shards at the model's input), from which
+            the ``"sea_latent"`` indicator unpacks the latent grid.
+        latent_layout: where ``raw_latent``'s tokens lie on the grid: Qwen-Image's ``img_shapes`` (per sample,
+            ``[(frames, h, w), ...]``), FLUX.2's ``img_ids`` (``(L_img, 4)``), BAGEL's token grid ``(h, w)``.
+        sequence_group: under context parallelism, the ``torch.distributed`` group the streams' sequence is sharded
+            over (:attr:`BlockStack.sequence_group <cached_diffusers.engine.BlockStack>`: decision statistics are
+            summed over it); ``None``: the whole sequence is on this rank.
+        text_length: tokens of the text part of a joint ``[text; image]`` stream (FLUX.2's single-stream blocks).
+        rope: the rotary ``(cos, sin)`` the blocks apply (BAGEL: each ``(B, 1, head_dim)``).
+        kv_cache: the branch's prompt K/V cache the blocks attend to (BAGEL's ``BagelKVCache``).
+        attention_mask: the blocks' attention mask (BAGEL: ``(B, 1, 1, L + N)`` bool, ``None`` when no row is padded).
+    """
+
+    raw_latent: torch.Tensor | None = None
+    latent_layout: Any = None
+    sequence_group: Any = None
+    text_length: int | None = None
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None
+    kv_cache: Any = None
+    attention_mask: torch.Tensor | None = None
+
+
 class CachedTransformerMixin:
     """Mixin for a diffusers ``ModelMixin`` subclass whose overridden ``forward`` calls :attr:`cache_engine`.
 
@@ -200,22 +232,20 @@ class CachedTransformerMixin:
     # -- pattern BLOCK_STACK: block-stack caching inside forward ---------------------------------------------------
     # A block-stack model implements ``_run_blocks(start, end, streams, context) -> streams``: run blocks
     # ``start .. end - 1`` of the cached stack on the residual streams exactly as the parent's loop does, returning the
-    # same structure and shapes (``context``: what the blocks of one forward share: modulations, RoPE, masks, KV
-    # caches). It is not declared here, so that a parent class that already has it (BAGEL's) is not shadowed.
+    # same structure and shapes (``context``: the forward's :class:`BlockContext`, what its blocks share: RoPE, masks,
+    # KV caches). It is not declared here, so that a parent class that already has it (BAGEL's) is not shadowed.
 
-    def _cache_indicators(self, context: Any) -> Mapping[str, Callable[[tuple[torch.Tensor, ...]], torch.Tensor]]:
+    def _cache_indicators(self, context: BlockContext) -> Mapping[str, Callable[[tuple[torch.Tensor, ...]], torch.Tensor]]:
         """The decision indicators the model computes at the stack's input (``{"teacache_indicator": fn(streams)}``),
         for this forward's ``context``. Default: none."""
         return {}
 
-    def _run_block_stack(
-        self, streams: tuple[torch.Tensor, ...], context: Any, sequence_group: Any = None
-    ) -> tuple[torch.Tensor, ...]:
+    def _run_block_stack(self, streams: tuple[torch.Tensor, ...], context: BlockContext) -> tuple[torch.Tensor, ...]:
         """The block stack of one forward: the one call a block-stack model's ``forward`` makes between its
         embeddings and its output head. With caching on, ``CacheEngine.run`` decides, runs or skips the cached span
         and returns the streams at the stack's output; off, every block runs.
 
-        ``sequence_group``: under context parallelism, the group the streams' sequence is sharded over
+        ``context.sequence_group``: under context parallelism, the group the streams' sequence is sharded over
         (:attr:`BlockStack.sequence_group <cached_diffusers.engine.BlockStack>`), so that decisions are taken from
         statistics summed over it.
         """
@@ -230,38 +260,44 @@ class CachedTransformerMixin:
                 return self._run_blocks(start, end, streams, context_rows(context, rows))
 
         stack = BlockStack(
-            self.num_cache_blocks, run_blocks, self._cache_indicators(context), sequence_group, run_rows=run_rows
+            self.num_cache_blocks, run_blocks, self._cache_indicators(context), context.sequence_group,
+            run_rows=run_rows,
         )
         return self.cache_engine.run(stack, streams)
 
     # -- pattern BLOCK_STACK through the parent's own forward (the diffusers models) ------------------------------
-    # The model's ``forward`` keeps its parent's signature and returns ``self._run_parent_forward(call, context)``,
+    # The model's ``forward`` keeps its parent's signature and returns ``self._run_parent_forward(call, context)``
+    # (``context``: the forward's :class:`BlockContext`),
     # where ``call()`` runs the parent's own forward; it declares ``cached_block_lists`` and implements
     # ``_block_io()`` (one :class:`BlockIO` per list) and ``_block_indicators``.
 
-    def _block_io(self, context: Any) -> tuple[BlockIO, ...]:
+    def _block_io(self, context: BlockContext) -> tuple[BlockIO, ...]:
         """One :class:`BlockIO` per list of ``cached_block_lists``, for this forward's ``context``."""
         raise NotImplementedError
 
-    def _block_indicators(self, args: tuple, kwargs: dict, context: Any) -> Mapping[str, Callable[[tuple], torch.Tensor]]:
+    def _block_indicators(
+        self, args: tuple, kwargs: dict, context: BlockContext
+    ) -> Mapping[str, Callable[[tuple], torch.Tensor]]:
         """The decision indicators (``{"teacache_indicator": fn(streams)}``, ...) of this forward, from the call of
         block 0 (``args``, ``kwargs``) and the ``context`` the model's ``forward`` passed. Default: none."""
         return {}
 
-    def _prepare_first_block_call(self, args: tuple, kwargs: dict, context: Any) -> tuple[tuple, dict]:
+    def _prepare_first_block_call(self, args: tuple, kwargs: dict, context: BlockContext) -> tuple[tuple, dict]:
         """Block 0's call arguments as the stack receives them (e.g. sharded under context parallelism). Default: as
         given."""
         return args, kwargs
 
     @torch.compiler.disable(reason=_NOT_COMPILABLE)
-    def _run_parent_forward(self, call: Callable[[], Any], context: Any = None, sequence_group: Any = None) -> Any:
-        """Run ``call()`` (the parent's own forward) with its block calls intercepted by a :class:`BlockCalls`.
+    def _run_parent_forward(self, call: Callable[[], Any], context: BlockContext | None = None) -> Any:
+        """Run ``call()`` (the parent's own forward) with its block calls intercepted by a :class:`BlockCalls`
+        (``context``: the forward's :class:`BlockContext`; ``None``: an empty one).
 
         Runs eagerly (``torch.compiler.disable``): the decision is data-dependent host-side Python; blocks compiled
         on their own (``compile_repeated_blocks``) run compiled inside it.
         """
         kind = self.__dict__.get("_block_calls_type", BlockCalls)  # a test may record through a subclass
-        calls = kind(self, self._block_io(context), context, sequence_group)
+        context = context if context is not None else BlockContext()
+        calls = kind(self, self._block_io(context), context)
         with calls.active():
             return call()
 
@@ -587,8 +623,8 @@ class BlockCalls:
     the back blocks run as usual, and what the parent's loop does after the span's last block, it does on every step.
     """
 
-    def __init__(self, model: "CachedTransformerMixin", io: tuple[BlockIO, ...], context: Any, group: Any) -> None:
-        self.model, self.io, self.context, self.group = model, io, context, group
+    def __init__(self, model: "CachedTransformerMixin", io: tuple[BlockIO, ...], context: BlockContext) -> None:
+        self.model, self.io, self.context, self.group = model, io, context, context.sequence_group
         self.engine = engine = model.cache_engine
         self.generation = engine.current
         self.policy = policy = self.generation.policy

@@ -32,6 +32,7 @@ Weights text-to-image never uses are skipped on purpose: :data:`BAGEL_SKIPPED_PR
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -55,7 +56,7 @@ from transformers.models.qwen2.modeling_qwen2 import (
     repeat_kv,
 )
 
-from cached_diffusers.model_mixin import CachedTransformerMixin, gather_rows
+from cached_diffusers.model_mixin import BlockContext, CachedTransformerMixin, gather_rows
 from cached_diffusers.patch_tokens import unpack_patch_tokens
 from cached_diffusers.spec import ModelCacheSpec
 
@@ -478,7 +479,9 @@ class BagelTransformer2DModel(ModelMixin, ConfigMixin, CacheMixin):
         if kv_cache.key_mask is not None:
             query_mask = torch.ones(batch, num_query, dtype=torch.bool, device=latents.device)
             mask = torch.cat([kv_cache.key_mask, query_mask], dim=1)[:, None, None, :]
-        context = (cos, sin, kv_cache, mask, (hidden_states, latent_grid))  # last: SeaCache's raw latent
+        context = BlockContext(
+            raw_latent=hidden_states, latent_layout=latent_grid, rope=(cos, sin), kv_cache=kv_cache, attention_mask=mask
+        )
         latents, markers = self._run_block_stack((latents, markers), context)
         latents = self.norm_moe_gen(latents)
         velocity = self.llm2vae(latents)
@@ -491,9 +494,10 @@ class BagelTransformer2DModel(ModelMixin, ConfigMixin, CacheMixin):
             return (velocity,)
         return Transformer2DModelOutput(sample=velocity)
 
-    def _run_blocks(self, start: int, end: int, streams, context):
-        """Run decoder layers ``start .. end - 1`` on the query streams ``(latents, markers)``."""
-        cos, sin, kv_cache, mask = context[:4]
+    def _run_blocks(self, start: int, end: int, streams, context: BlockContext):
+        """Run decoder layers ``start .. end - 1`` on the query streams ``(latents, markers)``, with the forward's
+        RoPE, prompt K/V cache and attention mask (``context``)."""
+        (cos, sin), kv_cache, mask = context.rope, context.kv_cache, context.attention_mask
         latents, markers = streams
         for index in range(start, end):
             latents, markers = self.layers[index].forward_gen(
@@ -501,7 +505,7 @@ class BagelTransformer2DModel(ModelMixin, ConfigMixin, CacheMixin):
             )
         return latents, markers
 
-    def _run_block_stack(self, streams, context):
+    def _run_block_stack(self, streams, context: BlockContext):
         return self._run_blocks(0, len(self.layers), streams, context)
 
 
@@ -538,12 +542,12 @@ class CachedBagelTransformer2DModel(CachedTransformerMixin, BagelTransformer2DMo
     def num_cache_blocks(self) -> int:
         return len(self.layers)
 
-    def _context_rows(self, context, rows: torch.Tensor):
+    def _context_rows(self, context: BlockContext, rows: torch.Tensor) -> BlockContext:
         """This forward's ``context`` for the sub-batch ``rows`` (a mixed per-sample step runs the cached layers on
         the computing samples only): the query RoPE rows ``cos``/``sin`` ``(B, 1, head_dim)``, the branch's prompt
         K/V cache (``(B, kv_heads, L, head_dim)`` per layer, its key mask and lengths) and the attention mask
         ``(B, 1, 1, L + N)`` at ``rows``."""
-        cos, sin, kv_cache, mask, raw = context
+        (cos, sin), kv_cache = context.rope, context.kv_cache
         batch = kv_cache.lengths.shape[0]
         cache = BagelKVCache(
             keys=[gather_rows(k, rows, batch, "kv_cache.keys") for k in kv_cache.keys],
@@ -551,13 +555,15 @@ class CachedBagelTransformer2DModel(CachedTransformerMixin, BagelTransformer2DMo
             key_mask=gather_rows(kv_cache.key_mask, rows, batch, "kv_cache.key_mask"),
             lengths=gather_rows(kv_cache.lengths, rows, batch, "kv_cache.lengths"),
         )
-        return (
-            gather_rows(cos, rows, batch, "cos"), gather_rows(sin, rows, batch, "sin"), cache,
-            gather_rows(mask, rows, batch, "mask"), raw,
-        )  # fmt: skip
+        return dataclasses.replace(
+            context,
+            rope=(gather_rows(cos, rows, batch, "cos"), gather_rows(sin, rows, batch, "sin")),
+            kv_cache=cache,
+            attention_mask=gather_rows(context.attention_mask, rows, batch, "mask"),
+        )
 
-    def _cache_indicators(self, context):
-        hidden_states, (height, width) = context[4]
+    def _cache_indicators(self, context: BlockContext):
+        hidden_states, (height, width) = context.raw_latent, context.latent_layout
         patch = self.config.latent_patch_size
 
         def raw_latent(streams) -> torch.Tensor:

@@ -18,7 +18,14 @@ from diffusers.utils.peft_utils import apply_lora_scale
 # in model_index.json; diffusers loads a component of such a library through the ModelMixin it finds in the module.
 from diffusers.models.modeling_utils import ModelMixin  # noqa: F401
 
-from cached_diffusers.model_mixin import DUAL_STREAM_IO, BlockIO, CachedTransformerMixin, block_argument, row_gatherer
+from cached_diffusers.model_mixin import (
+    DUAL_STREAM_IO,
+    BlockContext,
+    BlockIO,
+    CachedTransformerMixin,
+    block_argument,
+    row_gatherer,
+)
 from cached_diffusers.parallel import context_parallel_group, gather_sequence
 from cached_diffusers.patch_tokens import unpack_patch_tokens
 from cached_diffusers.spec import ModelCacheSpec
@@ -129,17 +136,22 @@ class CachedFlux2Transformer2DModel(CachedTransformerMixin, Flux2Transformer2DMo
                 "Flux2KleinKVPipeline calls it"
             )
         # the parent's plan shards the sequence at the model's input: this rank's text length and raw latent shard
-        context = (encoder_hidden_states.shape[1], hidden_states, img_ids[0] if img_ids.ndim == 3 else img_ids)
-        return self._run_parent_forward(call, context, sequence_group=context_parallel_group(self))
+        context = BlockContext(
+            raw_latent=hidden_states,
+            latent_layout=img_ids[0] if img_ids.ndim == 3 else img_ids,
+            sequence_group=context_parallel_group(self),
+            text_length=encoder_hidden_states.shape[1],
+        )
+        return self._run_parent_forward(call, context)
 
-    def _block_io(self, context) -> tuple[BlockIO, BlockIO]:
-        return FLUX2_DOUBLE_BLOCK_IO, _single_stream_io(context[0])
+    def _block_io(self, context: BlockContext) -> tuple[BlockIO, BlockIO]:
+        return FLUX2_DOUBLE_BLOCK_IO, _single_stream_io(context.text_length)
 
-    def _block_indicators(self, args, kwargs, context):
-        _, hidden_states, img_ids = context
+    def _block_indicators(self, args, kwargs, context: BlockContext):
+        hidden_states, img_ids = context.raw_latent, context.latent_layout
 
         def raw_latent(streams) -> torch.Tensor:
-            group = context_parallel_group(self)  # the plan shards both at the model's input: gather the whole grid
+            group = context.sequence_group  # the plan shards both at the model's input: gather the whole grid
             return flux2_latent_grid(gather_sequence(hidden_states, group, 1), gather_sequence(img_ids, group, 0))
 
         if not len(self.transformer_blocks):

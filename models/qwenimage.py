@@ -14,7 +14,14 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin  # noqa: F401
 from diffusers.utils.peft_utils import apply_lora_scale
 
-from cached_diffusers.model_mixin import DUAL_STREAM_IO, BlockIO, CachedTransformerMixin, block_argument, row_gatherer
+from cached_diffusers.model_mixin import (
+    DUAL_STREAM_IO,
+    BlockContext,
+    BlockIO,
+    CachedTransformerMixin,
+    block_argument,
+    row_gatherer,
+)
 from cached_diffusers.parallel import context_parallel_group, shard_sequence
 from cached_diffusers.patch_tokens import unpack_patch_tokens
 from cached_diffusers.spec import ModelCacheSpec
@@ -138,13 +145,14 @@ class CachedQwenImageTransformer2DModel(CachedTransformerMixin, QwenImageTransfo
         if not self.cache_engine.active and cp_group is None:
             return call()
         # SeaCache's indicator: the whole raw latent, on every rank (the plan shards inside the stack)
-        return self._run_parent_forward(call, (hidden_states, img_shapes, cp_group), sequence_group=cp_group)
+        context = BlockContext(raw_latent=hidden_states, latent_layout=img_shapes, sequence_group=cp_group)
+        return self._run_parent_forward(call, context)
 
-    def _block_io(self, context) -> tuple[BlockIO]:
+    def _block_io(self, context: BlockContext) -> tuple[BlockIO]:
         return (QWENIMAGE_BLOCK_IO,)
 
-    def _prepare_first_block_call(self, args, kwargs, context):
-        cp_group = context[2]
+    def _prepare_first_block_call(self, args, kwargs, context: BlockContext):
+        cp_group = context.sequence_group
         if cp_group is None:
             return args, kwargs
         # What the parent's plan does at transformer_blocks.0, done before the stack (see the class docstring).
@@ -152,8 +160,8 @@ class CachedQwenImageTransformer2DModel(CachedTransformerMixin, QwenImageTransfo
             args, kwargs = _replace_argument(args, kwargs, position, name, lambda s: shard_sequence(self, s, dim=1))
         return args, kwargs
 
-    def _block_indicators(self, args, kwargs, context):
-        raw_hidden_states, img_shapes, cp_group = context
+    def _block_indicators(self, args, kwargs, context: BlockContext):
+        raw_hidden_states, img_shapes, cp_group = context.raw_latent, context.latent_layout, context.sequence_group
         temb = block_argument(args, kwargs, 3, "temb")
         modulate_index = block_argument(args, kwargs, 6, "modulate_index", None)
         if modulate_index is not None and cp_group is not None:
