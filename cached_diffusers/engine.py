@@ -67,6 +67,21 @@ _NOT_COMPILABLE = (
 )
 
 
+def stack_indicator(
+    kind: str | None, stack_in: Streams, span_in: Streams, indicators: Mapping[str, Callable[[Streams], torch.Tensor]]
+) -> torch.Tensor | Callable[[], torch.Tensor] | None:
+    """The indicator of kind ``kind`` (the policy's ``indicator_kind``) at a block stack's cached span, for
+    :meth:`CacheEngine.decide`: ``"front_residual"`` is made here (the first stream's residual over the policy's front
+    blocks, ``span_in[0] - stack_in[0]``); another kind is the model's ``indicators[kind]`` applied to the stack's
+    input ``stack_in``, deferred until the policy asks for it; ``None`` when the model offers no such kind (``decide``
+    then names the missing kind) or ``kind`` is ``None``."""
+    if kind == "front_residual":
+        return span_in[0] - stack_in[0]
+    if kind in indicators:
+        return functools.partial(indicators[kind], stack_in)
+    return None
+
+
 @dataclass
 class BlockStack:
     """One forward's view of a model's cacheable block stack.
@@ -493,12 +508,7 @@ class CacheEngine(GenerationScope):
         self._check_span(generation, num_blocks)
         front, back = policy.front_blocks, policy.back_blocks
         span_in = stack.run_blocks(0, front, streams) if front else streams
-        kind = policy.indicator_kind
-        indicator = None
-        if kind == "front_residual":
-            indicator = span_in[0] - streams[0]
-        elif kind in stack.indicators:
-            indicator = functools.partial(stack.indicators[kind], streams)
+        indicator = stack_indicator(policy.indicator_kind, streams, span_in, stack.indicators)
         decision = self.decide(
             ctx.branch,
             ctx.step,

@@ -36,7 +36,7 @@ from typing import Any, Callable, ClassVar, Iterator, Mapping, TextIO
 import torch
 
 from .configs import CacheConfig, available_cache_methods
-from .engine import _NOT_COMPILABLE, BatchDecision, BlockStack, CacheEngine, scatter_rows
+from .engine import _NOT_COMPILABLE, BatchDecision, BlockStack, CacheEngine, scatter_rows, stack_indicator
 from .parallel import sequence_group as _sequence_group
 from .spec import BLOCK_STACK as _BLOCK_STACK
 from .spec import ModelCacheSpec
@@ -695,12 +695,7 @@ class BlockCalls:
 
     @torch.compiler.disable
     def _decide(self, span_in: tuple) -> None:
-        kind = self.policy.indicator_kind
-        indicator = None
-        if kind == "front_residual":
-            indicator = span_in[0] - self.stack_in[0]
-        elif kind in self.indicators:
-            indicator = functools.partial(self.indicators[kind], self.stack_in)
+        indicator = stack_indicator(self.policy.indicator_kind, self.stack_in, span_in, self.indicators)
         with _sequence_group(self.group):
             decision = self.engine.decide(
                 self.ctx.branch, self.ctx.step, self.ctx.num_steps, inputs=span_in, indicator=indicator,
