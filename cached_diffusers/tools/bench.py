@@ -37,6 +37,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import numpy as np
 
 from ..configs import CacheConfig, resolve_cache_config
+from ..policies import unsupported_reason
 from ..registry import cache_methods
 from . import files
 from .imaging import psnr, require_extra, ssim, to_uint8
@@ -554,16 +555,12 @@ def run_prompts(pipe, prompts: Sequence[str], call_kwargs: Mapping[str, Any], se
     return total, images, stats
 
 
-def _skip_reason(pipe, config: CacheConfig) -> str | None:
-    """A short reason when the model lacks the data a config needs (TeaCache coefficients, MagCache ratios)."""
+def _unsupported(pipe, config: CacheConfig) -> str | None:
+    """Why the pipeline's transformer cannot run ``config`` (:func:`cached_diffusers.policies.unsupported_reason`:
+    missing TeaCache coefficients or MagCache ratios, the model's own checks); ``None`` when it can."""
     transformer = getattr(pipe, "transformer", None)
-    engine = getattr(transformer, "cache_engine", None)
-    spec = getattr(engine, "spec", None)
-    model = spec.model_name if spec is not None else type(transformer).__name__
-    missing = getattr(config, "missing_model_data", None)
-    if missing is not None:
-        return missing(spec, model)
-    return None
+    spec = getattr(getattr(transformer, "cache_engine", None), "spec", None)
+    return unsupported_reason(config, spec, spec.model_name if spec is not None else type(transformer).__name__)
 
 
 def run_benchmark(
@@ -629,12 +626,7 @@ def run_benchmark(
             continue
         label, params = sweep_label(config), config_params(config)
         order.append(label)
-        reason = _skip_reason(pipe, config)
-        if reason is None:
-            try:  # the model's own checks (DBCache's Fn + Bn against the block count, ...)
-                config.make_policy(pipe.transformer.cache_engine.spec)
-            except ValueError as error:
-                reason = str(error)
+        reason = _unsupported(pipe, config)  # the model's data and checks (DBCache's Fn + Bn, ...)
         if reason is not None:
             config_dict = config.to_dict()
             skipped.append(
@@ -725,10 +717,9 @@ def run_benchmark(
 def _measure(entry: BenchEntry, stats: list, reference: list[np.ndarray], images: list[np.ndarray], lpips_fn) -> None:
     for s in stats:
         entry.num_steps = s.num_steps
-        calls = s.num_computed + s.num_reused
-        entry.forward_calls += calls
+        entry.forward_calls += s.num_calls
         entry.blocks_computed += s.blocks_computed
-        entry.uncached_blocks += calls * (s.num_blocks or 0)
+        entry.uncached_blocks += s.uncached_blocks
         for name, branch in s.branches.items():
             entry.reused_steps.setdefault(name, []).append(branch.num_reused)
             entry.computed_steps.setdefault(name, []).append(branch.num_computed)

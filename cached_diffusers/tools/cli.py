@@ -812,7 +812,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         f"(per-round ratios {ratios[0]:.2f}x-{ratios[-1]:.2f}x over {len(ratios)} interleaved rounds)"
     )
     for branch in cached_stats.branches.values():
-        print(f"steps skipped ({branch.branch}): {branch.num_reused} of {branch.num_reused + branch.num_computed} {branch.reused_steps}")
+        print(f"steps reused ({branch.branch}): {branch.num_reused} of {branch.num_calls} {branch.reused_steps}")
     for prompt, a, b in zip(prompts, uncached.images, cached.images):
         print(f"PSNR cached vs uncached, {prompt!r}: {psnr(a, b):.2f} dB")
     sheet = side_by_side([list(uncached.images), list(cached.images)])
