@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -36,6 +35,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     import torch
 
     from cached_diffusers import CachedQwenImageTransformer2DModel, TeaCacheConfig
+    from cached_diffusers.tools.timing import Stopwatch
     from cached_diffusers.tools.tiny import build_tiny_qwenimage_components
 
     torch.set_num_threads(args.threads)
@@ -59,9 +59,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         with torch.no_grad():
             for step in range(args.steps):
                 with model.cache_context("cond", step_index=step, num_inference_steps=args.steps):
-                    start = time.perf_counter()
-                    model(**inputs)
-                    elapsed = time.perf_counter() - start
+                    with Stopwatch() as watch:
+                        model(**inputs)
+                    elapsed = watch.seconds
                 reused = step in model.cache_stats.branches["cond"].reused_steps
                 if record and reused == (name == "reused"):
                     times[name].append(elapsed)

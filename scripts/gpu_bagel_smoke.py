@@ -26,11 +26,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 
 from cached_diffusers import CachedBagelTransformer2DModel, FirstBlockCacheConfig, TaylorSeerConfig, TeaCacheConfig
+from cached_diffusers.tools.timing import Stopwatch, cuda_sync
 
 FULL = dict(
     vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
@@ -40,11 +40,6 @@ TINY = dict(
     vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
     num_key_value_heads=2, max_latent_size=64, vision_start_token_id=309, vision_end_token_id=310,
 )  # fmt: skip
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def build(config: dict, device: torch.device, dtype: torch.dtype) -> CachedBagelTransformer2DModel:
@@ -68,17 +63,15 @@ def run(model, caches, steps: int, grid: tuple[int, int], device: torch.device) 
     times, finite = [], True
     model.reset_cache()
     for i in range(steps):
-        synchronize(device)
-        start = time.perf_counter()
-        t = sigmas[i].to(device)
-        velocities = {}
-        for branch in ("gen", "cfg_text"):
-            with model.cache_context(branch, step_index=i, num_inference_steps=steps):
-                velocities[branch] = model(x, t, caches[branch], grid).sample.float()
-        v = velocities["cfg_text"] + 4.0 * (velocities["gen"] - velocities["cfg_text"])
-        x = x - v * (sigmas[i] - sigmas[i + 1]).item()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
+        with Stopwatch(cuda_sync(device)) as watch:
+            t = sigmas[i].to(device)
+            velocities = {}
+            for branch in ("gen", "cfg_text"):
+                with model.cache_context(branch, step_index=i, num_inference_steps=steps):
+                    velocities[branch] = model(x, t, caches[branch], grid).sample.float()
+            v = velocities["cfg_text"] + 4.0 * (velocities["gen"] - velocities["cfg_text"])
+            x = x - v * (sigmas[i] - sigmas[i + 1]).item()
+        times.append(watch.seconds)
         finite &= bool(torch.isfinite(v).all())
     return times, finite
 
@@ -97,18 +90,16 @@ def main() -> None:
         args.height, args.width = 64, 96
     config = TINY if args.tiny else FULL
 
-    start = time.perf_counter()
-    model = build(config, device, dtype)
+    with Stopwatch() as watch:
+        model = build(config, device, dtype)
     params = sum(p.numel() for p in model.parameters())
-    print(f"built {params / 1e9:.2f} B parameters in {args.dtype} on {device} in {time.perf_counter() - start:.1f} s")
+    print(f"built {params / 1e9:.2f} B parameters in {args.dtype} on {device} in {watch.seconds:.1f} s")
 
     grid = (args.height // 16, args.width // 16)
     ids = torch.randint(0, config["vocab_size"], (1, 32), generator=torch.Generator().manual_seed(1)).to(device)
-    synchronize(device)
-    start = time.perf_counter()
-    caches = {"gen": model.prefill(ids), "cfg_text": model.prefill(ids[:, :0])}
-    synchronize(device)
-    print(f"prefill (32 tokens + empty context): {1000 * (time.perf_counter() - start):.1f} ms")
+    with Stopwatch(cuda_sync(device)) as watch:
+        caches = {"gen": model.prefill(ids), "cfg_text": model.prefill(ids[:, :0])}
+    print(f"prefill (32 tokens + empty context): {1000 * watch.seconds:.1f} ms")
 
     configs = [
         ("uncached", None),

@@ -25,12 +25,12 @@ import datetime
 import math
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 from cached_diffusers.tools.files import markdown_table, write_json
+from cached_diffusers.tools.timing import Stopwatch
 from gpu_parallel_check import (
     add_common_arguments,
     calibration_data,
@@ -73,9 +73,9 @@ def main() -> None:
         for _ in range(args.repeats):
             if parallel:
                 dist.barrier()
-            start = time.perf_counter()
-            result = work.run(model, config, device, dtype, sync)
-            times.append(time.perf_counter() - start)
+            with Stopwatch() as watch:  # work.run synchronises (sync) itself
+                result = work.run(model, config, device, dtype, sync)
+            times.append(watch.seconds)
         return statistics.median(times), result
 
     calibrated = {}

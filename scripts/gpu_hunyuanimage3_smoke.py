@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
@@ -31,6 +30,7 @@ from cached_diffusers import MagCacheConfig, TaylorSeerConfig, TeaCacheConfig
 from cached_diffusers.models.hunyuanimage3 import HunyuanImage3Transformer2DModel
 from cached_diffusers.models.hunyuanimage3_vae import AutoencoderKLHunyuanImage3
 from cached_diffusers.pipelines.hunyuanimage3 import CachedHunyuanImage3Pipeline
+from cached_diffusers.tools.timing import Stopwatch
 
 PROMPT = "a red cat sitting on a blue sofa in a sunny living room, photo"
 
@@ -79,21 +79,17 @@ def build_pipeline(dry_run: bool, layers: int) -> CachedHunyuanImage3Pipeline:
 
 
 def timed_run(pipe, steps: int, size: int, sync) -> dict:
-    times, last = [], [time.perf_counter()]
+    times = []
+    watch = Stopwatch(sync)
 
     def callback(p, i, t, tensors):
-        sync()
-        now = time.perf_counter()
-        times.append(now - last[0])
-        last[0] = now
+        times.append(watch.lap())
         return {}
 
-    sync()
-    last[0] = start = time.perf_counter()
-    pipe(PROMPT, height=size, width=size, num_inference_steps=steps, seed=0, output_type="latent",
-         callback_on_step_end=callback)
-    sync()
-    total = time.perf_counter() - start
+    with watch:
+        pipe(PROMPT, height=size, width=size, num_inference_steps=steps, seed=0, output_type="latent",
+             callback_on_step_end=callback)
+    total = watch.seconds
     stats = pipe.cache_stats
     reused = set()
     if stats.branches:

@@ -33,7 +33,6 @@ import json
 import math
 import os
 import statistics
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
@@ -46,7 +45,7 @@ from .bench import _unsupported, environment, finite_mean, lpips_metric
 from .equal_budget import _greedy_base
 from .files import keep_backup, refuse_existing, write_json
 from .imaging import psnr, ssim, to_uint8
-from .timing import make_generator, timed_call
+from .timing import Stopwatch, make_generator, timed_call
 
 __all__ = [
     "CALIBRATION_PROMPTS",
@@ -517,7 +516,7 @@ def tune(
     defaults: list[Candidate] = []
     matrix_info: dict[str, Any] | None = None
     errors = None
-    started = time.time()
+    clock = Stopwatch().start()
     try:
         for p in prompts:
             for s in seed_list:
@@ -639,7 +638,7 @@ def tune(
         "prompts": prompts, "held_out_prompts": held_out, "seeds": seed_list, "methods": wanted,
         "iterations": iterations, "margin": margin, "margin_rule": _margin_rule(margin),
         "psnr_floor": _psnr_floor(chosen, margin), "lpips": lpips_note if lpips_fn is None else "LPIPS measured: " + lpips_note,
-        "error_matrix": matrix_info, "seconds": round(time.time() - started, 1), "environment": env,
+        "error_matrix": matrix_info, "seconds": round(clock.elapsed(), 1), "environment": env,
         "protocol": (
             "per method, bisection of its knob for the fastest setting whose worst (prompt, seed) PSNR against the "
             "uncached image is >= target (and SSIM >= target_ssim when given) and which reuses at least one step; "
