@@ -482,34 +482,40 @@ class BenchResult:
 
 
 # -- environment -----------------------------------------------------------------------------------------------------
-def _cpu_name() -> str:
-    name = platform.processor()
-    if name and name not in ("x86_64", "aarch64", "arm", "i386"):
-        return name
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.lower().startswith(("model name", "hardware", "cpu model")):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return name or platform.machine()
+def _cpu_name(cpu_info: str) -> str:
+    """The CPU's model name from ``torch.utils.collect_env.get_cpu_info`` (``lscpu``'s "Model name", macOS's brand
+    string), else ``platform.processor()`` / ``platform.machine()``."""
+    for line in cpu_info.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip().lower() in ("model name", "name") and value.strip():
+            return value.strip()
+    if cpu_info.strip() and ":" not in cpu_info and "\n" not in cpu_info.strip():  # macOS: the brand string alone
+        return cpu_info.strip()
+    return platform.processor() or platform.machine()
 
 
 def environment(device: Any = None) -> dict[str, Any]:
     """Date, device, and the versions that matter: ``{"date", "device", "device_name", "cpu", "cpu_count",
-    "torch_threads", "load_average", "platform", "python", "torch", "diffusers", "transformers",
-    "cached_diffusers"}`` (``load_average``: the 1, 5 and 15 minute averages when the run ended; on a shared machine
-    a load above the core count makes wall times noisy)."""
+    "torch_threads", "load_average", "platform", "os", "python", "torch", "cuda", "nvidia_driver", "diffusers",
+    "transformers", "cached_diffusers"}`` (``load_average``: the 1, 5 and 15 minute averages when the run ended; on a
+    shared machine a load above the core count makes wall times noisy; ``cuda`` and ``nvidia_driver``: ``None``
+    without CUDA).
+
+    The system part (CPU model, OS, platform, driver) comes from PyTorch's own report,
+    ``torch.utils.collect_env`` (what ``python -m torch.utils.collect_env`` prints), the few probes of it that cost
+    milliseconds (not ``get_env_info``, which lists pip packages).
+    """
     import diffusers
     import torch
     import transformers
+    from torch.utils import collect_env
 
     from .. import __version__
 
     device = torch.device(device) if device is not None else torch.device("cpu")
-    cpu = _cpu_name()
+    cpu = _cpu_name(collect_env.get_cpu_info(collect_env.run) or "")
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu
+    cuda = torch.cuda.is_available()
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": str(device),
@@ -518,9 +524,12 @@ def environment(device: Any = None) -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-        "platform": platform.platform(),
+        "platform": collect_env.get_python_platform(),
+        "os": collect_env.get_os(collect_env.run),
         "python": platform.python_version(),
         "torch": torch.__version__,
+        "cuda": torch.version.cuda if cuda else None,
+        "nvidia_driver": collect_env.get_nvidia_driver_version(collect_env.run) if cuda else None,
         "diffusers": diffusers.__version__,
         "transformers": transformers.__version__,
         "cached_diffusers": __version__,
