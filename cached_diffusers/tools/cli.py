@@ -1049,9 +1049,11 @@ def cmd_tune(args: argparse.Namespace) -> int:
 DEFAULTS_HELP = "(default: the model directory's generation_defaults.json, else the pipeline's)"
 
 
-def _add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options that set the pipeline's sampling arguments (see :data:`SAMPLING_OPTIONS`); unset ones come from
-    the model directory's ``generation_defaults.json``, else the pipeline's own defaults."""
+def _sampling_options() -> argparse.ArgumentParser:
+    """The options that set the pipeline's sampling arguments (a parent parser of ``generate``, ``calibrate``,
+    ``bench`` and ``tune``); unset ones come from the model directory's ``generation_defaults.json``, else the
+    pipeline's own defaults."""
+    parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--steps", type=int, default=None, help=f"num_inference_steps {DEFAULTS_HELP}")
     parser.add_argument("--height", type=int, default=None, help=f"image height in pixels {DEFAULTS_HELP}")
     parser.add_argument("--width", type=int, default=None, help=f"image width in pixels {DEFAULTS_HELP}")
@@ -1064,6 +1066,15 @@ def _add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-sequence-length", type=int, default=None,
         help=f"max_sequence_length: prompt tokens (FLUX.2 [klein] pads to it) {DEFAULTS_HELP}",
     )
+    return parser
+
+
+def _device_options() -> argparse.ArgumentParser:
+    """``--device`` and ``--dtype`` (a parent parser of the commands that load a model of the user's choice)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bfloat16 on GPU)")
+    return parser
 
 
 THREADS_HELP = (
@@ -1072,13 +1083,37 @@ THREADS_HELP = (
 )
 
 
-def _run_options(default_threads: int | None) -> argparse.ArgumentParser:
-    """The options every command shares (a parent parser): ``--threads`` (with this command's default), ``--debug``."""
+QUIET_BAR = "no progress bar"
+QUIET_LINES = "no progress lines on stderr"
+
+
+def _run_options(default_threads: int | None, quiet: str = QUIET_BAR) -> argparse.ArgumentParser:
+    """The options every command shares (a parent parser): ``--threads`` (with this command's default), ``--quiet``
+    (``quiet``: what it silences, :data:`QUIET_BAR` or :data:`QUIET_LINES`), ``--debug``."""
     shared = argparse.ArgumentParser(add_help=False)
     default = "torch's, one per core" if default_threads is None else f"{default_threads}, stable timings on a shared CPU"
     shared.add_argument("--threads", type=int, default=default_threads, help=THREADS_HELP.format(default=default))
+    shared.add_argument("--quiet", action="store_true", help=quiet)
     shared.add_argument("--debug", action="store_true", help="on an error, show the Python traceback")
     return shared
+
+
+def _negative_prompt_option() -> argparse.ArgumentParser:
+    """``--negative-prompt``, else the one of ``generation_defaults.json`` (a parent parser of ``bench`` and
+    ``tune``)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--negative-prompt", default=None, help=f"negative prompt {DEFAULTS_HELP}")
+    return parser
+
+
+def _calibrated_option(purpose: str) -> argparse.ArgumentParser:
+    """``--calibrated FILE`` (repeatable; a parent parser of ``bench`` and ``tune``): ``purpose`` ends its help."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument(
+        "--calibrated", action="append", default=None, metavar="FILE",
+        help=f"a cache config JSON written by `calibrate` (repeat): {purpose}",
+    )
+    return parser
 
 
 def _check_threads(args: argparse.Namespace) -> None:
@@ -1101,7 +1136,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     generate = commands.add_parser(
-        "generate", help="generate images with a cached pipeline", parents=[_run_options(default_threads=None)]
+        "generate", help="generate images with a cached pipeline",
+        parents=[_run_options(default_threads=None), _sampling_options(), _device_options()],
     )
     generate.add_argument(
         "--model", required=True,
@@ -1110,12 +1146,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     generate.add_argument("--prompt", action="append", required=True, help="text prompt (repeat for several)")
     generate.add_argument("--negative-prompt", default=None, help="negative prompt (enables true CFG with --true-cfg-scale > 1)")
-    _add_sampling_arguments(generate)
     generate.add_argument("--seed", type=int, default=0)
-    generate.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    generate.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bfloat16 on GPU)")
     generate.add_argument("--output", default="output.png", help="image path (numbered when several)")
-    generate.add_argument("--quiet", action="store_true", help="no progress bar")
     generate.add_argument(
         "--ulysses-degree", type=int, default=1,
         help="Ulysses context parallelism over this many processes (under torchrun; default: 1, off)",
@@ -1133,7 +1165,7 @@ def build_parser() -> argparse.ArgumentParser:
         "calibrate",
         help="fit TeaCache coefficients or MagCache ratios, find a SeaCache threshold, or plan LeMiCa / MeanCache "
         "schedules, on uncached runs, and save the cache config(s)",
-        parents=[_run_options(default_threads=None)],
+        parents=[_run_options(default_threads=None), _sampling_options(), _device_options()],
     )
     calibrate.add_argument("--model", required=True, help="diffusers directory or Hub id")
     calibrate.add_argument("--method", choices=[m.name for m in _calibration_methods()], default="teacache")
@@ -1161,12 +1193,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     calibrate.add_argument("--prompt", action="append", default=None, help="calibration prompt (repeat; default: a small built-in set)")
     calibrate.add_argument("--negative-prompt", default=None, help="negative prompt (true CFG for Qwen-Image: calibrates both branches)")
-    _add_sampling_arguments(calibrate)
     calibrate.add_argument("--seed", type=int, default=0, help="seed of the first prompt (then +1 per prompt)")
     calibrate.add_argument("--rel-l1-thresh", type=float, default=0.2, help="TeaCache threshold written with the fit (default: 0.2)")
     calibrate.add_argument("--mag-threshold", type=float, default=0.06, help="MagCache threshold written with the ratios (default: 0.06)")
-    calibrate.add_argument("--device", default=None)
-    calibrate.add_argument("--dtype", default=None)
     calibrate.add_argument(
         "--output", default=None,
         help="cache config path (default: <model>/cache_config.json for a directory; never inside the installed "
@@ -1176,7 +1205,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--overwrite", action="store_true",
         help="replace files that exist (each old one is kept as FILE.bak); without it, an existing file is an error",
     )
-    calibrate.add_argument("--quiet", action="store_true", help="no progress bar")
     calibrate.set_defaults(func=cmd_calibrate)
 
     demo = commands.add_parser(
@@ -1191,7 +1219,6 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--true-cfg-scale", type=float, default=None, help="true CFG scale (default: 4.0, the model's)")
     demo.add_argument("--repeats", type=int, default=5, help="timed rounds, uncached and cached interleaved; the median counts (default: 5)")
     demo.add_argument("--output", default="demo.png", help="side-by-side PNG (default: demo.png)")
-    demo.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_cache_arguments(demo, default_method="teacache")
     demo.set_defaults(func=cmd_demo)
 
@@ -1199,21 +1226,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser(
         "bench", help="sweep cache methods and thresholds against uncached: time, work, PSNR/SSIM, Pareto plot",
-        parents=[_run_options(default_threads=None)],
+        parents=[
+            _run_options(default_threads=None, quiet=QUIET_LINES), _sampling_options(), _device_options(),
+            _negative_prompt_option(), _calibrated_option("the sweep's TeaCache coefficients / MagCache ratios"),
+        ],
     )
     bench.add_argument("--model", default=None, help="diffusers directory or Hub id (default: the embedded reference model)")
     bench.add_argument("--prompt", action="append", default=None, help="prompt (repeat; default: 4 captions of the reference model)")
-    _add_sampling_arguments(bench)
     bench.add_argument("--seed", type=int, default=0, help="seed of the first prompt (then +1 per prompt)")
-    bench.add_argument("--negative-prompt", default=None, help=f"negative prompt {DEFAULTS_HELP}")
     bench.add_argument("--repeats", type=int, default=3, help="timed repeats of every run; the median counts (default: 3)")
     bench.add_argument(
         "--methods", nargs="+", default=None, metavar="METHOD",
         help=f"methods to sweep: {' '.join(sweep_methods())} (default: all)",
-    )
-    bench.add_argument(
-        "--calibrated", action="append", default=None, metavar="FILE",
-        help="a cache config JSON written by `calibrate` (repeat): the sweep's TeaCache coefficients / MagCache ratios",
     )
     bench.add_argument("--sweep", default=None, metavar="JSON_OR_FILE", help="run these configs instead: a JSON list of cache configs")
     bench.add_argument(
@@ -1226,14 +1250,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--iterations", type=int, default=8, help="with --equal-budget: bisection steps per method and budget (default: 8)")
     bench.add_argument("--output-dir", default="bench", help="where results.json, results.md and pareto.png go (default: bench/)")
-    bench.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    bench.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bfloat16 on GPU)")
-    bench.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     bench.set_defaults(func=cmd_bench)
 
     tune = commands.add_parser(
         "tune", help="find the fastest cache config whose worst prompt keeps PSNR >= a target, check it on held-out "
-        "prompts, and save it", parents=[_run_options(default_threads=None)],
+        "prompts, and save it",
+        parents=[
+            _run_options(default_threads=None, quiet=QUIET_LINES), _sampling_options(), _device_options(),
+            _negative_prompt_option(), _calibrated_option("TeaCache coefficients / MagCache ratios"),
+        ],
     )
     tune.add_argument("--model", required=True, help="diffusers directory or Hub id")
     tune.add_argument("--target-psnr", type=float, required=True, metavar="DB",
@@ -1245,8 +1270,6 @@ def build_parser() -> argparse.ArgumentParser:
         "DB: tune the worst tuning prompt to --target-psnr + DB (0: the bare worst prompt); the held-out check stays "
         "at --target-psnr (default: auto)",
     )
-    _add_sampling_arguments(tune)
-    tune.add_argument("--negative-prompt", default=None, help=f"negative prompt {DEFAULTS_HELP}")
     tune.add_argument("--prompts", nargs="+", default=None, metavar="P", help="tuning prompts (default: 8 built-in captions)")
     tune.add_argument(
         "--held-out-prompts", nargs="+", default=None, metavar="P",
@@ -1254,10 +1277,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tune.add_argument("--seeds", type=int, default=1, metavar="K", help="seeds 0..K-1 per prompt (default: 1)")
     tune.add_argument("--methods", nargs="+", default=None, metavar="M", help="methods to search (default: every registered one)")
-    tune.add_argument(
-        "--calibrated", action="append", default=None, metavar="FILE",
-        help="a cache config JSON written by `calibrate` (repeat): TeaCache coefficients / MagCache ratios",
-    )
     tune.add_argument(
         "--error-matrix", default=None, metavar="FILE",
         help="LeMiCa's error matrix (from `calibrate --method lemica`) for the planned methods (default: measured on "
@@ -1274,9 +1293,6 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--output", default=None, metavar="DIR",
                       help="folder of cache_config.json and its record (default: the model directory)")
     tune.add_argument("--overwrite", action="store_true", help="replace existing files (each old one is kept as FILE.bak)")
-    tune.add_argument("--device", default=None)
-    tune.add_argument("--dtype", default=None)
-    tune.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     tune.set_defaults(func=cmd_tune)
     return parser
 
