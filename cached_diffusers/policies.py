@@ -81,7 +81,7 @@ class Decision:
         reuse: ``True`` to skip the cached blocks and reuse (or forecast) the stored residual.
         reason: why: a guard (``"first-step"``, ``"no-residual"``, ``"warmup"``, ``"last-step"``,
             ``"scm-compute"``, ``"scm-static"``, ``"max-cached-steps"``, ``"max-continuous-cached-steps"``) or the
-            method's test (``"below-threshold"``, ``"above-threshold"``, ``"retention"``, ``"max-skip-steps"``,
+            method's test (``"below-threshold"``, ``"above-threshold"``, ``"retention"``, ``"max-reused-steps"``,
             ``"interval"``, ``"forecast"``, ``"calibration"``, ...).
         value: the method's decision value at this step (see ``CachePolicy.value_name``), or ``None``.
     """

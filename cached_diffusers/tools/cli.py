@@ -449,20 +449,17 @@ def with_saved_calibration(config, saved):
     """``config`` with the calibrated data of ``saved`` (the model directory's ``cache_config.json``) filled in.
 
     ``--cache teacache --rel-l1-thresh 0.3`` on a directory calibrated with ``cached-diffusers calibrate`` uses that
-    directory's coefficients (MagCache: its ratios), not the model class's defaults; values given on the command line
-    (``--coefficients``, ``--mag-ratios``) and calibration runs are left alone.
+    directory's coefficients (MagCache: its ratios; any method: its ``calibrated_data()``), not the model class's
+    defaults; values given on the command line (``--coefficients``, ``--mag-ratios``) and calibration runs are left
+    alone.
     """
     import dataclasses
 
-    from ..configs import MagCacheConfig, TeaCacheConfig
-
-    for cls, name in ((TeaCacheConfig, "coefficients"), (MagCacheConfig, "mag_ratios")):
-        if (
-            isinstance(config, cls) and isinstance(saved, cls) and not config.calibrate
-            and getattr(config, name) is None and getattr(saved, name) is not None
-        ):  # fmt: skip
-            return dataclasses.replace(config, **{name: getattr(saved, name)})
-    return config
+    if config is None or not isinstance(saved, type(config)) or getattr(config, "calibrate", False):
+        return config
+    # the method's calibrated data (CacheConfig.calibrated_data: TeaCache's coefficients, MagCache's ratios)
+    missing = {name: value for name, value in saved.calibrated_data().items() if getattr(config, name) is None}
+    return dataclasses.replace(config, **missing) if missing else config
 
 
 def _load_pipeline(args: argparse.Namespace, cache_config):

@@ -12,7 +12,7 @@ guidance branch, of ``N``):
   therefore *measured*, on the same held-out prompts the fidelity is measured on (the tuning sees only the compute
   count, never the images).
 
-MagCache is tuned with ``mag_max_skip_steps = N`` and ``mag_retention_ratio = 0.1`` (the official FLUX.1 value), so
+MagCache is tuned with ``mag_max_reused_steps = N`` and ``mag_retention_ratio = 0.1`` (the official FLUX.1 value), so
 that its own caps do not keep it above small budgets; SeaCache likewise with ``max_consecutive_cached = 0`` (no limit;
 the hook's other defaults kept: ``retention_steps = cache_end_steps = 1``, ``residual_order = 1``, ``power_exp = 3``);
 the others keep their defaults (DBCache: the sweep's ``F{n}B0``
