@@ -14,7 +14,6 @@ from .common import (
 from .options import _json_argument, _set_threads
 
 
-# -- bench -----------------------------------------------------------------------------------------------------------
 EMBEDDED_MODEL = "reference model (cached_diffusers/assets/reference-qwenimage-emoji: Qwen-Image classes trained on emoji)"
 
 

@@ -18,7 +18,6 @@ from .common import (
 from .options import _check_threads, _set_threads
 
 
-# -- calibrate -------------------------------------------------------------------------------------------------------
 def _shipped_models_folder() -> str:
     """The installed package's folder of shipped models (``cached_diffusers/assets``), resolved."""
     import cached_diffusers

@@ -154,7 +154,7 @@ def _output_paths(output: str, count: int) -> list[str]:
     return [f"{stem}-{i}{ext or '.png'}" for i in range(count)]
 
 
-# -- generate --------------------------------------------------------------------------------------------------------
+# -- the model: its pipeline class, generation defaults and loading -------------------------------------------------
 def _quiet_loading() -> None:
     """No loading progress bars (diffusers' components, transformers' weights): ``--quiet``."""
     import diffusers

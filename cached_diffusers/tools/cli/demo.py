@@ -12,7 +12,6 @@ from .common import (
 from .options import _set_threads, cache_config_from_args
 
 
-# -- demo ------------------------------------------------------------------------------------------------------------
 def cmd_demo(args: argparse.Namespace) -> int:
     import statistics
 

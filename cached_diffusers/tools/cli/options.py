@@ -142,7 +142,7 @@ def _looks_like_a_path(text: str) -> bool:
     return bool(text) and text[0] not in "{[\"" and (text.lower().endswith(".json") or os.sep in text or "/" in text)
 
 
-# -- entry point -----------------------------------------------------------------------------------------------------
+# -- options several subcommands share (parent parsers) -------------------------------------------------------------
 DEFAULTS_HELP = "(default: the model directory's generation_defaults.json, else the pipeline's)"
 
 

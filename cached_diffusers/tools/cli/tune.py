@@ -16,7 +16,6 @@ from .common import (
 from .options import UNSET, _check_threads, _set_threads
 
 
-# -- tune ------------------------------------------------------------------------------------------------------------
 def cmd_tune(args: argparse.Namespace) -> int:
     """``tune``: the fastest cache config whose worst tuning prompt keeps PSNR >= --target-psnr (see
     :mod:`cached_diffusers.tools.tune`); writes it with its record, then checks it on held-out prompts."""
