@@ -43,6 +43,7 @@ from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
 
 from cached_diffusers.configs import cache_config_from_dict
 from cached_diffusers.models.qwenimage import CachedQwenImageTransformer2DModel
+from cached_diffusers.tools.bench import environment
 from cached_diffusers.tools.files import markdown_table
 from cached_diffusers.tools.tiny import SCHEDULER_CONFIG
 from cached_diffusers.tools.timing import Stopwatch, cuda_sync
@@ -258,6 +259,7 @@ def main() -> None:
         "uncached_step_ms": statistics.median(uncached_steps) * 1000,
         "bookkeeping_ms_per_step": None if bookkeeping is None else bookkeeping * 1000,
         "results": results,
+        "environment": environment(device),  # CPU, OS, driver and versions (torch.utils.collect_env)
     }
     args.output_dir.mkdir(parents=True, exist_ok=True)
     stem = f"gpu-{date}-{name.replace(' ', '_')}" + ("-tiny" if args.tiny else "")
