@@ -9,7 +9,10 @@ setup(
     long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["cached_diffusers", "cached_diffusers.models", "cached_diffusers.pipelines", "cached_diffusers.tools"],
+    packages=[
+        "cached_diffusers", "cached_diffusers.models", "cached_diffusers.pipelines", "cached_diffusers.tools",
+        "cached_diffusers.tools.cli",
+    ],
     package_dir={
         "cached_diffusers": "cached_diffusers",
         "cached_diffusers.models": "models",

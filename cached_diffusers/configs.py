@@ -239,9 +239,12 @@ class StepCacheConfig(CacheConfig):
         max_warmup_steps (`int`, defaults to 0, range >= 0):
             The first ``max_warmup_steps`` denoising steps are always computed. Step 0 is computed regardless.
         max_cached_steps (`int` or `None`, defaults to `None`, range >= 0):
-            At most this many reused steps per guidance branch and generation; ``None`` means no cap.
+            At most this many reused steps per guidance branch and generation; ``None`` means no cap. The name is
+            cache-dit's (``DBCacheConfig.max_cached_steps``), kept so that its configs read the same; "cached" here
+            means reused.
         max_continuous_cached_steps (`int` or `None`, defaults to `None`, range >= 1):
-            At most this many reused steps in a row per branch; ``None`` means no cap.
+            At most this many reused steps in a row per branch; ``None`` means no cap. cache-dit's name
+            (``DBCacheConfig.max_continuous_cached_steps``), kept likewise.
         compute_last_step (`bool`, defaults to `True`):
             Always compute the last denoising step, which forms the finest detail (TeaCache's official rule).
         warmup_interval (`int`, defaults to 1, range >= 1):

@@ -81,7 +81,7 @@ class Decision:
         reuse: ``True`` to skip the cached blocks and reuse (or forecast) the stored residual.
         reason: why: a guard (``"first-step"``, ``"no-residual"``, ``"warmup"``, ``"last-step"``,
             ``"scm-compute"``, ``"scm-static"``, ``"max-cached-steps"``, ``"max-continuous-cached-steps"``) or the
-            method's test (``"below-threshold"``, ``"above-threshold"``, ``"retention"``, ``"max-skip-steps"``,
+            method's test (``"below-threshold"``, ``"above-threshold"``, ``"retention"``, ``"max-reused-steps"``,
             ``"interval"``, ``"forecast"``, ``"calibration"``, ...).
         value: the method's decision value at this step (see ``CachePolicy.value_name``), or ``None``.
     """
@@ -339,3 +339,56 @@ def _methods_supporting(pattern: str) -> list[str]:
 
 
 __getattr__ = old_path_getattr(__name__, "The methods' policies and helpers")
+
+
+# -- questions the tools ask of a config (answered here, so that no tool re-implements the engine's logic) -----------
+def static_computed_steps(config: StepCacheConfig, num_steps: int) -> int:
+    """The steps a config with no indicator computes on a full schedule: computed steps per guidance branch of a
+    static config (TaylorSeer's interval, a planned schedule such as LeMiCa's or MeanCache's), from its policy alone,
+    as the engine decides them on a full schedule of ``num_steps`` steps (step 0 first, a residual stored after it).
+
+    Args:
+        config: a config whose policy decides without a measurement (``observe`` returns ``None``); a config that
+            needs one (TeaCache, MagCache, ...) is decided as if every measurement were missing, which is not what a
+            generation does.
+        num_steps: denoising steps of the full schedule (>= 1).
+
+    Returns:
+        The number of computed steps, in ``1 .. num_steps``.
+    """
+    policy = config.make_policy()
+    state = policy.new_state()
+    computed = reused = consecutive = 0
+    for step in range(num_steps):
+        ctx = StepContext(step, num_steps, "branch")
+        gate, reason = policy.gate(ctx, has_residual=step > 0, num_reused=reused, consecutive_reused=consecutive)
+        if policy.decide(ctx, state, None, gate, reason).reuse:
+            reused, consecutive = reused + 1, consecutive + 1
+        else:
+            computed, consecutive = computed + 1, 0
+    return computed
+
+
+def unsupported_reason(config: StepCacheConfig, spec: ModelCacheSpec | None, model: str | None = None) -> str | None:
+    """Why a model cannot run ``config``, as a short reason for the tools' "skipped" records; ``None`` when it can.
+
+    First the model data the method needs (``config.missing_model_data``: TeaCache's coefficients, MagCache's
+    ratios), then the model's own checks of the policy (``config.make_policy(spec)`` raising ``ValueError``:
+    DBCache's ``Fn + Bn`` against the block count, a wiring pattern the method does not support, ...).
+
+    Args:
+        config: the cache config.
+        spec: the model's :class:`~cached_diffusers.spec.ModelCacheSpec` (``transformer.cache_engine.spec``; ``None``
+            for a model that provides none).
+        model: the model's name in the reason (default: ``spec.model_name``).
+    """
+    if model is None:
+        model = spec.model_name if spec is not None else "this model"
+    missing = config.missing_model_data(spec, model)
+    if missing is not None:
+        return missing
+    try:
+        config.make_policy(spec)
+    except ValueError as error:
+        return str(error)
+    return None

@@ -20,7 +20,7 @@ def progress_postfix(stats: CacheStats) -> str:
 
     ``"reused cond 3/7, uncond 3/7"``; ``""`` before the first transformer call.
     """
-    parts = [f"{b.branch} {b.num_reused}/{len(b.records)}" for b in stats.branches.values()]
+    parts = [f"{b.branch} {b.num_reused}/{b.num_calls}" for b in stats.branches.values()]
     return "reused " + ", ".join(parts) if parts else ""
 
 
@@ -112,7 +112,7 @@ def summary(obj: Any, *, file: TextIO | None = None, details: bool = True) -> Ca
         lines.append(f"  decision value: {stats.value_name}")
     rows = [["branch", "computed", "reused", "reused %", "min", "p25", "p50", "p75", "p95", "max"]]
     for b in stats.branches.values():
-        calls = len(b.records)
+        calls = b.num_calls
         share = f"{100 * b.num_reused / calls:.1f}%" if calls else "-"
         rows.append([b.branch, str(b.num_computed), str(b.num_reused), share, *_quantiles(list(b.values.values()))])
     lines.extend("  " + line for line in _table(rows))

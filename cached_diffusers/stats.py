@@ -14,7 +14,7 @@ class StepRecord:
 
     Attributes:
         step: denoising step index.
-        reused: whether the cached blocks were skipped.
+        reused: whether the step reused the cache (the cached blocks did not run).
         reason: the decision's reason (see :class:`~cached_diffusers.policies.Decision`).
         value: the method's decision value (TeaCache: accumulated rescaled distance), ``None`` if not tested.
         blocks_computed: transformer blocks that actually ran at this step.
@@ -60,16 +60,23 @@ class BranchStats:
 
     @property
     def reused_steps(self) -> list[int]:
-        """Step indices at which the cached blocks were skipped."""
+        """Step indices at which the step reused the cache (the cached blocks did not run)."""
         return [r.step for r in self.records if r.reused]
 
     @property
     def num_computed(self) -> int:
+        """Computed steps of this branch (``len(computed_steps)``)."""
         return len(self.computed_steps)
 
     @property
     def num_reused(self) -> int:
+        """Reused steps of this branch (``len(reused_steps)``)."""
         return len(self.reused_steps)
+
+    @property
+    def num_calls(self) -> int:
+        """Transformer calls of this branch: ``num_computed + num_reused``."""
+        return len(self.records)
 
     @property
     def values(self) -> dict[int, float]:
@@ -136,12 +143,24 @@ class CacheStats:
         return sum(b.blocks_computed for b in self.branches.values())
 
     @property
+    def num_calls(self) -> int:
+        """Transformer calls (over all branches): ``num_computed + num_reused``."""
+        return self.num_computed + self.num_reused
+
+    @property
+    def uncached_blocks(self) -> int:
+        """Blocks a run with caching off would have run over the same transformer calls: ``num_calls * num_blocks``
+        (0 while ``num_blocks`` is unknown). The denominator of :attr:`block_fraction`; the tools sum it over runs to
+        get the fraction of a prompt set."""
+        return self.num_calls * (self.num_blocks or 0)
+
+    @property
     def block_fraction(self) -> float | None:
-        """Blocks that ran divided by the blocks an uncached run would have run (1.0 = no saving)."""
-        calls = self.num_computed + self.num_reused
-        if not calls or not self.num_blocks:
+        """Blocks that ran divided by the blocks an uncached run would have run (1.0 = no saving), in ``[0, 1]``;
+        ``None`` before any call or while ``num_blocks`` is unknown."""
+        if not self.uncached_blocks:
             return None
-        return self.blocks_computed / (calls * self.num_blocks)
+        return self.blocks_computed / self.uncached_blocks
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -31,11 +31,11 @@ import contextlib
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cached_diffusers.tools.timing import Stopwatch  # noqa: E402
 from method_settings import knob, method_names, parse_thresholds, published_config, threshold_help  # noqa: E402
 
 MODELS = ("qwenimage", "klein")
@@ -124,11 +124,12 @@ class RowTimer:
 
     def _timed(self, fn):
         def wrapper(*args, **kwargs):
-            start = time.perf_counter()
+            watch = Stopwatch()
             try:
-                return fn(*args, **kwargs)
+                with watch:
+                    return fn(*args, **kwargs)
             finally:
-                self.seconds += time.perf_counter() - start
+                self.seconds += watch.seconds
 
         return wrapper
 
@@ -185,10 +186,9 @@ def bench_model(model: str, args: argparse.Namespace) -> list[dict[str, Any]]:
             for mode, config in configs.items():
                 pipe.cache_config = config
                 timer = RowTimer()
-                with timer.active(), torch.no_grad():
-                    start = time.perf_counter()
+                with timer.active(), torch.no_grad(), Stopwatch() as watch:
                     outputs[mode] = pipe(**call_kwargs(model, call, prompts, seeds, args.steps)).images.float()
-                    elapsed = time.perf_counter() - start
+                elapsed = watch.seconds
                 stats[mode] = pipe.cache_stats
                 if repeat:
                     times[mode].append(elapsed)

@@ -1,10 +1,12 @@
 #!/usr/bin/env python
 """What a reused step costs next to a computed one, on the tiny 12-block cached Qwen-Image transformer (CPU).
 
-    python scripts/bench_reused_step.py [--side 16] [--steps 40] [--repeats 3] [--threads 1]
+    python scripts/bench_reused_step.py [--side 16] [--steps 40] [--repeats 3] [--threads 1] [--method M]
 
-Direct transformer calls (no pipeline) with TeaCache at two thresholds: one that computes every step and one that
-reuses every step it may (the first and last steps compute). Each repeat runs both generations, interleaved, after
+Direct transformer calls (no pipeline) with a threshold method of the registry (``--method``; default: the first
+registered one whose sweep knob is a threshold, TeaCache today) at its published setting with the threshold at two
+extremes: one that computes every step and one that reuses every step it may (the first and last steps compute,
+and the method's own caps). Each repeat runs both generations, interleaved, after
 one warm-up generation of each; the script prints the median time of a computed step and of a reused step and their
 ratio in percent. A reused step still runs the embeddings, the output head and the decision indicator; the cached
 blocks are passed through (block-call caching, ``cached_diffusers.model_mixin.BlockCalls``), so the ratio measures
@@ -15,7 +17,22 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from method_settings import method_names, published_config  # noqa: E402
+
+COMPUTE_ALL, REUSE_ALL = 1e-12, 1e6
+"""The threshold values of the two generations: no step's indicator is below the first; every step's is below the
+second."""
+
+
+def threshold_methods() -> list[str]:
+    """The registered methods whose sweep knob is a threshold (``Sweep.kind == \"log\"``), in the registry's order."""
+    from cached_diffusers.registry import cache_method
+
+    return [n for n in method_names() if (s := cache_method(n).sweep) is not None and s.kind == "log"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -24,6 +41,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=40, help="steps per generation, >= 4 (default 40)")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats after the warm-up (default 3)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    methods = threshold_methods()
+    parser.add_argument("--method", choices=methods, default=methods[0], help=f"the cache method (default {methods[0]})")
     args = parser.parse_args(argv)
     for name, low in (("side", 1), ("steps", 4), ("repeats", 1), ("threads", 1)):
         if getattr(args, name) < low:
@@ -35,7 +54,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parse_args(argv)
     import torch
 
-    from cached_diffusers import CachedQwenImageTransformer2DModel, TeaCacheConfig
+    from cached_diffusers import CachedQwenImageTransformer2DModel
+    from cached_diffusers.tools.timing import Stopwatch
     from cached_diffusers.tools.tiny import build_tiny_qwenimage_components
 
     torch.set_num_threads(args.threads)
@@ -50,7 +70,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         img_shapes=[[(1, args.side, args.side)]],
         return_dict=False,
     )
-    configs = {"computed": TeaCacheConfig(rel_l1_thresh=1e-12), "reused": TeaCacheConfig(rel_l1_thresh=1e6)}
+    shape = {"steps": args.steps, "num_blocks": model.num_cache_blocks}
+    configs = {
+        "computed": published_config(args.method, value=COMPUTE_ALL, **shape),
+        "reused": published_config(args.method, value=REUSE_ALL, **shape),
+    }
     times: dict[str, list[float]] = {name: [] for name in configs}
 
     def generation(name: str, record: bool) -> None:
@@ -59,9 +83,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         with torch.no_grad():
             for step in range(args.steps):
                 with model.cache_context("cond", step_index=step, num_inference_steps=args.steps):
-                    start = time.perf_counter()
-                    model(**inputs)
-                    elapsed = time.perf_counter() - start
+                    with Stopwatch() as watch:
+                        model(**inputs)
+                    elapsed = watch.seconds
                 reused = step in model.cache_stats.branches["cond"].reused_steps
                 if record and reused == (name == "reused"):
                     times[name].append(elapsed)
@@ -76,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     computed, reused = statistics.median(times["computed"]), statistics.median(times["reused"])
     ratio = 100 * reused / computed
     print(
-        f"tiny Qwen-Image, {model.num_cache_blocks} blocks, {tokens} image tokens, {args.threads} thread(s), "
+        f"tiny Qwen-Image, {args.method}, {model.num_cache_blocks} blocks, {tokens} image tokens, {args.threads} thread(s), "
         f"{args.repeats} interleaved repeats: computed step {computed * 1e3:.3f} ms, reused step {reused * 1e3:.3f} ms "
         f"(median of {len(times['computed'])} / {len(times['reused'])}), reused / computed = {ratio:.2f} %"
     )

@@ -12,8 +12,10 @@ What it does:
    random weights created directly in bfloat16 on the device (no checkpoint, no float32 copy);
 2. prefills the ``"gen"`` branch with a random 32-token prompt and the ``"cfg_text"`` branch with the empty context;
 3. runs ``--steps`` denoising steps at ``--height`` x ``--width`` (1024 x 1024 = 4096 latent tokens) with both branches
-   per step (CFG on every step, as inside the reference's CFG interval), once uncached and once per cache config
-   (TeaCache with the shipped coefficients, First-Block-Cache, TaylorSeer);
+   per step (CFG on every step, as inside the reference's CFG interval), once uncached and once per registered cache
+   method at its published setting (``scripts/method_settings.py``: ``smoke_configs``; TeaCache with the shipped
+   coefficients; a method the model lacks data for runs its calibration, one it cannot run is listed as skipped;
+   ``--methods`` picks some);
 4. prints the prefill time, the median time per step, the steps reused per branch, peak GPU memory, and checks the
    velocities are finite.
 
@@ -26,11 +28,16 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
+import sys
+from pathlib import Path
 
 import torch
 
-from cached_diffusers import CachedBagelTransformer2DModel, FirstBlockCacheConfig, TaylorSeerConfig, TeaCacheConfig
+from cached_diffusers import CachedBagelTransformer2DModel
+from cached_diffusers.tools.timing import Stopwatch, cuda_sync
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from method_settings import method_names, smoke_configs  # noqa: E402
 
 FULL = dict(
     vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
@@ -40,11 +47,6 @@ TINY = dict(
     vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
     num_key_value_heads=2, max_latent_size=64, vision_start_token_id=309, vision_end_token_id=310,
 )  # fmt: skip
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def build(config: dict, device: torch.device, dtype: torch.dtype) -> CachedBagelTransformer2DModel:
@@ -68,17 +70,15 @@ def run(model, caches, steps: int, grid: tuple[int, int], device: torch.device) 
     times, finite = [], True
     model.reset_cache()
     for i in range(steps):
-        synchronize(device)
-        start = time.perf_counter()
-        t = sigmas[i].to(device)
-        velocities = {}
-        for branch in ("gen", "cfg_text"):
-            with model.cache_context(branch, step_index=i, num_inference_steps=steps):
-                velocities[branch] = model(x, t, caches[branch], grid).sample.float()
-        v = velocities["cfg_text"] + 4.0 * (velocities["gen"] - velocities["cfg_text"])
-        x = x - v * (sigmas[i] - sigmas[i + 1]).item()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
+        with Stopwatch(cuda_sync(device)) as watch:
+            t = sigmas[i].to(device)
+            velocities = {}
+            for branch in ("gen", "cfg_text"):
+                with model.cache_context(branch, step_index=i, num_inference_steps=steps):
+                    velocities[branch] = model(x, t, caches[branch], grid).sample.float()
+            v = velocities["cfg_text"] + 4.0 * (velocities["gen"] - velocities["cfg_text"])
+            x = x - v * (sigmas[i] - sigmas[i + 1]).item()
+        times.append(watch.seconds)
         finite &= bool(torch.isfinite(v).all())
     return times, finite
 
@@ -91,36 +91,35 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--height", type=int, default=1024)
     parser.add_argument("--width", type=int, default=1024)
+    parser.add_argument("--methods", nargs="+", default=None, choices=method_names(), help="default: every registered one")
     args = parser.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     if args.tiny and args.height == 1024 and args.width == 1024:
         args.height, args.width = 64, 96
     config = TINY if args.tiny else FULL
 
-    start = time.perf_counter()
-    model = build(config, device, dtype)
+    with Stopwatch() as watch:
+        model = build(config, device, dtype)
     params = sum(p.numel() for p in model.parameters())
-    print(f"built {params / 1e9:.2f} B parameters in {args.dtype} on {device} in {time.perf_counter() - start:.1f} s")
+    print(f"built {params / 1e9:.2f} B parameters in {args.dtype} on {device} in {watch.seconds:.1f} s")
 
     grid = (args.height // 16, args.width // 16)
     ids = torch.randint(0, config["vocab_size"], (1, 32), generator=torch.Generator().manual_seed(1)).to(device)
-    synchronize(device)
-    start = time.perf_counter()
-    caches = {"gen": model.prefill(ids), "cfg_text": model.prefill(ids[:, :0])}
-    synchronize(device)
-    print(f"prefill (32 tokens + empty context): {1000 * (time.perf_counter() - start):.1f} ms")
+    with Stopwatch(cuda_sync(device)) as watch:
+        caches = {"gen": model.prefill(ids), "cfg_text": model.prefill(ids[:, :0])}
+    print(f"prefill (32 tokens + empty context): {1000 * watch.seconds:.1f} ms")
 
-    configs = [
-        ("uncached", None),
-        ("teacache 0.2 (vllm-omni BAGEL coefficients)", TeaCacheConfig(rel_l1_thresh=0.2)),
-        ("fbcache 0.08", FirstBlockCacheConfig(residual_diff_threshold=0.08)),
-        ("taylorseer interval 3", TaylorSeerConfig(order=1, interval=3, max_warmup_steps=2)),
-    ]
+    configs = [("uncached", None)]
+    for name, cache_config, reason in smoke_configs(model, args.steps, args.methods):
+        if reason is None:
+            configs.append((name, cache_config))
+        else:
+            print(f"{name}: skipped ({reason})")
     for name, cache_config in configs:
         model.cache_config = cache_config
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        run(model, caches, min(2, args.steps), grid, device)  # warm-up
+        run(model, caches, args.steps, grid, device)  # warm-up (the run's step count: a planned schedule holds for it)
         times, finite = run(model, caches, args.steps, grid, device)
         reused = {b: s.reused_steps for b, s in model.cache_stats.branches.items()} if cache_config else {}
         memory = f", peak {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" if device.type == "cuda" else ""

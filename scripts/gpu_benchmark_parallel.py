@@ -25,12 +25,13 @@ import datetime
 import math
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
+from cached_diffusers.tools.bench import environment
 from cached_diffusers.tools.files import markdown_table, write_json
+from cached_diffusers.tools.timing import Stopwatch
 from gpu_parallel_check import (
     add_common_arguments,
     calibration_data,
@@ -73,9 +74,9 @@ def main() -> None:
         for _ in range(args.repeats):
             if parallel:
                 dist.barrier()
-            start = time.perf_counter()
-            result = work.run(model, config, device, dtype, sync)
-            times.append(time.perf_counter() - start)
+            with Stopwatch() as watch:  # work.run synchronises (sync) itself
+                result = work.run(model, config, device, dtype, sync)
+            times.append(watch.seconds)
         return statistics.median(times), result
 
     calibrated = {}
@@ -109,6 +110,7 @@ def main() -> None:
             "attention_backend": args.attention_backend, "steps": args.steps, "height": args.height, "width": args.width,
             "text_tokens": [args.text_len, args.neg_text_len], "cfg_scale": args.cfg_scale, "repeats": args.repeats,
             "single_gpu_uncached_seconds": baseline, "results": rows,
+            "environment": environment(device),  # CPU, OS, driver and versions (torch.utils.collect_env)
         }  # fmt: skip
         args.output_dir.mkdir(parents=True, exist_ok=True)
         stem = f"gpu-parallel-{date}-{args.model}-{args.mode}{world_size}"

@@ -33,7 +33,6 @@ import datetime
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +43,10 @@ from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
 
 from cached_diffusers.configs import cache_config_from_dict
 from cached_diffusers.models.qwenimage import CachedQwenImageTransformer2DModel
+from cached_diffusers.tools.bench import environment
 from cached_diffusers.tools.files import markdown_table
 from cached_diffusers.tools.tiny import SCHEDULER_CONFIG
+from cached_diffusers.tools.timing import Stopwatch, cuda_sync
 
 FULL_CONFIG = {
     "patch_size": 2,
@@ -112,10 +113,6 @@ class Loop:
         self.scheduler = FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG)
         self.mu = calculate_shift(tokens_side**2, 256, 8192, 0.5, 0.9)
 
-    def sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
     @torch.no_grad()
     def run(self, step_times: list[float] | None = None) -> float:
         """One generation; returns its wall time in seconds. ``step_times`` receives each step's time."""
@@ -124,29 +121,28 @@ class Loop:
         scheduler.set_begin_index(0)
         self.model.reset_cache()
         latents = self.latents.clone()
-        self.sync()
-        start = time.perf_counter()
-        for i, t in enumerate(scheduler.timesteps):
-            step_start = time.perf_counter()
-            timestep = t.expand(1).to(latents.dtype) / 1000
-            preds = []
-            for branch, text in (("cond", self.prompt), ("uncond", self.negative)):
-                with self.model.cache_context(branch, step_index=i, num_inference_steps=self.steps):
-                    preds.append(
-                        self.model(
-                            hidden_states=latents, timestep=timestep, encoder_hidden_states=text,
-                            encoder_hidden_states_mask=None, img_shapes=self.img_shapes, return_dict=False,
-                        )[0]
-                    )  # fmt: skip
-            cond, uncond = preds
-            comb = uncond + 4.0 * (cond - uncond)
-            noise_pred = comb * (torch.norm(cond, dim=-1, keepdim=True) / torch.norm(comb, dim=-1, keepdim=True))
-            latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
-            if step_times is not None:
-                self.sync()
-                step_times.append(time.perf_counter() - step_start)
-        self.sync()
-        return time.perf_counter() - start
+        sync = cuda_sync(self.device)
+        per_step = sync if step_times is not None else None  # each step synchronised only when its time is wanted
+        with Stopwatch(sync) as generation:
+            for i, t in enumerate(scheduler.timesteps):
+                with Stopwatch(per_step) as step:
+                    timestep = t.expand(1).to(latents.dtype) / 1000
+                    preds = []
+                    for branch, text in (("cond", self.prompt), ("uncond", self.negative)):
+                        with self.model.cache_context(branch, step_index=i, num_inference_steps=self.steps):
+                            preds.append(
+                                self.model(
+                                    hidden_states=latents, timestep=timestep, encoder_hidden_states=text,
+                                    encoder_hidden_states_mask=None, img_shapes=self.img_shapes, return_dict=False,
+                                )[0]
+                            )  # fmt: skip
+                    cond, uncond = preds
+                    comb = uncond + 4.0 * (cond - uncond)
+                    noise_pred = comb * (torch.norm(cond, dim=-1, keepdim=True) / torch.norm(comb, dim=-1, keepdim=True))
+                    latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+                if step_times is not None:
+                    step_times.append(step.seconds)
+        return generation.seconds
 
 
 def load_schedules(path: Path, steps: int) -> list[dict[str, Any]]:
@@ -263,6 +259,7 @@ def main() -> None:
         "uncached_step_ms": statistics.median(uncached_steps) * 1000,
         "bookkeeping_ms_per_step": None if bookkeeping is None else bookkeeping * 1000,
         "results": results,
+        "environment": environment(device),  # CPU, OS, driver and versions (torch.utils.collect_env)
     }
     args.output_dir.mkdir(parents=True, exist_ok=True)
     stem = f"gpu-{date}-{name.replace(' ', '_')}" + ("-tiny" if args.tiny else "")

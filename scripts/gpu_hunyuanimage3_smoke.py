@@ -4,7 +4,9 @@ GPU run (default): the release width (hidden 4096, 32 heads / 8 KV heads x 128, 
 patch_embed 1024, 32 latent channels) with ``--layers`` of the 32 decoder layers (default 2), in bfloat16, at
 1024x1024 (4096 image tokens), CFG 5.0 (2 rows per call), through ``CachedHunyuanImage3Pipeline``'s real loop (KV
 cache, per-branch caching). Weights are random: the numbers are speed, not quality. It prints the mean time of step 0
-(full sequence), of computed steps >= 1 and of reused steps, and the total loop time, per cache config.
+(full sequence), of computed steps >= 1 and of reused steps, and the total loop time, uncached and per registered
+cache method at its published setting (``scripts/method_settings.py``: ``smoke_configs``; a method the model lacks
+data for runs its calibration, one it cannot run is listed as skipped; ``--methods`` picks some).
 
 ``--dry-run``: the same on CPU with a tiny config (hidden 64, 2 layers, 4 experts, base size 64), to check the script.
 
@@ -20,17 +22,21 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
+import sys
+from pathlib import Path
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from cached_diffusers import MagCacheConfig, TaylorSeerConfig, TeaCacheConfig
 from cached_diffusers.models.hunyuanimage3 import HunyuanImage3Transformer2DModel
 from cached_diffusers.models.hunyuanimage3_vae import AutoencoderKLHunyuanImage3
 from cached_diffusers.pipelines.hunyuanimage3 import CachedHunyuanImage3Pipeline
+from cached_diffusers.tools.timing import Stopwatch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from method_settings import method_names, smoke_configs  # noqa: E402
 
 PROMPT = "a red cat sitting on a blue sofa in a sunny living room, photo"
 
@@ -79,21 +85,17 @@ def build_pipeline(dry_run: bool, layers: int) -> CachedHunyuanImage3Pipeline:
 
 
 def timed_run(pipe, steps: int, size: int, sync) -> dict:
-    times, last = [], [time.perf_counter()]
+    times = []
+    watch = Stopwatch(sync)
 
     def callback(p, i, t, tensors):
-        sync()
-        now = time.perf_counter()
-        times.append(now - last[0])
-        last[0] = now
+        times.append(watch.lap())
         return {}
 
-    sync()
-    last[0] = start = time.perf_counter()
-    pipe(PROMPT, height=size, width=size, num_inference_steps=steps, seed=0, output_type="latent",
-         callback_on_step_end=callback)
-    sync()
-    total = time.perf_counter() - start
+    with watch:
+        pipe(PROMPT, height=size, width=size, num_inference_steps=steps, seed=0, output_type="latent",
+             callback_on_step_end=callback)
+    total = watch.seconds
     stats = pipe.cache_stats
     reused = set()
     if stats.branches:
@@ -116,6 +118,7 @@ def main() -> None:
     parser.add_argument("--dry-run", action="store_true", help="tiny config on CPU")
     parser.add_argument("--layers", type=int, default=2, help="decoder layers of 32 (GPU run)")
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default 50, dry run 8)")
+    parser.add_argument("--methods", nargs="+", default=None, choices=method_names(), help="default: every registered one")
     args = parser.parse_args()
     if not args.dry_run and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: run with --dry-run, or on a GPU machine")
@@ -124,13 +127,12 @@ def main() -> None:
     pipe.set_progress_bar_config(disable=True)
     size = pipe.transformer.config.image_base_size
     sync = (lambda: None) if args.dry_run else torch.cuda.synchronize
-    configs = {
-        "none": None,
-        "teacache_0.2": TeaCacheConfig(rel_l1_thresh=0.2),
-        "teacache_0.4": TeaCacheConfig(rel_l1_thresh=0.4),
-        "taylorseer_i3": TaylorSeerConfig(order=1, interval=3, max_warmup_steps=3),
-        "magcache_uncalibrated_flat": MagCacheConfig(mag_ratios=[1.0] * steps, mag_threshold=0.06, mag_max_skip_steps=2),
-    }
+    configs = {"none": None}
+    for name, config, reason in smoke_configs(pipe.transformer, steps, args.methods):
+        if reason is None:
+            configs[name] = config
+        else:
+            print(json.dumps({"cache": name, "skipped": reason}))
     timed_run(pipe, min(steps, 3), size, sync)  # warm-up
     device = "cpu (dry run)" if args.dry_run else torch.cuda.get_device_name()
     print(json.dumps({"device": device, "layers": pipe.transformer.config.num_hidden_layers,

@@ -326,11 +326,14 @@ def main() -> None:
                   f"{same_as_reference}, max |latents - single GPU| {max(errors):.2e} (atol {atol:g}), "
                   f"reused {reused}", flush=True)  # fmt: skip
     if rank == 0 and args.output:
+        from cached_diffusers.tools.bench import environment  # CPU, OS, driver and versions (torch.utils.collect_env)
+
         args.output.write_text(json.dumps({
             "model": args.model, "size": args.size, "checkpoint": args.checkpoint, "mode": args.mode,
             "degree": world_size, "dtype": args.dtype, "attention_backend": args.attention_backend, "steps": args.steps,
             "height": args.height, "width": args.width, "device": torch.cuda.get_device_name(device)
             if device.type == "cuda" else "cpu", "torch": torch.__version__, "results": report,
+            "environment": environment(device),
         }, indent=2) + "\n")  # fmt: skip
     dist.destroy_process_group()
     sys.exit(1 if failed else 0)

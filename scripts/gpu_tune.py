@@ -19,9 +19,9 @@ import io
 import json
 import os
 import sys
-import time
 
 from cached_diffusers.tools.files import write_json
+from cached_diffusers.tools.timing import Stopwatch
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -74,9 +74,8 @@ def main(argv=None) -> int:
     for target in args.targets:
         command = tune_argv(args, target)
         print("cached-diffusers " + " ".join(command), flush=True)
-        start = time.time()
         out = io.StringIO()
-        with contextlib.redirect_stdout(out):
+        with Stopwatch() as watch, contextlib.redirect_stdout(out):
             code = cli(command)
         text = out.getvalue()
         print(text, flush=True)
@@ -84,7 +83,7 @@ def main(argv=None) -> int:
         os.makedirs(folder, exist_ok=True)
         with open(os.path.join(folder, "tune.log"), "w", encoding="utf-8") as f:
             f.write(text)
-        entry = {"target_psnr": target, "exit_status": code, "seconds": round(time.time() - start, 1)}
+        entry = {"target_psnr": target, "exit_status": code, "seconds": round(watch.seconds, 1)}
         record_path = os.path.join(folder, "cache_config.tuning.json")
         if code == 0 and os.path.exists(record_path):
             with open(record_path, encoding="utf-8") as f:

@@ -122,3 +122,27 @@ def mode_config(mode: str, **context: Any):
         return cache_method(base).config_class(calibrate=True)
     config = published_config(base, **context)
     return config.replace(scm_steps_mask=SCM_MASK) if mode == "scm" else config
+
+
+def smoke_configs(transformer: Any, steps: int, names: Iterable[str] | None = None) -> list[tuple[str, Any, str | None]]:
+    """What a smoke script runs on ``transformer`` (a cached transformer): ``(label, config, reason)`` per registered
+    method (or per name of ``names``), in the registry's order. The config is the method's :func:`published_config`
+    fitted to the model's blocks and ``steps``; when the model lacks the data it needs (TeaCache coefficients, MagCache
+    ratios) and the method calibrates from runs, its calibration run (``<method>-calibrate``) instead, which exercises
+    the same path; ``reason`` says why the model cannot run it (``None``: it can;
+    :func:`cached_diffusers.policies.unsupported_reason`). The label names the method and its knob's value."""
+    from cached_diffusers.policies import unsupported_reason
+
+    spec = transformer.cache_engine.spec
+    num_blocks = getattr(transformer, "num_cache_blocks", None)
+    rows = []
+    for name in names if names is not None else method_names():
+        config = published_config(name, steps=steps, num_blocks=num_blocks)
+        field = knob(name)
+        label = f"{name} {field}={getattr(config, field)}" if field else name
+        reason = unsupported_reason(config, spec)
+        if reason is not None and calibrates_from_runs(name):
+            label, config = name + CALIBRATE, mode_config(name + CALIBRATE)
+            reason = unsupported_reason(config, spec)
+        rows.append((label, config, reason))
+    return rows

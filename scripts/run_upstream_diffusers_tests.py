@@ -37,6 +37,9 @@ DEFAULT_FILES = [
     "tests/lora/test_lora_layers_flux2.py",
 ]
 MODEL_TESTS = "tests/models/"
+# Words of diffusers' own test names that exercise diffusers' cache hooks (its MagCache, FirstBlockCache,
+# TaylorSeerCache, FasterCache, PAB hooks: ``enable_cache``), which the cached classes refuse by design; these name
+# diffusers' hooks, not this package's methods (those come from the registry wherever a script runs them).
 BY_DESIGN = ("cache_hook", "enable_cache", "test_cache", "magcache", "first_block_cache", "taylorseer_cache",
              "faster_cache", "pyramid_attention")
 

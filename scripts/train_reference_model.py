@@ -61,6 +61,7 @@ from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer, Qwe
 
 from cached_diffusers.tools import reference_model as ref  # noqa: E402
 from cached_diffusers.hub import GENERATION_DEFAULTS_NAME  # noqa: E402
+from cached_diffusers.tools.timing import Stopwatch  # noqa: E402
 from cached_diffusers.tools.tiny import (  # noqa: E402
     FLUX2_KLEIN_SCHEDULER_CONFIG,
     SCHEDULER_CONFIG,
@@ -361,7 +362,7 @@ def main() -> None:
         return
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="reference-model-"))
     work.mkdir(parents=True, exist_ok=True)
-    started = time.time()
+    clock = Stopwatch().start()
 
     rendered = ref.render_emoji_dataset(args.font)
     dataset = ref.subset(rendered, args.num_emoji, args.seed)
@@ -407,7 +408,7 @@ def main() -> None:
         "batch_size": args.batch_size,
         "seed": args.seed,
         "vae_reconstruction_psnr_db": round(vae_psnr, 2),
-        "training_minutes": round((time.time() - started) / 60, 1),
+        "training_minutes": round(clock.elapsed() / 60, 1),
         "torch_threads": args.threads,
         **evaluate(recipe, pipe, dataset, output),
     }

@@ -6,6 +6,7 @@ Timings on a shared CPU are noise: these tests check structure and fidelity fact
 import dataclasses
 import json
 import math
+import time
 
 import numpy as np
 import pytest
@@ -294,3 +295,40 @@ def test_one_markdown_table_writer():
 
     assert markdown_table(["method", "speedup"], [["uncached", ""], ["a|b", 1.5]]) == [
         "| method | speedup |", "|---|---|", "| uncached | |", "| a\\|b | 1.5 |"]
+
+
+def test_the_tools_read_block_counts_from_the_stats():
+    """``CacheStats.num_calls`` / ``uncached_blocks`` (what bench, tune and equal_budget sum) and ``block_fraction``."""
+    from cached_diffusers.stats import CacheStats, StepRecord
+
+    stats = CacheStats("teacache", num_blocks=4)
+    stats.branch("cond").records += [StepRecord(0, False, "first-step", None, 4), StepRecord(1, True, "below", 0.1, 0)]
+    stats.branch("uncond").records += [StepRecord(0, False, "first-step", None, 4)]
+    assert (stats.num_calls, stats.branches["cond"].num_calls, stats.uncached_blocks) == (3, 2, 12)
+    assert stats.block_fraction == pytest.approx(8 / 12)
+    assert CacheStats("teacache").uncached_blocks == 0 and CacheStats("teacache").block_fraction is None
+
+
+def test_the_core_says_why_a_model_cannot_run_a_config():
+    """``policies.unsupported_reason``: missing model data first, then the model's own checks; ``None`` when it can."""
+    from cached_diffusers import DBCacheConfig, FirstBlockCacheConfig, TeaCacheConfig
+    from cached_diffusers.policies import unsupported_reason
+    from cached_diffusers.spec import WHOLE_CALL, ModelCacheSpec
+
+    spec = ModelCacheSpec(model_name="Toy", num_blocks=4)
+    assert "no TeaCache coefficients for Toy" in unsupported_reason(TeaCacheConfig(), spec)
+    assert unsupported_reason(TeaCacheConfig(coefficients=[0, 0, 0, 1, 0]), spec) is None
+    assert "Fn + Bn" in unsupported_reason(DBCacheConfig(Fn=4), spec)
+    assert "whole_call" in unsupported_reason(FirstBlockCacheConfig(), ModelCacheSpec(patterns=(WHOLE_CALL,)))
+    assert unsupported_reason(DBCacheConfig(Fn=1), spec) is None
+
+
+def test_stopwatch_times_a_block_and_its_laps():
+    from cached_diffusers.tools.timing import Stopwatch
+
+    calls = []
+    with Stopwatch(lambda: calls.append("sync")) as watch:
+        time.sleep(0.01)
+        first = watch.lap()
+    assert watch.seconds >= first >= 0.01
+    assert calls == ["sync"] * 3  # at the start, at the lap, at the end

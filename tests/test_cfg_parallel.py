@@ -35,7 +35,7 @@ STEPS = 8
 # others for a reason of the method (not only warm-up / last step).
 QWEN_CONFIGS = [
     TeaCacheConfig(rel_l1_thresh=0.8, max_continuous_cached_steps=2),
-    MagCacheConfig(mag_threshold=10.0, mag_retention_ratio=0.0, mag_max_skip_steps=2),
+    MagCacheConfig(mag_threshold=10.0, mag_retention_ratio=0.0, mag_max_reused_steps=2),
     DBCacheConfig(Fn=1, Bn=1, residual_diff_threshold=0.73, max_warmup_steps=1, max_continuous_cached_steps=2),
     FirstBlockCacheConfig(residual_diff_threshold=0.73, max_warmup_steps=1, max_continuous_cached_steps=2),
     TaylorSeerConfig(order=2, interval=3, max_warmup_steps=2),
@@ -44,7 +44,7 @@ QWEN_CONFIGS = [
 ]
 KLEIN_CONFIGS = [
     TeaCacheConfig(rel_l1_thresh=1e6, coefficients=KLEIN_COEFFICIENTS, max_continuous_cached_steps=2),
-    MagCacheConfig(mag_threshold=10.0, mag_ratios=(1.0, 0.69, 0.79, 1.65, 0.72, 1.1, 0.77, 1.68), mag_max_skip_steps=2),
+    MagCacheConfig(mag_threshold=10.0, mag_ratios=(1.0, 0.69, 0.79, 1.65, 0.72, 1.1, 0.77, 1.68), mag_max_reused_steps=2),
     DBCacheConfig(Fn=1, Bn=1, residual_diff_threshold=1.1, max_warmup_steps=1, max_continuous_cached_steps=2),
     FirstBlockCacheConfig(residual_diff_threshold=1.1, max_warmup_steps=1, max_continuous_cached_steps=2),
     *QWEN_CONFIGS[4:],

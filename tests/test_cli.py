@@ -22,7 +22,7 @@ def test_demo_runs_and_reports(tmp_path, capsys):
     assert re.search(r"uncached: \d+\.\d+ s \(median of 3, range \d+\.\d+-\d+\.\d+ s\)", text)
     assert re.search(r"cached \(teacache\): \d+\.\d+ s \(median of 3, range \d+\.\d+-\d+\.\d+ s\)", text)
     assert re.search(r"speedup: \d+\.\d+x \(per-round ratios \d+\.\d+x-\d+\.\d+x over 3 interleaved rounds\)", text)
-    skipped = re.findall(r"steps skipped \((cond|uncond)\): (\d+) of 20", text)
+    skipped = re.findall(r"steps reused \((cond|uncond)\): (\d+) of 20", text)
     assert {b for b, _ in skipped} == {"cond", "uncond"}
     assert all(int(n) > 0 for _, n in skipped)  # the demo's default really skips transformer work
     assert re.search(r"PSNR cached vs uncached, .*: (\d+\.\d+|inf) dB", text)

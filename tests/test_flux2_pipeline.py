@@ -295,7 +295,7 @@ CALIBRATED = (1.0, 0.69, 0.79, 1.65, 0.72, 1.1, 0.77, 1.68)  # rounded from MagC
     "config",
     [
         TeaCacheConfig(rel_l1_thresh=1e6, coefficients=COEFFICIENTS, max_continuous_cached_steps=2, enable_taylorseer=True),
-        MagCacheConfig(mag_threshold=10.0, mag_retention_ratio=0.0, mag_max_skip_steps=2, mag_ratios=CALIBRATED),
+        MagCacheConfig(mag_threshold=10.0, mag_retention_ratio=0.0, mag_max_reused_steps=2, mag_ratios=CALIBRATED),
         MagCacheConfig(calibrate=True),
         DBCacheConfig(Fn=2, Bn=1, residual_diff_threshold=10.0, max_warmup_steps=1, max_continuous_cached_steps=2),
         DBCacheConfig(Fn=3, Bn=2, residual_diff_threshold=10.0, max_warmup_steps=0, enable_taylorseer=True, taylorseer_order=2),

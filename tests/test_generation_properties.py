@@ -118,7 +118,7 @@ def cache_configs(draw):
         ratios = draw(st.lists(st.floats(0.8, 1.2), min_size=2, max_size=12))
         return MagCacheConfig(
             mag_ratios=[1.0] + ratios[1:], mag_threshold=draw(st.sampled_from([0.01, 0.1, 1.0])),
-            mag_max_skip_steps=draw(st.integers(1, 4)), mag_retention_ratio=draw(st.sampled_from([0.0, 0.2, 0.5])),
+            mag_max_reused_steps=draw(st.integers(1, 4)), mag_retention_ratio=draw(st.sampled_from([0.0, 0.2, 0.5])),
             **common, **residual_options(draw),
         )
     if method == "dbcache":

@@ -97,7 +97,7 @@ def test_every_run_mode_builds_its_method_s_published_setting(family, num_blocks
     assert (dbcache.Fn, dbcache.Bn, dbcache.residual_diff_threshold) == (max(1, min(8, num_blocks // 6)), 0, 0.08)
     assert dbcache.max_warmup_steps == 7
     magcache = gpu_parallel_check.method_config("magcache", family, {}, calibrated)
-    assert (magcache.mag_threshold, magcache.mag_max_skip_steps, magcache.mag_ratios) == (0.06, 2, (1.0, 1.1, 1.0))
+    assert (magcache.mag_threshold, magcache.mag_max_reused_steps, magcache.mag_ratios) == (0.06, 2, (1.0, 1.1, 1.0))
     teacache = gpu_parallel_check.method_config("teacache", family, {}, {})
     assert teacache.coefficients == (None if family == "qwen" else (0.0, 0.0, 0.0, 1.0, 0.0))
     with pytest.raises(ValueError, match="unknown method 'turbo'"):

@@ -176,7 +176,7 @@ def fresh_prediction(pipe, latents, t, rows):
 def test_branches_that_disagree_run_only_the_computing_rows_and_keep_the_kv_cache_consistent(pipe):
     steps = 8
     ratios = {"cond": [1.0] * steps, "uncond": [1.5] * steps}  # cond: no error, reuses; uncond: large error, computes
-    pipe.cache_config = MagCacheConfig(mag_ratios=ratios, mag_retention_ratio=0.0, mag_threshold=0.1, mag_max_skip_steps=2)
+    pipe.cache_config = MagCacheConfig(mag_ratios=ratios, mag_retention_ratio=0.0, mag_threshold=0.1, mag_max_reused_steps=2)
     out, rec, calls = run(pipe, steps=steps, output_type="latent")
     stats = pipe.cache_stats
     cond_reused = [r.step for r in stats.branches["cond"].records if r.reused]
@@ -308,7 +308,7 @@ def legacy_predict(self, i, num_steps, t, latents, sequence, kv_cache, branch_ro
         TeaCacheConfig(rel_l1_thresh=1e3, max_continuous_cached_steps=2, enable_taylorseer=True, taylorseer_order=2),
         TaylorSeerConfig(order=2, interval=3, max_warmup_steps=2),
         MagCacheConfig(mag_ratios={"cond": [1.0] * 10, "uncond": [1.5] * 10}, mag_retention_ratio=0.0,
-                       mag_threshold=0.1, mag_max_skip_steps=2),
+                       mag_threshold=0.1, mag_max_reused_steps=2),
         MagCacheConfig(calibrate=True),
         TeaCacheConfig(calibrate=True),
     ],

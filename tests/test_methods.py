@@ -42,7 +42,7 @@ def computed(config, num_steps, defaults=None, branches=("cond",)):
     "factory, message",
     [
         (lambda: MagCacheConfig(mag_threshold=-0.1), r"mag_threshold must be a finite number >= 0"),
-        (lambda: MagCacheConfig(mag_max_skip_steps=0), r"mag_max_skip_steps must be an integer >= 1"),
+        (lambda: MagCacheConfig(mag_max_reused_steps=0), r"mag_max_reused_steps must be an integer >= 1"),
         (lambda: MagCacheConfig(mag_retention_ratio=1.0), r"mag_retention_ratio must be in \[0, 1\)"),
         (lambda: MagCacheConfig(mag_retention_ratio=-0.1), r"mag_retention_ratio must be a finite number >= 0"),
         (lambda: MagCacheConfig(mag_ratios=[1.0]), r"mag_ratios must have at least 2 entries"),
@@ -83,6 +83,24 @@ def test_every_config_round_trips_through_json(config):
     assert hash(again) == hash(config)
 
 
+def test_magcache_old_field_name_still_loads_with_a_future_warning():
+    """``mag_max_skip_steps`` (renamed ``mag_max_reused_steps``): a keyword, a JSON key and an attribute still work,
+    each with a FutureWarning naming the new field; nothing is dropped, and ``to_dict`` writes the new name."""
+    from cached_diffusers.configs import cache_config_from_dict
+
+    with pytest.warns(FutureWarning, match="renamed mag_max_reused_steps"):
+        config = MagCacheConfig(mag_max_skip_steps=5)
+    assert config == MagCacheConfig(mag_max_reused_steps=5)
+    with pytest.warns(FutureWarning, match="renamed mag_max_reused_steps"):
+        loaded = cache_config_from_dict({"method": "magcache", "mag_max_skip_steps": 4})
+    assert loaded.mag_max_reused_steps == 4
+    with pytest.warns(FutureWarning, match="renamed mag_max_reused_steps"):
+        assert loaded.mag_max_skip_steps == 4
+    assert "mag_max_reused_steps" in config.to_dict() and "mag_max_skip_steps" not in config.to_dict()
+    with pytest.raises(ValueError, match="give mag_max_reused_steps only"):
+        MagCacheConfig(mag_max_skip_steps=5, mag_max_reused_steps=2)
+
+
 def test_fn_plus_bn_must_leave_blocks_to_cache():
     engine = CacheEngine(ModelCacheSpec(model_name="Toy", num_blocks=4))
     with pytest.raises(ValueError, match=r"Fn \+ Bn must be smaller than the model's 4 blocks.*Fn=3, Bn=1"):
@@ -104,11 +122,11 @@ def test_ratio_interpolation_worked_examples():
     "ratios, num_steps, settings, expected",
     [
         # methods.md 2.7: schedules implied by the published ratios (data-independent)
-        (QWENIMAGE_MAG_RATIOS, 50, dict(mag_threshold=0.06, mag_max_skip_steps=2, mag_retention_ratio=0.2),
+        (QWENIMAGE_MAG_RATIOS, 50, dict(mag_threshold=0.06, mag_max_reused_steps=2, mag_retention_ratio=0.2),
          [*range(16), 17, 18, 19, 21, 23, 25, 27, 29, 31, 34, 37, 39, *range(41, 50)]),
-        (FLUX_MAG_RATIOS, 28, dict(mag_threshold=0.24, mag_max_skip_steps=5, mag_retention_ratio=0.1),
+        (FLUX_MAG_RATIOS, 28, dict(mag_threshold=0.24, mag_max_reused_steps=5, mag_retention_ratio=0.1),
          [0, 1, 2, 5, 9, 15, 21, 26]),
-        (FLUX_MAG_RATIOS, 28, dict(mag_threshold=0.06, mag_max_skip_steps=3, mag_retention_ratio=0.2),
+        (FLUX_MAG_RATIOS, 28, dict(mag_threshold=0.06, mag_max_reused_steps=3, mag_retention_ratio=0.2),
          [0, 1, 2, 3, 4, 5, 7, 9, 13, 17, 21, 24, 26, 27]),
     ],
 )
@@ -120,12 +138,12 @@ def test_magcache_reproduces_the_published_schedules(ratios, num_steps, settings
 
 def test_magcache_reinterpolates_on_every_call():
     engine, toy = CacheEngine(ModelCacheSpec(num_blocks=4)), ToyStack()
-    engine.config = MagCacheConfig(mag_ratios=FLUX_MAG_RATIOS, mag_threshold=0.24, mag_max_skip_steps=5, mag_retention_ratio=0.1)
+    engine.config = MagCacheConfig(mag_ratios=FLUX_MAG_RATIOS, mag_threshold=0.24, mag_max_reused_steps=5, mag_retention_ratio=0.1)
     for num_steps in (28, 12, 28, 40):
         run_generation(engine, toy, num_steps)
         fresh, (expected,) = computed(
             MagCacheConfig(mag_ratios=interpolate_ratios(FLUX_MAG_RATIOS, num_steps), mag_threshold=0.24,
-                           mag_max_skip_steps=5, mag_retention_ratio=0.1),
+                           mag_max_reused_steps=5, mag_retention_ratio=0.1),
             num_steps,
         )
         assert engine.stats.branches["cond"].computed_steps == expected
@@ -136,7 +154,7 @@ def test_magcache_uses_the_models_ratios_and_errors_without_them():
     engine = CacheEngine(ModelCacheSpec(model_name="Toy", num_blocks=4))
     with pytest.raises(ValueError, match=r"no MagCache ratios are known for Toy.*calibrate=True"):
         engine.config = MagCacheConfig()
-    _, (got,) = computed(MagCacheConfig(compute_last_step=False, mag_max_skip_steps=2), 50,
+    _, (got,) = computed(MagCacheConfig(compute_last_step=False, mag_max_reused_steps=2), 50,
                          defaults=ModelCacheSpec(num_blocks=4, mag_ratios=QWENIMAGE_MAG_RATIOS,
                                                  mag_ratios_source="Qwen-Image"))
     assert len(got) == 37

@@ -75,7 +75,7 @@ def configs(case):
             rel_l1_thresh=100.0, coefficients=coefficients, scm_steps_mask=SCM_SPEC, scm_steps_policy="static"
         ),
         "magcache-retention": MagCacheConfig(
-            mag_threshold=100.0, mag_max_skip_steps=100, mag_retention_ratio=0.5, mag_ratios=(1.0,) * N
+            mag_threshold=100.0, mag_max_reused_steps=100, mag_retention_ratio=0.5, mag_ratios=(1.0,) * N
         ),
         "taylorseer": TaylorSeerConfig(order=1, interval=2, max_warmup_steps=1),
         "seacache-retention": SeaCacheConfig(
@@ -148,7 +148,7 @@ def test_magcache_ratios_are_read_at_the_absolute_steps_that_run():
     ratios = tuple(1.0 + 0.01 * i for i in range(N))  # distinct per step: a shifted index would change the sums
     engine = CacheEngine()
     engine.config = MagCacheConfig(
-        mag_threshold=100.0, mag_max_skip_steps=100, mag_retention_ratio=0.0, mag_ratios=ratios
+        mag_threshold=100.0, mag_max_reused_steps=100, mag_retention_ratio=0.0, mag_ratios=ratios
     )
     first = 6
     records = drive(engine, first, N)

@@ -92,7 +92,7 @@ def test_magcache_matches_diffusers(ours, stock, threshold, max_skip, retention)
     )
     peer_latents, peer_reused = run_peer(stock, peer_config)
     config = MagCacheConfig(
-        mag_threshold=threshold, mag_max_skip_steps=max_skip, mag_retention_ratio=retention,
+        mag_threshold=threshold, mag_max_reused_steps=max_skip, mag_retention_ratio=retention,
         mag_ratios=QWENIMAGE_MAG_RATIOS, compute_last_step=False,
     )
     latents, reused, _ = run_ours(ours, config)
@@ -107,5 +107,5 @@ def test_our_default_last_step_rule_is_a_deliberate_difference(ours, stock):
                                     mag_ratios=list(QWENIMAGE_MAG_RATIOS))
     _, peer_reused = run_peer(stock, peer_config)
     assert peer_reused["cond"] == list(range(1, STEPS))
-    _, reused, _ = run_ours(ours, MagCacheConfig(mag_threshold=100.0, mag_max_skip_steps=20, mag_retention_ratio=0.0))
+    _, reused, _ = run_ours(ours, MagCacheConfig(mag_threshold=100.0, mag_max_reused_steps=20, mag_retention_ratio=0.0))
     assert reused["cond"] == list(range(1, STEPS - 1))

@@ -103,7 +103,7 @@ def test_magcache_matches_diffusers(ours, stock, calibrated, threshold, max_skip
     # a middle block: it runs only when the stack is computed
     peer_latents, peer_computed = run_peer(stock, peer_config, stock.transformer.single_transformer_blocks[1].attn.to_out)
     config = MagCacheConfig(
-        mag_threshold=threshold, mag_max_skip_steps=max_skip, mag_retention_ratio=retention, mag_ratios=calibrated,
+        mag_threshold=threshold, mag_max_reused_steps=max_skip, mag_retention_ratio=retention, mag_ratios=calibrated,
         compute_last_step=False,
     )
     latents, computed, _ = run_ours(ours, config)

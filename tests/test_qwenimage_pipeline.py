@@ -220,7 +220,7 @@ def test_pil_output_and_stats_without_cfg(pipe):
     "config",
     [
         TeaCacheConfig(rel_l1_thresh=1e6, max_continuous_cached_steps=2, enable_taylorseer=True),
-        MagCacheConfig(mag_threshold=10.0, mag_retention_ratio=0.0, mag_max_skip_steps=2),
+        MagCacheConfig(mag_threshold=10.0, mag_retention_ratio=0.0, mag_max_reused_steps=2),
         MagCacheConfig(calibrate=True),
         DBCacheConfig(Fn=2, Bn=1, residual_diff_threshold=10.0, max_warmup_steps=1, max_continuous_cached_steps=2),
         DBCacheConfig(Fn=1, Bn=0, residual_diff_threshold=10.0, max_warmup_steps=0, enable_taylorseer=True, taylorseer_order=2),

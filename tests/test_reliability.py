@@ -175,7 +175,7 @@ def test_a_transformer_driven_directly_keeps_its_own_state_beside_a_pipeline(pip
 # -- 2. callbacks that change the inputs -----------------------------------------------------------------------------
 REUSING = {
     "teacache": TeaCacheConfig(rel_l1_thresh=1e9),
-    "magcache": MagCacheConfig(mag_ratios=[1.0] * STEPS, mag_threshold=10.0, mag_retention_ratio=0.0, mag_max_skip_steps=10),
+    "magcache": MagCacheConfig(mag_ratios=[1.0] * STEPS, mag_threshold=10.0, mag_retention_ratio=0.0, mag_max_reused_steps=10),
     "dbcache": DBCacheConfig(Fn=1, Bn=1, residual_diff_threshold=1e9, max_warmup_steps=0),
     "taylorseer": TaylorSeerConfig(interval=10, max_warmup_steps=1),
     "seacache": SeaCacheConfig(threshold=1e9, retention_steps=0, max_consecutive_cached=0),

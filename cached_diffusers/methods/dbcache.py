@@ -106,10 +106,10 @@ class DBCacheConfig(ResidualCacheConfig):
         Bn (`int`, defaults to 0, range >= 0): back blocks always computed (``Bn_compute_blocks``).
             ``Fn + Bn`` must be smaller than the model's block count (checked when the config is applied).
         residual_diff_threshold (`float`, defaults to 0.08, range >= 0):
-            Reuse while the probe's relative L1 change is below this; 0 never reuses.
+            Reuse while the probe's relative L1 change is below this; 0 never reuses (cache-dit's name).
         max_warmup_steps (`int`, defaults to 8): cache-dit's default warm-up.
         max_accumulated_residual_diff_threshold (`float` or `None`, defaults to `None`, range > 0):
-            Once the diffs tested so far sum to this, the branch computes every remaining step.
+            Once the diffs tested so far sum to this, the branch computes every remaining step (cache-dit's name).
         other fields: shared guards and calibrator (``enable_taylorseer`` makes this cache-dit's DBCache + TaylorSeer
             calibrator), see :class:`StepCacheConfig` and :class:`ResidualCacheConfig`.
     """

@@ -8,6 +8,8 @@ records per-step ratios; :meth:`MagCacheConfig.from_calibration` averages them) 
 
 from __future__ import annotations
 
+import functools
+import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence
 
@@ -42,16 +44,17 @@ def interpolate_ratios(ratios: tuple[float, ...], num_steps: int) -> tuple[float
 
 @dataclass
 class MagCacheState:
-    """Per-branch MagCache state: running ratio, steps since the last compute, accumulated error; calibration."""
+    """Per-branch MagCache state: running ratio, reused steps since the last compute (the paper's ``k``), accumulated
+    error; calibration."""
 
     ratio: float = 1.0
-    skipped: int = 0
+    reused: int = 0
     error: float = 0.0
     previous_norm: torch.Tensor | None = None
     calibrated: list[float] = field(default_factory=list)
 
     def reset(self) -> None:
-        self.ratio, self.skipped, self.error = 1.0, 0, 0.0
+        self.ratio, self.reused, self.error = 1.0, 0, 0.0
 
 
 class MagCachePolicy(CachePolicy):
@@ -102,14 +105,14 @@ class MagCachePolicy(CachePolicy):
             state.reset()
             return Decision(False, "retention")
         state.ratio *= self.ratios_for(ctx.branch, ctx.num_steps)[ctx.step]
-        state.skipped += 1
+        state.reused += 1
         state.error += abs(1.0 - state.ratio)
         if gate is Gate.REUSE:
             return Decision(True, reason, state.error)
-        if state.error <= config.mag_threshold and state.skipped <= config.mag_max_skip_steps:
+        if state.error <= config.mag_threshold and state.reused <= config.mag_max_reused_steps:
             return Decision(True, "below-threshold", state.error)
         error = state.error
-        why = "max-skip-steps" if error <= config.mag_threshold else "above-threshold"
+        why = "max-reused-steps" if error <= config.mag_threshold else "above-threshold"
         state.reset()
         return Decision(False, why, error)
 
@@ -147,6 +150,35 @@ def _check_ratio_list(owner: str, name: str, values: Any) -> tuple[float, ...]:
     return ratios
 
 
+RENAMED_FIELDS = {"mag_max_skip_steps": "mag_max_reused_steps"}
+"""Old field name -> new one. An old name is accepted as a keyword, a ``cache_config.json`` key and an attribute,
+with a ``FutureWarning`` naming the new field; ``to_dict`` writes the new name."""
+
+
+def _warn_renamed(owner: str, old: str, stacklevel: int) -> None:
+    new = RENAMED_FIELDS[old]
+    warnings.warn(
+        f"{owner}.{old} is renamed {new} (a step is 'computed' or 'reused'); {old} will be removed: use {new}",
+        FutureWarning, stacklevel=stacklevel,
+    )
+
+
+def _renamed_fields(owner: str, params: Mapping[str, Any], stacklevel: int) -> dict[str, Any]:
+    """``params`` with each old field name (:data:`RENAMED_FIELDS`) replaced by the new one, warning once per name.
+
+    Raises:
+        ValueError: when both the old and the new name are given.
+    """
+    params = dict(params)
+    for old, new in RENAMED_FIELDS.items():
+        if old in params:
+            if new in params:
+                raise ValueError(f"{owner}: give {new} only ({old} is its old name), got both")
+            _warn_renamed(owner, old, stacklevel)
+            params[new] = params.pop(old)
+    return params
+
+
 @register_cache_method
 @dataclass(frozen=True)
 class MagCacheConfig(ResidualCacheConfig):
@@ -155,7 +187,7 @@ class MagCacheConfig(ResidualCacheConfig):
     Per guidance branch: the first ``int(mag_retention_ratio * N + 0.5)`` steps are computed. After them, each step
     multiplies a running ratio ``rho`` by the step's calibrated magnitude ratio ``gamma_i`` (``||r_i|| / ||r_{i-1}||``
     of consecutive whole-stack residuals, mean over tokens), counts ``k += 1`` and accumulates ``err += |1 - rho|``.
-    The step reuses the residual of the last computed step while ``err <= mag_threshold`` and ``k <= mag_max_skip_steps``;
+    The step reuses the residual of the last computed step while ``err <= mag_threshold`` and ``k <= mag_max_reused_steps``;
     otherwise it computes and resets ``rho = 1, k = 0, err = 0``. The ratios were calibrated at ``len(mag_ratios)``
     steps and are re-interpolated (nearest neighbour, ``idx_i = round(i * (L - 1) / (N - 1))``) to each call's
     ``num_inference_steps``. The decision needs no indicator from the model: it is a function of the ratios.
@@ -164,8 +196,11 @@ class MagCacheConfig(ResidualCacheConfig):
         mag_threshold (`float`, defaults to 0.06, range >= 0):
             Accumulated error under which steps are reused. 0.06 is the official Qwen-Image setting (``E006K2R02``)
             and diffusers' default; the official FLUX.1 "fast" setting uses 0.24.
-        mag_max_skip_steps (`int`, defaults to 3, range >= 1):
-            ``K``, the most steps reused in a row (official Qwen-Image: 2, FLUX.1: 5; diffusers: 3).
+        mag_max_reused_steps (`int`, defaults to 3, range >= 1):
+            ``K``, the most steps reused in a row: the paper's ``K`` (Zehong-Ma/MagCache's ``magcache_K``; diffusers'
+            ``MagCacheConfig.max_skip_steps``), named here with the package's word for the event. Official
+            Qwen-Image: 2, FLUX.1: 5; diffusers: 3. Its old name ``mag_max_skip_steps`` is still accepted (as a
+            keyword, in a ``cache_config.json``, as an attribute) with a ``FutureWarning``.
         mag_retention_ratio (`float`, defaults to 0.2, range [0, 1)):
             Fraction of the first steps always computed (official Qwen-Image and diffusers: 0.2; FLUX.1: 0.1).
         mag_ratios (sequence of floats, ``{branch: sequence}`` or `None`, defaults to `None`):
@@ -185,12 +220,12 @@ class MagCacheConfig(ResidualCacheConfig):
     calibration: ClassVar[str] = "runs"
     sweep: ClassVar[Sweep] = Sweep(
         "mag_threshold", "log", *THRESHOLD_RANGE, values=(0.03, 0.06, 0.12, 0.24), rank=1,
-        published={"mag_threshold": 0.06, "mag_max_skip_steps": 2, "mag_retention_ratio": 0.2},
+        published={"mag_threshold": 0.06, "mag_max_reused_steps": 2, "mag_retention_ratio": 0.2},
         published_source="Zehong-Ma/MagCache Qwen-Image setting E006K2R02 (diffusers' defaults: 0.06, 3, 0.2)",
     )
 
     mag_threshold: float = 0.06
-    mag_max_skip_steps: int = 3
+    mag_max_reused_steps: int = 3
     mag_retention_ratio: float = 0.2
     mag_ratios: tuple[float, ...] | Mapping[str, tuple[float, ...]] | None = None
     calibrate: bool = False
@@ -200,7 +235,7 @@ class MagCacheConfig(ResidualCacheConfig):
         owner = type(self).__name__
         object.__setattr__(self, "mag_threshold", _check_number(owner, "mag_threshold", self.mag_threshold, low=0.0))
         object.__setattr__(
-            self, "mag_max_skip_steps", _check_int(owner, "mag_max_skip_steps", self.mag_max_skip_steps, low=1)
+            self, "mag_max_reused_steps", _check_int(owner, "mag_max_reused_steps", self.mag_max_reused_steps, low=1)
         )
         retention = _check_number(owner, "mag_retention_ratio", self.mag_retention_ratio, low=0.0)
         if retention >= 1.0:
@@ -225,6 +260,17 @@ class MagCacheConfig(ResidualCacheConfig):
             object.__setattr__(self, "mag_ratios", FrozenDict(checked))
         else:
             object.__setattr__(self, "mag_ratios", _check_ratio_list(owner, "mag_ratios", ratios))
+
+    @property
+    def mag_max_skip_steps(self) -> int:
+        """The old name of :attr:`mag_max_reused_steps` (``FutureWarning``)."""
+        _warn_renamed(type(self).__name__, "mag_max_skip_steps", stacklevel=3)
+        return self.mag_max_reused_steps
+
+    @classmethod
+    def _from_params(cls, params: dict[str, Any]) -> MagCacheConfig:
+        """A ``cache_config.json``'s fields, its old names renamed (``FutureWarning``; see :data:`RENAMED_FIELDS`)."""
+        return super()._from_params(_renamed_fields(cls.__name__, params, stacklevel=5))
 
     def to_dict(self) -> dict[str, Any]:
         out = super().to_dict()
@@ -265,9 +311,9 @@ class MagCacheConfig(ResidualCacheConfig):
         return cls(mag_threshold=value, mag_ratios=mag_ratios)
 
     def for_budget_search(self, num_steps: int) -> MagCacheConfig:
-        """``mag_max_skip_steps = N`` and ``mag_retention_ratio = 0.1`` (the official FLUX.1 value), so that MagCache's
-        own caps do not keep it above small budgets."""
-        return self.replace(mag_max_skip_steps=num_steps, mag_retention_ratio=0.1)
+        """``mag_max_reused_steps = N`` and ``mag_retention_ratio = 0.1`` (the official FLUX.1 value), so that
+        MagCache's own caps do not keep it above small budgets."""
+        return self.replace(mag_max_reused_steps=num_steps, mag_retention_ratio=0.1)
 
     @classmethod
     def calibrated(cls, runs: list[Any], options: Mapping[str, Any]) -> tuple[MagCacheConfig, dict[str, Any], list[str]]:
@@ -275,6 +321,17 @@ class MagCacheConfig(ResidualCacheConfig):
         config = cls.from_calibration(runs, mag_threshold=options["mag_threshold"])
         ratios = config.mag_ratios if isinstance(config.mag_ratios, Mapping) else {"all branches": config.mag_ratios}
         return config, {}, [f"MagCache ratios ({branch}): {list(values)}" for branch, values in ratios.items()]
+
+
+def _accept_old_names(init):
+    @functools.wraps(init)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **_renamed_fields(type(self).__name__, kwargs, stacklevel=4))
+
+    return __init__
+
+
+MagCacheConfig.__init__ = _accept_old_names(MagCacheConfig.__init__)  # MagCacheConfig(mag_max_skip_steps=...) still works
 
 
 # -- calibration ------------------------------------------------------------------------------------------------------

@@ -303,7 +303,9 @@ class SeaCacheConfig(StepCacheConfig):
         cache_end_steps (`int`, defaults to 1, range >= 0):
             The last steps that always compute.
         max_consecutive_cached (`int`, defaults to 2, range >= 0):
-            After this many reused steps in a row, the next step computes; 0 means no limit.
+            After this many reused steps in a row, the next step computes; 0 means no limit. The name is diffusers'
+            (``hooks/sea_cache.py``, ``SeaCacheConfig.max_consecutive_cached``), kept so its configs read the same;
+            "cached" here means reused.
         power_exp (`float`, defaults to 3.0, range > 0):
             Exponent of the clean signal's power-law prior ``|f|^-power_exp`` per grid axis (the hook's default, for
             video features; kept for images, see ``docs/methods.md``).

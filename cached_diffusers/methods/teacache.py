@@ -141,7 +141,8 @@ class TeaCacheConfig(ResidualCacheConfig):
 
     Args:
         rel_l1_thresh (`float`, defaults to 0.2, range > 0):
-            Accumulated rescaled distance below which steps are reused. Larger is faster and less faithful;
+            Accumulated rescaled distance below which steps are reused (the official TeaCache name, ali-vilab/TeaCache
+            ``rel_l1_thresh``). Larger is faster and less faithful;
             0.2 is vllm-omni's default for Qwen-Image. The official FLUX.1 README reports 0.25 / 0.4 / 0.6 / 0.8 ->
             1.5x / 1.8x / 2.0x / 2.25x at 28 steps.
         coefficients (5 floats or `None`, defaults to `None`):

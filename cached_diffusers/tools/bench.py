@@ -37,6 +37,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import numpy as np
 
 from ..configs import CacheConfig, resolve_cache_config
+from ..policies import unsupported_reason
 from ..registry import cache_methods
 from . import files
 from .imaging import psnr, require_extra, ssim, to_uint8
@@ -481,34 +482,40 @@ class BenchResult:
 
 
 # -- environment -----------------------------------------------------------------------------------------------------
-def _cpu_name() -> str:
-    name = platform.processor()
-    if name and name not in ("x86_64", "aarch64", "arm", "i386"):
-        return name
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.lower().startswith(("model name", "hardware", "cpu model")):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return name or platform.machine()
+def _cpu_name(cpu_info: str) -> str:
+    """The CPU's model name from ``torch.utils.collect_env.get_cpu_info`` (``lscpu``'s "Model name", macOS's brand
+    string), else ``platform.processor()`` / ``platform.machine()``."""
+    for line in cpu_info.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip().lower() in ("model name", "name") and value.strip():
+            return value.strip()
+    if cpu_info.strip() and ":" not in cpu_info and "\n" not in cpu_info.strip():  # macOS: the brand string alone
+        return cpu_info.strip()
+    return platform.processor() or platform.machine()
 
 
 def environment(device: Any = None) -> dict[str, Any]:
     """Date, device, and the versions that matter: ``{"date", "device", "device_name", "cpu", "cpu_count",
-    "torch_threads", "load_average", "platform", "python", "torch", "diffusers", "transformers",
-    "cached_diffusers"}`` (``load_average``: the 1, 5 and 15 minute averages when the run ended; on a shared machine
-    a load above the core count makes wall times noisy)."""
+    "torch_threads", "load_average", "platform", "os", "python", "torch", "cuda", "nvidia_driver", "diffusers",
+    "transformers", "cached_diffusers"}`` (``load_average``: the 1, 5 and 15 minute averages when the run ended; on a
+    shared machine a load above the core count makes wall times noisy; ``cuda`` and ``nvidia_driver``: ``None``
+    without CUDA).
+
+    The system part (CPU model, OS, platform, driver) comes from PyTorch's own report,
+    ``torch.utils.collect_env`` (what ``python -m torch.utils.collect_env`` prints), the few probes of it that cost
+    milliseconds (not ``get_env_info``, which lists pip packages).
+    """
     import diffusers
     import torch
     import transformers
+    from torch.utils import collect_env
 
     from .. import __version__
 
     device = torch.device(device) if device is not None else torch.device("cpu")
-    cpu = _cpu_name()
+    cpu = _cpu_name(collect_env.get_cpu_info(collect_env.run) or "")
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu
+    cuda = torch.cuda.is_available()
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": str(device),
@@ -517,9 +524,12 @@ def environment(device: Any = None) -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-        "platform": platform.platform(),
+        "platform": collect_env.get_python_platform(),
+        "os": collect_env.get_os(collect_env.run),
         "python": platform.python_version(),
         "torch": torch.__version__,
+        "cuda": torch.version.cuda if cuda else None,
+        "nvidia_driver": collect_env.get_nvidia_driver_version(collect_env.run) if cuda else None,
         "diffusers": diffusers.__version__,
         "transformers": transformers.__version__,
         "cached_diffusers": __version__,
@@ -554,16 +564,12 @@ def run_prompts(pipe, prompts: Sequence[str], call_kwargs: Mapping[str, Any], se
     return total, images, stats
 
 
-def _skip_reason(pipe, config: CacheConfig) -> str | None:
-    """A short reason when the model lacks the data a config needs (TeaCache coefficients, MagCache ratios)."""
+def _unsupported(pipe, config: CacheConfig) -> str | None:
+    """Why the pipeline's transformer cannot run ``config`` (:func:`cached_diffusers.policies.unsupported_reason`:
+    missing TeaCache coefficients or MagCache ratios, the model's own checks); ``None`` when it can."""
     transformer = getattr(pipe, "transformer", None)
-    engine = getattr(transformer, "cache_engine", None)
-    spec = getattr(engine, "spec", None)
-    model = spec.model_name if spec is not None else type(transformer).__name__
-    missing = getattr(config, "missing_model_data", None)
-    if missing is not None:
-        return missing(spec, model)
-    return None
+    spec = getattr(getattr(transformer, "cache_engine", None), "spec", None)
+    return unsupported_reason(config, spec, spec.model_name if spec is not None else type(transformer).__name__)
 
 
 def run_benchmark(
@@ -629,12 +635,7 @@ def run_benchmark(
             continue
         label, params = sweep_label(config), config_params(config)
         order.append(label)
-        reason = _skip_reason(pipe, config)
-        if reason is None:
-            try:  # the model's own checks (DBCache's Fn + Bn against the block count, ...)
-                config.make_policy(pipe.transformer.cache_engine.spec)
-            except ValueError as error:
-                reason = str(error)
+        reason = _unsupported(pipe, config)  # the model's data and checks (DBCache's Fn + Bn, ...)
         if reason is not None:
             config_dict = config.to_dict()
             skipped.append(
@@ -725,10 +726,9 @@ def run_benchmark(
 def _measure(entry: BenchEntry, stats: list, reference: list[np.ndarray], images: list[np.ndarray], lpips_fn) -> None:
     for s in stats:
         entry.num_steps = s.num_steps
-        calls = s.num_computed + s.num_reused
-        entry.forward_calls += calls
+        entry.forward_calls += s.num_calls
         entry.blocks_computed += s.blocks_computed
-        entry.uncached_blocks += calls * (s.num_blocks or 0)
+        entry.uncached_blocks += s.uncached_blocks
         for name, branch in s.branches.items():
             entry.reused_steps.setdefault(name, []).append(branch.num_reused)
             entry.computed_steps.setdefault(name, []).append(branch.num_computed)

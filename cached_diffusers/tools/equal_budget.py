@@ -12,7 +12,7 @@ guidance branch, of ``N``):
   therefore *measured*, on the same held-out prompts the fidelity is measured on (the tuning sees only the compute
   count, never the images).
 
-MagCache is tuned with ``mag_max_skip_steps = N`` and ``mag_retention_ratio = 0.1`` (the official FLUX.1 value), so
+MagCache is tuned with ``mag_max_reused_steps = N`` and ``mag_retention_ratio = 0.1`` (the official FLUX.1 value), so
 that its own caps do not keep it above small budgets; SeaCache likewise with ``max_consecutive_cached = 0`` (no limit;
 the hook's other defaults kept: ``retention_steps = cache_end_steps = 1``, ``residual_order = 1``, ``power_exp = 3``);
 the others keep their defaults (DBCache: the sweep's ``F{n}B0``
@@ -37,6 +37,7 @@ import numpy as np
 from .bench import PSNR_THRESHOLD, default_sweep, environment, finite_mean, run_prompts
 from ..configs import CacheConfig
 from ..planned import PlannedScheduleConfig
+from ..policies import static_computed_steps  # the core's answer; re-exported for the tools' callers
 from ..registry import cache_method, cache_methods
 from . import files
 from .imaging import psnr, require_extra, ssim
@@ -149,7 +150,7 @@ class _Evaluator:
         for _, stats in results:
             computed += [b.num_computed for b in stats.branches.values()]
             blocks += stats.blocks_computed
-            uncached += (stats.num_computed + stats.num_reused) * (stats.num_blocks or 0)
+            uncached += stats.uncached_blocks
         images = [image for image, _ in results]
         return {
             "computed_steps": float(np.mean(computed)),
@@ -157,24 +158,6 @@ class _Evaluator:
             "psnr": [psnr(a, b) for a, b in zip(self.reference, images)],
             "ssim": [ssim(a, b) for a, b in zip(self.reference, images)],
         }
-
-
-def static_computed_steps(config: CacheConfig, num_steps: int) -> int:
-    """Computed steps per branch of a static config (no decision indicator: TaylorSeer, planned schedules), from its
-    policy alone, as the engine would decide them on a full schedule of ``num_steps`` steps."""
-    from ..policies import StepContext
-
-    policy = config.make_policy()
-    state = policy.new_state()
-    computed = reused = consecutive = 0
-    for step in range(num_steps):
-        ctx = StepContext(step, num_steps, "branch")
-        gate, reason = policy.gate(ctx, has_residual=step > 0, num_reused=reused, consecutive_reused=consecutive)
-        if policy.decide(ctx, state, None, gate, reason).reuse:
-            reused, consecutive = reused + 1, consecutive + 1
-        else:
-            computed, consecutive = computed + 1, 0
-    return computed
 
 
 def tune_threshold(

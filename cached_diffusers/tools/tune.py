@@ -33,7 +33,6 @@ import json
 import math
 import os
 import statistics
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
@@ -42,11 +41,11 @@ import numpy as np
 
 from ..configs import CacheConfig, available_cache_methods
 from ..registry import Sweep, cache_method, cache_methods
-from .bench import _skip_reason, environment, finite_mean, lpips_metric
+from .bench import _unsupported, environment, finite_mean, lpips_metric
 from .equal_budget import _greedy_base
 from .files import keep_backup, refuse_existing, write_json
 from .imaging import psnr, ssim, to_uint8
-from .timing import make_generator, timed_call
+from .timing import Stopwatch, make_generator, timed_call
 
 __all__ = [
     "CALIBRATION_PROMPTS",
@@ -311,7 +310,7 @@ class _Runner:
                 if self.lpips_fn is not None:
                     lpipses.append(self.lpips_fn(reference, image))
                 blocks += stats.blocks_computed
-                uncached += (stats.num_computed + stats.num_reused) * (stats.num_blocks or 0)
+                uncached += stats.uncached_blocks
                 for name, branch in stats.branches.items():
                     per_branch.setdefault(name, []).append(branch.num_computed)
         candidate = Candidate(
@@ -517,7 +516,7 @@ def tune(
     defaults: list[Candidate] = []
     matrix_info: dict[str, Any] | None = None
     errors = None
-    started = time.time()
+    clock = Stopwatch().start()
     try:
         for p in prompts:
             for s in seed_list:
@@ -534,9 +533,7 @@ def tune(
             try:
                 if knob.kind != "budget":  # a planned method has no config before its schedule is solved
                     base = _base_config(pipe, method, num_steps, calibrated)
-                    reason = _skip_reason(pipe, base)
-                    if reason is None:  # the model's data and checks (TeaCache coefficients, Fn + Bn, ...)
-                        base.make_policy(pipe.transformer.cache_engine.spec)
+                    reason = _unsupported(pipe, base)  # the model's data and checks (TeaCache coefficients, Fn + Bn)
             except (ValueError, TypeError) as error:
                 reason = str(error)
             if reason is not None:
@@ -620,11 +617,9 @@ def tune(
                 if method in best:
                     try:
                         cfg = _default_config(pipe, method, num_steps, calibrated)
-                        reason = None if cfg is None else _skip_reason(pipe, cfg)
+                        reason = None if cfg is None else _unsupported(pipe, cfg)  # data, Fn + Bn, ...
                         if reason is not None:
                             raise ValueError(reason)
-                        if cfg is not None:  # the model's checks (DBCache's Fn + Bn against its blocks, ...)
-                            cfg.make_policy(pipe.transformer.cache_engine.spec)
                     except (ValueError, TypeError) as error:
                         skipped.append({"method": f"{method} (default)", "reason": str(error)})
                         continue
@@ -643,7 +638,7 @@ def tune(
         "prompts": prompts, "held_out_prompts": held_out, "seeds": seed_list, "methods": wanted,
         "iterations": iterations, "margin": margin, "margin_rule": _margin_rule(margin),
         "psnr_floor": _psnr_floor(chosen, margin), "lpips": lpips_note if lpips_fn is None else "LPIPS measured: " + lpips_note,
-        "error_matrix": matrix_info, "seconds": round(time.time() - started, 1), "environment": env,
+        "error_matrix": matrix_info, "seconds": round(clock.elapsed(), 1), "environment": env,
         "protocol": (
             "per method, bisection of its knob for the fastest setting whose worst (prompt, seed) PSNR against the "
             "uncached image is >= target (and SSIM >= target_ssim when given) and which reuses at least one step; "
