@@ -13,8 +13,8 @@ mask, caps); the method's own test runs only when they leave the decision open.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 from .registry import methods_supporting, old_path_getattr
 from .residuals import ResidualStore, make_store
@@ -26,7 +26,7 @@ if TYPE_CHECKING:  # annotations only (importing this module loads no torch: the
 
     from .configs import StepCacheConfig
 
-__all__ = ["CachePolicy", "Decision", "Gate", "StepContext", "relative_l1"]
+__all__ = ["CachePolicy", "Decision", "Gate", "StepContext", "relative_l1", "static_computed_steps", "unsupported_reason"]
 # Each method's policy lives in its module (cached_diffusers.methods.<name>); the old paths resolve via __getattr__.
 
 

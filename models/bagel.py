@@ -33,7 +33,6 @@ Weights text-to-image never uses are skipped on purpose: :data:`BAGEL_SKIPPED_PR
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from dataclasses import dataclass

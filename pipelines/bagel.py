@@ -34,7 +34,6 @@ Steps: ``num_inference_steps`` is the number of model steps (diffusers' meaning,
 from __future__ import annotations
 
 import inspect
-import json
 import math
 import os
 from typing import Any, Callable, Mapping

@@ -8,7 +8,6 @@ re-implemented on diffusers' classes: ``FlowMatchEulerDiscreteScheduler`` with t
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Callable, Mapping

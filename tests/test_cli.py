@@ -56,6 +56,20 @@ def test_cache_options_map_to_configs():
     assert cache_config_from_args(args) is None
 
 
+def test_a_renamed_option_still_works_and_warns():
+    """``--mag-max-skip-steps`` (MagCache's old field name, ``renamed_fields``) sets ``mag_max_reused_steps``."""
+    from cached_diffusers import MagCacheConfig
+
+    parser = build_parser()
+    assert "--mag-max-skip-steps" not in parser._subparsers._group_actions[0].choices["demo"].format_help()
+    args = parser.parse_args(["demo", "--cache", "magcache", "--mag-max-skip-steps", "4"])
+    with pytest.warns(FutureWarning, match="mag_max_reused_steps"):
+        assert cache_config_from_args(args) == MagCacheConfig(mag_max_reused_steps=4)
+    args = parser.parse_args(["demo", "--cache", "magcache", "--mag-max-skip-steps", "4", "--mag-max-reused-steps", "4"])
+    with pytest.raises(ValueError, match="give mag_max_reused_steps only"):
+        cache_config_from_args(args)
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

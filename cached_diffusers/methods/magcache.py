@@ -217,6 +217,8 @@ class MagCacheConfig(ResidualCacheConfig):
     aliases: ClassVar[tuple[str, ...]] = ("mag_cache", "mag-cache")
     source: ClassVar[str] = "Ma et al., MagCache, NeurIPS 2025 (arXiv 2506.09045); Zehong-Ma/MagCache"
     policy_class: ClassVar[type] = MagCachePolicy
+    renamed_fields: ClassVar[Mapping[str, str]] = RENAMED_FIELDS
+    """Old field names still accepted (``FutureWarning``), e.g. by the command line's ``--mag-max-skip-steps``."""
     calibration: ClassVar[str] = "runs"
     sweep: ClassVar[Sweep] = Sweep(
         "mag_threshold", "log", *THRESHOLD_RANGE, values=(0.03, 0.06, 0.12, 0.24), rank=1,

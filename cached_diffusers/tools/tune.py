@@ -683,7 +683,8 @@ def _default_config(pipe, method: str, num_steps: int, calibrated) -> CacheConfi
 
 
 def _error_matrix(pipe, source, prompt: str, kwargs, num_steps: int, max_span: int, runner: _Runner, say):
-    from ..calibration_schedules import load_error_matrix, measure_edge_errors
+    from ..calibration_schedules import load_error_matrix
+    from ..methods.lemica import measure_edge_errors
 
     if source is None:
         call = {k: v for k, v in kwargs.items() if k != "num_inference_steps"}

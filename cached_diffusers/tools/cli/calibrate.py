@@ -162,7 +162,8 @@ def _plan_for_strength(errors, budgets: list[int], first: int) -> dict[int, list
 def _calibrate_schedule(args: argparse.Namespace) -> int:
     """``calibrate --method lemica|meancache``: measure (or load) the error matrix, solve every budget, write one cache
     config per budget, the matrix and the provenance (see :mod:`cached_diffusers.calibration_schedules`)."""
-    from ...calibration_schedules import load_error_matrix, measure_edge_errors, save_error_matrix
+    from ...calibration_schedules import load_error_matrix, save_error_matrix
+    from ...methods.lemica import measure_edge_errors
     from ...registry import cache_method
     from ...schedules import path_costs
 

@@ -24,6 +24,16 @@ def _config_fields() -> dict[str, tuple[type, dict[str, Any]]]:
     return dict(sorted(fields.items()))
 
 
+def _renamed_fields() -> dict[str, str]:
+    """``{old field name: new name}`` over every registered cache config class (its ``renamed_fields``)."""
+    from ...registry import cache_methods
+
+    renamed: dict[str, str] = {}
+    for m in cache_methods():
+        renamed.update(getattr(m.config_class, "renamed_fields", {}))
+    return renamed
+
+
 def _describe_defaults(defaults: dict[str, Any]) -> str:
     values = set(map(repr, defaults.values()))
     if len(values) == 1:
@@ -82,6 +92,10 @@ def _add_cache_arguments(parser: argparse.ArgumentParser, default_method: str | 
         else:
             kind = next((a for a in (annotation, *args) if a in (int, float, str)), str)
             group.add_argument(flag, dest=name, type=_parse_optional(kind), default=None, help=help_text)
+    for old, new in _renamed_fields().items():  # old flags still work: the config warns (FutureWarning) and renames
+        hidden = _config_fields()[new]
+        group.add_argument("--" + old.replace("_", "-"), dest=old, default=None, help=argparse.SUPPRESS,
+                           type=_parse_optional(next((a for a in (hidden[0], *typing.get_args(hidden[0])) if a in (int, float, str)), str)))
 
 
 def cache_config_from_args(args: argparse.Namespace):
@@ -94,7 +108,8 @@ def cache_config_from_args(args: argparse.Namespace):
     """
     from ...configs import cache_config_from_dict
 
-    given = {name: getattr(args, name) for name in _config_fields() if getattr(args, name) is not None}
+    names = [*_config_fields(), *_renamed_fields()]
+    given = {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
     if args.cache is None and not args.cache_config:
         if given:
             flags = ", ".join("--" + name.replace("_", "-") for name in given)
