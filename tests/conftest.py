@@ -66,13 +66,15 @@ def model_family(request):
     )
     for p in (pipe, partial_pipe):
         p.set_progress_bar_config(disable=True)
-    context = {
-        "coefficients": full.teacache_coefficients,  # None: the model's published ones
-        "mag_ratios": (1.0,) * CONTRACT_STEPS,  # flat ratios: MagCache reuses once its retention is over
-        "num_blocks": pipe.transformer.num_cache_blocks,
-        "num_steps": CONTRACT_STEPS,
-    }
+    context = matrix_context(full.teacache_coefficients, pipe.transformer.num_cache_blocks)
     return Family(request.param, full, pipe, partial, partial_pipe, context)
+
+
+def matrix_context(coefficients, num_blocks: int, num_steps: int = CONTRACT_STEPS) -> dict[str, Any]:
+    """What :func:`contract_config` and :func:`threshold_config` may need from a model: its TeaCache
+    ``coefficients`` (``None``: the model's published ones), flat MagCache ``mag_ratios`` (MagCache reuses once its
+    retention is over), its cached ``num_blocks`` and the run's ``num_steps``."""
+    return {"coefficients": coefficients, "mag_ratios": (1.0,) * num_steps, "num_blocks": num_blocks, "num_steps": num_steps}
 
 
 def contract_config(method, context: dict[str, Any], num_steps: int = CONTRACT_STEPS):
@@ -86,3 +88,29 @@ def contract_config(method, context: dict[str, Any], num_steps: int = CONTRACT_S
         return cls(computed_steps=(0, num_steps // 2, num_steps - 1), num_inference_steps=num_steps)
     value = sweep.high if sweep.kind == "log" and math.isfinite(sweep.high) else max(sweep.values or (sweep.low,))
     return cls.sweep_config(value, **context)
+
+
+def decides_per_sample(method) -> bool:
+    """Whether ``method`` decides from each sample's own data: its policy measures an indicator
+    (``policy_class.indicator_kind``), so the samples of a batch may decide differently. The others (MagCache's
+    ratios, TaylorSeer's interval, the planned schedules) decide alike for every sample by construction."""
+    return method.policy_class.indicator_kind is not None
+
+
+def threshold_config(method, value: float, context: dict[str, Any]):
+    """The config of a method that :func:`decides_per_sample` at its sweep knob ``value`` (the registry's
+    ``sweep_config``), warm-up off so that every step after the first decides by the threshold."""
+    return method.config_class.sweep_config(value, **context).replace(max_warmup_steps=0)
+
+
+def probe_config(method, context: dict[str, Any]):
+    """A :func:`threshold_config` far below the method's sweep range (``sweep.low * 1e-9``): it never reuses, and it
+    records the method's decision value at every tested step of every sample."""
+    return threshold_config(method, method.sweep.low * 1e-9, context)
+
+
+def supports(pipe, method) -> bool:
+    """Whether ``method``'s policy supports a wiring pattern of ``pipe``'s transformer (its ``cache_spec.patterns``);
+    the others are refused at configuration time (DBCache and First-Block-Cache on the whole-call
+    HunyuanImage-3.0)."""
+    return bool(set(method.patterns) & set(pipe.transformer.cache_spec.patterns))
