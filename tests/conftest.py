@@ -90,6 +90,12 @@ def contract_config(method, context: dict[str, Any], num_steps: int = CONTRACT_S
     return cls.sweep_config(value, **context)
 
 
+def short_run_config(method, context: dict[str, Any], num_steps: int = CONTRACT_STEPS):
+    """:func:`contract_config` with its warm-up cut to the first step (which computes anyway), so that it reuses
+    some steps even of a short or partial schedule (three executed steps of img2img at ``strength=0.6``)."""
+    return contract_config(method, context, num_steps).replace(max_warmup_steps=1)
+
+
 def decides_per_sample(method) -> bool:
     """Whether ``method`` decides from each sample's own data: its policy measures an indicator
     (``policy_class.indicator_kind``), so the samples of a batch may decide differently. The others (MagCache's
@@ -114,3 +120,35 @@ def supports(pipe, method) -> bool:
     the others are refused at configuration time (DBCache and First-Block-Cache on the whole-call
     HunyuanImage-3.0)."""
     return bool(set(method.patterns) & set(pipe.transformer.cache_spec.patterns))
+
+
+def mixing_config(method, context: dict[str, Any], reused_by_branch, num_steps: int = CONTRACT_STEPS, tries: int = 24):
+    """A config of ``method`` under which every guidance branch reuses some step and computes some step between its
+    first and last one, so that a check comparing two ways of running it sees both decisions.
+
+    ``reused_by_branch(config)`` runs one generation and returns ``{branch: [reused, ...]}`` (one flag per step).
+    A threshold method (``sweep.kind == "log"``) is searched by geometric bisection between its sweep's ``low`` and
+    ``high`` (as the tools tune a knob), warm-up off (:func:`threshold_config`): too high reuses every middle step, too low
+    reuses none. The other methods run :func:`short_run_config`. Returns the config found (the caller asserts the
+    decisions; the last one tried when the search fails)."""
+
+    def mixed(flags):
+        reused, middle = any(flags), flags[1:-1]
+        return (reused and any(not f for f in middle)), reused
+
+    sweep = method.sweep
+    if sweep is None or sweep.kind != "log":
+        return short_run_config(method, context, num_steps)
+    low, high = sweep.low, sweep.high
+    config = None
+    for _ in range(tries):
+        value = math.sqrt(low * high) if config is not None else high
+        config = threshold_config(method, value, context)
+        results = [mixed(flags) for flags in reused_by_branch(config).values()]
+        if all(ok for ok, _ in results):
+            return config
+        if all(reused for _, reused in results):  # every middle step reused somewhere: lower the threshold
+            high = value
+        else:
+            low = value
+    return config

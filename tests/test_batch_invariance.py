@@ -6,7 +6,8 @@ Every registered method runs (``tests/conftest.py``'s ``contract_method``). The 
 from each sample's data (:func:`conftest.decides_per_sample`) are set between the samples' own decision values at one
 step, measured by a probe run that never reuses (:func:`conftest.probe_config`), so that the samples disagree there:
 every such test asserts that some step was mixed (some samples computed, the others reused), so it could fail. The
-other methods run the contract's reusing config (:func:`conftest.contract_config`) and must not mix."""
+other methods run the contract's reusing config, warm-up cut to the first step (:func:`conftest.short_run_config`),
+and must not mix."""
 
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from conftest import (
     matrix_context,
     matrix_methods,
     probe_config,
+    short_run_config,
     supports,
     threshold_config,
 )
@@ -136,7 +138,7 @@ def check_invariance(case_name, method, prompts, seeds, per_prompt=1, expect_mix
         threshold = mixing_threshold(pipe, case, method, prompts, seeds, per_prompt)
         config = threshold_config(method, threshold, batch_context(case, pipe))
     else:
-        config = contract_config(method, batch_context(case, pipe), num_steps=STEPS)
+        config = short_run_config(method, batch_context(case, pipe), num_steps=STEPS)
     if expect_mixed is None:
         expect_mixed = decides_per_sample(method)
     return check_config_invariance(pipe, case, config, prompts, seeds, per_prompt, expect_mixed)
@@ -354,13 +356,13 @@ def first_branch_threshold(stats, method) -> float:
 def check_rows(pipe, method, context, batched_kwargs, alone_kwargs, adaptive=True):
     """``method``'s (a registry entry) batched call against each sample's own call (``alone_kwargs[i]``): with
     ``adaptive``, at a threshold between the samples' values of a probe run (some step must mix); otherwise with the
-    contract's reusing config (no step may mix)."""
+    contract's reusing config, :func:`conftest.short_run_config` (no step may mix)."""
     if adaptive:
         pipe.cache_config = probe_config(method, context)
         pipe(**batched_kwargs())
         config = threshold_config(method, first_branch_threshold(pipe.cache_stats, method.name), context)
     else:
-        config = contract_config(method, context, num_steps=context["num_steps"])
+        config = short_run_config(method, context, num_steps=context["num_steps"])
     pipe.cache_config = config
     batched = pipe(**batched_kwargs()).images.float()
     branches = dict(pipe.cache_stats.branches)

@@ -21,7 +21,7 @@ from cached_diffusers import (
 from cached_diffusers.registry import cache_method
 from cached_diffusers.tools.cli import main
 from cached_diffusers.tools.tiny import TRANSFORMER_CONFIG, build_tiny_qwenimage_components, save_tiny_qwenimage_pipeline
-from conftest import contract_config, matrix_context, matrix_methods
+from conftest import matrix_context, matrix_methods, short_run_config
 from reference import reference_dir
 
 STEPS = 6
@@ -179,12 +179,12 @@ STATIC_SCM = FirstBlockCacheConfig(residual_diff_threshold=0.0, scm_steps_mask=[
 
 def reusing_config(name, pipe):
     """``"static-scm"`` (:data:`STATIC_SCM`), or the contract's config of the registered method ``name``
-    (:func:`conftest.contract_config`, a config that reuses some steps), its warm-up cut to the first step so that
-    step 2 may reuse (the tests check that it does)."""
+    with its warm-up cut to the first step (:func:`conftest.short_run_config`), so that step 2 may reuse (the tests
+    check that it does)."""
     if name == "static-scm":
         return STATIC_SCM
     context = matrix_context(None, pipe.transformer.num_cache_blocks, STEPS)
-    return contract_config(cache_method(name), context, num_steps=STEPS).replace(max_warmup_steps=1)
+    return short_run_config(cache_method(name), context, num_steps=STEPS)
 
 
 REUSING = [m.name for m in matrix_methods()] + ["static-scm"]
