@@ -85,7 +85,7 @@ def contract_config(method, context: dict[str, Any], num_steps: int = CONTRACT_S
     if sweep is None:
         return cls()
     if sweep.kind == "budget":
-        return cls(computed_steps=(0, num_steps // 2, num_steps - 1), num_inference_steps=num_steps)
+        return cls(computed_steps=sorted({0, num_steps // 2, num_steps - 1}), num_inference_steps=num_steps)
     value = sweep.high if sweep.kind == "log" and math.isfinite(sweep.high) else max(sweep.values or (sweep.low,))
     return cls.sweep_config(value, **context)
 
