@@ -21,8 +21,13 @@ import pytest
 CONTRACT_STEPS = 6
 """Denoising steps of the contract runs."""
 
-MATRIX_FAMILIES = {"qwenimage": ("qwen-txt2img", "qwen-img2img"), "flux2-klein": ("flux2-klein", "flux2-klein-inpaint")}
-"""Model family -> (the text-to-image case, the partial-schedule case) of ``tests/families.py``."""
+MATRIX_FAMILIES = {
+    "qwenimage": ("qwen-txt2img", "qwen-img2img"),
+    "flux2-klein": ("flux2-klein", "flux2-klein-inpaint"),
+    "bagel": ("bagel", None),
+    "hunyuanimage3": ("hunyuanimage3", None),
+}
+"""Model family -> (the text-to-image case, the partial-schedule case or ``None``) of ``tests/families.py``."""
 
 
 def pytest_configure(config):
@@ -44,8 +49,9 @@ def pytest_generate_tests(metafunc):
 
 @dataclasses.dataclass
 class Family:
-    """A model family of the matrix: its cached text-to-image pipeline and case, its partial-schedule sibling, and
-    what a method's config may need from the model (``coefficients``, ``mag_ratios``, ``num_blocks``)."""
+    """A model family of the matrix: its cached text-to-image pipeline and case, its partial-schedule sibling (``None``
+    where the family has none: BAGEL, HunyuanImage-3.0), and what a method's config may need from the model
+    (``coefficients``, ``mag_ratios``, ``num_blocks``)."""
 
     name: str
     case: Any
@@ -59,13 +65,17 @@ class Family:
 def model_family(request):
     from families import CASES_BY_NAME
 
-    full, partial = (CASES_BY_NAME[name] for name in MATRIX_FAMILIES[request.param])
-    pipe = full.cached(**full.components())
-    partial_pipe = partial.cached.from_pipe(pipe) if partial.components is full.components else partial.cached(
-        **partial.components()
-    )
+    full, partial = (CASES_BY_NAME.get(name) for name in MATRIX_FAMILIES[request.param])
+    pipe = full.cached_pipeline()
+    if partial is None:
+        partial_pipe = None
+    elif partial.components is full.components:
+        partial_pipe = partial.cached.from_pipe(pipe)
+    else:
+        partial_pipe = partial.cached_pipeline()
     for p in (pipe, partial_pipe):
-        p.set_progress_bar_config(disable=True)
+        if p is not None:
+            p.set_progress_bar_config(disable=True)
     context = matrix_context(full.teacache_coefficients, pipe.transformer.num_cache_blocks)
     return Family(request.param, full, pipe, partial, partial_pipe, context)
 
