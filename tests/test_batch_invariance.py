@@ -11,8 +11,6 @@ and must not mix."""
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -36,9 +34,10 @@ from conftest import (
     threshold_config,
 )
 from families import CASES_BY_NAME, small_working_sizes
+from helpers import BATCH_TOLERANCE, check_batch_rows, threshold_between
 
 STEPS = 5
-TOLERANCE = 1e-4
+TOLERANCE = BATCH_TOLERANCE
 BLOCKS = 4
 """Blocks kept of the tiny transformers (the property does not depend on depth; CPU time does)."""
 
@@ -114,19 +113,6 @@ def mixing_threshold(pipe, case, method, prompts, seeds, per_prompt) -> float:
     assert len(samples) == len(prompts) * per_prompt
     assert not any(s.reused_steps for s in samples), [s.reused_steps for s in samples]  # the probe never reuses
     return threshold_between(samples, method.name)
-
-
-def threshold_between(samples, method) -> float:
-    """The geometric mean of the lowest and highest of the samples' decision values at the first step where they
-    differ (half the highest when the lowest is 0)."""
-    for step in sorted({s for sample in samples for s in sample.values}):
-        values = [s.values.get(step) for s in samples]
-        if None in values:
-            continue
-        low, high = min(values), max(values)
-        if high > low * (1 + 1e-3) and high > 0:
-            return math.sqrt(low * high) if low > 0 else high / 2
-    raise AssertionError(f"the samples' {method} values never differ: {[s.values for s in samples]}")
 
 
 def check_invariance(case_name, method, prompts, seeds, per_prompt=1, expect_mixed=None):
@@ -346,37 +332,6 @@ def test_bad_batch_decisions_is_a_clear_error():
 
 
 # -- BAGEL (block stack of our own model) and HunyuanImage-3.0 (whole-call caching in the loop) ------------------------
-def first_branch_threshold(stats, method) -> float:
-    """As :func:`mixing_threshold`, from a probe run's statistics (its first branch)."""
-    samples = next(iter(stats.branches.values())).samples
-    assert not any(s.reused_steps for s in samples), [s.reused_steps for s in samples]  # the probe never reuses
-    return threshold_between(samples, method)
-
-
-def check_rows(pipe, method, context, batched_kwargs, alone_kwargs, adaptive=True):
-    """``method``'s (a registry entry) batched call against each sample's own call (``alone_kwargs[i]``): with
-    ``adaptive``, at a threshold between the samples' values of a probe run (some step must mix); otherwise with the
-    contract's reusing config, :func:`conftest.short_run_config` (no step may mix)."""
-    if adaptive:
-        pipe.cache_config = probe_config(method, context)
-        pipe(**batched_kwargs())
-        config = threshold_config(method, first_branch_threshold(pipe.cache_stats, method.name), context)
-    else:
-        config = short_run_config(method, context, num_steps=context["num_steps"])
-    pipe.cache_config = config
-    batched = pipe(**batched_kwargs()).images.float()
-    branches = dict(pipe.cache_stats.branches)
-    mixed = any(len({tuple(s.reused_steps) for s in b.samples}) > 1 for b in branches.values())
-    assert mixed == adaptive, {n: [s.reused_steps for s in b.samples] for n, b in branches.items()}
-    assert any(s.num_reused for b in branches.values() for s in b.samples)
-    for row, kwargs in enumerate(alone_kwargs):
-        alone = pipe(**kwargs()).images.float()
-        difference = (batched[row] - alone[0]).abs().max().item()
-        assert difference <= TOLERANCE, f"sample {row}: max abs difference {difference:.3g}"
-        for name, branch in pipe.cache_stats.branches.items():
-            assert branches[name].samples[row].reused_steps == branch.reused_steps, (name, row)
-
-
 @pytest.fixture(scope="module")
 def bagel():
     from reference import reference_dir
@@ -415,7 +370,7 @@ def test_bagel_samples_get_their_own_output(bagel, method):
             generator=[torch.Generator().manual_seed(s) for s in seeds], output_type="latent",
         )  # fmt: skip
 
-    check_rows(
+    check_batch_rows(
         pipe, method, context, kwargs(prompts, [0, 1]),
         [kwargs(prompts[0], [0]), kwargs(prompts[1], [1])], adaptive=decides_per_sample(method),
     )  # fmt: skip
@@ -448,11 +403,6 @@ def hunyuan():
 
 HUNYUAN_STEPS = 6
 
-HUNYUAN_SHARED_INDICATORS = ("teacache_indicator",)
-"""Indicator kinds that are alike for every sample on HunyuanImage-3.0: its TeaCache indicator is the timestep
-embedding ``time_embed(t)``, so TeaCache decides alike for every sample there."""
-
-
 @pytest.mark.parametrize("method", [m.name for m in matrix_methods()])
 def test_hunyuanimage3_samples_get_their_own_output(hunyuan, method):
     """Every registered method its wiring pattern runs on HunyuanImage-3.0 (the others are refused at configuration
@@ -464,7 +414,8 @@ def test_hunyuanimage3_samples_get_their_own_output(hunyuan, method):
         with pytest.raises(ValueError, match="whole transformer calls"):
             pipe.cache_config = contract_config(method, context, num_steps=HUNYUAN_STEPS)
         return
-    adaptive = decides_per_sample(method) and method.policy_class.indicator_kind not in HUNYUAN_SHARED_INDICATORS
+    shared = CASES_BY_NAME["hunyuanimage3"].shared_indicators  # TeaCache's time_embed(t): alike for every sample
+    adaptive = decides_per_sample(method) and method.policy_class.indicator_kind not in shared
     noise = torch.randn(2, *[int(v) for v in pipe_latent_shape(pipe, inputs)], generator=torch.Generator().manual_seed(5))
 
     def kwargs(latents, per_prompt):
@@ -473,7 +424,7 @@ def test_hunyuanimage3_samples_get_their_own_output(hunyuan, method):
             num_images_per_prompt=per_prompt, latents=latents, output_type="latent",
         )  # fmt: skip
 
-    check_rows(
+    check_batch_rows(
         pipe, method, context, kwargs(noise, 2), [kwargs(noise[:1], 1), kwargs(noise[1:], 1)], adaptive=adaptive
     )
 

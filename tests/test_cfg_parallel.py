@@ -62,14 +62,18 @@ def _klein_kwargs(seed=0, **overrides):
 FAMILIES = {"qwenimage": (_qwen_pipe, _qwen_kwargs, None), "klein": (_klein_pipe, _klein_kwargs, KLEIN_COEFFICIENTS)}
 """Family -> (pipeline builder, call arguments, TeaCache coefficients: ``None`` for the model's published ones)."""
 
-_CONFIGS: dict[str, list] = {}
+_CONFIGS: dict[tuple, list] = {}
 
 
-def family_configs(family):
-    """Every registered method's config under which each branch of ``family``'s serial run reuses some steps and
-    computes some between its first and last (:func:`conftest.mixing_config`: a threshold found by bisection over the
-    method's sweep range), then :data:`STATIC_SCM`. Searched once in the test process; the ranks get the configs."""
-    if family not in _CONFIGS:
+def family_configs(family, methods=None):
+    """Each method's config (``methods``: every registered method, then :data:`STATIC_SCM`) under which each branch
+    of ``family``'s serial run reuses some steps and computes some between its first and last
+    (:func:`conftest.mixing_config`: a threshold found by bisection over the method's sweep range). Searched once in
+    the test process; the ranks get the configs."""
+    extra = [STATIC_SCM] if methods is None else []
+    methods = matrix_methods() if methods is None else methods
+    key = (family, *[m.config_class for m in methods])
+    if key not in _CONFIGS:
         make_pipe, make_kwargs, coefficients = FAMILIES[family]
         pipe = make_pipe()
         pipe.set_progress_bar_config(disable=True)
@@ -80,8 +84,8 @@ def family_configs(family):
             pipe(**make_kwargs())
             return {b: [r.reused for r in s.records] for b, s in pipe.cache_stats.branches.items()}
 
-        _CONFIGS[family] = [mixing_config(m, context, reused_by_branch, STEPS) for m in matrix_methods()] + [STATIC_SCM]
-    return _CONFIGS[family]
+        _CONFIGS[key] = [mixing_config(m, context, reused_by_branch, STEPS) for m in methods]
+    return _CONFIGS[key] + extra
 
 
 def _records(stats):
@@ -125,8 +129,15 @@ def _check_rows(results, branches):
 
 @pytest.mark.parametrize("family", ["qwenimage", "klein"])
 def test_every_method_equals_the_serial_run_per_branch(family):
-    configs = family_configs(family)
-    assert [c.method for c in configs[:-1]] == [m.name for m in matrix_methods()]
+    check_cfg_parallel_equals_serial(family)
+
+
+def check_cfg_parallel_equals_serial(family, methods=None):
+    """Every method of ``methods`` (default: every registered one, and a static SCM mask) on two ranks: each rank's
+    statistics are the serial run's of its branch, the images the serial ones (:func:`_check_rows`)."""
+    configs = family_configs(family, methods)
+    names = [m.name for m in (matrix_methods() if methods is None else methods)]
+    assert [c.method for c in configs[: len(names)]] == names
     results = run_distributed(_serial_then_parallel, world_size=2, args=(family, configs), timeout_s=TIMEOUT_S)
     _check_rows(results, ["cond", "uncond"])
 

@@ -66,20 +66,26 @@ def scenario_names(family):
 _CONFIGS: dict[str, dict] = {}
 
 
+def method_configs(family, methods):
+    """name -> config of each of ``methods`` that reuses some steps and computes others on ``family``'s model
+    (:func:`conftest.mixing_config`, searched with single-process runs)."""
+    model = _model(family)
+    model.set_attention_backend("native")
+    context = {**matrix_context(IDENTITY, model.num_cache_blocks, NUM_STEPS), "mag_ratios": MAG_RATIOS}
+
+    def reused_by_branch(config):
+        records = _generate(model, family, config)[1]
+        return {b: [r[1] for r in rs] for b, rs in records.items()}
+
+    return {m.name: mixing_config(m, context, reused_by_branch, NUM_STEPS) for m in methods}
+
+
 def scenario_configs(family):
     """name -> cache config of :func:`scenario_names`, searched once in the test process (the ranks get them): each
     method's config reuses some steps and computes others on the family's model (:func:`conftest.mixing_config`, a
     threshold bisected over the method's sweep range; checked below)."""
     if family not in _CONFIGS:
-        model = _model(family)
-        model.set_attention_backend("native")
-        context = {**matrix_context(IDENTITY, model.num_cache_blocks, NUM_STEPS), "mag_ratios": MAG_RATIOS}
-
-        def reused_by_branch(config):
-            records = _generate(model, family, config)[1]
-            return {b: [r[1] for r in rs] for b, rs in records.items()}
-
-        configs = {m.name: mixing_config(m, context, reused_by_branch, NUM_STEPS) for m in matrix_methods()}
+        configs = method_configs(family, matrix_methods())
         for m in matrix_methods():
             if m.calibration == "runs":
                 configs[f"{m.name}-calibrate"] = m.config_class(calibrate=True)
@@ -250,7 +256,12 @@ FAMILIES = ("qwen", "klein", "qwen-edit")
 @pytest.fixture(scope="module")
 def all_runs():
     """{family: (single-process results, results of the two ranks)}, every method, one pair of processes for all."""
-    configs = {f: scenario_configs(f) for f in FAMILIES}
+    return runs_of({f: scenario_configs(f) for f in FAMILIES})
+
+
+def runs_of(configs):
+    """``{family: {name: config}}`` run on two ranks and in this process: ``{family: (single-process results, results
+    of the two ranks)}`` and ``"hang-case"``."""
     ranks = run_distributed(_rank_scenarios, world_size=2, args=(configs,), timeout_s=120)
     runs = {f: (_scenarios(f, c, parallel=False), [r[f] for r in ranks]) for f, c in configs.items()}
     runs["hang-case"] = [r["hang-case"] for r in ranks]
@@ -259,6 +270,12 @@ def all_runs():
 
 @pytest.mark.parametrize("family, method", [(f, m) for f in FAMILIES for m in ("none", *scenario_names(f))])
 def test_every_rank_decides_and_returns_as_the_single_process(all_runs, family, method):
+    check_every_rank_decides_as_the_single_process(all_runs, family, method)
+
+
+def check_every_rank_decides_as_the_single_process(all_runs, family, method):
+    """Scenario ``method`` of ``family`` (:func:`runs_of`): it reuses and computes (unless it calibrates), and every
+    rank records the single process's decisions and calibration and returns its latents."""
     reference, ranks = all_runs[family]
     latents, records, calibration = reference[method]
     if method != "none" and not method.endswith("-calibrate"):
