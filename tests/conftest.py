@@ -7,7 +7,13 @@ diffusers' tester mixins share one set of tests over models.
 * ``model_family``: one cached pipeline per model family (:data:`MATRIX_FAMILIES`), with its partial-schedule
   (img2img / inpaint) sibling, built once per module.
 * :func:`contract_config`: a config of a method that reuses some steps and computes others, derived from the method's
-  registry entry alone (its ``sweep``), so a new method needs no entry here.
+  registry entry alone (its ``sweep``), so a new method needs no entry here; :func:`short_run_config` (its warm-up cut
+  to the first step, for short and partial schedules), :func:`probe_config` / :func:`threshold_config` (a threshold
+  below every decision value, a threshold between the samples' values) for the methods that
+  :func:`decides_per_sample`, :func:`mixing_config` (a bisection over the sweep's range until every branch reuses
+  and computes), :func:`supports` (whether a pipeline's wiring pattern runs a method).
+
+The test files iterate :func:`matrix_methods` (or ``contract_method``) rather than keep lists of methods.
 """
 
 from __future__ import annotations

@@ -164,13 +164,13 @@ def test_each_sample_of_a_prompt_list_gets_its_own_output(case_name, contract_me
 
 @pytest.mark.parametrize("method", ["fbcache", "teacache"])
 @pytest.mark.parametrize("case_name", ["qwen-txt2img", "flux2-klein"])
-def test_num_images_per_prompt_and_both(case_name, method):
+def test_each_sample_gets_its_own_output_with_several_images_per_prompt(case_name, method):
     check_invariance(case_name, cache_method(method), [DEFAULT_PROMPTS[1]], [3, 4], per_prompt=2)
     check_invariance(case_name, cache_method(method), TWO, [0, 1, 2, 3], per_prompt=2)
 
 
 @pytest.mark.parametrize("case_name", ["qwen-img2img", "qwen-inpaint", "qwen-edit", "flux2-klein-inpaint", "flux2-dev"])
-def test_other_pipelines_of_each_family(case_name):
+def test_each_sample_gets_its_own_output_on_the_other_pipelines(case_name):
     check_invariance(case_name, cache_method("fbcache"), TWO, [0, 1])
 
 
@@ -178,7 +178,7 @@ def test_other_pipelines_of_each_family(case_name):
 @pytest.mark.parametrize(
     "case_name", ["qwen-img2img", "qwen-inpaint", "qwen-edit", "flux2-klein-inpaint", "flux2-dev"]
 )
-def test_every_method_on_the_other_pipelines(case_name, contract_method):
+def test_every_method_gives_each_sample_its_own_output_on_the_other_pipelines(case_name, contract_method):
     check_invariance(case_name, contract_method, TWO, [0, 1])
 
 
@@ -202,7 +202,7 @@ def test_a_taylorseer_calibrator_keeps_a_forecast_per_sample():
     per_prompt=st.integers(1, 2),
     seed=st.integers(0, 1000),
 )
-def test_random_batch_compositions(case_name, method, prompts, per_prompt, seed):
+def test_random_batch_compositions_give_each_sample_its_own_output(case_name, method, prompts, per_prompt, seed):
     batch = len(prompts) * per_prompt
     if batch < 2:
         prompts = prompts + [DEFAULT_PROMPTS[3]]
