@@ -74,6 +74,35 @@ class Case:
     branches_with_cfg: tuple[str, ...] = ("cond", "uncond")
     strength: bool = False  # starts at a strength-dependent step
     teacache_coefficients: tuple[float, ...] | None = None  # None: the model's own
+    load: Callable[[], Any] | None = None  # builds the cached pipeline itself (a checkpoint), instead of components
+    batch: Callable[..., dict[str, Any]] | None = None  # batch(steps, rows); None: :func:`diffusers_batch_inputs`
+    shared_indicators: tuple[str, ...] = ()  # indicator kinds alike for every sample of a batch on this model
+
+    def cached_pipeline(self):
+        """The cached pipeline of this case: ``load()``, or ``cached(**components())``."""
+        return self.load() if self.load is not None else self.cached(**self.components())
+
+    def batch_inputs(self, steps: int, rows: tuple[int, ...]) -> dict[str, Any]:
+        """Call arguments for the samples ``rows`` of :data:`BATCH_PROMPTS` (sample ``i``: prompt ``i``, seed ``i``;
+        ``rows=(0, 1)`` the batch, ``(i,)`` sample ``i`` alone), latents out, CFG on."""
+        return (self.batch or diffusers_batch_inputs)(self, steps, rows)
+
+
+BATCH_PROMPTS = (DEFAULT_PROMPTS[0], DEFAULT_PROMPTS[2])
+"""The two samples of the batch checks (prompts of one token length)."""
+
+
+def diffusers_batch_inputs(case, steps, rows):
+    """:meth:`Case.batch_inputs` of a diffusers pipeline: one prompt and one generator per sample."""
+    kwargs = case.inputs(steps=steps)
+    prompts = [BATCH_PROMPTS[i] for i in rows]
+    generators = [torch.Generator().manual_seed(i) for i in rows]
+    kwargs["generator"] = generators[0] if len(rows) == 1 else generators
+    kwargs["prompt"] = prompts[0] if len(rows) == 1 else prompts
+    if kwargs.get("negative_prompt") is not None and len(rows) > 1:
+        kwargs["negative_prompt"] = [" "] * len(rows)
+    kwargs["output_type"] = "latent"
+    return kwargs
 
 
 def qwen_components(processor=False, controlnet=None, layered=False):
@@ -198,6 +227,81 @@ CASES = [
          klein_components, lambda **kw: klein_inpaint_inputs(**{"strength": 0.6, **kw}), strength=True,
          teacache_coefficients=LINEAR),
 ]
-"""Every cached pipeline whose parent drives a diffusers transformer (BAGEL and HunyuanImage-3 are tested apart)."""
+"""Every cached pipeline whose parent drives a diffusers transformer (BAGEL and HunyuanImage-3 are :data:`OWN_MODEL_CASES`)."""
 
-CASES_BY_NAME = {case.name: case for case in CASES}
+
+
+def bagel_pipeline():
+    """The cached BAGEL pipeline of the tiny reference checkpoint (``tests/data/reference/bagel-tiny``)."""
+    from reference import reference_dir
+
+    return cd.CachedBagelPipeline.from_pretrained(reference_dir("bagel-tiny") / "checkpoint")
+
+
+def bagel_inputs(steps=4, seed=0, cfg=True, **overrides):
+    """The tiny BAGEL case's call (its reference prompt and size), ``steps`` denoising steps (``num_timesteps =
+    steps + 1``), text CFG at every step (``cfg_interval=(0, 1)``) when ``cfg``."""
+    import json
+
+    from reference import reference_dir
+
+    inputs = json.loads((reference_dir("bagel-tiny") / "inputs.json").read_text())
+    kwargs = dict(
+        prompt=inputs["prompt"], height=inputs["height"], width=inputs["width"], num_timesteps=steps + 1,
+        timestep_shift=inputs["timestep_shift"], cfg_text_scale=inputs["cfg_text_scale"] if cfg else 1.0,
+        cfg_img_scale=1.0, cfg_interval=(0.0, 1.0), generator=torch.Generator().manual_seed(seed), output_type="pt",
+    )  # fmt: skip
+    kwargs.update(overrides)
+    return kwargs
+
+
+def bagel_batch_inputs(case, steps, rows):
+    """:meth:`Case.batch_inputs` of BAGEL: prompt ``i`` is the reference prompt, then with " at night"."""
+    prompts = [bagel_inputs()["prompt"] + ("" if i == 0 else " at night") for i in rows]
+    generators = [torch.Generator().manual_seed(i) for i in rows]
+    return bagel_inputs(steps, prompt=prompts if len(rows) > 1 else prompts[0], generator=generators, output_type="latent")
+
+
+def hunyuanimage3_batch_inputs(case, steps, rows):
+    """:meth:`Case.batch_inputs` of HunyuanImage-3.0: one prompt, sample ``i`` from its own initial noise."""
+    shape = hunyuanimage3_inputs()["latents"].shape[1:]
+    noise = torch.randn(2, *shape, generator=torch.Generator().manual_seed(5))[list(rows)]
+    return hunyuanimage3_inputs(steps, latents=noise, num_images_per_prompt=len(rows), output_type="latent")
+
+
+def hunyuanimage3_pipeline():
+    """The cached HunyuanImage-3.0 pipeline of the tiny reference checkpoint, float32."""
+    from reference import reference_dir
+
+    return cd.CachedHunyuanImage3Pipeline.from_pretrained(reference_dir("hunyuanimage3-tiny") / "checkpoint", dtype=torch.float32)
+
+
+def hunyuanimage3_inputs(steps=4, seed=0, cfg=True, **overrides):
+    """The tiny HunyuanImage-3.0 case's call (its reference prompt, size and initial noise), ``steps`` steps."""
+    import json
+
+    from reference import reference_dir
+    from safetensors.torch import load_file
+
+    root = reference_dir("hunyuanimage3-tiny")
+    inputs = json.loads((root / "inputs.json").read_text())
+    noise = load_file(root / "initial_noise.safetensors")["noise"]
+    kwargs = dict(
+        prompt=inputs["prompt"], height=inputs["height"], width=inputs["width"], num_inference_steps=steps,
+        latents=noise, output_type="pt", **({} if cfg else {"guidance_scale": 1.0}),
+    )  # fmt: skip
+    kwargs.update(overrides)
+    return kwargs
+
+
+OWN_MODEL_CASES = [
+    Case("bagel", None, cd.CachedBagelPipeline, None, bagel_inputs, branches_with_cfg=("gen", "cfg_text"),
+         load=bagel_pipeline, batch=bagel_batch_inputs),
+    # its TeaCache indicator is the timestep embedding time_embed(t): alike for every sample
+    Case("hunyuanimage3", None, cd.CachedHunyuanImage3Pipeline, None, hunyuanimage3_inputs, load=hunyuanimage3_pipeline,
+         batch=hunyuanimage3_batch_inputs, shared_indicators=("teacache_indicator",)),
+]  # fmt: skip
+"""The pipelines of our own models (BAGEL, HunyuanImage-3.0), loaded from the tiny reference checkpoints; no
+partial-schedule sibling."""
+
+CASES_BY_NAME = {case.name: case for case in CASES + OWN_MODEL_CASES}

@@ -13,13 +13,12 @@ from cached_diffusers import (
     CachedBagelPipeline,
     CachedBagelTransformer2DModel,
     DBCacheConfig,
-    FirstBlockCacheConfig,
     MagCacheConfig,
-    SeaCacheConfig,
-    TaylorSeerConfig,
     TeaCacheConfig,
 )
 from cached_diffusers.pipelines.bagel import pack_latents, unpack_latents
+from cached_diffusers.registry import cache_method
+from conftest import matrix_context, matrix_methods, short_run_config
 from helpers import record_calls, stop_recording, teacache_reference
 from reference import reference_dir
 
@@ -245,19 +244,22 @@ def test_branch_outside_the_interval_does_not_disturb_a_run_of_that_branch_alone
     assert torch.equal(plain, empty)
 
 
-@pytest.mark.parametrize(
-    "config",
-    [
-        TeaCacheConfig(rel_l1_thresh=0.5),
-        FirstBlockCacheConfig(residual_diff_threshold=0.5),
-        DBCacheConfig(Fn=1, Bn=0, residual_diff_threshold=0.5, max_warmup_steps=1, enable_taylorseer=True),
-        TaylorSeerConfig(order=2, interval=3, max_warmup_steps=2),
-        TeaCacheConfig(rel_l1_thresh=0.5, scm_steps_mask="fast", scm_steps_policy="static"),
-        SeaCacheConfig(threshold=10.0),
-    ],
-    ids=["teacache", "fbcache", "dbcache-taylorseer", "taylorseer", "scm", "seacache"],
-)
-def test_every_method_runs_with_per_branch_state(pipe, ref, config):
+BAGEL_STEPS = 12
+"""Denoising steps of ``num_timesteps=13``."""
+
+
+FEATURES = {
+    "dbcache-taylorseer": DBCacheConfig(Fn=1, Bn=0, residual_diff_threshold=0.5, max_warmup_steps=1, enable_taylorseer=True),
+    "scm": TeaCacheConfig(rel_l1_thresh=0.5, scm_steps_mask="fast", scm_steps_policy="static"),
+}  # fmt: skip
+"""Run beside every registered method: DBCache with the TaylorSeer calibrator, TeaCache with a static step mask."""
+
+
+@pytest.mark.parametrize("name", [m.name for m in matrix_methods()] + list(FEATURES))
+def test_every_method_runs_with_per_branch_state(pipe, ref, name):
+    """Every registered method (:func:`conftest.short_run_config` on BAGEL's 12 steps) and :data:`FEATURES`."""
+    context = matrix_context(None, pipe.transformer.num_cache_blocks, BAGEL_STEPS)
+    config = FEATURES[name] if name in FEATURES else short_run_config(cache_method(name), context, BAGEL_STEPS)
     pipe.cache_config = config
     images = pipe(**reference_kwargs(ref, output_type="latent", num_timesteps=13)).images
     assert torch.isfinite(images).all()

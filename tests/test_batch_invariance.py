@@ -2,66 +2,57 @@
 for itself, so a batched call gives each sample the output of its own call (within 1e-4, float32, CPU), and the
 statistics record each sample's computed and reused steps. ``"shared"`` keeps one decision per batch (the peers').
 
-The thresholds of the adaptive methods are set between the samples' own decision values at one step, measured by a
-probe run that never reuses, so that the samples disagree there: every such test asserts that some step was mixed
-(some samples computed, the others reused), so it could fail."""
+Every registered method runs (``tests/conftest.py``'s ``contract_method``). The thresholds of the methods that decide
+from each sample's data (:func:`conftest.decides_per_sample`) are set between the samples' own decision values at one
+step, measured by a probe run that never reuses (:func:`conftest.probe_config`), so that the samples disagree there:
+every such test asserts that some step was mixed (some samples computed, the others reused), so it could fail. The
+other methods run the contract's reusing config, warm-up cut to the first step (:func:`conftest.short_run_config`),
+and must not mix."""
 
 from __future__ import annotations
-
-import math
 
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cached_diffusers import (
-    DBCacheConfig,
-    FirstBlockCacheConfig,
-    LeMiCaConfig,
-    MagCacheConfig,
-    MeanCacheConfig,
-    SeaCacheConfig,
-    TaylorSeerConfig,
-    TeaCacheConfig,
-    available_cache_methods,
-)
+from cached_diffusers import DBCacheConfig, FirstBlockCacheConfig, TeaCacheConfig, available_cache_methods
 from cached_diffusers.configs import cache_config_from_dict
 from cached_diffusers.engine import BatchDecision, CacheEngine
+from cached_diffusers.registry import cache_method
 from cached_diffusers.spec import ModelCacheSpec
 from cached_diffusers.tools.tiny import DEFAULT_PROMPTS
 
+from conftest import (
+    contract_config,
+    decides_per_sample,
+    matrix_context,
+    matrix_methods,
+    probe_config,
+    short_run_config,
+    supports,
+    threshold_config,
+)
 from families import CASES_BY_NAME, small_working_sizes
+from helpers import BATCH_TOLERANCE, check_batch_rows, threshold_between
 
 STEPS = 5
-TOLERANCE = 1e-4
+TOLERANCE = BATCH_TOLERANCE
 BLOCKS = 4
 """Blocks kept of the tiny transformers (the property does not depend on depth; CPU time does)."""
 
-ADAPTIVE = {
-    # method: config(threshold, case) -- the threshold is set from a probe run (see `mixing_threshold`)
-    "teacache": lambda t, case: TeaCacheConfig(rel_l1_thresh=t, coefficients=case.teacache_coefficients),
-    "fbcache": lambda t, case: FirstBlockCacheConfig(residual_diff_threshold=t),
-    "dbcache": lambda t, case: DBCacheConfig(Fn=1, Bn=1, residual_diff_threshold=t, max_warmup_steps=0, enable_taylorseer=True),
-    "seacache": lambda t, case: SeaCacheConfig(threshold=t, max_consecutive_cached=3),
-}
-"""Methods whose decisions depend on each sample's data, with the threshold as the free parameter."""
-
-STATIC = {
-    # decisions alike for every sample by construction; the stores (forecasts) are per sample
-    "magcache": lambda case: MagCacheConfig(mag_ratios=[1.0] + [0.98] * (STEPS - 1), mag_threshold=0.5, mag_retention_ratio=0.2),
-    "taylorseer": lambda case: TaylorSeerConfig(order=2, interval=2, max_warmup_steps=1),
-    "lemica": lambda case: LeMiCaConfig(computed_steps=[0, 2, STEPS - 1], num_inference_steps=STEPS),
-    "meancache": lambda case: MeanCacheConfig(computed_steps=[0, 1, STEPS - 1], num_inference_steps=STEPS, windows=2),
-}
-"""Methods whose decisions do not depend on the samples' data (MagCache's ratios, the planned schedules)."""
-
-PROBE_THRESHOLD = {"teacache": 1e-12, "fbcache": 0.0, "dbcache": 0.0, "seacache": 1e-12}
-"""A threshold at which the method never reuses but records its decision value at every tested step."""
+PER_SAMPLE = [m.name for m in matrix_methods() if decides_per_sample(m)]
+"""The registered methods whose decisions depend on each sample's data (for the hypothesis test's strategy)."""
 
 
-def test_every_registered_method_is_covered():
-    assert set(ADAPTIVE) | set(STATIC) == set(available_cache_methods()) - {"none"}
+def test_the_matrix_runs_every_registered_method_and_some_decide_per_sample():
+    assert {m.name for m in matrix_methods()} == set(available_cache_methods()) - {"none"}
+    assert PER_SAMPLE and len(PER_SAMPLE) < len(matrix_methods())  # both kinds of check below bite
+
+
+def batch_context(case, pipe, num_steps=STEPS):
+    """:func:`conftest.matrix_context` of a pipeline of ``case``."""
+    return matrix_context(case.teacache_coefficients, pipe.transformer.num_cache_blocks, num_steps)
 
 
 def build(case):
@@ -116,35 +107,31 @@ def samples_of(prompts, seeds, per_prompt):
 def mixing_threshold(pipe, case, method, prompts, seeds, per_prompt) -> float:
     """A threshold between the samples' decision values at the first step where they differ, from a probe run that
     never reuses (so that at that step some samples reuse and the others compute)."""
-    pipe.cache_config = ADAPTIVE[method](PROBE_THRESHOLD[method], case)
+    pipe.cache_config = probe_config(method, batch_context(case, pipe))
     run(pipe, batch_inputs(case, prompts, seeds, per_prompt))
     samples = pipe.cache_stats.branches["cond"].samples
     assert len(samples) == len(prompts) * per_prompt
-    return threshold_between(samples, method)
-
-
-def threshold_between(samples, method) -> float:
-    """The geometric mean of the lowest and highest of the samples' decision values at the first step where they
-    differ (half the highest when the lowest is 0)."""
-    for step in sorted({s for sample in samples for s in sample.values}):
-        values = [s.values.get(step) for s in samples]
-        if None in values:
-            continue
-        low, high = min(values), max(values)
-        if high > low * (1 + 1e-3) and high > 0:
-            return math.sqrt(low * high) if low > 0 else high / 2
-    raise AssertionError(f"the samples' {method} values never differ: {[s.values for s in samples]}")
+    assert not any(s.reused_steps for s in samples), [s.reused_steps for s in samples]  # the probe never reuses
+    return threshold_between(samples, method.name)
 
 
 def check_invariance(case_name, method, prompts, seeds, per_prompt=1, expect_mixed=None):
-    """A batched call gives each sample its own call's latents within TOLERANCE, and each sample's recorded steps
-    are those of its own call; returns the batched call's statistics."""
+    """A batched call with ``method`` (a registry entry) gives each sample its own call's latents within TOLERANCE,
+    and each sample's recorded steps are those of its own call; returns the batched call's statistics."""
     case = CASES_BY_NAME[case_name]
     pipe = build(case)
-    if method in ADAPTIVE:
-        config = ADAPTIVE[method](mixing_threshold(pipe, case, method, prompts, seeds, per_prompt), case)
+    if decides_per_sample(method):
+        threshold = mixing_threshold(pipe, case, method, prompts, seeds, per_prompt)
+        config = threshold_config(method, threshold, batch_context(case, pipe))
     else:
-        config = STATIC[method](case)
+        config = short_run_config(method, batch_context(case, pipe), num_steps=STEPS)
+    if expect_mixed is None:
+        expect_mixed = decides_per_sample(method)
+    return check_config_invariance(pipe, case, config, prompts, seeds, per_prompt, expect_mixed)
+
+
+def check_config_invariance(pipe, case, config, prompts, seeds, per_prompt, expect_mixed):
+    """:func:`check_invariance` with a given ``config``: whether some step mixed must be ``expect_mixed``."""
     pipe.cache_config = config
     batched = run(pipe, batch_inputs(case, prompts, seeds, per_prompt))
     stats = pipe.cache_stats
@@ -154,8 +141,6 @@ def check_invariance(case_name, method, prompts, seeds, per_prompt=1, expect_mix
     for branch in branches.values():
         assert len(branch.samples) == batch
     mixed = any(len({tuple(s.reused_steps) for s in b.samples}) > 1 for b in branches.values())
-    if expect_mixed is None:
-        expect_mixed = method in ADAPTIVE
     assert mixed == expect_mixed, {name: [s.reused_steps for s in b.samples] for name, b in branches.items()}
     assert any(s.num_reused for b in branches.values() for s in b.samples)  # caching happened
     for row, (prompt, seed) in enumerate(samples_of(prompts, seeds, per_prompt)):
@@ -172,43 +157,52 @@ def check_invariance(case_name, method, prompts, seeds, per_prompt=1, expect_mix
 TWO = [DEFAULT_PROMPTS[0], DEFAULT_PROMPTS[2]]
 
 
-@pytest.mark.parametrize("method", sorted(set(ADAPTIVE) | set(STATIC)))
 @pytest.mark.parametrize("case_name", ["qwen-txt2img", "flux2-klein"])
-def test_each_sample_of_a_prompt_list_gets_its_own_output(case_name, method):
-    check_invariance(case_name, method, TWO, [0, 1])
+def test_each_sample_of_a_prompt_list_gets_its_own_output(case_name, contract_method):
+    check_invariance(case_name, contract_method, TWO, [0, 1])
 
 
 @pytest.mark.parametrize("method", ["fbcache", "teacache"])
 @pytest.mark.parametrize("case_name", ["qwen-txt2img", "flux2-klein"])
-def test_num_images_per_prompt_and_both(case_name, method):
-    check_invariance(case_name, method, [DEFAULT_PROMPTS[1]], [3, 4], per_prompt=2)
-    check_invariance(case_name, method, TWO, [0, 1, 2, 3], per_prompt=2)
+def test_each_sample_gets_its_own_output_with_several_images_per_prompt(case_name, method):
+    check_invariance(case_name, cache_method(method), [DEFAULT_PROMPTS[1]], [3, 4], per_prompt=2)
+    check_invariance(case_name, cache_method(method), TWO, [0, 1, 2, 3], per_prompt=2)
 
 
 @pytest.mark.parametrize("case_name", ["qwen-img2img", "qwen-inpaint", "qwen-edit", "flux2-klein-inpaint", "flux2-dev"])
-def test_other_pipelines_of_each_family(case_name):
-    check_invariance(case_name, "fbcache", TWO, [0, 1])
+def test_each_sample_gets_its_own_output_on_the_other_pipelines(case_name):
+    check_invariance(case_name, cache_method("fbcache"), TWO, [0, 1])
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", sorted(set(ADAPTIVE) | set(STATIC)))
 @pytest.mark.parametrize(
     "case_name", ["qwen-img2img", "qwen-inpaint", "qwen-edit", "flux2-klein-inpaint", "flux2-dev"]
 )
-def test_every_method_on_the_other_pipelines(case_name, method):
-    check_invariance(case_name, method, TWO, [0, 1])
+def test_every_method_gives_each_sample_its_own_output_on_the_other_pipelines(case_name, contract_method):
+    check_invariance(case_name, contract_method, TWO, [0, 1])
+
+
+def test_a_taylorseer_calibrator_keeps_a_forecast_per_sample():
+    """DBCache with ``Bn=1`` and the TaylorSeer calibrator (``enable_taylorseer``): the forecasts of a mixed batch
+    are each sample's own (the registry's sweep config runs neither)."""
+    case = CASES_BY_NAME["qwen-txt2img"]
+    method = cache_method("dbcache")
+    pipe = build(case)
+    threshold = mixing_threshold(pipe, case, method, TWO, [0, 1], 1)
+    config = DBCacheConfig(Fn=1, Bn=1, residual_diff_threshold=threshold, max_warmup_steps=0, enable_taylorseer=True)
+    check_config_invariance(pipe, case, config, TWO, [0, 1], 1, expect_mixed=True)
 
 
 @pytest.mark.slow
 @settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck))
 @given(
     case_name=st.sampled_from(["qwen-txt2img", "flux2-klein"]),
-    method=st.sampled_from(sorted(ADAPTIVE)),
+    method=st.sampled_from(PER_SAMPLE),
     prompts=st.lists(st.sampled_from(DEFAULT_PROMPTS), min_size=1, max_size=3),
     per_prompt=st.integers(1, 2),
     seed=st.integers(0, 1000),
 )
-def test_random_batch_compositions(case_name, method, prompts, per_prompt, seed):
+def test_random_batch_compositions_give_each_sample_its_own_output(case_name, method, prompts, per_prompt, seed):
     batch = len(prompts) * per_prompt
     if batch < 2:
         prompts = prompts + [DEFAULT_PROMPTS[3]]
@@ -220,14 +214,14 @@ def test_random_batch_compositions(case_name, method, prompts, per_prompt, seed)
         # not. Prompts of one token length (TWO) keep the masks alike.
         prompts = [TWO[i % 2] for i in range(len(prompts))]
     seeds = [seed + i for i in range(batch)]
-    check_invariance(case_name, method, prompts, seeds, per_prompt)
+    check_invariance(case_name, cache_method(method), prompts, seeds, per_prompt)
 
 
 # -- "shared": today's batch-level decision -------------------------------------------------------------------------
 def test_shared_takes_one_decision_on_the_batch_and_per_sample_does_not():
     case = CASES_BY_NAME["qwen-txt2img"]
     pipe = build(case)
-    threshold = mixing_threshold(pipe, case, "fbcache", TWO, [0, 1], 1)
+    threshold = mixing_threshold(pipe, case, cache_method("fbcache"), TWO, [0, 1], 1)
     inputs = batch_inputs(case, TWO, [0, 1], 1)
 
     pipe.cache_config = FirstBlockCacheConfig(residual_diff_threshold=threshold, batch_decisions="shared")
@@ -338,33 +332,6 @@ def test_bad_batch_decisions_is_a_clear_error():
 
 
 # -- BAGEL (block stack of our own model) and HunyuanImage-3.0 (whole-call caching in the loop) ------------------------
-def first_branch_threshold(stats, method) -> float:
-    """As :func:`mixing_threshold`, from a probe run's statistics (its first branch)."""
-    return threshold_between(next(iter(stats.branches.values())).samples, method)
-
-
-def check_rows(pipe, make_config, method, batched_kwargs, alone_kwargs, adaptive=True):
-    """``make_config(threshold)``'s batched call against each sample's own call (``alone_kwargs[i]``)."""
-    if adaptive:
-        pipe.cache_config = make_config(PROBE_THRESHOLD[method])
-        pipe(**batched_kwargs())
-        config = make_config(first_branch_threshold(pipe.cache_stats, method))
-    else:
-        config = make_config(None)
-    pipe.cache_config = config
-    batched = pipe(**batched_kwargs()).images.float()
-    branches = dict(pipe.cache_stats.branches)
-    mixed = any(len({tuple(s.reused_steps) for s in b.samples}) > 1 for b in branches.values())
-    assert mixed == adaptive, {n: [s.reused_steps for s in b.samples] for n, b in branches.items()}
-    assert any(s.num_reused for b in branches.values() for s in b.samples)
-    for row, kwargs in enumerate(alone_kwargs):
-        alone = pipe(**kwargs()).images.float()
-        difference = (batched[row] - alone[0]).abs().max().item()
-        assert difference <= TOLERANCE, f"sample {row}: max abs difference {difference:.3g}"
-        for name, branch in pipe.cache_stats.branches.items():
-            assert branches[name].samples[row].reused_steps == branch.reused_steps, (name, row)
-
-
 @pytest.fixture(scope="module")
 def bagel():
     from reference import reference_dir
@@ -386,28 +353,13 @@ def json_inputs(root):
 BAGEL_STEPS = 5
 """Denoising steps of the BAGEL cases (``num_timesteps=6``)."""
 
-BAGEL_METHODS = {
-    "fbcache": lambda t: FirstBlockCacheConfig(residual_diff_threshold=t),
-    "dbcache": lambda t: DBCacheConfig(Fn=1, Bn=0, residual_diff_threshold=t, max_warmup_steps=0),
-    "teacache": lambda t: TeaCacheConfig(rel_l1_thresh=t),
-    "seacache": lambda t: SeaCacheConfig(threshold=t, max_consecutive_cached=3),
-    "taylorseer": lambda t: TaylorSeerConfig(order=1, interval=2, max_warmup_steps=1),
-    "magcache": lambda t: MagCacheConfig(mag_ratios=[1.0] + [0.98] * (BAGEL_STEPS - 1), mag_threshold=0.5, mag_retention_ratio=0.2),
-    "lemica": lambda t: LeMiCaConfig(computed_steps=[0, 2, BAGEL_STEPS - 1], num_inference_steps=BAGEL_STEPS),
-    "meancache": lambda t: MeanCacheConfig(computed_steps=[0, 1, BAGEL_STEPS - 1], num_inference_steps=BAGEL_STEPS, windows=2),
-}  # fmt: skip
-"""Every method on BAGEL; those of :data:`ADAPTIVE` get a threshold between the samples' values (``check_rows``)."""
-
-
-def test_every_registered_method_is_covered_on_bagel_and_hunyuanimage3():
-    methods = set(available_cache_methods()) - {"none"}
-    assert set(BAGEL_METHODS) == methods
-    assert set(HUNYUAN_METHODS) == methods - {"fbcache", "dbcache"}  # refused on HunyuanImage-3.0 (no block stack)
-
-
-@pytest.mark.parametrize("method", sorted(BAGEL_METHODS))
+@pytest.mark.parametrize("method", [m.name for m in matrix_methods()])
 def test_bagel_samples_get_their_own_output(bagel, method):
+    """Every registered method on BAGEL (the methods that decide per sample at a threshold between the samples'
+    values, the others with the contract's reusing config)."""
     pipe, inputs = bagel
+    method = cache_method(method)
+    context = matrix_context(None, pipe.transformer.num_cache_blocks, BAGEL_STEPS)
     prompts = [inputs["prompt"], inputs["prompt"] + " at night"]
 
     def kwargs(prompt, seeds, per_prompt=1):
@@ -418,11 +370,11 @@ def test_bagel_samples_get_their_own_output(bagel, method):
             generator=[torch.Generator().manual_seed(s) for s in seeds], output_type="latent",
         )  # fmt: skip
 
-    check_rows(
-        pipe, BAGEL_METHODS[method], method, kwargs(prompts, [0, 1]),
-        [kwargs(prompts[0], [0]), kwargs(prompts[1], [1])], adaptive=method in ADAPTIVE,
+    check_batch_rows(
+        pipe, method, context, kwargs(prompts, [0, 1]),
+        [kwargs(prompts[0], [0]), kwargs(prompts[1], [1])], adaptive=decides_per_sample(method),
     )  # fmt: skip
-    if method in ADAPTIVE:  # the mixed steps ran the cached layers on the computing sample's row only
+    if decides_per_sample(method):  # the mixed steps ran the cached layers on the computing sample's row only
         sizes, run_blocks = [], pipe.transformer._run_blocks
 
         def recording(start, end, streams, context):
@@ -451,20 +403,19 @@ def hunyuan():
 
 HUNYUAN_STEPS = 6
 
-HUNYUAN_METHODS = {
-    "seacache": lambda t: SeaCacheConfig(threshold=t, max_consecutive_cached=3),
-    "teacache": lambda t: TeaCacheConfig(rel_l1_thresh=1e3, max_continuous_cached_steps=2),  # time_embed(t): alike
-    "taylorseer": lambda t: TaylorSeerConfig(order=1, interval=2, max_warmup_steps=1),
-    "magcache": lambda t: MagCacheConfig(mag_ratios=[1.0] + [0.98] * (HUNYUAN_STEPS - 1), mag_threshold=0.5, mag_retention_ratio=0.2),
-    "lemica": lambda t: LeMiCaConfig(computed_steps=[0, 2, HUNYUAN_STEPS - 1], num_inference_steps=HUNYUAN_STEPS),
-    "meancache": lambda t: MeanCacheConfig(computed_steps=[0, 1, HUNYUAN_STEPS - 1], num_inference_steps=HUNYUAN_STEPS, windows=2),
-}  # fmt: skip
-"""Every method HunyuanImage-3.0 runs (DBCache and First-Block-Cache are refused there at configuration time)."""
-
-
-@pytest.mark.parametrize("method", sorted(HUNYUAN_METHODS))
+@pytest.mark.parametrize("method", [m.name for m in matrix_methods()])
 def test_hunyuanimage3_samples_get_their_own_output(hunyuan, method):
+    """Every registered method its wiring pattern runs on HunyuanImage-3.0 (the others are refused at configuration
+    time, :func:`conftest.supports`)."""
     pipe, inputs = hunyuan
+    method = cache_method(method)
+    context = matrix_context(None, 1, HUNYUAN_STEPS)
+    if not supports(pipe, method):
+        with pytest.raises(ValueError, match="whole transformer calls"):
+            pipe.cache_config = contract_config(method, context, num_steps=HUNYUAN_STEPS)
+        return
+    shared = CASES_BY_NAME["hunyuanimage3"].shared_indicators  # TeaCache's time_embed(t): alike for every sample
+    adaptive = decides_per_sample(method) and method.policy_class.indicator_kind not in shared
     noise = torch.randn(2, *[int(v) for v in pipe_latent_shape(pipe, inputs)], generator=torch.Generator().manual_seed(5))
 
     def kwargs(latents, per_prompt):
@@ -473,10 +424,9 @@ def test_hunyuanimage3_samples_get_their_own_output(hunyuan, method):
             num_images_per_prompt=per_prompt, latents=latents, output_type="latent",
         )  # fmt: skip
 
-    check_rows(
-        pipe, HUNYUAN_METHODS[method], method, kwargs(noise, 2),
-        [kwargs(noise[:1], 1), kwargs(noise[1:], 1)], adaptive=method == "seacache",
-    )  # fmt: skip
+    check_batch_rows(
+        pipe, method, context, kwargs(noise, 2), [kwargs(noise[:1], 1), kwargs(noise[1:], 1)], adaptive=adaptive
+    )
 
 
 def pipe_latent_shape(pipe, inputs):
@@ -522,7 +472,7 @@ def test_regional_compilation_runs_a_mixed_step():
     per-sample decisions and the outputs are the eager run's."""
     case = CASES_BY_NAME["flux2-klein"]
     pipe = build(case)
-    threshold = mixing_threshold(pipe, case, "fbcache", TWO, [0, 1], 1)
+    threshold = mixing_threshold(pipe, case, cache_method("fbcache"), TWO, [0, 1], 1)
     pipe.cache_config = FirstBlockCacheConfig(residual_diff_threshold=threshold)
     expected = run(pipe, batch_inputs(case, TWO, [0, 1], 1))
     expected_samples = {n: [s.reused_steps for s in b.samples] for n, b in pipe.cache_stats.branches.items()}

@@ -14,15 +14,9 @@ import textwrap
 import pytest
 import torch
 
-from cached_diffusers import (
-    DBCacheConfig,
-    FirstBlockCacheConfig,
-    MagCacheConfig,
-    SeaCacheConfig,
-    TaylorSeerConfig,
-    TeaCacheConfig,
-)
+from cached_diffusers import FirstBlockCacheConfig, TaylorSeerConfig
 from cached_diffusers.cfg_parallel import CFGParallelError, check_parent_loop
+from conftest import matrix_context, matrix_methods, mixing_config
 from distributed import run_distributed
 
 pytestmark = pytest.mark.slow  # spawns gloo process groups (multi-process): left out of the fast set (-m "not slow")
@@ -31,24 +25,8 @@ TIMEOUT_S = 120.0  # the process group's timeout: a rank stuck in a collective f
 KLEIN_COEFFICIENTS = (2.0, -3.0, 1.0, 1.0, 0.0)  # a test polynomial (no Klein coefficients exist)
 STEPS = 8
 
-# Thresholds inside the range of the tiny models' decision values, so that each branch reuses some steps and computes
-# others for a reason of the method (not only warm-up / last step).
-QWEN_CONFIGS = [
-    TeaCacheConfig(rel_l1_thresh=0.8, max_continuous_cached_steps=2),
-    MagCacheConfig(mag_threshold=10.0, mag_retention_ratio=0.0, mag_max_reused_steps=2),
-    DBCacheConfig(Fn=1, Bn=1, residual_diff_threshold=0.73, max_warmup_steps=1, max_continuous_cached_steps=2),
-    FirstBlockCacheConfig(residual_diff_threshold=0.73, max_warmup_steps=1, max_continuous_cached_steps=2),
-    TaylorSeerConfig(order=2, interval=3, max_warmup_steps=2),
-    FirstBlockCacheConfig(residual_diff_threshold=10.0, scm_steps_mask="fast", scm_steps_policy="static"),
-    SeaCacheConfig(threshold=0.3),
-]
-KLEIN_CONFIGS = [
-    TeaCacheConfig(rel_l1_thresh=1e6, coefficients=KLEIN_COEFFICIENTS, max_continuous_cached_steps=2),
-    MagCacheConfig(mag_threshold=10.0, mag_ratios=(1.0, 0.69, 0.79, 1.65, 0.72, 1.1, 0.77, 1.68), mag_max_reused_steps=2),
-    DBCacheConfig(Fn=1, Bn=1, residual_diff_threshold=1.1, max_warmup_steps=1, max_continuous_cached_steps=2),
-    FirstBlockCacheConfig(residual_diff_threshold=1.1, max_warmup_steps=1, max_continuous_cached_steps=2),
-    *QWEN_CONFIGS[4:],
-]
+STATIC_SCM = FirstBlockCacheConfig(residual_diff_threshold=10.0, scm_steps_mask="fast", scm_steps_policy="static")
+"""A static SCM mask (the mask alone decides), run beside every registered method."""
 
 
 def _qwen_pipe():
@@ -81,16 +59,42 @@ def _klein_kwargs(seed=0, **overrides):
     return {**kwargs, **overrides}
 
 
-FAMILIES = {"qwenimage": (_qwen_pipe, _qwen_kwargs, QWEN_CONFIGS), "klein": (_klein_pipe, _klein_kwargs, KLEIN_CONFIGS)}
+FAMILIES = {"qwenimage": (_qwen_pipe, _qwen_kwargs, None), "klein": (_klein_pipe, _klein_kwargs, KLEIN_COEFFICIENTS)}
+"""Family -> (pipeline builder, call arguments, TeaCache coefficients: ``None`` for the model's published ones)."""
+
+_CONFIGS: dict[tuple, list] = {}
+
+
+def family_configs(family, methods=None):
+    """Each method's config (``methods``: every registered method, then :data:`STATIC_SCM`) under which each branch
+    of ``family``'s serial run reuses some steps and computes some between its first and last
+    (:func:`conftest.mixing_config`: a threshold found by bisection over the method's sweep range). Searched once in
+    the test process; the ranks get the configs."""
+    extra = [STATIC_SCM] if methods is None else []
+    methods = matrix_methods() if methods is None else methods
+    key = (family, *[m.config_class for m in methods])
+    if key not in _CONFIGS:
+        make_pipe, make_kwargs, coefficients = FAMILIES[family]
+        pipe = make_pipe()
+        pipe.set_progress_bar_config(disable=True)
+        context = matrix_context(coefficients, pipe.transformer.num_cache_blocks, STEPS)
+
+        def reused_by_branch(config):
+            pipe.cache_config = config
+            pipe(**make_kwargs())
+            return {b: [r.reused for r in s.records] for b, s in pipe.cache_stats.branches.items()}
+
+        _CONFIGS[key] = [mixing_config(m, context, reused_by_branch, STEPS) for m in methods]
+    return _CONFIGS[key] + extra
 
 
 def _records(stats):
     return {b: [(r.step, r.reused, r.reason, r.value) for r in s.records] for b, s in stats.branches.items()}
 
 
-def _serial_then_parallel(rank, world_size, family, group=None):
+def _serial_then_parallel(rank, world_size, family, configs, group=None):
     """On every rank: for each config, the serial run, then the CFG-parallel one. Returns one row per config."""
-    make_pipe, make_kwargs, configs = FAMILIES[family]
+    make_pipe, make_kwargs, _ = FAMILIES[family]
     pipe = make_pipe()
     pipe.set_progress_bar_config(disable=True)
     rows = []
@@ -125,7 +129,16 @@ def _check_rows(results, branches):
 
 @pytest.mark.parametrize("family", ["qwenimage", "klein"])
 def test_every_method_equals_the_serial_run_per_branch(family):
-    results = run_distributed(_serial_then_parallel, world_size=2, args=(family,), timeout_s=TIMEOUT_S)
+    check_cfg_parallel_equals_serial(family)
+
+
+def check_cfg_parallel_equals_serial(family, methods=None):
+    """Every method of ``methods`` (default: every registered one, and a static SCM mask) on two ranks: each rank's
+    statistics are the serial run's of its branch, the images the serial ones (:func:`_check_rows`)."""
+    configs = family_configs(family, methods)
+    names = [m.name for m in (matrix_methods() if methods is None else methods)]
+    assert [c.method for c in configs[: len(names)]] == names
+    results = run_distributed(_serial_then_parallel, world_size=2, args=(family, configs), timeout_s=TIMEOUT_S)
     _check_rows(results, ["cond", "uncond"])
 
 
@@ -371,10 +384,10 @@ def test_cfg_parallel_error_is_a_runtime_error():
 
 
 # -- CFG 2 x Ulysses 2 on four processes -----------------------------------------------------------------------------
-def _mesh_2d(rank, world_size, family):
+def _mesh_2d(rank, world_size, family, configs):
     from cached_diffusers.multi_gpu import parallelize
 
-    make_pipe, make_kwargs, configs = FAMILIES[family]
+    make_pipe, make_kwargs, _ = FAMILIES[family]
     pipe = make_pipe()
     pipe.set_progress_bar_config(disable=True)
     mesh = parallelize(pipe, cfg_parallel=True, ulysses_degree=2)
@@ -387,9 +400,10 @@ def _mesh_2d(rank, world_size, family):
 
 @pytest.mark.parametrize("family", ["qwenimage", "klein"])
 def test_cfg_2_by_ulysses_2_on_four_processes(family):
-    results = run_distributed(_mesh_2d, world_size=4, args=(family,), timeout_s=TIMEOUT_S)
+    configs = family_configs(family)
+    results = run_distributed(_mesh_2d, world_size=4, args=(family, configs), timeout_s=TIMEOUT_S)
     assert [(c, u) for c, u, _ in results] == [(0, 0), (0, 1), (1, 0), (1, 1)]
-    make_pipe, make_kwargs, configs = FAMILIES[family]
+    make_pipe, make_kwargs, _ = FAMILIES[family]
     pipe = make_pipe()  # the serial runs, here in the test process
     pipe.set_progress_bar_config(disable=True)
     serial = []

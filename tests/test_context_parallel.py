@@ -14,18 +14,10 @@ import math
 import pytest
 import torch
 
+from conftest import decides_per_sample, matrix_context, matrix_methods, mixing_config
 from distributed import run_distributed
 
-from cached_diffusers import (
-    CachedFlux2Transformer2DModel,
-    CachedQwenImageTransformer2DModel,
-    DBCacheConfig,
-    FirstBlockCacheConfig,
-    MagCacheConfig,
-    SeaCacheConfig,
-    TaylorSeerConfig,
-    TeaCacheConfig,
-)
+from cached_diffusers import CachedFlux2Transformer2DModel, CachedQwenImageTransformer2DModel, FirstBlockCacheConfig
 from cached_diffusers.tools.tiny import FLUX2_KLEIN_TEMB_GAIN
 
 pytestmark = pytest.mark.slow  # spawns gloo process groups (multi-process): left out of the fast set (-m "not slow")
@@ -56,32 +48,52 @@ KLEIN_CONFIG = dict(
     guidance_embeds=False,
 )
 
-# (TeaCache threshold, DBCache threshold) per family: the tiny random models' distances differ in scale
-THRESHOLDS = {"qwen": (0.3, 0.4), "qwen-edit": (0.3, 0.4), "klein": (1.0, 1.1)}
+def scenario_names(family):
+    """The scenarios of ``family``: every registered method (:func:`conftest.matrix_methods`), each method calibrated
+    from runs (``calibrate=True``), DBCache with the TaylorSeer calibrator and with a step mask (SCM). The edit
+    models' ``zero_cond_t`` changes the indicators only: there, one method per indicator kind."""
+    methods = matrix_methods()
+    if family == "qwen-edit":
+        kinds = {}
+        for m in methods:
+            if decides_per_sample(m):
+                kinds.setdefault(m.policy_class.indicator_kind, m.name)
+        return tuple(kinds.values())
+    calibrated = [f"{m.name}-calibrate" for m in methods if m.calibration == "runs"]
+    return (*[m.name for m in methods], *calibrated, "dbcache-taylorseer", "scm")
 
 
-def methods(family):
-    """name -> cache config; each reuses some steps and computes others on the family's model (checked below)."""
-    tea, db = THRESHOLDS[family]
-    return {
-        "teacache": TeaCacheConfig(rel_l1_thresh=tea, coefficients=IDENTITY),
-        "teacache-calibrate": TeaCacheConfig(calibrate=True),
-        "magcache": MagCacheConfig(mag_ratios=MAG_RATIOS, mag_threshold=0.08, mag_retention_ratio=0.2),
-        "magcache-calibrate": MagCacheConfig(calibrate=True),
-        "dbcache": DBCacheConfig(Fn=1, Bn=1, residual_diff_threshold=db, max_warmup_steps=1),
-        "fbcache": FirstBlockCacheConfig(residual_diff_threshold=db),
-        "taylorseer": TaylorSeerConfig(order=1, interval=2, max_warmup_steps=2),
-        "dbcache-taylorseer": DBCacheConfig(
-            Fn=1, Bn=0, residual_diff_threshold=db, max_warmup_steps=1, enable_taylorseer=True, taylorseer_order=1
-        ),
-        "scm": DBCacheConfig(Fn=1, Bn=0, residual_diff_threshold=db, scm_steps_mask=[1, 1, 0, 1, 0, 0, 1, 1]),
-        # the raw latent is whole on every rank (Klein's is gathered from the plan's shards): no reduction needed
-        "seacache": SeaCacheConfig(threshold=0.3),
-    }
+_CONFIGS: dict[str, dict] = {}
 
 
-METHOD_NAMES = tuple(methods("qwen"))
-CALIBRATION = {"teacache-calibrate", "magcache-calibrate"}
+def method_configs(family, methods):
+    """name -> config of each of ``methods`` that reuses some steps and computes others on ``family``'s model
+    (:func:`conftest.mixing_config`, searched with single-process runs)."""
+    model = _model(family)
+    model.set_attention_backend("native")
+    context = {**matrix_context(IDENTITY, model.num_cache_blocks, NUM_STEPS), "mag_ratios": MAG_RATIOS}
+
+    def reused_by_branch(config):
+        records = _generate(model, family, config)[1]
+        return {b: [r[1] for r in rs] for b, rs in records.items()}
+
+    return {m.name: mixing_config(m, context, reused_by_branch, NUM_STEPS) for m in methods}
+
+
+def scenario_configs(family):
+    """name -> cache config of :func:`scenario_names`, searched once in the test process (the ranks get them): each
+    method's config reuses some steps and computes others on the family's model (:func:`conftest.mixing_config`, a
+    threshold bisected over the method's sweep range; checked below)."""
+    if family not in _CONFIGS:
+        configs = method_configs(family, matrix_methods())
+        for m in matrix_methods():
+            if m.calibration == "runs":
+                configs[f"{m.name}-calibrate"] = m.config_class(calibrate=True)
+        db = configs["dbcache"]
+        configs["dbcache-taylorseer"] = db.replace(Bn=0, enable_taylorseer=True, taylorseer_order=1)
+        configs["scm"] = db.replace(Bn=0, scm_steps_mask=[1, 1, 0, 1, 0, 0, 1, 1])
+        _CONFIGS[family] = {name: configs[name] for name in scenario_names(family)}
+    return _CONFIGS[family]
 
 
 def _model(family):
@@ -151,17 +163,16 @@ def _generate(model, family, config):
     return latents, records, calibration
 
 
-def _scenarios(family, names, parallel):
+def _scenarios(family, configs, parallel):
     model = _model(family)
     model.set_attention_backend("native")
     if parallel:
         from diffusers import ContextParallelConfig
 
         model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=2))
-    configs = methods(family)
     results = {"none": _generate(model, family, None)}
-    for name in names:
-        results[name] = _generate(model, family, configs[name])
+    for name, config in configs.items():
+        results[name] = _generate(model, family, config)
     return results
 
 
@@ -194,8 +205,8 @@ def _diverging_first_block_cache(model):
     return threshold, values, latents, records
 
 
-def _rank_scenarios(rank, world_size, family_methods):
-    results = {family: _scenarios(family, names, parallel=True) for family, names in family_methods.items()}
+def _rank_scenarios(rank, world_size, family_configs):
+    results = {family: _scenarios(family, configs, parallel=True) for family, configs in family_configs.items()}
     model = _model("klein")
     model.set_attention_backend("native")
     from diffusers import ContextParallelConfig
@@ -224,32 +235,50 @@ def _assert_same_calibration(got, expected, where):
     for branch, data in expected.items():
         assert got[branch].keys() == data.keys(), where
         for key, values in data.items():
-            flat_got = torch.tensor(got[branch][key], dtype=torch.float64).flatten()
-            flat_expected = torch.tensor(values, dtype=torch.float64).flatten()
+            flat_got = torch.tensor(_numbers(got[branch][key]), dtype=torch.float64).flatten()
+            flat_expected = torch.tensor(_numbers(values), dtype=torch.float64).flatten()
             assert flat_got.shape == flat_expected.shape and len(flat_expected) > 0, f"{where}: {key}"
-            # the MagCache ratios are rounded to 5 decimals: a rounding boundary may move the last digit
-            assert torch.allclose(flat_got, flat_expected, rtol=1e-5, atol=1.1e-5), f"{where}: {key}"
+            # the MagCache ratios are rounded to 5 decimals: a rounding boundary may move the last digit; a step
+            # without a value (None, SeaCache's first distance) is NaN on both sides
+            assert torch.allclose(flat_got, flat_expected, rtol=1e-5, atol=1.1e-5, equal_nan=True), f"{where}: {key}"
 
 
-FAMILY_METHODS = {"qwen": METHOD_NAMES, "klein": METHOD_NAMES, "qwen-edit": ("teacache", "dbcache", "seacache")}
+def _numbers(values):
+    """``values`` (nested lists) with ``None`` as NaN."""
+    if isinstance(values, (list, tuple)):
+        return [_numbers(v) for v in values]
+    return math.nan if values is None else values
+
+
+FAMILIES = ("qwen", "klein", "qwen-edit")
 
 
 @pytest.fixture(scope="module")
 def all_runs():
     """{family: (single-process results, results of the two ranks)}, every method, one pair of processes for all."""
-    ranks = run_distributed(_rank_scenarios, world_size=2, args=(FAMILY_METHODS,), timeout_s=120)
-    runs = {f: (_scenarios(f, names, parallel=False), [r[f] for r in ranks]) for f, names in FAMILY_METHODS.items()}
+    return runs_of({f: scenario_configs(f) for f in FAMILIES})
+
+
+def runs_of(configs):
+    """``{family: {name: config}}`` run on two ranks and in this process: ``{family: (single-process results, results
+    of the two ranks)}`` and ``"hang-case"``."""
+    ranks = run_distributed(_rank_scenarios, world_size=2, args=(configs,), timeout_s=120)
+    runs = {f: (_scenarios(f, c, parallel=False), [r[f] for r in ranks]) for f, c in configs.items()}
     runs["hang-case"] = [r["hang-case"] for r in ranks]
     return runs
 
 
-@pytest.mark.parametrize(
-    "family, method", [(f, m) for f, names in FAMILY_METHODS.items() for m in ("none", *names)]
-)
+@pytest.mark.parametrize("family, method", [(f, m) for f in FAMILIES for m in ("none", *scenario_names(f))])
 def test_every_rank_decides_and_returns_as_the_single_process(all_runs, family, method):
+    check_every_rank_decides_as_the_single_process(all_runs, family, method)
+
+
+def check_every_rank_decides_as_the_single_process(all_runs, family, method):
+    """Scenario ``method`` of ``family`` (:func:`runs_of`): it reuses and computes (unless it calibrates), and every
+    rank records the single process's decisions and calibration and returns its latents."""
     reference, ranks = all_runs[family]
     latents, records, calibration = reference[method]
-    if method != "none" and method not in CALIBRATION:
+    if method != "none" and not method.endswith("-calibrate"):
         reused = [r for branch in records.values() for r in branch if r[1]]
         computed = [r for branch in records.values() for r in branch if not r[1]]
         assert reused and len(computed) > 2, f"{family} {method}: the scenario must both reuse and compute"

@@ -11,13 +11,13 @@ from cached_diffusers import (
     DBCacheConfig,
     FirstBlockCacheConfig,
     MagCacheConfig,
-    SeaCacheConfig,
     TaylorSeerConfig,
     TeaCacheConfig,
 )
 from cached_diffusers.engine import DEFAULT_BRANCH
 from cached_diffusers.policies import polyval, relative_l1
 from cached_diffusers.spec import BLOCK_STACK, WHOLE_CALL, ModelCacheSpec
+from conftest import matrix_context, matrix_methods, short_run_config
 
 IDENTITY = (0.0, 0.0, 0.0, 1.0, 0.0)  # f(x) = x: the accumulator is the plain sum of relative L1 distances
 
@@ -222,19 +222,22 @@ def composed_generation(engine, toy, num_steps, branches, scales):
     return outputs
 
 
-@pytest.mark.parametrize(
-    "config",
-    [
-        TeaCacheConfig(0.2, coefficients=IDENTITY),
-        TeaCacheConfig(0.5, coefficients=IDENTITY, enable_taylorseer=True, taylorseer_order=2),
-        DBCacheConfig(Fn=1, Bn=1, residual_diff_threshold=0.5, max_warmup_steps=1),
-        MagCacheConfig(mag_ratios=[1.0, 0.99, 0.98, 1.02] * 3, mag_threshold=0.1, mag_retention_ratio=0.0),
-        TaylorSeerConfig(order=2, interval=2, max_warmup_steps=1),
-        TeaCacheConfig(calibrate=True, coefficients=IDENTITY),
-        SeaCacheConfig(threshold=0.05, max_consecutive_cached=2),
-    ],
-    ids=["teacache", "teacache+taylorseer", "dbcache", "magcache", "taylorseer", "teacache-calibrate", "seacache"],
-)
+def composition_configs():
+    """Every registered method (:func:`conftest.short_run_config` on the toy stack's 4 blocks and 12 steps), each
+    method calibrated from runs (``calibrate=True``), and TeaCache with the TaylorSeer calibrator."""
+    context = matrix_context(IDENTITY, 4, 12)
+    calibrating = {**context, "mag_ratios": None}  # calibration measures the ratios
+    params = [pytest.param(short_run_config(m, context, 12), id=m.name) for m in matrix_methods()]
+    params += [
+        pytest.param(short_run_config(m, calibrating, 12).replace(calibrate=True), id=f"{m.name}-calibrate")
+        for m in matrix_methods()
+        if m.calibration == "runs"
+    ]
+    taylorseer = TeaCacheConfig(0.5, coefficients=IDENTITY, enable_taylorseer=True, taylorseer_order=2)
+    return params + [pytest.param(taylorseer, id="teacache+taylorseer")]
+
+
+@pytest.mark.parametrize("config", composition_configs())
 def test_run_is_the_composition_of_decide_commit_recall(config):
     scales = {"cond": 0.01, "uncond": 0.05}
     results = []

@@ -10,6 +10,7 @@ schedule, raise, or do nothing. Bounded (``max_examples``, derandomized) to run 
 
 import dataclasses
 import json
+import math
 
 import pytest
 import torch
@@ -28,11 +29,13 @@ from cached_diffusers import (
 )
 from cached_diffusers.engine import _OPEN_GENERATIONS, Generation
 from cached_diffusers.pipeline_mixin import _BUSY
+from cached_diffusers.registry import cache_method
 from cached_diffusers.tools.tiny import (
     TRANSFORMER_CONFIG,
     build_tiny_flux2_klein_components,
     build_tiny_qwenimage_components,
 )
+from conftest import matrix_methods
 
 pytestmark = pytest.mark.slow  # hypothesis sequences of whole generations: left out of the fast set (-m "not slow")
 
@@ -103,41 +106,83 @@ def residual_options(draw):
     return dict(enable_taylorseer=draw(st.booleans()), taylorseer_order=draw(st.integers(1, 2)))
 
 
+def teacache_fields(draw, common):
+    return TeaCacheConfig(
+        rel_l1_thresh=draw(st.sampled_from([0.05, 0.3, 1.0, 1e6])), coefficients=draw(COEFFICIENTS),
+        **common, **residual_options(draw),
+    )
+
+
+def magcache_fields(draw, common):
+    ratios = draw(st.lists(st.floats(0.8, 1.2), min_size=2, max_size=12))
+    return MagCacheConfig(
+        mag_ratios=[1.0] + ratios[1:], mag_threshold=draw(st.sampled_from([0.01, 0.1, 1.0])),
+        mag_max_reused_steps=draw(st.integers(1, 4)), mag_retention_ratio=draw(st.sampled_from([0.0, 0.2, 0.5])),
+        **common, **residual_options(draw),
+    )
+
+
+def dbcache_fields(draw, common):
+    fn = draw(st.integers(1, 2))
+    return DBCacheConfig(
+        Fn=fn, Bn=draw(st.integers(0, CACHE_BLOCKS - 1 - fn)),
+        residual_diff_threshold=draw(st.sampled_from([0.0, 0.05, 0.5, 1e6])), **common, **residual_options(draw),
+    )
+
+
+def fbcache_fields(draw, common):
+    return FirstBlockCacheConfig(
+        residual_diff_threshold=draw(st.sampled_from([0.05, 0.5, 1e6])), **common, **residual_options(draw)
+    )
+
+
+def seacache_fields(draw, common):
+    return SeaCacheConfig(
+        threshold=draw(st.sampled_from([0.0, 0.1, 1.0, 1e6])), residual_order=draw(st.integers(0, 1)),
+        retention_steps=draw(st.integers(0, 2)), cache_end_steps=draw(st.integers(0, 2)),
+        max_consecutive_cached=draw(st.integers(0, 3)), power_exp=draw(st.sampled_from([1.0, 3.0])), **common,
+    )
+
+
+def taylorseer_fields(draw, common):
+    return TaylorSeerConfig(order=draw(st.integers(1, 3)), interval=draw(st.integers(1, 4)), **common)
+
+
+OWN_FIELDS = {
+    "teacache": teacache_fields, "magcache": magcache_fields, "dbcache": dbcache_fields, "fbcache": fbcache_fields,
+    "seacache": seacache_fields, "taylorseer": taylorseer_fields,
+}  # fmt: skip
+"""Methods whose own fields are drawn here too (beyond their sweep knob); any other registered method draws its sweep
+knob (:func:`sweep_fields`)."""
+
+
+def sweep_fields(draw, method, steps, common):
+    """A config of a registered method from its sweep alone: a budget's computed steps (the first, the last and up to
+    three others of ``steps``), or the knob at its sweep's low end, one of its values or far above its range."""
+    sweep = method.sweep
+    if sweep is None:
+        return method.config_class(**common)
+    if sweep.kind == "budget":
+        if steps < 2:  # a schedule needs two steps
+            return None
+        others = draw(st.lists(st.integers(0, steps - 1), max_size=3))
+        computed = sorted({0, steps - 1, *others})
+        return method.config_class(computed_steps=computed, num_inference_steps=steps, **common)
+    high = sweep.high if math.isfinite(sweep.high) else 2 * max(sweep.values or (sweep.low,))
+    value = draw(st.sampled_from([sweep.low, *sweep.values, high * (1e6 if sweep.kind == "log" else 1)]))
+    config = method.config_class.sweep_config(type(sweep.low)(value) if sweep.kind == "int" else value)
+    return config.replace(**common)
+
+
 @st.composite
-def cache_configs(draw):
-    method = draw(st.sampled_from(["none", "teacache", "magcache", "dbcache", "fbcache", "taylorseer", "seacache"]))
+def cache_configs(draw, steps):
+    method = draw(st.sampled_from(["none", *[m.name for m in matrix_methods()]]))
     if method == "none":
         return None
     common = draw(guards())
-    if method == "teacache":
-        return TeaCacheConfig(
-            rel_l1_thresh=draw(st.sampled_from([0.05, 0.3, 1.0, 1e6])), coefficients=draw(COEFFICIENTS),
-            **common, **residual_options(draw),
-        )
-    if method == "magcache":
-        ratios = draw(st.lists(st.floats(0.8, 1.2), min_size=2, max_size=12))
-        return MagCacheConfig(
-            mag_ratios=[1.0] + ratios[1:], mag_threshold=draw(st.sampled_from([0.01, 0.1, 1.0])),
-            mag_max_reused_steps=draw(st.integers(1, 4)), mag_retention_ratio=draw(st.sampled_from([0.0, 0.2, 0.5])),
-            **common, **residual_options(draw),
-        )
-    if method == "dbcache":
-        fn = draw(st.integers(1, 2))
-        return DBCacheConfig(
-            Fn=fn, Bn=draw(st.integers(0, CACHE_BLOCKS - 1 - fn)),
-            residual_diff_threshold=draw(st.sampled_from([0.0, 0.05, 0.5, 1e6])), **common, **residual_options(draw),
-        )
-    if method == "fbcache":
-        return FirstBlockCacheConfig(
-            residual_diff_threshold=draw(st.sampled_from([0.05, 0.5, 1e6])), **common, **residual_options(draw)
-        )
-    if method == "seacache":
-        return SeaCacheConfig(
-            threshold=draw(st.sampled_from([0.0, 0.1, 1.0, 1e6])), residual_order=draw(st.integers(0, 1)),
-            retention_steps=draw(st.integers(0, 2)), cache_end_steps=draw(st.integers(0, 2)),
-            max_consecutive_cached=draw(st.integers(0, 3)), power_exp=draw(st.sampled_from([1.0, 3.0])), **common,
-        )
-    return TaylorSeerConfig(order=draw(st.integers(1, 3)), interval=draw(st.integers(1, 4)), **common)
+    if method in OWN_FIELDS:
+        return OWN_FIELDS[method](draw, common)
+    return sweep_fields(draw, cache_method(method), steps, common)
 
 
 _FEW, _SOME, _MANY = st.integers(1, 3), st.integers(4, 8), st.integers(9, 30)
@@ -153,11 +198,12 @@ def callbacks(draw):
 
 @st.composite
 def generations(draw):
+    steps = draw(STEPS)
     return dict(
         model=draw(st.sampled_from(["qwen", "qwen", "qwen", "qwen", "klein"])),  # Klein's tiny text encoder costs more
         pipeline=draw(st.integers(0, 1)),
-        config=draw(cache_configs()),
-        steps=draw(STEPS),
+        config=draw(cache_configs(steps)),
+        steps=steps,
         height=draw(st.sampled_from([32, 32, 48])),
         width=draw(st.sampled_from([32, 32, 48])),
         prompts=draw(st.sampled_from([["a red cat"], ["a blue bird", "a green tree"]])),

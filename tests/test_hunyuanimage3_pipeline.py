@@ -6,6 +6,7 @@ import logging
 import numpy as np
 import pytest
 import torch
+from conftest import matrix_context, matrix_methods, short_run_config, supports
 from helpers import teacache_reference
 from reference import reference_dir
 from safetensors.torch import load_file
@@ -15,11 +16,10 @@ from cached_diffusers import (
     DBCacheConfig,
     FirstBlockCacheConfig,
     MagCacheConfig,
-    SeaCacheConfig,
-    TaylorSeerConfig,
     TeaCacheConfig,
 )
 from cached_diffusers.hub import save_cache_config
+from cached_diffusers.registry import cache_method
 from cached_diffusers.models.hunyuanimage3 import HUNYUANIMAGE3_TEACACHE_COEFFICIENTS, HunyuanImage3KVCache
 
 REF = reference_dir("hunyuanimage3-tiny")
@@ -199,20 +199,33 @@ def test_branches_that_disagree_run_only_the_computing_rows_and_keep_the_kv_cach
     assert sigmas.shape[0] == steps + 1
 
 
-@pytest.mark.parametrize(
-    "config",
-    [
-        TeaCacheConfig(rel_l1_thresh=1e3, max_continuous_cached_steps=2),
-        TeaCacheConfig(rel_l1_thresh=1e3, max_continuous_cached_steps=2, enable_taylorseer=True),
-        TaylorSeerConfig(order=1, interval=3, max_warmup_steps=2),
-        TeaCacheConfig(rel_l1_thresh=1e-9, scm_steps_mask="fast", scm_steps_policy="static"),
-        "magcache",
-        SeaCacheConfig(threshold=10.0),
-    ],
-    ids=["teacache", "teacache+taylorseer", "taylorseer", "scm-static", "magcache-calibrated", "seacache"],
-)
-def test_every_applicable_method_runs(pipe, config):
+FEATURES = {
+    "teacache+taylorseer": TeaCacheConfig(rel_l1_thresh=1e3, max_continuous_cached_steps=2, enable_taylorseer=True),
+    "scm-static": TeaCacheConfig(rel_l1_thresh=1e-9, scm_steps_mask="fast", scm_steps_policy="static"),
+    "magcache-calibrated": "magcache",
+}
+"""Run beside every registered method: TeaCache with the TaylorSeer calibrator, a static step mask (SCM), and MagCache
+with the ratios of a calibration run."""
+
+
+def method_config(pipe, name, steps):
+    """The config of scenario ``name``: a :data:`FEATURES` entry, or the registered method ``name``'s
+    :func:`conftest.short_run_config` on the whole call (one "block") and ``steps`` steps."""
+    if name in FEATURES:
+        return FEATURES[name]
+    return short_run_config(cache_method(name), matrix_context(None, pipe.transformer.num_cache_blocks, steps), steps)
+
+
+@pytest.mark.parametrize("name", [m.name for m in matrix_methods()] + list(FEATURES))
+def test_every_applicable_method_runs(pipe, name):
+    """Every registered method whose policy supports the whole-call pattern runs and reuses; the others (DBCache,
+    First-Block-Cache) are refused at configuration time."""
     steps = 12
+    config = method_config(pipe, name, steps)
+    if name not in FEATURES and not supports(pipe, cache_method(name)):
+        with pytest.raises(ValueError, match="whole transformer calls"):
+            pipe.cache_config = config
+        return
     if config == "magcache":
         pipe.cache_config = MagCacheConfig(calibrate=True)
         run(pipe, steps=steps, output_type="latent")
@@ -301,23 +314,44 @@ def legacy_predict(self, i, num_steps, t, latents, sequence, kv_cache, branch_ro
     return {br: decided[br].transpose(1, 2).reshape(b, c, h, w) for br in branches}
 
 
-@pytest.mark.parametrize(
-    "config",
-    [
-        TeaCacheConfig(rel_l1_thresh=0.3),
-        TeaCacheConfig(rel_l1_thresh=1e3, max_continuous_cached_steps=2, enable_taylorseer=True, taylorseer_order=2),
-        TaylorSeerConfig(order=2, interval=3, max_warmup_steps=2),
-        MagCacheConfig(mag_ratios={"cond": [1.0] * 10, "uncond": [1.5] * 10}, mag_retention_ratio=0.0,
-                       mag_threshold=0.1, mag_max_reused_steps=2),
-        MagCacheConfig(calibrate=True),
-        TeaCacheConfig(calibrate=True),
-    ],
-    ids=["teacache", "teacache+taylorseer", "taylorseer", "magcache-disagreeing", "magcache-calibrate",
-         "teacache-calibrate"],
-)
-def test_whole_call_caching_equals_the_previous_reentrant_wiring(pipe, config, monkeypatch):
+WIRING_FEATURES = {
+    "teacache+taylorseer": TeaCacheConfig(
+        rel_l1_thresh=1e3, max_continuous_cached_steps=2, enable_taylorseer=True, taylorseer_order=2
+    ),
+    "magcache-disagreeing": MagCacheConfig(
+        mag_ratios={"cond": [1.0] * 10, "uncond": [1.5] * 10}, mag_retention_ratio=0.0, mag_threshold=0.1,
+        mag_max_reused_steps=2,
+    ),
+}
+"""Beside every registered method: TeaCache with the TaylorSeer calibrator, MagCache whose branches decide apart."""
+
+
+LEGACY_INDICATORS = (None, "teacache_indicator")
+"""The indicator kinds the former wiring (:func:`legacy_predict`) offered: none, or the timestep embedding."""
+
+
+def wiring_scenarios():
+    """Every registered method that runs whole calls on an indicator the former wiring offered
+    (:data:`LEGACY_INDICATORS`), each of those calibrated from runs, and :data:`WIRING_FEATURES`."""
+    from cached_diffusers.spec import WHOLE_CALL
+
+    methods = [
+        m for m in matrix_methods() if WHOLE_CALL in m.patterns and m.policy_class.indicator_kind in LEGACY_INDICATORS
+    ]
+    names = [m.name for m in methods] + [f"{m.name}-calibrate" for m in methods if m.calibration == "runs"]
+    return names + list(WIRING_FEATURES)
+
+
+@pytest.mark.parametrize("name", wiring_scenarios())
+def test_whole_call_caching_equals_the_previous_reentrant_wiring(pipe, name, monkeypatch):
     """decide for every branch, one batched call for those that compute, commit / recall: the same decisions,
     statistics (decision values, calibration) and images as the former re-entrant ``run`` over a zero stream."""
+    if name in WIRING_FEATURES:
+        config = WIRING_FEATURES[name]
+    elif name.endswith("-calibrate"):
+        config = cache_method(name.removesuffix("-calibrate")).config_class(calibrate=True)
+    else:
+        config = method_config(pipe, name, 10)
     pipe.cache_config = config
     new, new_rec, new_calls = run(pipe, steps=10, output_type="pt")
     new_stats = pipe.cache_stats.to_dict()

@@ -2,8 +2,12 @@
 ``contract_method`` and ``model_family``). Every registered method, on every family: a never-reusing config is
 bit-identical to caching off; each guidance branch keeps its own state and a second generation repeats the first;
 the config survives a JSON round trip and copies; a partial schedule (img2img / inpaint) starts computing at its first
-executed step; a step callback that changes nothing changes no decision. A method registered in a test joins the
-matrix (:func:`test_a_method_registered_in_a_test_joins_the_matrix`)."""
+executed step; a step callback that changes nothing changes no decision; each sample of a batch gets its own call's
+output (a method deciding per sample mixes some step). The families are Qwen-Image, FLUX.2 [klein], BAGEL and
+HunyuanImage-3.0 (``conftest.MATRIX_FAMILIES``); a method a family's wiring pattern does not support is refused there
+(asserted). CFG-parallel and context-parallel agreement run every registered method in ``test_cfg_parallel.py`` and
+``test_context_parallel.py`` (multi-process); the toy method joins them below. A method registered in a test joins
+the matrix (:func:`test_a_method_registered_in_a_test_joins_the_matrix`)."""
 
 from __future__ import annotations
 
@@ -21,8 +25,9 @@ from cached_diffusers.configs import StepCacheConfig, _check_int
 from cached_diffusers.policies import CachePolicy, Decision, Gate
 from cached_diffusers.registry import Sweep, register_cache_method, unregister_cache_method
 
-from conftest import CONTRACT_STEPS, contract_config, matrix_methods
+from conftest import CONTRACT_STEPS, contract_config, decides_per_sample, matrix_methods, supports
 from families import small_working_sizes
+from helpers import check_batch_rows
 
 N = CONTRACT_STEPS
 
@@ -119,6 +124,8 @@ def check_json_round_trip_and_copies(method, family):
 
 
 def check_a_partial_schedule_computes_its_first_executed_step(method, family):
+    if family.partial_pipe is None:
+        pytest.skip(f"{family.name} has no partial-schedule (img2img / inpaint) pipeline")
     config = contract_config(method, family.context)
     images, records = generate(family.partial_pipe, family.partial_case, config, strength=0.6)
     assert torch.isfinite(images).all()
@@ -126,6 +133,18 @@ def check_a_partial_schedule_computes_its_first_executed_step(method, family):
         steps = [step for step, _, _ in decisions]
         assert steps == list(range(steps[0], N)) and steps[0] > 0, (branch, steps)
         assert decisions[0][1:] == (False, "first-step"), branch
+
+
+def check_each_sample_of_a_batch_gets_its_own_output(method, family):
+    """Two samples in one call against each alone (``Case.batch_inputs``): a method that decides per sample on this
+    model, at a threshold between the samples' values, mixes some step; the others must not mix."""
+    case = family.case
+    adaptive = decides_per_sample(method) and method.policy_class.indicator_kind not in case.shared_indicators
+    with small_working_sizes():
+        check_batch_rows(
+            family.pipe, method, family.context, lambda: case.batch_inputs(N, (0, 1)),
+            [lambda: case.batch_inputs(N, (0,)), lambda: case.batch_inputs(N, (1,))], adaptive=adaptive,
+        )  # fmt: skip
 
 
 def check_a_callback_that_changes_nothing_changes_no_decision(method, family):
@@ -144,6 +163,7 @@ PIPELINE_CONTRACT = [
     check_each_branch_keeps_its_state_and_generations_repeat,
     check_a_partial_schedule_computes_its_first_executed_step,
     check_a_callback_that_changes_nothing_changes_no_decision,
+    check_each_sample_of_a_batch_gets_its_own_output,
 ]
 """Checks that run the family's pipelines (a few seconds each on CPU: marked slow, so the fast set leaves them out;
 CI runs them)."""
@@ -157,7 +177,18 @@ CONTRACT = CONFIG_CONTRACT + PIPELINE_CONTRACT
     + [pytest.param(c, id=c.__name__.removeprefix("check_"), marks=pytest.mark.slow) for c in PIPELINE_CONTRACT],
 )
 def test_method_contract(contract_method, model_family, check):
-    check(contract_method, model_family)
+    run_check(check, contract_method, model_family)
+
+
+def run_check(check, method, family):
+    """``check(method, family)``; a pipeline check of a method whose policy supports no wiring pattern of the family's
+    model (DBCache and First-Block-Cache on the whole-call HunyuanImage-3.0) asserts the refusal instead."""
+    if check in PIPELINE_CONTRACT and not supports(family.pipe, method):
+        with pytest.raises(ValueError, match="supports"):
+            family.pipe.cache_config = contract_config(method, family.context)
+        assert family.pipe.cache_config is None or family.pipe.cache_config.method != method.name
+        return
+    check(method, family)
 
 
 @pytest.mark.parametrize(
@@ -173,7 +204,10 @@ def test_a_method_registered_in_a_test_joins_the_matrix(model_family, checks):
         assert toy.config_class is ToyCacheConfig and toy.policy_class is ToyPolicy
         assert [m.name for m in matrix_methods() if m.name != "toy"] == names
         for check in checks:
-            check(toy, model_family)
+            try:
+                run_check(check, toy, model_family)
+            except pytest.skip.Exception:  # not applicable to the family (no partial-schedule pipeline)
+                continue
         # the tools see it too: the benchmark's curves, the tuner's knobs, the CLI's --cache list
         from cached_diffusers.tools.bench import sweep_methods
         from cached_diffusers.tools.tune import tunable
@@ -182,6 +216,24 @@ def test_a_method_registered_in_a_test_joins_the_matrix(model_family, checks):
     finally:
         unregister_cache_method("toy")
     assert "toy" not in [m.name for m in matrix_methods()]
+
+
+@pytest.mark.slow
+def test_a_method_registered_in_a_test_joins_the_parallel_checks():
+    """The toy method on two processes: CFG-parallel (each rank's branch as the serial run decided it, the same
+    images) and context-parallel (every rank decides and returns as the single process), as every registered method
+    in ``test_cfg_parallel.py`` and ``test_context_parallel.py``."""
+    import test_cfg_parallel
+    import test_context_parallel
+
+    register_cache_method(ToyCacheConfig)
+    try:
+        toy = next(m for m in matrix_methods() if m.name == "toy")
+        test_cfg_parallel.check_cfg_parallel_equals_serial("qwenimage", [toy])
+        runs = test_context_parallel.runs_of({"qwen": test_context_parallel.method_configs("qwen", [toy])})
+        test_context_parallel.check_every_rank_decides_as_the_single_process(runs, "qwen", "toy")
+    finally:
+        unregister_cache_method("toy")
 
 
 def test_the_pattern_error_lists_registered_methods_only():

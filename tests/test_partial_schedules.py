@@ -14,6 +14,7 @@ from cached_diffusers import (
     steps_mask,
 )
 
+from conftest import contract_config, matrix_context, short_run_config
 from families import CASES_BY_NAME, small_working_sizes
 
 N = 10
@@ -115,6 +116,27 @@ def test_guards_count_from_the_first_executed_step(case_and_pipe, method, streng
             else:
                 assert record.reason == reason, (branch, e, record)
                 assert record.reused == (reason in ("scm-static", "forecast"))
+
+
+@pytest.mark.parametrize("strength", [0.3])  # three executed steps of ten (0.6: the contract's slow check)
+def test_every_method_computes_the_first_executed_step_and_reuses_later(case_and_pipe, contract_method, strength):
+    """Every registered method (:func:`conftest.short_run_config` on the partial schedule's executed steps; a planned
+    schedule over the full run): the statistics hold the executed steps only, the first one computed, and some later
+    step reused."""
+    case, pipe = case_and_pipe
+    steps, stats = executed_steps(pipe, case, None, strength)
+    num_executed = len(steps)
+    context = matrix_context(case.teacache_coefficients, pipe.transformer.num_cache_blocks, num_executed)
+    config = short_run_config(contract_method, context, num_executed)
+    if contract_method.sweep is not None and contract_method.sweep.kind == "budget":  # a schedule of the full run
+        config = contract_config(contract_method, {**context, "num_steps": N}, N)
+    steps, stats = executed_steps(pipe, case, config, strength)
+    assert steps == list(range(N - num_executed, N)) and steps[0] > 0
+    for branch in ("cond", "uncond"):
+        records = stats.branches[branch].records
+        assert [r.step for r in records] == steps, branch
+        assert (records[0].reused, records[0].reason) == (False, "first-step"), branch
+    assert any(r.reused for b in stats.branches.values() for r in b.records), contract_method.name
 
 
 def test_a_partial_schedule_reuses_what_the_full_one_would_from_its_first_step(case_and_pipe):

@@ -16,12 +16,12 @@ from cached_diffusers import (
     DBCacheConfig,
     FirstBlockCacheConfig,
     MagCacheConfig,
-    SeaCacheConfig,
-    TaylorSeerConfig,
     TeaCacheConfig,
 )
+from cached_diffusers.registry import cache_method
 from cached_diffusers.tools.cli import main
 from cached_diffusers.tools.tiny import TRANSFORMER_CONFIG, build_tiny_qwenimage_components, save_tiny_qwenimage_pipeline
+from conftest import matrix_context, matrix_methods, short_run_config
 from reference import reference_dir
 
 STEPS = 6
@@ -173,16 +173,22 @@ def test_a_transformer_driven_directly_keeps_its_own_state_beside_a_pipeline(pip
 
 
 # -- 2. callbacks that change the inputs -----------------------------------------------------------------------------
-REUSING = {
-    "teacache": TeaCacheConfig(rel_l1_thresh=1e9),
-    "magcache": MagCacheConfig(mag_ratios=[1.0] * STEPS, mag_threshold=10.0, mag_retention_ratio=0.0, mag_max_reused_steps=10),
-    "dbcache": DBCacheConfig(Fn=1, Bn=1, residual_diff_threshold=1e9, max_warmup_steps=0),
-    "taylorseer": TaylorSeerConfig(interval=10, max_warmup_steps=1),
-    "seacache": SeaCacheConfig(threshold=1e9, retention_steps=0, max_consecutive_cached=0),
-    "static-scm": FirstBlockCacheConfig(
-        residual_diff_threshold=0.0, scm_steps_mask=[1, 0, 0, 0, 0, 1], scm_steps_policy="static"
-    ),
-}
+STATIC_SCM = FirstBlockCacheConfig(residual_diff_threshold=0.0, scm_steps_mask=[1, 0, 0, 0, 0, 1], scm_steps_policy="static")
+"""A static SCM mask (the mask alone decides), beside every registered method."""
+
+
+def reusing_config(name, pipe):
+    """``"static-scm"`` (:data:`STATIC_SCM`), or the contract's config of the registered method ``name``
+    with its warm-up cut to the first step (:func:`conftest.short_run_config`), so that step 2 may reuse (the tests
+    check that it does)."""
+    if name == "static-scm":
+        return STATIC_SCM
+    context = matrix_context(None, pipe.transformer.num_cache_blocks, STEPS)
+    return short_run_config(cache_method(name), context, num_steps=STEPS)
+
+
+REUSING = [m.name for m in matrix_methods()] + ["static-scm"]
+"""Every registered method (its reusing contract config), and a static SCM mask."""
 
 
 def replace_latents(p, i, t, tensors):
@@ -201,10 +207,10 @@ def change_the_schedule(p, i, t, tensors):
     return {}
 
 
-@pytest.mark.parametrize("method", list(REUSING))
+@pytest.mark.parametrize("method", REUSING)
 @pytest.mark.parametrize("callback", [replace_latents, edit_latents_in_place, change_the_schedule])
 def test_a_step_after_a_callback_changed_the_inputs_is_computed(pipe, method, callback):
-    pipe.cache_config = REUSING[method]
+    pipe.cache_config = reusing_config(method, pipe)
     _, plain = generate(pipe)
     for branch in plain["branches"].values():
         assert 2 in branch["reused_steps"]  # without the change, step 2 reuses
@@ -213,9 +219,9 @@ def test_a_step_after_a_callback_changed_the_inputs_is_computed(pipe, method, ca
         assert 2 in branch["computed_steps"] and branch["reasons"]["2"] == "input-changed"
 
 
-@pytest.mark.parametrize("method", list(REUSING))
+@pytest.mark.parametrize("method", REUSING)
 def test_a_callback_that_changes_nothing_changes_no_decision(pipe, method):
-    pipe.cache_config = REUSING[method]
+    pipe.cache_config = reusing_config(method, pipe)
     latents, stats = generate(pipe)
     same = generate(pipe, callback=lambda p, i, t, tensors: {"latents": tensors["latents"].clone()})
     assert torch.equal(same[0], latents) and same[1] == stats

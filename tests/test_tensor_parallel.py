@@ -17,7 +17,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from cached_diffusers import policies
-from test_context_parallel import _generate, _model, methods
+from conftest import decides_per_sample, matrix_methods
+from test_context_parallel import _generate, _model, method_configs
 
 from diffusers.hooks.tensor_parallel import PackedColwiseParallel, PackedRowwiseParallel, _resolve_tp_plan
 
@@ -83,7 +84,7 @@ def decision_inputs(monkeypatch):
 
         monkeypatch.setattr(cls, name, wrapper)
 
-    for cls in (policies.CachePolicy, policies.TeaCachePolicy, policies.MagCachePolicy, policies.DBCachePolicy):
+    for cls in {policies.CachePolicy, *[m.policy_class for m in matrix_methods()]}:
         for name in ("observe", "on_computed"):
             if name in vars(cls):
                 wrap(cls, name, name)
@@ -93,7 +94,7 @@ def decision_inputs(monkeypatch):
 def _track(family, plan, names, decision_inputs):
     model = _model(family)
     tracker = ShardTracker(model, plan)
-    configs = methods(family)
+    configs = deciding_configs(family)
     try:
         with tracker:
             for name in names:
@@ -103,7 +104,21 @@ def _track(family, plan, names, decision_inputs):
     return tracker
 
 
-DECIDING = ("teacache", "teacache-calibrate", "magcache-calibrate", "dbcache", "fbcache")
+def deciding_configs(family):
+    """name -> config of every registered method that decides from an indicator (:func:`conftest.decides_per_sample`;
+    a config that reuses and computes, ``test_context_parallel.method_configs``) and of every method calibrated from
+    runs (``calibrate=True``, whose calibration reads activations)."""
+    configs = method_configs(family, [m for m in matrix_methods() if decides_per_sample(m)])
+    for m in matrix_methods():
+        if m.calibration == "runs":
+            configs[f"{m.name}-calibrate"] = m.config_class(calibrate=True)
+    return configs
+
+
+DECIDING = tuple(
+    [m.name for m in matrix_methods() if decides_per_sample(m)]
+    + [f"{m.name}-calibrate" for m in matrix_methods() if m.calibration == "runs"]
+)
 
 
 @pytest.mark.parametrize("family", ["qwen", "klein"])
