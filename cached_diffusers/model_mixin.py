@@ -368,8 +368,8 @@ class CachedTransformerMixin:
 
         diffusers' cache hooks (``FirstBlockCacheConfig``, ``MagCacheConfig``, ``TaylorSeerCacheConfig``,
         ``FasterCacheConfig``, ``PyramidAttentionBroadcastConfig``, ...) on top of the cached forward would cache
-        twice: each cache would reuse (or forecast) residuals computed from blocks that the other one skipped, and a
-        step could be skipped by both. The refusal holds whether or not ``cache_config`` is set, so that a later
+        twice: each cache would reuse (or forecast) residuals computed from blocks that the other one did not run, and a
+        step could be reused by both. The refusal holds whether or not ``cache_config`` is set, so that a later
         ``cache_config`` cannot silently stack onto a hook.
 
         Raises:
@@ -382,7 +382,7 @@ class CachedTransformerMixin:
             f"{type(self).__name__} caches denoising steps itself, through its cache_config (now "
             f"{config_repr(self.cache_config)}), so diffusers' cache hooks ({type(config).__name__}) cannot be enabled "
             f"on it, whether or not its own caching is on: two caches on one transformer "
-            f"would skip steps twice, each reusing residuals computed from blocks the other one skipped. Choose the "
+            f"would reuse steps twice, each reusing residuals computed from blocks the other one did not run. Choose the "
             f"method with `pipe.cache_config = ...` (or `transformer.cache_config = ...`; available: "
             f"{', '.join(available_cache_methods())}), or use the stock diffusers class {parent} for diffusers' hooks."
         )

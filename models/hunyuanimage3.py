@@ -73,7 +73,7 @@ HUNYUANIMAGE3_TEACACHE_COEFFICIENTS = (
 Source: vllm-project/vllm-omni ``vllm_omni/diffusion/cache/teacache/config.py`` (PR #1927): "polyfit on 3920 data
 points (80 prompts x 49 steps)", fitted with the relative L1 change of ``time_embed(t)`` (the AdaGN conditioning
 vector of ``patch_embed``) as the indicator, over x in about 0.12-0.54. The indicator depends on the timestep only,
-so the skip pattern is a function of the schedule (step count, shift), not of the prompt. The polynomial decreases
+so the pattern of reused steps is a function of the schedule (step count, shift), not of the prompt. The polynomial decreases
 up to x ~ 0.17 (minimum 0.013): only meaningful on the fitted range.
 """
 
