@@ -436,7 +436,7 @@ class BenchResult:
         """Per label, the entry with the highest measured speedup whose mean PSNR >= ``psnr_threshold`` (key
         ``"psnr"``) and whose mean SSIM >= ``ssim_threshold`` (key ``"ssim"``); ``None`` when no entry qualifies.
 
-        Only entries that skipped transformer work (block fraction < 1) qualify: one that ran every block has
+        Only entries that reused some transformer work (block fraction < 1) qualify: one that ran every block has
         nothing to gain, and its measured speedup is timing noise."""
         out: dict[str, dict[str, BenchEntry | None]] = {}
         for label in self.labels:
