@@ -55,6 +55,7 @@ __all__ = [
     "Generation",
     "computing_rows",
     "scatter_rows",
+    "static_computed_steps",
 ]
 
 
@@ -601,3 +602,24 @@ class CacheEngine(GenerationScope):
         return indicator() if callable(indicator) else indicator
 
 
+def static_computed_steps(config: CacheConfig, num_steps: int) -> int:
+    """The steps a config with no indicator computes on a full schedule (TaylorSeer's interval, a planned schedule such
+    as LeMiCa's or MeanCache's): the engine itself decides one guidance branch over ``num_steps`` steps of a one-block
+    identity stack, so the count is the engine's, shared guards included (no replay of its bookkeeping).
+
+    Args:
+        config: a config whose policy decides without an indicator (a config that needs one, e.g. TeaCache's, raises
+            as :meth:`CacheEngine.decide` does when a model offers no such indicator).
+        num_steps: denoising steps of the full schedule (>= 1).
+
+    Returns:
+        The computed steps of the branch, in ``1 .. num_steps``.
+    """
+    engine = CacheEngine(ModelCacheSpec(model_name="static schedule", num_blocks=1))
+    engine.config = config
+    stack = BlockStack(1, lambda start, end, streams: streams, {})
+    streams = (torch.zeros(1, 1, 1),)
+    for step in range(num_steps):
+        with engine.context("branch", step_index=step, num_inference_steps=num_steps):
+            engine.run(stack, streams)
+    return engine.stats.branches["branch"].num_computed

@@ -26,7 +26,7 @@ if TYPE_CHECKING:  # annotations only (importing this module loads no torch: the
 
     from .configs import StepCacheConfig
 
-__all__ = ["CachePolicy", "Decision", "Gate", "StepContext", "relative_l1", "static_computed_steps", "unsupported_reason"]
+__all__ = ["CachePolicy", "Decision", "Gate", "StepContext", "relative_l1", "unsupported_reason"]
 # Each method's policy lives in its module (cached_diffusers.methods.<name>); the old paths resolve via __getattr__.
 
 
@@ -342,33 +342,6 @@ __getattr__ = old_path_getattr(__name__, "The methods' policies and helpers")
 
 
 # -- questions the tools ask of a config (answered here, so that no tool re-implements the engine's logic) -----------
-def static_computed_steps(config: StepCacheConfig, num_steps: int) -> int:
-    """The steps a config with no indicator computes on a full schedule: computed steps per guidance branch of a
-    static config (TaylorSeer's interval, a planned schedule such as LeMiCa's or MeanCache's), from its policy alone,
-    as the engine decides them on a full schedule of ``num_steps`` steps (step 0 first, a residual stored after it).
-
-    Args:
-        config: a config whose policy decides without a measurement (``observe`` returns ``None``); a config that
-            needs one (TeaCache, MagCache, ...) is decided as if every measurement were missing, which is not what a
-            generation does.
-        num_steps: denoising steps of the full schedule (>= 1).
-
-    Returns:
-        The number of computed steps, in ``1 .. num_steps``.
-    """
-    policy = config.make_policy()
-    state = policy.new_state()
-    computed = reused = consecutive = 0
-    for step in range(num_steps):
-        ctx = StepContext(step, num_steps, "branch")
-        gate, reason = policy.gate(ctx, has_residual=step > 0, num_reused=reused, consecutive_reused=consecutive)
-        if policy.decide(ctx, state, None, gate, reason).reuse:
-            reused, consecutive = reused + 1, consecutive + 1
-        else:
-            computed, consecutive = computed + 1, 0
-    return computed
-
-
 def unsupported_reason(config: StepCacheConfig, spec: ModelCacheSpec | None, model: str | None = None) -> str | None:
     """Why a model cannot run ``config``, as a short reason for the tools' "skipped" records; ``None`` when it can.
 

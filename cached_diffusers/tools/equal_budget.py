@@ -37,7 +37,7 @@ import numpy as np
 from .bench import PSNR_THRESHOLD, default_sweep, environment, finite_mean, run_prompts
 from ..configs import CacheConfig
 from ..planned import PlannedScheduleConfig
-from ..policies import static_computed_steps  # the core's answer; re-exported for the tools' callers
+from ..engine import static_computed_steps  # the engine's answer; re-exported for the tools' callers
 from ..registry import cache_method, cache_methods
 from . import files
 from .imaging import psnr, require_extra, ssim
